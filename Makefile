@@ -1,0 +1,41 @@
+# The two set-up commands a newcomer runs on a fresh clone (see README):
+#   make run    creates .venv if missing, installs the package, trains the digits job
+#   make test   creates .venv if missing, installs dev + deepspeed extras, lints, runs the suite
+# torch is installed first and pinned by constraints.txt to 2.13.0, the CPU wheel that set-up
+# finds locally; installing lightning without it would pull a multi-GB CUDA build.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+PIP    := $(BIN)/python -m pip install --disable-pip-version-check -q -c constraints.txt
+# DeepSpeed JIT-builds its CPU comm op once; keep the build inside the (git-ignored) checkout.
+export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/build/torch_extensions
+export DS_ACCELERATOR ?= cpu
+
+.PHONY: run test lint pytest bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.run-deps: $(BIN)/python pyproject.toml constraints.txt
+	$(PIP) torch
+	$(PIP) -e .
+	touch $@
+
+$(VENV)/.dev-deps: $(VENV)/.run-deps
+	$(PIP) -e ".[dev,deepspeed]"
+	touch $@
+
+run: $(VENV)/.run-deps
+	$(BIN)/dist-bregman fit --config configs/digits.yaml
+
+lint: $(VENV)/.dev-deps
+	$(BIN)/ruff check dist_bregman tests examples benchmarks
+	$(BIN)/mypy
+
+pytest: $(VENV)/.dev-deps
+	$(BIN)/python -m pytest -n 2
+
+test: lint pytest
+
+clean:
+	rm -rf $(VENV) build runs reports .pytest_cache .mypy_cache .ruff_cache

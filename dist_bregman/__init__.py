@@ -1,0 +1,26 @@
+"""dist_bregman: drive a PyTorch model to a target sparsity with Bregman regularization.
+
+One sparsity number for the whole job (mask-aware, replicas counted once, shards summed
+without padding, one all-reduce), lambda decided on rank 0 and broadcast, and proximal steps
+that make exact zeros in the tensors the optimizer holds.
+"""
+
+from dist_bregman.callbacks.bregman import BregmanPruner
+from dist_bregman.config import BregmanConfig
+from dist_bregman.control import LambdaDecision, next_lambda
+from dist_bregman.controller import SparsityController
+from dist_bregman.regularizers import L1, Regularizer
+from dist_bregman.sparsity import SparsityReport, measure_sparsity
+
+__all__ = [
+    "L1",
+    "BregmanConfig",
+    "BregmanPruner",
+    "LambdaDecision",
+    "Regularizer",
+    "SparsityController",
+    "SparsityReport",
+    "measure_sparsity",
+    "next_lambda",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,152 @@
+"""``BregmanPruner``: the seed's Lightning callback, as an adapter over the core.
+
+All decisions live in :class:`~dist_bregman.controller.SparsityController`; this class only
+maps Lightning's hooks onto it: build it at ``setup``, hook the proximal step onto the
+optimizers Lightning built, measure at each epoch start, update lambda every
+``update_frequency`` optimizer steps (``trainer.global_step``), log to every Lightning logger,
+and carry the state in checkpoints.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from typing_extensions import override
+
+from dist_bregman.config import BregmanConfig, LambdaRule, Mode
+from dist_bregman.controller import SparsityController
+from dist_bregman.targets import ParameterPairs, validate_pairs
+
+
+class BregmanPruner(Callback):
+    """Drive the model to ``target_sparsity`` with an adaptive L1 (Bregman) penalty.
+
+    Every ``update_frequency`` optimizer steps the global sparsity is measured (one
+    all-reduce; every rank gets the same number), rank 0 applies
+    ``lambda += lambda_update_rate * (target_sparsity - sparsity)`` clamped to
+    ``[min_lambda, max_lambda]``, and broadcasts the result. In the default ``mode="prox"``
+    a proximal (soft-thresholding) step with threshold ``lr * lambda`` follows every
+    optimizer step and makes exact zeros; see :class:`~dist_bregman.config.BregmanConfig`.
+
+    Add :meth:`get_regularization_loss` to the loss in ``training_step`` as the seed does; in
+    ``"prox"`` mode it adds the penalty's value without a second dose of its gradient.
+    """
+
+    def __init__(
+        self,
+        target_sparsity: float = 0.8,
+        initial_lambda: float = 1.0,
+        lambda_update_rate: float = 0.001,
+        update_frequency: int = 100,
+        parameters_to_prune: ParameterPairs | None = None,
+        verbose: int = 0,
+        *,
+        min_lambda: float = 0.0,
+        max_lambda: float = 100.0,
+        lambda_rule: LambdaRule = "additive",
+        mode: Mode = "prox",
+        zero_tolerance: float = 0.0,
+    ) -> None:
+        self.config = BregmanConfig(
+            target_sparsity=target_sparsity,
+            initial_lambda=initial_lambda,
+            lambda_update_rate=lambda_update_rate,
+            update_frequency=update_frequency,
+            min_lambda=min_lambda,
+            max_lambda=max_lambda,
+            lambda_rule=lambda_rule,
+            mode=mode,
+            zero_tolerance=zero_tolerance,
+            verbose=verbose,
+        )
+        self.parameters_to_prune = (
+            None if parameters_to_prune is None else validate_pairs(parameters_to_prune)
+        )
+        self.controller: SparsityController | None = None
+        self._pending_state: dict[str, Any] | None = None
+
+    # ------------------------------------------------------------------ public surface
+    @property
+    def current_lambda(self) -> float:
+        """Lambda now: identical on every rank."""
+        if self.controller is not None:
+            return self.controller.lambda_
+        if self._pending_state is not None:
+            return float(self._pending_state.get("lambda", self.config.initial_lambda))
+        return self.config.initial_lambda
+
+    @property
+    def current_sparsity(self) -> float | None:
+        """The last measured global sparsity in [0, 1], or None before the first."""
+        return None if self.controller is None else self.controller.sparsity
+
+    def get_regularization_loss(self, pl_module: pl.LightningModule) -> torch.Tensor:
+        """``lambda * J(theta)`` to add to the loss in ``training_step`` (see the class doc)."""
+        return self._controller(pl_module).regularization_loss()
+
+    # ------------------------------------------------------------------ Lightning hooks
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        # Resolve the targets afresh for this model (it may be a new one, or pruned since
+        # the last fit); lambda and the step of the last update carry over.
+        if self.controller is not None:
+            self._pending_state = self.controller.state_dict()
+            self.controller = None
+        self._controller(pl_module)
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._controller(pl_module).attach(*trainer.optimizers)
+
+    @override
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._controller(pl_module).log_epoch(trainer.current_epoch)
+
+    @override
+    def on_train_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        controller = self._controller(pl_module)
+        loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
+        if isinstance(loss, torch.Tensor):
+            controller.observe_loss(loss)
+        controller.update_if_due(trainer.global_step)
+        pl_module.log("bregman/lambda", controller.lambda_, prog_bar=True, batch_size=1)
+        if controller.sparsity is not None:
+            pl_module.log("bregman/sparsity", controller.sparsity, prog_bar=True, batch_size=1)
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self.controller is not None:
+            self.controller.detach()
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        if self.controller is not None:
+            return self.controller.state_dict()
+        return dict(self._pending_state or {})
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if self.controller is not None:
+            self.controller.load_state_dict(state_dict)
+        else:
+            self._pending_state = dict(state_dict)
+
+    # ------------------------------------------------------------------ internals
+    def _controller(self, pl_module: torch.nn.Module) -> SparsityController:
+        if self.controller is None:
+            self.controller = SparsityController(pl_module, self.config, self.parameters_to_prune)
+            if self._pending_state is not None:
+                self.controller.load_state_dict(self._pending_state)
+                self._pending_state = None
+        return self.controller

@@ -1,0 +1,72 @@
+"""The ``dist-bregman`` command: LightningCLI on the digits job, then a summary and a report.
+
+    dist-bregman fit --config configs/digits.yaml
+    python -m dist_bregman fit --config configs/digits.yaml --trainer.max_epochs=5
+
+After ``fit`` it tests the final (sparse) weights, prints test accuracy, final sparsity and
+final lambda, and writes ``summary.json`` and ``sparsity_lambda.png`` beside the logger's
+``metrics.csv`` (``runs/<name>/version_N/`` with the default config).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from lightning.pytorch.cli import LightningCLI
+
+from dist_bregman import comm
+from dist_bregman.callbacks.bregman import BregmanPruner
+from dist_bregman.report import plot_sparsity_lambda, write_summary
+
+
+class BregmanCLI(LightningCLI):
+    """LightningCLI whose ``fit`` ends with a test of the sparse model and a report."""
+
+    def after_fit(self) -> None:
+        trainer = self.trainer
+        if trainer.interrupted:
+            return
+        results = trainer.test(self.model, datamodule=self.datamodule, verbose=False)
+        accuracy = float(results[0].get("test/acc", float("nan"))) if results else float("nan")
+        summary: dict[str, float | int | str | None] = {"test_accuracy": accuracy}
+        line = f"test accuracy {100 * accuracy:.2f}%"
+        pruner = next((c for c in trainer.callbacks if isinstance(c, BregmanPruner)), None)  # type: ignore[attr-defined]
+        controller = pruner.controller if pruner is not None else None
+        if pruner is not None and controller is not None:
+            report = controller.measure()  # a collective: every rank runs after_fit
+            target = pruner.config.target_sparsity
+            summary |= {
+                "final_sparsity": report.sparsity,
+                "target_sparsity": target,
+                "final_lambda": controller.lambda_,
+                "nonzero": report.nonzero,
+                "total": report.total,
+            }
+            line += (
+                f" | final sparsity {100 * report.sparsity:.3f}% (target {100 * target:.1f}%)"
+                f" | final lambda {controller.lambda_:.8f}"
+            )
+        if not comm.is_rank_zero():
+            return
+        folder = Path(trainer.log_dir or trainer.default_root_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        summary["global_step"] = trainer.global_step
+        write_summary(folder, summary)
+        metrics = folder / "metrics.csv"
+        if metrics.exists() and pruner is not None:
+            target = pruner.config.target_sparsity
+            plot_sparsity_lambda(metrics, target, folder / "sparsity_lambda.png")
+        print(f"\n== dist-bregman summary == {line}\n   report: {folder}", flush=True)
+
+
+def main(args: list[str] | None = None) -> None:
+    """Entry point of ``dist-bregman`` and ``python -m dist_bregman``."""
+    BregmanCLI(
+        args=args,
+        save_config_kwargs={"overwrite": True},
+        parser_kwargs={"default_env": False},
+    )
+
+
+if __name__ == "__main__":
+    main()

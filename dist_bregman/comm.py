@@ -1,0 +1,98 @@
+"""Every collective the project runs, in one place.
+
+No other module imports ``torch.distributed``. Each function is a no-op (or the obvious
+single-process answer) when no process group is initialised, so the same code path serves a
+laptop, ``torchrun``, Lightning and DeepSpeed.
+
+Collectives run on the device the backend wants: gloo and MPI take CPU tensors, NCCL takes
+the current CUDA device. A tensor already on the right device is reduced in place, without
+a copy. Every collective inherits the process group's timeout, so a rank that never arrives
+ends the job with an error instead of a hang.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+ProcessGroup = Any
+"""A ``torch.distributed`` process group, or None for the default (world) group."""
+
+
+def is_distributed() -> bool:
+    """True when a default process group exists, i.e. collectives would really communicate."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_rank(group: ProcessGroup = None) -> int:
+    """This process's rank in ``group``; before any process group exists, the launcher's
+    ``RANK`` (torchrun, deepspeed and SLURM wrappers set it), else 0."""
+    if is_distributed():
+        return int(dist.get_rank(group))
+    return int(os.environ.get("RANK", "0"))
+
+
+def get_world_size(group: ProcessGroup = None) -> int:
+    """Number of ranks in ``group``; 1 without a process group."""
+    if is_distributed():
+        return int(dist.get_world_size(group))
+    return 1
+
+
+def is_rank_zero() -> bool:
+    """True on the process that logs and decides (global rank 0)."""
+    return get_rank() == 0
+
+
+def _collective_device(group: ProcessGroup, device: torch.device) -> torch.device:
+    """The device a collective over ``group`` needs for a tensor that lives on ``device``."""
+    backend = str(dist.get_backend(group))
+    cpu_backends = ("gloo", "mpi")
+    if device.type != "cpu" and backend in cpu_backends:
+        return torch.device("cpu")
+    accelerator_only = not any(b in backend for b in cpu_backends)  # e.g. plain "nccl"
+    if device.type == "cpu" and accelerator_only and torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def all_reduce_sum(tensor: torch.Tensor, group: ProcessGroup = None) -> torch.Tensor:
+    """Sum ``tensor`` over ``group`` with exactly one collective and return the result.
+
+    The result may be a new tensor (moved to the backend's device) or ``tensor`` itself,
+    reduced in place; callers must use the return value. Without a process group, or with a
+    group of one, nothing is communicated.
+    """
+    if not is_distributed() or get_world_size(group) == 1:
+        return tensor
+    buffer = tensor.to(_collective_device(group, tensor.device))
+    dist.all_reduce(buffer, op=dist.ReduceOp.SUM, group=group)
+    return buffer
+
+
+def broadcast_float(value: float, group: ProcessGroup = None) -> float:
+    """Return rank 0's ``value`` on every rank of ``group`` (bit-exact, as float64)."""
+    if not is_distributed() or get_world_size(group) == 1:
+        return float(value)
+    device = _collective_device(group, torch.device("cpu"))
+    buffer = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.broadcast(buffer, group=group, group_src=0)
+    return float(buffer.item())
+
+
+def all_gather_object(obj: object, group: ProcessGroup = None) -> list[object]:
+    """Every rank's ``obj``, in rank order (for agreement checks and tests, not hot paths)."""
+    if not is_distributed() or get_world_size(group) == 1:
+        return [obj]
+    gathered: list[object] = [None] * get_world_size(group)
+    dist.all_gather_object(gathered, obj, group=group)
+    return gathered
+
+
+def barrier(group: ProcessGroup = None) -> None:
+    """Wait for every rank of ``group``; a no-op without a process group."""
+    if is_distributed() and get_world_size(group) > 1:
+        dist.barrier(group=group)

@@ -1,0 +1,109 @@
+"""The pruner's settings, checked once, at construction.
+
+A bad value fails here, before any process group or data loader exists, with the field's
+name, the value given and what is allowed: a typo must not surface as a hang or a silent
+no-op hours into a multi-node job.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+Mode = Literal["prox", "loss"]
+MODES: tuple[str, ...] = ("prox", "loss")
+LambdaRule = Literal["additive", "multiplicative"]
+LAMBDA_RULES: tuple[str, ...] = ("additive", "multiplicative")
+
+
+@dataclass(kw_only=True, slots=True)
+class BregmanConfig:
+    """Settings of :class:`~dist_bregman.controller.SparsityController`."""
+
+    target_sparsity: float = 0.8
+    """Fraction of the measured elements to drive to exactly zero, in [0, 1]."""
+    initial_lambda: float = 1.0
+    """Starting L1 coefficient: the proximal step shrinks each weight by ``lr * lambda``."""
+    lambda_update_rate: float = 0.001
+    """Gain of the lambda rule; >= 0 (0 freezes lambda). See ``lambda_rule``."""
+    lambda_rule: LambdaRule = "additive"
+    """``"additive"``: the seed rule ``lambda += rate * (target - sparsity)``.
+    ``"multiplicative"``: the same integral rule on log(lambda),
+    ``lambda *= exp(rate * (target - sparsity))``, whose gain does not depend on lambda's
+    scale: use it when the right lambda is unknown within orders of magnitude."""
+    update_frequency: int = 100
+    """Optimizer steps between two measurements and lambda updates; >= 1."""
+    min_lambda: float = 0.0
+    """Lower clamp for lambda; >= 0 (a negative L1 coefficient would grow weights)."""
+    max_lambda: float = 100.0
+    """Upper clamp for lambda; finite and >= ``min_lambda``."""
+    mode: Mode = "prox"
+    """``"prox"``: exact zeros by a proximal step after each optimizer step, and the loss
+    term is a value without gradient. ``"loss"``: the seed's loss term carries the L1
+    gradient and nothing else acts (zeros are then only approximate)."""
+    zero_tolerance: float = 0.0
+    """Elements with ``|x| <= zero_tolerance`` count as zero; 0 counts exact zeros only."""
+    verbose: int = 0
+    """0 silent, 1 the seed's log lines on rank 0, 2 adds one line per parameter."""
+
+    def __post_init__(self) -> None:
+        check_number("target_sparsity", self.target_sparsity, low=0.0, high=1.0)
+        check_number("lambda_update_rate", self.lambda_update_rate, low=0.0)
+        check_number("min_lambda", self.min_lambda, low=0.0)
+        check_number("max_lambda", self.max_lambda, low=0.0)
+        if self.min_lambda > self.max_lambda:
+            raise ValueError(
+                f"min_lambda={self.min_lambda!r} > max_lambda={self.max_lambda!r}: "
+                f"expected min_lambda <= max_lambda"
+            )
+        check_number(
+            "initial_lambda", self.initial_lambda, low=self.min_lambda, high=self.max_lambda
+        )
+        check_int("update_frequency", self.update_frequency, low=1)
+        check_number("zero_tolerance", self.zero_tolerance, low=0.0)
+        check_choice("mode", self.mode, MODES)
+        check_choice("lambda_rule", self.lambda_rule, LAMBDA_RULES)
+        if self.lambda_rule == "multiplicative" and self.min_lambda <= 0.0:
+            raise ValueError(
+                f"min_lambda={self.min_lambda!r} with lambda_rule='multiplicative': expected "
+                f"min_lambda > 0 (a multiplicative rule can never leave lambda = 0)"
+            )
+        check_choice("verbose", self.verbose, (0, 1, 2))
+
+
+def check_number(
+    name: str, value: object, *, low: float | None = None, high: float | None = None
+) -> float:
+    """A finite real number in ``[low, high]``, else ``TypeError``/``ValueError``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name}={value!r}: expected a real number, got {type(value).__name__}")
+    allowed = _range_text(low, high)
+    if not math.isfinite(value):
+        raise ValueError(f"{name}={value!r}: expected a finite number {allowed}")
+    if (low is not None and value < low) or (high is not None and value > high):
+        raise ValueError(f"{name}={value!r}: expected a number {allowed}")
+    return float(value)
+
+
+def check_int(name: str, value: object, *, low: int) -> int:
+    """An ``int`` (not a bool) ``>= low``, else ``TypeError``/``ValueError``."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name}={value!r}: expected an integer, got {type(value).__name__}")
+    if value < low:
+        raise ValueError(f"{name}={value!r}: expected an integer >= {low}")
+    return value
+
+
+def check_choice(name: str, value: object, allowed: tuple[object, ...]) -> None:
+    """``value`` is one of ``allowed`` (compared with type, so ``True`` is not ``1``)."""
+    if not any(type(value) is type(a) and value == a for a in allowed):
+        raise ValueError(f"{name}={value!r}: expected one of {', '.join(map(repr, allowed))}")
+
+
+def _range_text(low: float | None, high: float | None) -> str:
+    if low is not None and high is not None:
+        return f"in [{low}, {high}]"
+    if low is not None:
+        return f">= {low}"
+    return f"<= {high}" if high is not None else "(any)"

@@ -1,0 +1,84 @@
+"""scikit-learn's digits (1,797 8x8 images, shipped inside the package: no download)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from sklearn.datasets import load_digits
+from sklearn.model_selection import train_test_split
+from torch.utils.data import DataLoader, TensorDataset
+
+
+@dataclass(frozen=True, slots=True)
+class Splits:
+    """Standardised features (statistics from the training split only) and labels."""
+
+    train: TensorDataset
+    val: TensorDataset
+    test: TensorDataset
+
+
+def digits_splits(
+    val_fraction: float = 0.15, test_fraction: float = 0.15, seed: int = 0, images: bool = False
+) -> Splits:
+    """Stratified train/val/test splits; ``images=True`` shapes inputs as ``(1, 8, 8)``."""
+    x, y = load_digits(return_X_y=True)
+    x_rest, x_test, y_rest, y_test = train_test_split(
+        x, y, test_size=test_fraction, random_state=seed, stratify=y
+    )
+    x_train, x_val, y_train, y_val = train_test_split(
+        x_rest,
+        y_rest,
+        test_size=val_fraction / (1.0 - test_fraction),
+        random_state=seed,
+        stratify=y_rest,
+    )
+    mean, std = x_train.mean(axis=0), x_train.std(axis=0) + 1e-6
+
+    def dataset(features: np.ndarray, labels: np.ndarray) -> TensorDataset:
+        inputs = torch.as_tensor((features - mean) / std, dtype=torch.float32)
+        if images:
+            inputs = inputs.view(-1, 1, 8, 8)
+        return TensorDataset(inputs, torch.as_tensor(labels, dtype=torch.long))
+
+    return Splits(dataset(x_train, y_train), dataset(x_val, y_val), dataset(x_test, y_test))
+
+
+class DigitsDataModule(pl.LightningDataModule):
+    """Digits as a LightningDataModule (Lightning adds a DistributedSampler under DDP)."""
+
+    def __init__(
+        self,
+        batch_size: int = 32,
+        val_fraction: float = 0.15,
+        test_fraction: float = 0.15,
+        seed: int = 0,
+        images: bool = False,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.batch_size = batch_size
+        self.split_args = (val_fraction, test_fraction, seed, images)
+        self.splits: Splits | None = None
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.splits is None:
+            self.splits = digits_splits(*self.split_args)
+
+    def _loader(self, dataset: TensorDataset, shuffle: bool) -> DataLoader:
+        return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle)
+
+    def train_dataloader(self) -> DataLoader:
+        assert self.splits is not None
+        return self._loader(self.splits.train, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        assert self.splits is not None
+        return self._loader(self.splits.val, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        assert self.splits is not None
+        return self._loader(self.splits.test, shuffle=False)

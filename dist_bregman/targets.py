@@ -1,0 +1,162 @@
+"""Which tensors are measured and regularized, and how to read them truthfully.
+
+A target is a ``(module, name)`` pair, as in ``torch.nn.utils.prune``. Reading it is where
+the seed's bug lived: once ``torch.nn.utils.prune`` has touched a module, ``module.weight``
+is a plain attribute recomputed only in the forward pre-hook (stale after every optimizer
+step), the trainable tensor is ``weight_orig`` and the mask is the buffer ``weight_mask``.
+The effective weight is ``weight_orig * weight_mask``. :meth:`Target.tensors` returns that
+pair (or the plain parameter and no mask) and nothing else in the project reads a target.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn.modules.conv import _ConvNd
+from torch.nn.utils import prune
+
+PRUNABLE_MODULES: tuple[type[nn.Module], ...] = (nn.Linear, _ConvNd, nn.Embedding)
+"""Module types whose ``weight`` is discovered when no explicit list is given."""
+
+ParameterPairs = Sequence[tuple[nn.Module, str]]
+"""The ``parameters_to_prune`` format shared with ``torch.nn.utils.prune`` and Lightning."""
+
+
+def pruning_method(module: nn.Module, name: str) -> prune.BasePruningMethod | None:
+    """The ``torch.nn.utils.prune`` method (or container) attached to ``module.name``."""
+    for hook in module._forward_pre_hooks.values():
+        if isinstance(hook, prune.BasePruningMethod) and hook._tensor_name == name:
+            return hook
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """One measured tensor: ``module.<attr>``, known in reports as ``name``."""
+
+    name: str
+    """Qualified name, e.g. ``"encoder.fc1.weight"``; the key of per-parameter reports."""
+    module: nn.Module
+    attr: str
+
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(values, mask)``: the trainable tensor and the prune mask, or ``None``.
+
+        ``values`` is the object the optimizer holds (``weight_orig`` under pruning; the
+        same ``Parameter`` object before, during and after ``prune.remove``), so it is also
+        what the proximal step must change.
+        """
+        if pruning_method(self.module, self.attr) is not None:
+            return (
+                self.module._parameters[self.attr + "_orig"],  # type: ignore[return-value]
+                self.module._buffers[self.attr + "_mask"],
+            )
+        value = self.module._parameters.get(self.attr)
+        if value is None:
+            value = getattr(self.module, self.attr)
+        return value, None
+
+    @property
+    def values(self) -> torch.Tensor:
+        """The trainable tensor (see :meth:`tensors`)."""
+        return self.tensors()[0]
+
+    def effective(self) -> torch.Tensor:
+        """The weight the forward pass uses: ``values * mask`` (differentiable)."""
+        values, mask = self.tensors()
+        return values if mask is None else values * mask
+
+
+def discover(model: nn.Module) -> list[tuple[nn.Module, str]]:
+    """The default set: ``weight`` of every Linear, ConvNd and Embedding module."""
+    return [
+        (module, "weight")
+        for module in model.modules()
+        if isinstance(module, PRUNABLE_MODULES) and _has_tensor(module, "weight")
+    ]
+
+
+def validate_pairs(
+    pairs: object, argname: str = "parameters_to_prune"
+) -> list[tuple[nn.Module, str]]:
+    """Check a user's ``(module, name)`` list at construction time; return it as a list.
+
+    Raises ``TypeError`` for a malformed entry and ``ValueError`` for an attribute that does
+    not exist, a duplicated pair, or an empty list, naming the entry and what is allowed.
+    """
+    if isinstance(pairs, (str, bytes)) or not isinstance(pairs, Iterable):
+        raise TypeError(
+            f"{argname}={pairs!r}: expected a list of (module, name) tuples, "
+            f"e.g. [(model.fc1, 'weight')], or None to discover Linear/Conv/Embedding weights"
+        )
+    checked: list[tuple[nn.Module, str]] = []
+    seen: set[tuple[int, str]] = set()
+    for index, pair in enumerate(pairs):
+        where = f"{argname}[{index}]"
+        if not (isinstance(pair, (tuple, list)) and len(pair) == 2):
+            raise TypeError(f"{where}={pair!r}: expected a (module, name) tuple")
+        module, name = pair
+        if not isinstance(module, nn.Module):
+            raise TypeError(f"{where}: module={type(module).__name__}: expected a torch.nn.Module")
+        if not isinstance(name, str):
+            raise TypeError(f"{where}: name={name!r}: expected the attribute name as a str")
+        if not _has_tensor(module, name):
+            tensors = [n for n, _ in module.named_parameters(recurse=False)]
+            raise ValueError(
+                f"{where}: {type(module).__name__} has no tensor attribute {name!r}; "
+                f"allowed: one of its parameters {tensors}"
+            )
+        if (id(module), name) in seen:
+            raise ValueError(f"{where}: ({type(module).__name__}, {name!r}) is listed twice")
+        seen.add((id(module), name))
+        checked.append((module, name))
+    if not checked:
+        raise ValueError(f"{argname}=[]: expected at least one (module, name) pair, or None")
+    return checked
+
+
+def resolve(model: nn.Module, pairs: ParameterPairs | None = None) -> list[Target]:
+    """Name every pair from its place in ``model`` and drop tied duplicates.
+
+    ``pairs=None`` discovers the default set. A module that is not inside ``model`` is an
+    error (its counts would silently be missing from the model's sparsity). Tensors shared
+    by several modules (tied embeddings) are counted once, under their first name.
+    """
+    model = unwrap(model)
+    checked = validate_pairs(discover(model) if pairs is None else pairs)
+    module_names = {id(m): n for n, m in model.named_modules()}
+    targets: list[Target] = []
+    seen_values: set[int] = set()
+    for index, (module, attr) in enumerate(checked):
+        prefix = module_names.get(id(module))
+        if prefix is None:
+            raise ValueError(
+                f"parameters_to_prune[{index}]: {type(module).__name__} (attribute {attr!r}) "
+                f"is not a submodule of the {type(model).__name__} being measured"
+            )
+        target = Target(name=f"{prefix}.{attr}" if prefix else attr, module=module, attr=attr)
+        values = target.values
+        if not values.is_floating_point():
+            raise TypeError(
+                f"{target.name}: dtype {values.dtype}: expected a floating-point tensor"
+            )
+        if id(values) not in seen_values:
+            seen_values.add(id(values))
+            targets.append(target)
+    return targets
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The user's model inside a ``DistributedDataParallel`` (or DataParallel) wrapper."""
+    while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        model = model.module
+    return model
+
+
+def _has_tensor(module: nn.Module, name: str) -> bool:
+    if pruning_method(module, name) is not None:
+        return True
+    return isinstance(getattr(module, name, None), torch.Tensor)

@@ -1,0 +1,39 @@
+"""Suite-wide settings: quiet, deterministic, no leaked distributed environment."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+# DeepSpeed JIT-builds its CPU comm op once; keep it in the git-ignored build folder.
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / "build" / "torch_extensions"))
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+# Two xdist workers on two cores: one intra-op thread each avoids oversubscription.
+torch.set_num_threads(1)
+
+DIST_ENV = (
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "RANK",
+    "LOCAL_RANK",
+    "WORLD_SIZE",
+    "LOCAL_WORLD_SIZE",
+    "NODE_RANK",
+)
+
+
+@pytest.fixture(autouse=True)
+def _clean_distributed_env() -> Iterator[None]:
+    """Lightning leaves MASTER_PORT & co. set after a multi-process fit; never leak them."""
+    saved = {k: os.environ.get(k) for k in DIST_ENV}
+    yield
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value

@@ -1,0 +1,64 @@
+"""A seed user's LightningModule, data and a quiet CPU Trainer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch import nn
+from torch.nn import functional as F
+from torch.utils.data import DataLoader, TensorDataset
+
+from dist_bregman import BregmanPruner
+
+
+class SeedModel(pl.LightningModule):
+    """The seed's integration: ``self.bregman_pruner`` and the loss term in training_step."""
+
+    def __init__(self, lr: float = 0.1, nan_at_step: int | None = None) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Linear(10, 32), nn.ReLU(), nn.Linear(32, 4))
+        self.lr = lr
+        self.nan_at_step = nan_at_step
+        self.bregman_pruner: BregmanPruner | None = None
+
+    def compute_loss(self, batch: Any) -> torch.Tensor:
+        x, y = batch
+        return F.cross_entropy(self.net(x), y)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        loss = self.compute_loss(batch)
+        if self.bregman_pruner is not None:
+            reg_loss = self.bregman_pruner.get_regularization_loss(self)
+            loss = loss + reg_loss
+        if self.nan_at_step is not None and self.global_step == self.nan_at_step:
+            loss = loss * float("nan")
+        return loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9)
+
+
+def seed_loader(n: int = 256, batch_size: int = 16) -> DataLoader:
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(n, 10, generator=generator)
+    y = (x[:, :4].argmax(dim=1)).long()
+    return DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=False)
+
+
+def make_trainer(tmp_path: Path, callbacks: list, max_epochs: int = 2, **kwargs: Any) -> pl.Trainer:
+    options = {
+        "accelerator": "cpu",
+        "devices": 1,
+        "max_epochs": max_epochs,
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "default_root_dir": tmp_path,
+    }
+    options.update(kwargs)
+    return pl.Trainer(callbacks=callbacks, **options)

@@ -1,0 +1,243 @@
+"""BregmanPruner as the seed describes it: API, validation, logging, state, integration."""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import pytest
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+from torch import nn
+
+from dist_bregman import BregmanPruner, measure_sparsity
+from tests.helpers.lightning import SeedModel, make_trainer, seed_loader
+
+STAMP = r"^\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}\] "
+
+
+def _fit(
+    tmp_path: Path,
+    pruner: BregmanPruner,
+    max_epochs: int = 2,
+    model: SeedModel | None = None,
+    callbacks: list | None = None,
+    **kwargs: Any,
+) -> tuple[SeedModel, pl.Trainer]:
+    model = model or SeedModel()
+    model.bregman_pruner = pruner
+    trainer = make_trainer(tmp_path, callbacks or [pruner], max_epochs, **kwargs)
+    trainer.fit(model, seed_loader())
+    return model, trainer
+
+
+# ---------------------------------------------------------------------------- API and validation
+def test_seed_signature_names_order_and_defaults() -> None:
+    params = inspect.signature(BregmanPruner).parameters
+    assert list(params)[:6] == [
+        "target_sparsity",
+        "initial_lambda",
+        "lambda_update_rate",
+        "update_frequency",
+        "parameters_to_prune",
+        "verbose",
+    ]
+    pruner = BregmanPruner()
+    config = pruner.config
+    assert (config.target_sparsity, config.initial_lambda, config.lambda_update_rate) == (
+        0.8,
+        1.0,
+        0.001,
+    )
+    assert (config.update_frequency, config.verbose, pruner.parameters_to_prune) == (100, 0, None)
+    assert pruner.current_lambda == 1.0 and pruner.current_sparsity is None
+    assert isinstance(pruner, pl.Callback)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "pattern"),
+    [
+        (
+            {"target_sparsity": 1.5},
+            ValueError,
+            r"target_sparsity=1\.5: expected a number in \[0\.0, 1\.0\]",
+        ),
+        ({"target_sparsity": -0.1}, ValueError, r"target_sparsity=-0\.1"),
+        ({"target_sparsity": "0.8"}, TypeError, r"target_sparsity='0\.8': expected a real number"),
+        ({"target_sparsity": float("nan")}, ValueError, r"target_sparsity=nan: expected a finite"),
+        ({"update_frequency": 0}, ValueError, r"update_frequency=0: expected an integer >= 1"),
+        ({"update_frequency": 2.5}, TypeError, r"update_frequency=2\.5: expected an integer"),
+        ({"update_frequency": True}, TypeError, r"update_frequency=True"),
+        (
+            {"lambda_update_rate": -0.001},
+            ValueError,
+            r"lambda_update_rate=-0\.001: expected a number >= 0",
+        ),
+        (
+            {"lambda_update_rate": float("inf")},
+            ValueError,
+            r"lambda_update_rate=inf: expected a finite",
+        ),
+        ({"initial_lambda": -1.0}, ValueError, r"initial_lambda=-1\.0"),
+        ({"initial_lambda": float("nan")}, ValueError, r"initial_lambda=nan"),
+        (
+            {"initial_lambda": 500.0},
+            ValueError,
+            r"initial_lambda=500\.0: expected a number in \[0\.0, 100\.0\]",
+        ),
+        ({"min_lambda": 2.0, "max_lambda": 1.0}, ValueError, r"min_lambda=2\.0 > max_lambda=1\.0"),
+        ({"max_lambda": float("inf")}, ValueError, r"max_lambda=inf: expected a finite"),
+        ({"verbose": 3}, ValueError, r"verbose=3: expected one of 0, 1, 2"),
+        ({"verbose": True}, ValueError, r"verbose=True"),
+        ({"mode": "both"}, ValueError, r"mode='both': expected one of 'prox', 'loss'"),
+        ({"lambda_rule": "pid"}, ValueError, r"lambda_rule='pid'"),
+        (
+            {"lambda_rule": "multiplicative"},
+            ValueError,
+            r"min_lambda=0\.0 with lambda_rule='multiplicative'",
+        ),
+        ({"zero_tolerance": -1e-9}, ValueError, r"zero_tolerance=-1e-09"),
+        (
+            {"parameters_to_prune": [(nn.Linear(2, 2), "kernel")]},
+            ValueError,
+            r"parameters_to_prune\[0\]: Linear has no tensor attribute 'kernel'",
+        ),
+        ({"parameters_to_prune": []}, ValueError, r"parameters_to_prune=\[\]"),
+        ({"parameters_to_prune": [nn.Linear(2, 2)]}, TypeError, r"parameters_to_prune\[0\]=Linear"),
+    ],
+)
+def test_bad_arguments_raise_at_construction_naming_parameter_and_value(
+    kwargs: dict, error: type, pattern: str
+) -> None:
+    with pytest.raises(error, match=pattern):
+        BregmanPruner(**kwargs)
+
+
+# ---------------------------------------------------------------------------- logging
+def _records(caplog: pytest.LogCaptureFixture) -> list[str]:
+    formatter = logging.Formatter("[%(asctime)s] %(message)s")
+    return [formatter.format(r) for r in caplog.records if r.name == "dist_bregman"]
+
+
+def test_verbose_0_is_silent(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.INFO, logger="dist_bregman"):
+        _fit(tmp_path, BregmanPruner(initial_lambda=0.01, update_frequency=8), max_epochs=1)
+    assert _records(caplog) == []
+
+
+def test_verbose_1_logs_the_seed_lines(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.INFO, logger="dist_bregman"):
+        _fit(
+            tmp_path,
+            BregmanPruner(initial_lambda=0.01, update_frequency=8, verbose=1),
+            max_epochs=2,
+        )
+    lines = _records(caplog)
+    epoch = re.compile(STAMP + r"Epoch (\d+): Sparsity of pruned modules = \d+\.\d{3}%$")
+    decision = re.compile(
+        STAMP + r"Sparsity \d+\.\d{3}% vs target 80\.0% → Lambda [↗↘→] \d+\.\d{8} → \d+\.\d{8}$"
+    )
+    step = re.compile(STAMP + r"Step (\d+): Sparsity=\d+\.\d{3}%, lambda=\d+\.\d{4}$")
+    assert [int(m.group(1)) for line in lines if (m := epoch.match(line))] == [0, 1]
+    assert [int(m.group(1)) for line in lines if (m := step.match(line))] == [8, 16, 24, 32]
+    assert sum(bool(decision.match(line)) for line in lines) == 4
+    assert len(lines) == 2 + 4 * 2  # nothing else at verbose=1
+
+
+def test_verbose_2_adds_one_line_per_parameter(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.INFO, logger="dist_bregman"):
+        _fit(
+            tmp_path,
+            BregmanPruner(initial_lambda=0.01, update_frequency=16, verbose=2),
+            max_epochs=1,
+        )
+    per_parameter = [
+        line
+        for line in _records(caplog)
+        if re.search(r"  net\.[02]\.weight: \d+\.\d{3}% zero \(\d+/\d+\)$", line)
+    ]
+    assert len(per_parameter) == 2 * 2  # epoch start + one update, two weights each
+
+
+# ---------------------------------------------------------------------------- integration
+def test_seed_snippet_in_a_real_trainer_makes_exact_zeros_and_logs_metrics(tmp_path: Path) -> None:
+    pruner = BregmanPruner(
+        target_sparsity=0.5, initial_lambda=0.02, lambda_update_rate=0.01, update_frequency=4
+    )
+    model, trainer = _fit(
+        tmp_path, pruner, max_epochs=3, logger=CSVLogger(tmp_path), log_every_n_steps=1
+    )
+    truth = measure_sparsity(model)
+    assert truth.nonzero < truth.total  # exact zeros, not small numbers
+    assert pruner.current_sparsity is not None and 0.0 < pruner.current_sparsity < 1.0
+    assert trainer.callback_metrics["bregman/lambda"].item() == pytest.approx(pruner.current_lambda)
+    assert trainer.callback_metrics["bregman/sparsity"].item() == pytest.approx(
+        pruner.current_sparsity
+    )
+    assert pruner.current_lambda != 0.02
+    header = (Path(trainer.logger.log_dir) / "metrics.csv").read_text().splitlines()[0]
+    assert "bregman/lambda" in header and "bregman/sparsity" in header
+
+
+def test_nan_loss_never_changes_lambda(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    pruner = BregmanPruner(initial_lambda=0.01, lambda_update_rate=0.5, update_frequency=4)
+    with caplog.at_level(logging.WARNING, logger="dist_bregman"):
+        _fit(tmp_path, pruner, max_epochs=1, model=SeedModel(nan_at_step=5))
+    assert "Step 8: lambda update skipped: non-finite loss" in caplog.text
+    assert math.isfinite(pruner.current_lambda)
+
+
+def test_state_dict_round_trip(tmp_path: Path) -> None:
+    pruner = BregmanPruner(initial_lambda=0.01, lambda_update_rate=0.1, update_frequency=4)
+    _fit(tmp_path, pruner, max_epochs=1)
+    state = pruner.state_dict()
+    fresh = BregmanPruner(initial_lambda=0.01, lambda_update_rate=0.1, update_frequency=4)
+    fresh.load_state_dict(state)
+    assert fresh.current_lambda == pruner.current_lambda == state["lambda"]
+    assert state["last_update_step"] == 16 and state["sparsity"] == pruner.current_sparsity
+
+
+def test_resume_from_lightning_checkpoint_continues_the_lambda_trajectory(tmp_path: Path) -> None:
+    def pruner() -> BregmanPruner:
+        return BregmanPruner(
+            target_sparsity=0.6, initial_lambda=0.02, lambda_update_rate=0.05, update_frequency=5
+        )
+
+    class Trace(pl.Callback):
+        def __init__(self, target: BregmanPruner) -> None:
+            self.target, self.points = target, []
+
+        def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+            self.points.append(
+                (trainer.global_step, self.target.current_lambda, self.target.current_sparsity)
+            )
+
+    whole = pruner()
+    whole_trace = Trace(whole)
+    _fit(tmp_path / "a", whole, max_epochs=4, callbacks=[whole, whole_trace])
+
+    first = pruner()
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    _fit(
+        tmp_path / "b",
+        first,
+        max_epochs=2,
+        callbacks=[first, checkpoint],
+        enable_checkpointing=True,
+    )
+    resumed = pruner()
+    resumed_trace = Trace(resumed)
+    model = SeedModel()
+    model.bregman_pruner = resumed
+    trainer = make_trainer(tmp_path / "c", [resumed, resumed_trace], max_epochs=4)
+    trainer.fit(model, seed_loader(), ckpt_path=tmp_path / "ckpt" / "last.ckpt")
+    assert resumed_trace.points[0][0] == 33  # resumed after 2 epochs of 16 steps
+    assert resumed_trace.points == [p for p in whole_trace.points if p[0] > 32]
+    assert resumed.current_lambda == whole.current_lambda

@@ -1,0 +1,73 @@
+"""The main job: ``dist-bregman fit --config configs/digits.yaml``, for real."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dist_bregman.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.timeout(240)
+def test_default_job_reaches_the_target_and_writes_the_report(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    main(
+        [
+            "fit",
+            "--config",
+            str(ROOT / "configs" / "digits.yaml"),
+            "--trainer.logger.init_args.save_dir",
+            str(tmp_path),
+            "--trainer.enable_progress_bar",
+            "false",
+        ]
+    )
+    folder = tmp_path / "digits" / "version_0"
+    summary = json.loads((folder / "summary.json").read_text())
+    assert summary["target_sparsity"] == 0.9
+    assert abs(summary["final_sparsity"] - 0.9) <= 0.02
+    assert summary["test_accuracy"] >= 0.93
+    assert summary["total"] == 64 * 256 + 256 * 128 + 128 * 10
+    assert (folder / "sparsity_lambda.png").stat().st_size > 10_000
+    header = (folder / "metrics.csv").read_text().splitlines()[0]
+    assert "bregman/sparsity" in header and "bregman/lambda" in header
+    printed = capsys.readouterr().out
+    assert "== dist-bregman summary == test accuracy" in printed
+    assert f"final lambda {summary['final_lambda']:.8f}" in printed
+
+
+@pytest.mark.timeout(60)
+def test_python_dash_m_entry_point_and_config_errors() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "dist_bregman", "fit", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=50,
+    )
+    assert done.returncode == 0 and "--config" in done.stdout
+    bad = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dist_bregman",
+            "fit",
+            "--config",
+            str(ROOT / "configs" / "digits.yaml"),
+            "--trainer.callbacks.init_args.target_sparsity",
+            "1.5",
+            "--trainer.max_epochs",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=50,
+    )
+    assert bad.returncode != 0
+    assert "target_sparsity=1.5" in bad.stderr

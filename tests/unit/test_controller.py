@@ -1,0 +1,217 @@
+"""The core without Lightning: proximal step, loss term, lambda schedule and state."""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+from torch.nn.utils import prune
+
+from dist_bregman import BregmanConfig, SparsityController
+
+
+def _model(seed: int = 0) -> nn.Sequential:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3))
+
+
+def _batches(n: int, seed: int = 1) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    generator = torch.Generator().manual_seed(seed)
+    return [
+        (torch.randn(8, 6, generator=generator), torch.randint(0, 3, (8,), generator=generator))
+        for _ in range(n)
+    ]
+
+
+def _train(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    controller: SparsityController,
+    batches: list,
+    add_loss_term: bool,
+) -> None:
+    for step, (x, y) in enumerate(batches, start=1):
+        loss = F.cross_entropy(model(x), y)
+        if add_loss_term:
+            loss = loss + controller.regularization_loss()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        controller.observe_loss(loss)
+        controller.update_if_due(step)
+
+
+def test_proximal_step_is_sgd_then_soft_threshold_with_lr_times_lambda() -> None:
+    model = _model()
+    controller = SparsityController(
+        model, BregmanConfig(initial_lambda=0.5, update_frequency=10**6)
+    )
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    controller.attach(optimizer)
+    x, y = _batches(1)[0]
+    F.cross_entropy(model(x), y).backward()
+    expected = {}
+    for name, p in model.named_parameters():
+        moved = p.detach() - 0.1 * p.grad
+        if name.endswith("weight"):
+            moved = torch.sign(moved) * torch.clamp(moved.abs() - 0.1 * 0.5, min=0)
+        expected[name] = moved
+    optimizer.step()
+    for name, p in model.named_parameters():
+        assert torch.allclose(p.detach(), expected[name], atol=1e-7), name
+    assert int((model[0].weight == 0).sum()) > 0  # exact zeros, biases untouched
+    assert int((model[0].bias == 0).sum()) == 0
+
+
+def test_proximal_step_uses_each_param_groups_own_lr() -> None:
+    model = _model()
+    controller = SparsityController(model, BregmanConfig(initial_lambda=1.0))
+    optimizer = torch.optim.SGD(
+        [{"params": [model[0].weight], "lr": 0.01}, {"params": [model[2].weight], "lr": 0.2}],
+        lr=0.1,
+    )
+    controller.attach(optimizer)
+    before = [model[0].weight.detach().clone(), model[2].weight.detach().clone()]
+    optimizer.step()  # no gradients: the optimizer moves nothing, the prox still shrinks
+    for weight, old, lr in zip(
+        [model[0].weight, model[2].weight], before, [0.01, 0.2], strict=True
+    ):
+        assert torch.equal(weight.detach(), torch.sign(old) * torch.clamp(old.abs() - lr, min=0))
+
+
+def test_seed_loss_term_does_not_double_the_strength_in_prox_mode() -> None:
+    base = _model()
+    runs = []
+    for add_loss_term in (False, True):
+        model = copy.deepcopy(base)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        controller = SparsityController(
+            model, BregmanConfig(initial_lambda=0.05, update_frequency=5)
+        )
+        controller.attach(optimizer)
+        _train(model, optimizer, controller, _batches(20), add_loss_term)
+        runs.append((model.state_dict(), controller.lambda_))
+    (plain, lam_plain), (with_term, lam_term) = runs
+    assert lam_plain == lam_term
+    for key in plain:
+        assert torch.equal(plain[key], with_term[key]), key
+
+
+def test_prox_mode_loss_term_has_the_penalty_value_and_no_gradient_into_weights() -> None:
+    model = _model()
+    controller = SparsityController(model, BregmanConfig(initial_lambda=0.25))
+    term = controller.regularization_loss()
+    expected = 0.25 * (model[0].weight.abs().sum() + model[2].weight.abs().sum())
+    assert term.requires_grad and term.item() == pytest.approx(expected.item())
+    term.backward()
+    assert model[0].weight.grad is None
+
+
+def test_loss_mode_gradient_is_lambda_times_sign_and_no_hook_acts() -> None:
+    model = _model()
+    controller = SparsityController(model, BregmanConfig(initial_lambda=0.25, mode="loss"))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    controller.attach(optimizer)
+    controller.regularization_loss().backward()
+    assert torch.equal(model[0].weight.grad, 0.25 * model[0].weight.detach().sign())
+    before = model[0].weight.detach().clone()
+    optimizer.step()
+    assert torch.equal(model[0].weight.detach(), before - 0.1 * 0.25 * before.sign())
+
+
+def test_prox_acts_on_weight_orig_of_a_pruned_layer_and_masked_zeros_stay() -> None:
+    model = _model()
+    prune.l1_unstructured(model[0], "weight", amount=0.5)
+    controller = SparsityController(model, BregmanConfig(initial_lambda=0.1))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    controller.attach(optimizer)
+    assert list(controller.regularized_names()) == ["0.weight", "2.weight"]
+    before = model[0].weight_orig.detach().clone()
+    optimizer.step()
+    assert torch.equal(
+        model[0].weight_orig.detach(), torch.sign(before) * torch.clamp(before.abs() - 0.01, min=0)
+    )
+    assert controller.measure().per_parameter["0.weight"][0] <= 48
+
+
+def test_attach_rejects_trainable_targets_no_optimizer_holds_and_skips_frozen() -> None:
+    model = _model()
+    controller = SparsityController(model)
+    with pytest.raises(ValueError, match=r"\['2.weight'\] are trainable but no optimizer holds"):
+        controller.attach(torch.optim.SGD([model[0].weight], lr=0.1))
+    model[2].weight.requires_grad_(False)
+    controller.attach(torch.optim.SGD([model[0].weight], lr=0.1))
+    assert list(controller.regularized_names()) == ["0.weight"]
+
+
+def test_detach_removes_the_hook() -> None:
+    model = _model()
+    controller = SparsityController(model, BregmanConfig(initial_lambda=1.0))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    controller.attach(optimizer)
+    controller.detach()
+    before = model[0].weight.detach().clone()
+    optimizer.step()
+    assert torch.equal(model[0].weight.detach(), before)
+
+
+def test_updates_happen_every_update_frequency_steps_once() -> None:
+    model = _model()
+    controller = SparsityController(
+        model, BregmanConfig(update_frequency=3, lambda_update_rate=0.1)
+    )
+    decisions = [controller.update_if_due(step) for step in [1, 2, 3, 3, 4, 5, 6, 7]]
+    assert [d is not None for d in decisions] == [
+        False,
+        False,
+        True,
+        False,
+        False,
+        False,
+        True,
+        False,
+    ]
+    assert controller.last_update_step == 6
+    assert controller.lambda_ == pytest.approx(1.0 + 2 * 0.1 * 0.8)  # dense model: sparsity 0
+
+
+def test_non_finite_loss_skips_the_update_and_warns(caplog: pytest.LogCaptureFixture) -> None:
+    controller = SparsityController(
+        _model(), BregmanConfig(update_frequency=1, lambda_update_rate=0.1)
+    )
+    controller.observe_loss(torch.tensor(float("nan")))
+    with caplog.at_level(logging.WARNING, logger="dist_bregman"):
+        decision = controller.update(1)
+    assert decision.skipped and controller.lambda_ == 1.0
+    assert "Step 1: lambda update skipped: non-finite loss on 1 rank(s)" in caplog.text
+    controller.observe_loss(torch.tensor(2.0))  # the flag was consumed: the next update runs
+    assert not controller.update(2).skipped and controller.lambda_ > 1.0
+
+
+def test_state_round_trip_and_corrupt_lambda_is_refused() -> None:
+    controller = SparsityController(
+        _model(), BregmanConfig(update_frequency=1, lambda_update_rate=0.5)
+    )
+    controller.update(1)
+    state = controller.state_dict()
+    restored = SparsityController(
+        _model(), BregmanConfig(update_frequency=1, lambda_update_rate=0.5)
+    )
+    restored.load_state_dict(state)
+    assert (restored.lambda_, restored.last_update_step, restored.sparsity) == (
+        controller.lambda_,
+        1,
+        0.0,
+    )
+    assert restored.update_if_due(1) is None
+    torch.save(state, buffer := __import__("io").BytesIO())
+    buffer.seek(0)
+    assert torch.load(buffer, weights_only=True) == state
+    with pytest.raises(ValueError, match="checkpoint lambda=nan"):
+        restored.load_state_dict({"lambda": float("nan")})
+    with pytest.raises(ValueError, match="checkpoint lambda=500"):
+        restored.load_state_dict({"lambda": 500.0})

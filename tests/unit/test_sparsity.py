@@ -1,0 +1,163 @@
+"""Counting is mask-aware, counts natural zeros and gives one number in every state."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils import prune
+
+from dist_bregman import SparsityReport, measure_sparsity
+from dist_bregman.shards import balanced_owners
+from dist_bregman.sparsity import count_nonzero
+from dist_bregman.targets import resolve
+from tests.helpers.models import ConvNet, mixed_state_model, reference_counts, sample_inputs
+
+
+def test_counts_equal_the_folded_reference_in_a_mixed_pruning_state() -> None:
+    model = mixed_state_model()
+    report = measure_sparsity(model)
+    reference = reference_counts(model)
+    assert report.per_parameter == reference
+    assert report.nonzero == sum(n for n, _ in reference.values())
+    assert report.total == sum(t for _, t in reference.values()) == 7 * 11 + 5 * 9 + 187 * 33 + 330
+    assert report.sparsity == pytest.approx(1 - report.nonzero / report.total)
+
+
+def test_stale_weight_attribute_is_never_read() -> None:
+    model = mixed_state_model()
+    stale = int((model.fc1.weight != 0).sum())  # computed at prune time, before the edits
+    assert measure_sparsity(model).per_parameter["fc1.weight"][0] != stale
+
+
+def test_one_number_before_and_after_forward_repeated_and_after_remove() -> None:
+    model = mixed_state_model()
+    first = measure_sparsity(model)
+    assert measure_sparsity(model) == first
+    model(*sample_inputs())  # refreshes every module.weight attribute
+    assert measure_sparsity(model) == first
+    prune.remove(model.fc1, "weight")
+    prune.remove(model.conv, "weight")
+    assert isinstance(model.fc1.weight, nn.Parameter)
+    assert measure_sparsity(model) == first
+
+
+def test_layer_pruned_twice_counts_the_combined_mask() -> None:
+    model = mixed_state_model()
+    orig, mask = model.fc1.weight_orig, model.fc1.weight_mask
+    expected = int(((orig != 0) & (mask != 0)).sum())
+    assert measure_sparsity(model).per_parameter["fc1.weight"] == (expected, orig.numel())
+    assert int((mask == 0).sum()) >= int(0.5 * orig.numel()) + int(0.3 * 0.5 * orig.numel())
+
+
+def test_regression_seed_bug_zero_vs_99_765_percent_for_the_same_model() -> None:
+    """The seed's logs swung between 0.000% and 99.765% for one model: one reader counted
+    ``named_parameters()`` (which hold ``weight_orig``, dense), another the ``weight``
+    attributes (effective, refreshed by a forward). The model below is 99.765% sparse."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 23), nn.ReLU(), nn.Linear(23, 10))  # 1,702 weights
+    pairs = [(model[0], "weight"), (model[2], "weight")]
+    prune.global_unstructured(pairs, pruning_method=prune.L1Unstructured, amount=1698)
+    model(torch.randn(2, 64))
+
+    def naive_parameters() -> float:
+        weights = [p for n, p in model.named_parameters() if "weight" in n]
+        zeros = sum(int((p == 0).sum()) for p in weights)
+        return zeros / sum(p.numel() for p in weights)
+
+    def naive_attributes() -> float:
+        weights = [m.weight for m, _ in pairs]
+        return sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights)
+
+    assert f"{100 * naive_parameters():.3f}%" == "0.000%"
+    assert f"{100 * naive_attributes():.3f}%" == "99.765%"
+    # An optimizer step changes weight_orig; the attributes stay stale until a forward.
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    model(torch.randn(2, 64)).sum().backward()
+    optimizer.step()
+    readings = {f"{100 * measure_sparsity(model).sparsity:.3f}%"}
+    model(torch.randn(2, 64))
+    readings.add(f"{100 * measure_sparsity(model, pairs).sparsity:.3f}%")
+    for module, name in pairs:
+        prune.remove(module, name)
+    readings.add(f"{100 * measure_sparsity(model).sparsity:.3f}%")
+    assert readings == {"99.765%"}
+
+
+def test_default_set_is_linear_conv_embedding_weights_only() -> None:
+    names = [t.name for t in resolve(ConvNet())]
+    assert names == ["embed.weight", "conv.weight", "fc1.weight", "fc2.weight"]
+
+
+def test_explicit_pairs_limit_the_set_and_keep_qualified_names() -> None:
+    model = ConvNet()
+    report = measure_sparsity(model, [(model.fc2, "weight"), (model.fc2, "bias")])
+    assert list(report.per_parameter) == ["fc2.weight", "fc2.bias"]
+    assert report.total == 330 + 10
+
+
+def test_tied_weights_are_counted_once() -> None:
+    embed = nn.Embedding(20, 8)
+    head = nn.Linear(8, 20, bias=False)
+    head.weight = embed.weight
+    model = nn.Sequential(embed, head)
+    report = measure_sparsity(model)
+    assert report.total == 160
+    assert list(report.per_parameter) == ["0.weight"]
+
+
+def test_natural_zeros_negative_zero_tolerance_and_nan() -> None:
+    model = nn.Linear(4, 1, bias=False)
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor([[0.0, -0.0, 1e-4, float("nan")]]))
+    assert measure_sparsity(model).nonzero == 2  # -0.0 is zero; NaN is not
+    assert measure_sparsity(model, zero_tolerance=1e-3).nonzero == 1  # only the NaN
+    assert count_nonzero(torch.tensor([0.5, -2e-3, 1e-3]), None, 1e-3).item() == 2
+
+
+def test_bfloat16_and_masked_counts() -> None:
+    values = torch.tensor([1.0, 0.0, 2.0, 3.0], dtype=torch.bfloat16)
+    mask = torch.tensor([1.0, 1.0, 0.0, 1.0], dtype=torch.bfloat16)
+    assert count_nonzero(values, mask).item() == 2
+    assert count_nonzero(values, None).dtype == torch.int64
+
+
+@pytest.mark.parametrize(
+    ("pairs", "error", "match"),
+    [
+        ("fc1", TypeError, "expected a list of"),
+        ([("fc1", "weight")], TypeError, "expected a torch.nn.Module"),
+        ([(nn.Linear(2, 2), 3)], TypeError, "attribute name as a str"),
+        ([(nn.Linear(2, 2), "wieght")], ValueError, "has no tensor attribute 'wieght'"),
+        ([], ValueError, "expected at least one"),
+    ],
+)
+def test_bad_parameter_sets_raise_with_the_entry(pairs: object, error: type, match: str) -> None:
+    with pytest.raises(error, match=match):
+        measure_sparsity(ConvNet(), pairs)  # type: ignore[arg-type]
+
+
+def test_module_outside_the_model_and_duplicates_are_rejected() -> None:
+    model, stranger = ConvNet(), nn.Linear(3, 3)
+    with pytest.raises(ValueError, match="not a submodule"):
+        measure_sparsity(model, [(stranger, "weight")])
+    with pytest.raises(ValueError, match="listed twice"):
+        measure_sparsity(model, [(model.fc1, "weight"), (model.fc1, "weight")])
+    with pytest.raises(ValueError, match=r"no tensors to measure|expected at least one"):
+        measure_sparsity(nn.Sequential(nn.ReLU()))
+    with pytest.raises(ValueError, match="zero_tolerance"):
+        measure_sparsity(model, zero_tolerance=-1.0)
+
+
+def test_report_of_empty_total_is_nan_not_zero() -> None:
+    assert SparsityReport(0, 0, {}).sparsity != SparsityReport(0, 0, {}).sparsity
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+def test_balanced_owners_cover_every_tensor_once_and_balance_bytes(world: int) -> None:
+    sizes = [1000, 10, 500, 500, 7, 250, 250, 3, 999]
+    owners = balanced_owners(sizes, world)
+    assert len(owners) == len(sizes) and set(owners) <= set(range(world))
+    loads = [sum(s for s, o in zip(sizes, owners, strict=True) if o == r) for r in range(world)]
+    assert max(loads) - min(loads) <= max(sizes)
+    assert owners == balanced_owners(sizes, world)  # deterministic
