@@ -46,9 +46,10 @@ class BregmanCLI(LightningCLI):
                 f" | final sparsity {100 * report.sparsity:.3f}% (target {100 * target:.1f}%)"
                 f" | final lambda {controller.lambda_:.8f}"
             )
+        # trainer.log_dir is itself a collective under DDP: every rank must read it.
+        folder = Path(trainer.log_dir or trainer.default_root_dir)
         if not comm.is_rank_zero():
             return
-        folder = Path(trainer.log_dir or trainer.default_root_dir)
         folder.mkdir(parents=True, exist_ok=True)
         summary["global_step"] = trainer.global_step
         write_summary(folder, summary)

@@ -176,6 +176,31 @@ class SparsityController:
                 f"allowed: parameters passed to the optimizer, or frozen (requires_grad=False)"
             )
         self._regularized = held
+        self._warn_if_shrinkage_wipes_out(optimizers)
+
+    def _warn_if_shrinkage_wipes_out(self, optimizers: Iterable[torch.optim.Optimizer]) -> None:
+        """One pass at attach time. Until the first lambda update the controller cannot
+        react; if the proximal steps alone would zero most weights in that time (the seed's
+        ``initial_lambda=1.0`` with a usual learning rate does), the network may never
+        recover. Say so before training instead of after."""
+        horizon = self.config.update_frequency
+        zeroed = total = 0
+        with torch.no_grad():
+            for optimizer in optimizers:
+                for group in optimizer.param_groups:
+                    threshold = horizon * float(group["lr"]) * self.lambda_
+                    for p in group["params"]:
+                        if id(p) in self._regularized:
+                            zeroed += int(p.abs().le(threshold).sum())
+                            total += p.numel()
+        if total and zeroed / total > 0.5:
+            logs.warn0(
+                f"lambda={self.lambda_:g}: before the first lambda update "
+                f"(update_frequency={horizon} steps) the proximal steps alone, each shrinking "
+                f"by lr * lambda, would zero {100 * zeroed / total:.1f}% of the regularized "
+                f"weights. lambda is an L1 coefficient per weight (the units of weight_decay); "
+                f"values around 1e-5 to 1e-2 are typical: lower initial_lambda"
+            )
 
     def detach(self) -> None:
         """Remove the proximal-step hooks (at the end of ``fit``, or before re-attaching)."""

@@ -126,7 +126,14 @@ def resolve(model: nn.Module, pairs: ParameterPairs | None = None) -> list[Targe
     by several modules (tied embeddings) are counted once, under their first name.
     """
     model = unwrap(model)
-    checked = validate_pairs(discover(model) if pairs is None else pairs)
+    if pairs is None:
+        pairs = discover(model)
+        if not pairs:
+            raise ValueError(
+                f"parameters_to_prune=None found no Linear, ConvNd or Embedding weight in "
+                f"{type(model).__name__}; pass a list of (module, name) tuples"
+            )
+    checked = validate_pairs(pairs)
     module_names = {id(m): n for n, m in model.named_modules()}
     targets: list[Target] = []
     seen_values: set[int] = set()

@@ -60,3 +60,21 @@ def test_seed_usage_example_runs(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr[-3000:]
     assert "final sparsity" in done.stdout
     assert "Epoch 2: Sparsity of pruned modules =" in done.stderr
+
+
+@pytest.mark.timeout(150)
+def test_launch_torchrun_script_runs_the_ddp_job(tmp_path: Path) -> None:
+    command = [
+        str(ROOT / "launch" / "torchrun.sh"),
+        "--trainer.max_epochs=3",
+        "--trainer.enable_progress_bar=false",
+        f"--trainer.logger.init_args.save_dir={tmp_path}",
+    ]
+    env = _env() | {"PYTHON": sys.executable}
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=130)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads((tmp_path / "digits_ddp" / "version_0" / "summary.json").read_text())
+    assert summary["global_step"] == 3 * 40  # 1,257 training samples / (2 ranks x 16) per step
+    assert summary["total"] == 64 * 256 + 256 * 128 + 128 * 10
+    assert done.stdout.count("== dist-bregman summary ==") == 1
+    assert done.stderr.count("Step 120: Sparsity=") == 1  # logged by rank 0 only

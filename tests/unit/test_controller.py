@@ -215,3 +215,16 @@ def test_state_round_trip_and_corrupt_lambda_is_refused() -> None:
         restored.load_state_dict({"lambda": float("nan")})
     with pytest.raises(ValueError, match="checkpoint lambda=500"):
         restored.load_state_dict({"lambda": 500.0})
+
+
+def test_attach_warns_when_shrinkage_alone_zeroes_most_weights_before_lambda_can_react(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    model = _model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    with caplog.at_level(logging.WARNING, logger="dist_bregman"):
+        SparsityController(model, BregmanConfig(initial_lambda=1e-3)).attach(optimizer)
+        assert caplog.text == ""  # 100 steps x 0.05 x 1e-3 = 0.005: a few weights at most
+        SparsityController(model).attach(optimizer)  # the seed's defaults: lambda 1.0
+    assert "lambda=1: before the first lambda update (update_frequency=100 steps)" in caplog.text
+    assert "would zero 100.0% of the regularized weights" in caplog.text
