@@ -46,6 +46,12 @@ class BregmanCLI(LightningCLI):
                 f" | final sparsity {100 * report.sparsity:.3f}% (target {100 * target:.1f}%)"
                 f" | final lambda {controller.lambda_:.8f}"
             )
+            if report.node_sparsity is not None:
+                summary |= {"zero_rows": report.zero_rows, "rows": report.rows}
+                line += f" | zero rows {report.zero_rows}/{report.rows}"
+            if report.kernel_sparsity is not None:
+                summary |= {"zero_kernels": report.zero_kernels, "kernels": report.kernels}
+                line += f" | zero kernels {report.zero_kernels}/{report.kernels}"
         # trainer.log_dir is itself a collective under DDP: every rank must read it.
         folder = Path(trainer.log_dir or trainer.default_root_dir)
         if not comm.is_rank_zero():

@@ -42,6 +42,10 @@ class BregmanConfig:
     """``"prox"``: exact zeros by a proximal step after each optimizer step, and the loss
     term is a value without gradient. ``"loss"``: the seed's loss term carries the L1
     gradient and nothing else acts (zeros are then only approximate)."""
+    regularizer: str = "l1"
+    """J for the proximal step and the loss term: ``"l1"`` (elements), ``"group_l1"``
+    (whole rows: neurons, filters) or ``"group_l1_kernels"`` (ConvNd kernels). A Bregman
+    optimizer (LinBreg, AdaBreg, ProxSGD) uses its own param groups' ``reg`` instead."""
     zero_tolerance: float = 0.0
     """Elements with ``|x| <= zero_tolerance`` count as zero; 0 counts exact zeros only."""
     verbose: int = 0
@@ -64,6 +68,7 @@ class BregmanConfig:
         check_number("zero_tolerance", self.zero_tolerance, low=0.0)
         check_choice("mode", self.mode, MODES)
         check_choice("lambda_rule", self.lambda_rule, LAMBDA_RULES)
+        check_choice("regularizer", self.regularizer, ("l1", "group_l1", "group_l1_kernels"))
         if self.lambda_rule == "multiplicative" and self.min_lambda <= 0.0:
             raise ValueError(
                 f"min_lambda={self.min_lambda!r} with lambda_rule='multiplicative': expected "

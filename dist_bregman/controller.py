@@ -29,7 +29,9 @@ from torch.utils.hooks import RemovableHandle
 from dist_bregman import comm, logs
 from dist_bregman.config import BregmanConfig, check_number
 from dist_bregman.control import LambdaDecision, decide
-from dist_bregman.regularizers import L1, Regularizer
+from dist_bregman.optim import BregmanOptimizer
+from dist_bregman.regularizers import GroupL1, Regularizer
+from dist_bregman.regularizers import resolve as resolve_regularizer
 from dist_bregman.sparsity import SparsityReport, reduce_counts
 from dist_bregman.targets import ParameterPairs, Target, resolve
 
@@ -50,7 +52,11 @@ class SparsityController:
     ) -> None:
         self.config = config if config is not None else BregmanConfig()
         self.targets: list[Target] = resolve(model, parameters_to_prune)
-        self.regularizer = regularizer if regularizer is not None else L1()
+        chosen = resolve_regularizer(
+            regularizer if regularizer is not None else self.config.regularizer
+        )
+        assert chosen is not None
+        self.regularizer: Regularizer = chosen
         self.group = group
         self.lambda_ = self.config.initial_lambda
         self.last_update_step = 0
@@ -59,13 +65,20 @@ class SparsityController:
         """The last measured global sparsity (restored from checkpoints), None before any."""
         self._nonfinite_loss: torch.Tensor | None = None
         self._handles: list[RemovableHandle] = []
+        self._driven: list[BregmanOptimizer] = []
+        self._hooked: set[int] = set()
         self._regularized: set[int] = set()
+        self.structure = isinstance(self.regularizer, GroupL1)
+        """Count all-zero rows/kernels too (on whenever a group regularizer is in play)."""
 
     # ------------------------------------------------------------------ measuring
     def measure(self) -> SparsityReport:
         """Global sparsity of the targets (a collective: every rank must call it)."""
         report, _ = reduce_counts(
-            self.targets, zero_tolerance=self.config.zero_tolerance, group=self.group
+            self.targets,
+            zero_tolerance=self.config.zero_tolerance,
+            group=self.group,
+            structure=self.structure,
         )
         self.last_report, self.sparsity = report, report.sparsity
         return report
@@ -75,7 +88,7 @@ class SparsityController:
         report = self.measure()
         if self.config.verbose >= 1:
             logs.info0(logs.epoch_line(epoch, report.sparsity))
-        self._log_parameters(report)
+        self._log_details(report)
         return report
 
     # ------------------------------------------------------------------ lambda
@@ -102,7 +115,11 @@ class SparsityController:
         flag = self._nonfinite_loss if self._nonfinite_loss is not None else torch.tensor(False)
         self._nonfinite_loss = None
         report, (bad_ranks,) = reduce_counts(
-            self.targets, zero_tolerance=config.zero_tolerance, group=self.group, extra=[flag]
+            self.targets,
+            zero_tolerance=config.zero_tolerance,
+            group=self.group,
+            structure=self.structure,
+            extra=[flag],
         )
         self.last_report, self.sparsity = report, report.sparsity
         skip = None
@@ -119,7 +136,7 @@ class SparsityController:
             skip_reason=skip,
             group=self.group,
         )
-        self.lambda_ = decision.new
+        self._set_lambda(decision.new)
         self.last_update_step = step
         if decision.skipped:
             logs.warn0(
@@ -128,8 +145,14 @@ class SparsityController:
         if config.verbose >= 1:
             logs.info0(logs.decision_line(decision))
             logs.info0(logs.step_line(step, report.sparsity, decision.new))
-        self._log_parameters(report)
+        self._log_details(report)
         return decision
+
+    def _set_lambda(self, value: float) -> None:
+        if value != self.lambda_:
+            for optimizer in self._driven:
+                optimizer.set_lambda(value)
+        self.lambda_ = value
 
     # ------------------------------------------------------------------ the penalty
     def regularization_loss(self) -> torch.Tensor:
@@ -152,37 +175,80 @@ class SparsityController:
 
     # ------------------------------------------------------------------ the proximal step
     def attach(self, *optimizers: torch.optim.Optimizer) -> None:
-        """Apply the proximal step after every ``step()`` of these optimizers.
+        """Make these optimizers apply the regularization, with this controller's lambda.
 
-        The step acts on the tensors each optimizer holds, with each param group's current
-        ``lr``: threshold ``lr * lambda``. Every trainable target must be held by one of the
-        optimizers; frozen targets (``requires_grad=False``) are measured, not regularized.
-        Does nothing in ``"loss"`` mode.
+        * A :class:`~dist_bregman.optim.BregmanOptimizer` (LinBreg, AdaBreg, ProxSGD)
+          regularizes inside its own step: its regularized param groups get lambda now and
+          after every update, through ``set_lambda`` (which keeps its state consistent).
+        * Any other optimizer gets the proximal step of ``regularizer`` after every
+          ``step()`` (``"prox"`` mode): threshold ``lr * lambda`` with each param group's
+          current ``lr``, applied to the tensors the optimizer holds.
+
+        Every trainable target must be held by one of the optimizers. Targets left
+        unregularized (frozen, or in a group with ``reg=None``) are measured only, and the
+        target must be reachable without them: checked here, with a collective.
         """
-        if self.config.mode != "prox":
-            return
         self.detach()
+        mode = self.config.mode
         wanted = {id(t.values): t for t in self.targets if t.values.requires_grad}
         held: set[int] = set()
         for optimizer in optimizers:
             ids = {id(p) for group in optimizer.param_groups for p in group["params"]}
-            if ids & wanted.keys():
-                held |= ids & wanted.keys()
+            ids &= wanted.keys()
+            if not ids:
+                continue
+            held |= ids
+            if isinstance(optimizer, BregmanOptimizer):
+                if mode == "loss":
+                    raise ValueError(
+                        f"mode='loss' with {type(optimizer).__name__}: the optimizer already "
+                        f"applies the regularizer, the loss term would apply it again; "
+                        f"allowed: mode='prox' (the default)"
+                    )
+                optimizer.set_lambda(self.lambda_)
+                self._driven.append(optimizer)
+                self._regularized |= ids & {id(p) for p in optimizer.regularized_params()}
+                self.structure |= _uses_groups(optimizer)
+            elif mode == "prox":
                 self._handles.append(optimizer.register_step_post_hook(self._after_step))
+                self._hooked |= ids
         missing = [t.name for key, t in wanted.items() if key not in held]
         if missing:
             raise ValueError(
                 f"parameters_to_prune: {missing} are trainable but no optimizer holds them; "
                 f"allowed: parameters passed to the optimizer, or frozen (requires_grad=False)"
             )
-        self._regularized = held
+        self._regularized |= self._hooked if mode == "prox" else held
+        self._check_reachable()
         self._warn_if_shrinkage_wipes_out(optimizers)
+
+    def _check_reachable(self) -> None:
+        """Raise if ``target_sparsity`` needs zeros in tensors nothing regularizes."""
+        report = self.measure()
+        unregularized = [t for t in self.targets if id(t.values) not in self._regularized]
+        if not unregularized:
+            return
+        fixed, _ = reduce_counts(
+            unregularized, zero_tolerance=self.config.zero_tolerance, group=self.group
+        )
+        reachable = 1.0 - fixed.nonzero / report.total
+        if self.config.target_sparsity > reachable:
+            names = [t.name for t in unregularized]
+            shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+            raise ValueError(
+                f"target_sparsity={self.config.target_sparsity!r} is unreachable: {shown} "
+                f"({100 * fixed.total / report.total:.1f}% of the measured elements) are not "
+                f"regularized (frozen, or reg=None in the optimizer) and hold "
+                f"{fixed.nonzero} nonzeros; allowed: target_sparsity <= {reachable:.6f}, or "
+                f"regularize those tensors"
+            )
 
     def _warn_if_shrinkage_wipes_out(self, optimizers: Iterable[torch.optim.Optimizer]) -> None:
         """One pass at attach time. Until the first lambda update the controller cannot
         react; if the proximal steps alone would zero most weights in that time (the seed's
         ``initial_lambda=1.0`` with a usual learning rate does), the network may never
-        recover. Say so before training instead of after."""
+        recover. Say so before training instead of after. (Bregman iterations are not
+        checked: their lambda is a threshold on accumulated gradients, not a shrinkage.)"""
         horizon = self.config.update_frequency
         zeroed = total = 0
         with torch.no_grad():
@@ -190,7 +256,7 @@ class SparsityController:
                 for group in optimizer.param_groups:
                     threshold = horizon * float(group["lr"]) * self.lambda_
                     for p in group["params"]:
-                        if id(p) in self._regularized:
+                        if id(p) in self._hooked:
                             zeroed += int(p.abs().le(threshold).sum())
                             total += p.numel()
         if total and zeroed / total > 0.5:
@@ -203,18 +269,19 @@ class SparsityController:
             )
 
     def detach(self) -> None:
-        """Remove the proximal-step hooks (at the end of ``fit``, or before re-attaching)."""
+        """Forget the optimizers: remove the proximal-step hooks, stop driving lambda."""
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
-        self._regularized = set()
+        self._driven.clear()
+        self._hooked, self._regularized = set(), set()
 
     def _after_step(self, optimizer: torch.optim.Optimizer, *_: Any) -> None:
         if self.lambda_ == 0.0:
             return
         with torch.no_grad():
             for group in optimizer.param_groups:
-                params = [p for p in group["params"] if id(p) in self._regularized]
+                params = [p for p in group["params"] if id(p) in self._hooked]
                 if params:
                     self.regularizer.prox_all_(params, float(group["lr"]) * self.lambda_)
 
@@ -236,12 +303,14 @@ class SparsityController:
             low=self.config.min_lambda,
             high=self.config.max_lambda,
         )
-        self.lambda_ = lam
+        self._set_lambda(lam)
         self.last_update_step = int(state.get("last_update_step", 0))
         sparsity = state.get("sparsity")
         self.sparsity = None if sparsity is None else float(sparsity)
 
-    def _log_parameters(self, report: SparsityReport) -> None:
+    def _log_details(self, report: SparsityReport) -> None:
+        if self.config.verbose >= 1 and report.rows:
+            logs.info0(logs.structure_line(report))
         if self.config.verbose >= 2:
             for line in logs.parameter_lines(report):
                 logs.info0(line)
@@ -249,3 +318,7 @@ class SparsityController:
     def regularized_names(self) -> Iterable[str]:
         """Names of the targets the proximal step acts on (after :meth:`attach`)."""
         return [t.name for t in self.targets if id(t.values) in self._regularized]
+
+
+def _uses_groups(optimizer: BregmanOptimizer) -> bool:
+    return any(isinstance(resolve_regularizer(g["reg"]), GroupL1) for g in optimizer.param_groups)

@@ -65,6 +65,18 @@ def step_line(step: int, sparsity: float, lam: float) -> str:
     return f"Step {step}: Sparsity={percent(sparsity)}, lambda={lam:.4f}"
 
 
+def structure_line(report: SparsityReport) -> str:
+    """``Node sparsity 25.000% (32/128 rows), kernel sparsity 3.125% (2/64 kernels)``"""
+    rows = f"({report.zero_rows}/{report.rows} rows)"
+    line = f"Node sparsity {percent(report.zero_rows / report.rows)} {rows}"
+    if report.kernels:
+        line += (
+            f", kernel sparsity {percent(report.zero_kernels / report.kernels)} "
+            f"({report.zero_kernels}/{report.kernels} kernels)"
+        )
+    return line
+
+
 def parameter_lines(report: SparsityReport) -> list[str]:
     """One line per measured tensor (verbose=2)."""
     lines = []

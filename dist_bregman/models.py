@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
 from itertools import pairwise
 from typing import Any
 
@@ -11,6 +14,60 @@ from torch import nn
 from torch.nn import functional as F
 
 from dist_bregman.callbacks.bregman import BregmanPruner
+from dist_bregman.config import check_choice
+from dist_bregman.init import sparse_init_
+from dist_bregman.optim import AdaBreg, LinBreg, ProxSGD
+
+OPTIMIZERS = ("sgd", "adam", "linbreg", "adabreg", "proxsgd")
+
+
+@dataclass(kw_only=True, slots=True)
+class OptimizerSettings:
+    """The optimizer of the digits models, as plain settings (LightningCLI-friendly)."""
+
+    name: str = "sgd"
+    """One of ``OPTIMIZERS``; the last three are :mod:`dist_bregman.optim`'s."""
+    lr: float = 0.05
+    momentum: float = 0.9
+    """SGD/LinBreg/ProxSGD momentum (ignored by Adam and AdaBreg)."""
+    weight_decay: float = 0.0
+    """SGD and Adam only."""
+    lr_schedule: str = "constant"
+    """``"constant"`` or ``"cosine"`` (decay to 0 over the run)."""
+    reg: str | None = "l1"
+    """Regularizer of the Bregman optimizers' weight groups."""
+    lambda_: float = 1e-3
+    """Their starting lambda (a BregmanPruner overrides it with its own)."""
+    delta: float = 1.0
+    """LinBreg/AdaBreg delta."""
+
+    def __post_init__(self) -> None:
+        check_choice("optimizer", self.name, OPTIMIZERS)
+        check_choice("lr_schedule", self.lr_schedule, ("constant", "cosine"))
+
+    def build(self, params: Iterable[dict[str, Any]]) -> torch.optim.Optimizer:
+        """The optimizer over param groups that carry their own ``reg`` (SGD and Adam
+        ignore that key)."""
+        if self.name == "sgd":
+            return torch.optim.SGD(
+                params, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay
+            )
+        if self.name == "adam":
+            return torch.optim.Adam(params, lr=self.lr, weight_decay=self.weight_decay)
+        if self.name == "linbreg":
+            return LinBreg(
+                params,
+                lr=self.lr,
+                reg=self.reg,
+                lambda_=self.lambda_,
+                delta=self.delta,
+                momentum=self.momentum,
+            )
+        if self.name == "adabreg":
+            return AdaBreg(params, lr=self.lr, reg=self.reg, lambda_=self.lambda_, delta=self.delta)
+        return ProxSGD(
+            params, lr=self.lr, reg=self.reg, lambda_=self.lambda_, momentum=self.momentum
+        )
 
 
 class DigitsClassifier(pl.LightningModule):
@@ -18,16 +75,9 @@ class DigitsClassifier(pl.LightningModule):
 
     net: nn.Module
 
-    def __init__(
-        self, lr: float, momentum: float, weight_decay: float, optimizer: str, lr_schedule: str
-    ) -> None:
+    def __init__(self, optim: OptimizerSettings) -> None:
         super().__init__()
-        if optimizer not in ("sgd", "adam"):
-            raise ValueError(f"optimizer={optimizer!r}: expected 'sgd' or 'adam'")
-        if lr_schedule not in ("constant", "cosine"):
-            raise ValueError(f"lr_schedule={lr_schedule!r}: expected 'constant' or 'cosine'")
-        self.lr, self.momentum, self.weight_decay = lr, momentum, weight_decay
-        self.optimizer_name, self.lr_schedule = optimizer, lr_schedule
+        self.optim = optim
         self.bregman_pruner: BregmanPruner | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -63,20 +113,23 @@ class DigitsClassifier(pl.LightningModule):
     def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         self._evaluate(batch, "test")
 
+    def param_groups(self) -> list[dict[str, Any]]:
+        """Weights get ``reg``, biases none. Under a group regularizer the output layer's
+        rows are the classes, which must never be removed: it gets plain L1 instead."""
+        weights = [m.weight for m in self.net.modules() if isinstance(m, nn.Linear | nn.Conv2d)]
+        others = [p for p in self.parameters() if all(p is not w for w in weights)]
+        reg = self.optim.reg
+        grouped = reg is not None and reg.startswith("group")
+        groups: list[dict[str, Any]] = [
+            {"params": weights[:-1], "reg": reg},
+            {"params": weights[-1:], "reg": "l1" if grouped else reg},
+            {"params": others, "reg": None},
+        ]
+        return [group for group in groups if group["params"]]
+
     def configure_optimizers(self) -> Any:
-        optimizer: torch.optim.Optimizer
-        if self.optimizer_name == "adam":
-            optimizer = torch.optim.Adam(
-                self.parameters(), lr=self.lr, weight_decay=self.weight_decay
-            )
-        else:
-            optimizer = torch.optim.SGD(
-                self.parameters(),
-                lr=self.lr,
-                momentum=self.momentum,
-                weight_decay=self.weight_decay,
-            )
-        if self.lr_schedule == "constant":
+        optimizer = self.optim.build(self.param_groups())
+        if self.optim.lr_schedule == "constant":
             return optimizer
         # Cosine decay to 0 over the run: the proximal threshold lr * lambda decays with it,
         # so the sparsity pattern settles instead of flickering at the end.
@@ -89,7 +142,11 @@ class DigitsClassifier(pl.LightningModule):
 
 
 class DigitsMLP(DigitsClassifier):
-    """``64 -> hidden... -> 10`` with ReLU."""
+    """``64 -> hidden... -> 10`` with ReLU.
+
+    ``sparse_init`` (a keep rate) starts from the paper's sparse initialisation
+    (``sparse_init_rows`` keeps whole neurons), as LinBreg and AdaBreg want.
+    """
 
     def __init__(
         self,
@@ -99,12 +156,44 @@ class DigitsMLP(DigitsClassifier):
         weight_decay: float = 0.0,
         optimizer: str = "sgd",
         lr_schedule: str = "constant",
+        reg: str | None = "l1",
+        lambda_: float = 1e-3,
+        delta: float = 1.0,
+        sparse_init: float | None = None,
+        sparse_init_rows: bool = False,
+        seed: int = 0,
     ) -> None:
-        super().__init__(lr, momentum, weight_decay, optimizer, lr_schedule)
+        settings = OptimizerSettings(
+            name=optimizer,
+            lr=lr,
+            momentum=momentum,
+            weight_decay=weight_decay,
+            lr_schedule=lr_schedule,
+            reg=reg,
+            lambda_=lambda_,
+            delta=delta,
+        )
+        super().__init__(settings)
         self.save_hyperparameters()
+        generator = torch.Generator().manual_seed(seed)
         sizes = [64, *hidden]
         layers: list[nn.Module] = []
         for n_in, n_out in pairwise(sizes):
-            layers += [nn.Linear(n_in, n_out), nn.ReLU()]
-        layers.append(nn.Linear(sizes[-1], 10))
+            layers += [_seeded_linear(n_in, n_out, generator), nn.ReLU()]
+        layers.append(_seeded_linear(sizes[-1], 10, generator))
         self.net = nn.Sequential(*layers)
+        if sparse_init is not None:
+            body, head = nn.Sequential(*list(self.net)[:-1]), nn.Sequential(self.net[-1])
+            sparse_init_(body, sparse_init, rows=sparse_init_rows, generator=generator)
+            sparse_init_(head, sparse_init, generator=generator)  # never whole classes
+
+
+def _seeded_linear(n_in: int, n_out: int, generator: torch.Generator) -> nn.Linear:
+    """PyTorch's default Linear initialisation, drawn from ``generator`` (reproducible
+    whatever else consumed the global RNG before the model was built)."""
+    layer = nn.Linear(n_in, n_out)
+    bound = 1.0 / math.sqrt(n_in)
+    with torch.no_grad():
+        layer.weight.copy_(torch.rand(layer.weight.shape, generator=generator) * 2 * bound - bound)
+        layer.bias.copy_(torch.rand(layer.bias.shape, generator=generator) * 2 * bound - bound)
+    return layer

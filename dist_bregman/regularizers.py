@@ -1,13 +1,21 @@
-"""Sparsity-inducing regularizers J: value, subgradient and proximal map. Pure torch.
+"""Sparsity-inducing regularizers J: value, subgradient, proximal map. Pure torch.
 
 The proximal map of ``t * J`` is what makes exact zeros: a gradient step on ``|x|`` only
 oscillates around zero, while ``prox_{t|.|}(x) = sign(x) * max(|x| - t, 0)`` lands on it.
-Nothing here communicates; under sharding each rank applies these to its local elements,
-which is exact for elementwise J.
+Every J here is positively 1-homogeneous, which the Bregman optimizers rely on:
+``prox_{d*lam*J}(d*v) = d * prox_{lam*J}(v)`` and ``dJ_{c*lam} = c * dJ_lam``.
+
+Nothing here communicates. L1 is elementwise, so under sharding each rank applies it to its
+local elements exactly; group L1 needs whole groups on one rank.
+
+Specs accepted wherever a regularizer is configured (param groups, YAML, the pruner):
+``"l1"``, ``"group_l1"`` (rows: output neurons of a Linear, output filters of a ConvNd),
+``"group_l1_kernels"`` (each ``k x k`` kernel of a ConvNd), ``None``, or an instance.
 """
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
 
@@ -15,9 +23,11 @@ import torch
 
 
 class Regularizer(ABC):
-    """A convex, nonnegative J with a cheap proximal map."""
+    """A convex, nonnegative, 1-homogeneous J with a cheap proximal map (unit strength)."""
 
-    name: str = "regularizer"
+    spec: str = "regularizer"
+    """The string that configures this regularizer (stored in optimizer param groups, so
+    optimizer checkpoints stay loadable with ``torch.load(weights_only=True)``)."""
 
     @abstractmethod
     def value(self, x: torch.Tensor) -> torch.Tensor:
@@ -25,7 +35,7 @@ class Regularizer(ABC):
 
     @abstractmethod
     def subgradient(self, x: torch.Tensor) -> torch.Tensor:
-        """An element of the subdifferential ``dJ(x)`` (0 where J is not differentiable)."""
+        """An element of ``dJ(x)``: the minimal-norm one (0 where J has a kink at 0)."""
 
     @abstractmethod
     def prox_(self, x: torch.Tensor, threshold: float) -> torch.Tensor:
@@ -36,11 +46,22 @@ class Regularizer(ABC):
         for x in tensors:
             self.prox_(x, threshold)
 
+    def bregman_distance(
+        self, u: torch.Tensor, v: torch.Tensor, p: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``D_J^p(u, v) = J(u) - J(v) - <p, u - v>`` with ``p`` in ``dJ(v)`` (default: the
+        minimal one). Nonnegative; zero when u and v share J's "face" (same signs/support)."""
+        p = self.subgradient(v) if p is None else p
+        return self.value(u) - self.value(v) - torch.sum(p * (u - v))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.spec!r})"
+
 
 class L1(Regularizer):
     """``J(x) = sum |x_i|``: elementwise sparsity; its prox is soft-thresholding."""
 
-    name = "l1"
+    spec = "l1"
 
     def value(self, x: torch.Tensor) -> torch.Tensor:
         return x.abs().sum()
@@ -51,3 +72,82 @@ class L1(Regularizer):
     def prox_(self, x: torch.Tensor, threshold: float) -> torch.Tensor:
         # x - clamp(x, -t, t) is sign(x) * max(|x| - t, 0), with exact zeros where |x| <= t.
         return x.sub_(x.clamp(-threshold, threshold))
+
+    def prox_all_(self, tensors: Iterable[torch.Tensor], threshold: float) -> None:
+        tensors = list(tensors)
+        if len(tensors) > 1 and all(t.is_cuda for t in tensors):
+            # One multi-tensor kernel per op instead of two kernels per tensor.
+            clipped = torch._foreach_clamp_max(
+                torch._foreach_clamp_min(tensors, -threshold), threshold
+            )
+            torch._foreach_sub_(tensors, clipped)
+        else:
+            super().prox_all_(tensors, threshold)
+
+
+class GroupL1(Regularizer):
+    """``J(x) = sum_g sqrt(n_g) * ||x_g||_2``: removes whole groups (group lasso, L1,2).
+
+    ``by="rows"``: a group is a slice along dim 0, i.e. one output neuron of a Linear or one
+    output filter of a ConvNd (node sparsity). ``by="kernels"``: a group is one ``(out, in)``
+    kernel of a ConvNd (kernel sparsity). ``sqrt(n_g)`` (n_g = group size) makes large and
+    small layers comparable, as in Bungert et al. (2022). 1-D tensors are groups of size 1.
+    """
+
+    def __init__(self, by: str = "rows") -> None:
+        if by not in ("rows", "kernels"):
+            raise ValueError(f"by={by!r}: expected 'rows' or 'kernels'")
+        self.by = by
+        self.spec = "group_l1" if by == "rows" else "group_l1_kernels"
+
+    def groups(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` viewed as ``[n_groups, group_size]`` (a view: in-place edits reach ``x``)."""
+        if x.ndim < 2:
+            return x.reshape(-1, 1)
+        if self.by == "kernels":
+            if x.ndim < 3:
+                raise ValueError(
+                    f"group_l1_kernels needs a ConvNd weight, got shape {tuple(x.shape)}"
+                )
+            return x.reshape(x.shape[0] * x.shape[1], -1)
+        return x.reshape(x.shape[0], -1)
+
+    def value(self, x: torch.Tensor) -> torch.Tensor:
+        groups = self.groups(x)
+        return math.sqrt(groups.shape[1]) * torch.linalg.vector_norm(groups, dim=1).sum()
+
+    def subgradient(self, x: torch.Tensor) -> torch.Tensor:
+        groups = self.groups(x)
+        norms = torch.linalg.vector_norm(groups, dim=1, keepdim=True)
+        scale = math.sqrt(groups.shape[1]) / torch.where(norms > 0, norms, torch.ones_like(norms))
+        return (groups * scale).reshape(x.shape)
+
+    def prox_(self, x: torch.Tensor, threshold: float) -> torch.Tensor:
+        if not x.is_contiguous():
+            raise ValueError("group prox needs a contiguous tensor (it edits a reshaped view)")
+        groups = self.groups(x)
+        norms = torch.linalg.vector_norm(groups, dim=1, keepdim=True)
+        shrink = threshold * math.sqrt(groups.shape[1])
+        # max(0, 1 - t*sqrt(n)/||x_g||): exact zeros for groups with ||x_g|| <= t*sqrt(n).
+        factor = (1.0 - shrink / norms.clamp_min(torch.finfo(norms.dtype).tiny)).clamp_min_(0.0)
+        groups.mul_(factor)
+        return x
+
+
+def resolve(spec: object) -> Regularizer | None:
+    """``"l1"``, ``"group_l1"``, ``"group_l1_kernels"``, ``None`` or an instance."""
+    if spec is None or isinstance(spec, Regularizer):
+        return spec
+    if spec == "l1":
+        return L1()
+    if spec == "group_l1":
+        return GroupL1("rows")
+    if spec == "group_l1_kernels":
+        return GroupL1("kernels")
+    raise ValueError(
+        f"reg={spec!r}: expected 'l1', 'group_l1', 'group_l1_kernels', None "
+        f"or a dist_bregman.regularizers.Regularizer"
+    )
+
+
+SPECS: tuple[str, ...] = ("l1", "group_l1", "group_l1_kernels")

@@ -27,12 +27,15 @@ def read_series(metrics_csv: Path, *columns: str) -> dict[str, list[tuple[int, f
 
 def plot_sparsity_lambda(metrics_csv: Path, target: float, out_png: Path) -> Path:
     """Sparsity (%, left axis, with the target) and lambda (right axis) against step."""
-    series = read_series(metrics_csv, "bregman/sparsity", "bregman/lambda")
+    series = read_series(metrics_csv, "bregman/sparsity", "bregman/lambda", "bregman/node_sparsity")
     fig, left = plt.subplots(figsize=(7, 4), dpi=120)
     right = left.twinx()
     if series["bregman/sparsity"]:
         steps, values = zip(*series["bregman/sparsity"], strict=True)
         left.plot(steps, [100 * v for v in values], color="tab:blue", label="sparsity")
+    if series["bregman/node_sparsity"]:
+        steps, values = zip(*series["bregman/node_sparsity"], strict=True)
+        left.plot(steps, [100 * v for v in values], color="tab:green", label="zero rows")
     left.axhline(100 * target, color="tab:blue", linestyle=":", label="target")
     if series["bregman/lambda"]:
         steps, values = zip(*series["bregman/lambda"], strict=True)

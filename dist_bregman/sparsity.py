@@ -29,6 +29,14 @@ class SparsityReport:
     """Elements measured, without shard padding and without counting replicas twice."""
     per_parameter: dict[str, tuple[int, int]]
     """Qualified name to ``(nonzero, total)``."""
+    zero_rows: int = 0
+    """All-zero rows (output neurons / filters) of the measured matrices, if counted."""
+    rows: int = 0
+    """Rows of the measured tensors with ``ndim >= 2``; 0 when structure was not counted."""
+    zero_kernels: int = 0
+    """All-zero ``(out, in)`` kernels of the measured ConvNd weights, if counted."""
+    kernels: int = 0
+    """Kernels of the measured ConvNd weights; 0 when none or not counted."""
 
     @property
     def sparsity(self) -> float:
@@ -37,23 +45,65 @@ class SparsityReport:
             return float("nan")
         return 1.0 - self.nonzero / self.total
 
+    @property
+    def node_sparsity(self) -> float | None:
+        """Fraction of rows (neurons, filters) that are entirely zero, if counted."""
+        return self.zero_rows / self.rows if self.rows else None
 
-def count_nonzero(
+    @property
+    def kernel_sparsity(self) -> float | None:
+        """Fraction of ConvNd kernels that are entirely zero, if counted."""
+        return self.zero_kernels / self.kernels if self.kernels else None
+
+
+def nonzero_flags(
     values: torch.Tensor, mask: torch.Tensor | None, zero_tolerance: float = 0.0
 ) -> torch.Tensor:
-    """Nonzeros of ``values * mask`` as a 0-d int64 tensor on ``values.device``, no sync.
+    """Bool tensor: which elements of ``values * mask`` are nonzero.
 
     A pruned position (mask 0) is zero whatever ``values`` holds there. With a tolerance,
     ``|x| <= zero_tolerance`` counts as zero. NaN is never zero, with or without one.
     """
     if zero_tolerance == 0.0:
-        nonzero = values.ne(0)
+        flags = values.ne(0)
     else:
-        nonzero = values.abs().le(zero_tolerance).logical_not_()
+        flags = values.abs().le(zero_tolerance).logical_not_()
     if mask is not None:
-        nonzero.logical_and_(mask.ne(0))
+        flags.logical_and_(mask.ne(0))
+    return flags
+
+
+def count_nonzero(
+    values: torch.Tensor, mask: torch.Tensor | None, zero_tolerance: float = 0.0
+) -> torch.Tensor:
+    """Nonzeros of ``values * mask`` as a 0-d int64 tensor on ``values.device``, no sync."""
+    return _sum_flags(nonzero_flags(values, mask, zero_tolerance))
+
+
+def _sum_flags(flags: torch.Tensor) -> torch.Tensor:
     # Sum the bool bytes as uint8 into int64: avoids torch's slower bool reduction path.
-    return nonzero.view(torch.uint8).sum(dtype=torch.int64)
+    return flags.view(torch.uint8).sum(dtype=torch.int64)
+
+
+def structure_counts(flags: torch.Tensor) -> torch.Tensor:
+    """``[zero_rows, rows, zero_kernels, kernels]`` (int64) from a nonzero-flags tensor.
+
+    Rows are slices along dim 0 of tensors with ``ndim >= 2``; kernels are the ``(out, in)``
+    slices of tensors with ``ndim >= 3`` (ConvNd weights).
+    """
+    counts = [0, 0, 0, 0]
+    parts = []
+    if flags.ndim >= 2:
+        alive = flags.reshape(flags.shape[0], -1).any(dim=1)
+        parts.append((0, alive))
+    if flags.ndim >= 3:
+        alive = flags.reshape(flags.shape[0] * flags.shape[1], -1).any(dim=1)
+        parts.append((2, alive))
+    result = torch.tensor(counts, dtype=torch.int64, device=flags.device)
+    for slot, alive in parts:
+        result[slot] = alive.numel() - _sum_flags(alive)
+        result[slot + 1] = alive.numel()
+    return result
 
 
 def reduce_counts(
@@ -62,14 +112,16 @@ def reduce_counts(
     zero_tolerance: float = 0.0,
     group: comm.ProcessGroup = None,
     sync: bool = True,
+    structure: bool = False,
     extra: Sequence[torch.Tensor] = (),
 ) -> tuple[SparsityReport, list[int]]:
     """Count ``targets`` and sum the counts over ``group`` with one collective.
 
-    ``extra`` are 0-d integer tensors (flags such as "this rank saw a non-finite loss")
-    that ride along in the same buffer and come back summed over ranks, so a check that
-    every rank must agree on costs no extra collective. With ``sync=False`` nothing is
-    communicated and every tensor is counted locally.
+    ``structure=True`` also counts all-zero rows and kernels (node and kernel sparsity) in
+    the same pass and the same buffer. ``extra`` are 0-d integer tensors (flags such as
+    "this rank saw a non-finite loss") that ride along in the same buffer and come back
+    summed over ranks, so a check that every rank must agree on costs no extra collective.
+    With ``sync=False`` nothing is communicated and every tensor is counted locally.
     """
     if not targets:
         raise ValueError("no tensors to measure: the parameter set is empty")
@@ -78,11 +130,14 @@ def reduce_counts(
     world = comm.get_world_size(group) if distributed else 1
     views = local_views(targets, rank, world)
     device = targets[0].values.device
-    buffer = _count_buffer(views, zero_tolerance, device, extra)
+    buffer = _count_buffer(views, zero_tolerance, device, structure, extra)
     if distributed:
         buffer = comm.all_reduce_sum(buffer, group)
     numbers = buffer.tolist()  # the one host synchronisation
     n = len(targets)
+    structured = [0, 0, 0, 0]
+    if structure:
+        structured = [sum(numbers[2 * n + slot :: 4][:n]) for slot in range(4)]
     per_parameter = {}
     for index, (target, view) in enumerate(zip(targets, views, strict=True)):
         nonzero, total = numbers[index], numbers[n + index]
@@ -93,9 +148,15 @@ def reduce_counts(
             )
         per_parameter[target.name] = (nonzero, total)
     report = SparsityReport(
-        nonzero=sum(numbers[:n]), total=sum(numbers[n : 2 * n]), per_parameter=per_parameter
+        nonzero=sum(numbers[:n]),
+        total=sum(numbers[n : 2 * n]),
+        per_parameter=per_parameter,
+        zero_rows=structured[0],
+        rows=structured[1],
+        zero_kernels=structured[2],
+        kernels=structured[3],
     )
-    return report, numbers[2 * n :]
+    return report, numbers[2 * n + (4 * n if structure else 0) :]
 
 
 def measure_sparsity(
@@ -123,20 +184,29 @@ def _count_buffer(
     views: Sequence[LocalView],
     zero_tolerance: float,
     device: torch.device,
+    structure: bool,
     extra: Sequence[torch.Tensor],
 ) -> torch.Tensor:
-    """``[nonzero_0..n-1, total_0..n-1, extra...]`` as one int64 tensor on ``device``."""
+    """``[nonzero_0..n-1, total_0..n-1, (4 structure counts per view), extra...]`` as one
+    int64 tensor on ``device``."""
     n = len(views)
     owned = [i for i, view in enumerate(views) if view.values is not None]
     nonzero = torch.zeros(n, dtype=torch.int64, device=device)
+    shapes = torch.zeros(n, 4, dtype=torch.int64, device=device)
     if owned:
-        counts = [
-            count_nonzero(views[i].values, views[i].mask, zero_tolerance).to(device)  # type: ignore[arg-type]
-            for i in owned
-        ]
+        counts, structures = [], []
+        for i in owned:
+            flags = nonzero_flags(views[i].values, views[i].mask, zero_tolerance)  # type: ignore[arg-type]
+            counts.append(_sum_flags(flags).to(device))
+            if structure:
+                structures.append(structure_counts(flags).to(device))
         nonzero[owned] = torch.stack(counts)
+        if structure:
+            shapes[owned] = torch.stack(structures)
     totals = torch.tensor([view.numel for view in views], dtype=torch.int64).to(device)
     parts = [nonzero, totals]
+    if structure:
+        parts.append(shapes.flatten())
     if extra:
         parts.append(torch.stack([e.to(device=device, dtype=torch.int64) for e in extra]))
     return torch.cat(parts)

@@ -49,6 +49,7 @@ class BregmanPruner(Callback):
         max_lambda: float = 100.0,
         lambda_rule: LambdaRule = "additive",
         mode: Mode = "prox",
+        regularizer: str = "l1",
         zero_tolerance: float = 0.0,
     ) -> None:
         self.config = BregmanConfig(
@@ -60,6 +61,7 @@ class BregmanPruner(Callback):
             max_lambda=max_lambda,
             lambda_rule=lambda_rule,
             mode=mode,
+            regularizer=regularizer,
             zero_tolerance=zero_tolerance,
             verbose=verbose,
         )
@@ -67,6 +69,7 @@ class BregmanPruner(Callback):
             None if parameters_to_prune is None else validate_pairs(parameters_to_prune)
         )
         self.controller: SparsityController | None = None
+        self._model: torch.nn.Module | None = None
         self._pending_state: dict[str, Any] | None = None
 
     # ------------------------------------------------------------------ public surface
@@ -91,9 +94,11 @@ class BregmanPruner(Callback):
     # ------------------------------------------------------------------ Lightning hooks
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        # Resolve the targets afresh for this model (it may be a new one, or pruned since
-        # the last fit); lambda and the step of the last update carry over.
-        if self.controller is not None:
+        # A new fit resolves the targets afresh (the model may be new, or pruned since the
+        # last fit); lambda and the step of the last update carry over. validate/test keep
+        # the controller (and what attach learned) unless the model changed.
+        stale = self.controller is not None and self._model is not pl_module
+        if self.controller is not None and (stage == "fit" or stale):
             self._pending_state = self.controller.state_dict()
             self.controller = None
         self._controller(pl_module)
@@ -123,6 +128,11 @@ class BregmanPruner(Callback):
         pl_module.log("bregman/lambda", controller.lambda_, prog_bar=True, batch_size=1)
         if controller.sparsity is not None:
             pl_module.log("bregman/sparsity", controller.sparsity, prog_bar=True, batch_size=1)
+        report = controller.last_report
+        if report is not None and report.node_sparsity is not None:
+            pl_module.log("bregman/node_sparsity", report.node_sparsity, batch_size=1)
+        if report is not None and report.kernel_sparsity is not None:
+            pl_module.log("bregman/kernel_sparsity", report.kernel_sparsity, batch_size=1)
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -146,6 +156,7 @@ class BregmanPruner(Callback):
     def _controller(self, pl_module: torch.nn.Module) -> SparsityController:
         if self.controller is None:
             self.controller = SparsityController(pl_module, self.config, self.parameters_to_prune)
+            self._model = pl_module
             if self._pending_state is not None:
                 self.controller.load_state_dict(self._pending_state)
                 self._pending_state = None

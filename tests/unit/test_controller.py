@@ -12,6 +12,7 @@ from torch.nn import functional as F
 from torch.nn.utils import prune
 
 from dist_bregman import BregmanConfig, SparsityController
+from dist_bregman.optim import LinBreg
 
 
 def _model(seed: int = 0) -> nn.Sequential:
@@ -144,8 +145,9 @@ def test_attach_rejects_trainable_targets_no_optimizer_holds_and_skips_frozen() 
     with pytest.raises(ValueError, match=r"\['2.weight'\] are trainable but no optimizer holds"):
         controller.attach(torch.optim.SGD([model[0].weight], lr=0.1))
     model[2].weight.requires_grad_(False)
-    controller.attach(torch.optim.SGD([model[0].weight], lr=0.1))
-    assert list(controller.regularized_names()) == ["0.weight"]
+    reachable = SparsityController(model, BregmanConfig(target_sparsity=0.6))
+    reachable.attach(torch.optim.SGD([model[0].weight], lr=0.1))
+    assert list(reachable.regularized_names()) == ["0.weight"]
 
 
 def test_detach_removes_the_hook() -> None:
@@ -228,3 +230,62 @@ def test_attach_warns_when_shrinkage_alone_zeroes_most_weights_before_lambda_can
         SparsityController(model).attach(optimizer)  # the seed's defaults: lambda 1.0
     assert "lambda=1: before the first lambda update (update_frequency=100 steps)" in caplog.text
     assert "would zero 100.0% of the regularized weights" in caplog.text
+
+
+def test_unreachable_target_is_refused_at_attach_with_the_bound() -> None:
+    model = _model()  # 96 + 48 weights
+    model[2].weight.requires_grad_(False)
+    with torch.no_grad():
+        model[2].weight[:1] = 0.0  # 16 natural zeros in the frozen layer
+    controller = SparsityController(model, BregmanConfig(target_sparsity=0.8))
+    with pytest.raises(
+        ValueError, match=r"target_sparsity=0.8 is unreachable: 2.weight \(33.3% of"
+    ):
+        controller.attach(torch.optim.SGD([model[0].weight], lr=0.1))
+    bound = (96 + 16) / 144
+    with pytest.raises(ValueError, match=f"allowed: target_sparsity <= {bound:.6f}"):
+        controller.attach(torch.optim.SGD([model[0].weight], lr=0.1))
+    SparsityController(model, BregmanConfig(target_sparsity=bound - 1e-9)).attach(
+        torch.optim.SGD([model[0].weight], lr=0.1)
+    )
+
+
+def test_a_bregman_optimizer_is_driven_not_hooked() -> None:
+    model = _model()
+    optimizer = LinBreg(model.parameters(), lr=0.1, lambda_=0.5)
+    config = BregmanConfig(initial_lambda=0.02, lambda_update_rate=0.1, update_frequency=2)
+    controller = SparsityController(model, config)
+    controller.attach(optimizer)
+    assert [g["lambda"] for g in optimizer.param_groups] == [0.02, 0.5]  # reg=None group untouched
+    assert len(optimizer._optimizer_step_post_hooks) == 0  # no proximal hook on top
+    assert sorted(controller.regularized_names()) == ["0.weight", "2.weight"]
+    for step, (x, y) in enumerate(_batches(4), start=1):
+        F.cross_entropy(model(x), y).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        decision = controller.update_if_due(step)
+        if decision is not None:
+            assert optimizer.param_groups[0]["lambda"] == decision.new == controller.lambda_
+    assert controller.lambda_ > 0.02
+    with pytest.raises(ValueError, match="mode='loss' with LinBreg"):
+        SparsityController(model, BregmanConfig(mode="loss")).attach(optimizer)
+
+
+def test_group_regularizer_counts_and_logs_node_sparsity(caplog: pytest.LogCaptureFixture) -> None:
+    model = _model()
+    config = BregmanConfig(
+        initial_lambda=2.0, regularizer="group_l1", update_frequency=1, verbose=1
+    )
+    controller = SparsityController(model, config)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    controller.attach(optimizer)
+    optimizer.step()  # group prox: threshold 0.2*sqrt(6) on rows of the first layer
+    with caplog.at_level(logging.INFO, logger="dist_bregman"):
+        report = controller.update(1)
+    report = controller.last_report
+    dead = int((model[0].weight.abs().sum(dim=1) == 0).sum()) + int(
+        (model[2].weight.abs().sum(dim=1) == 0).sum()
+    )
+    assert dead > 0 and report.zero_rows == dead and report.rows == 16 + 3
+    assert report.node_sparsity == dead / 19 and report.kernel_sparsity is None
+    assert f"Node sparsity {100 * dead / 19:.3f}% ({dead}/19 rows)" in caplog.text

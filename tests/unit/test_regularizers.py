@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
-from dist_bregman.regularizers import L1
+from dist_bregman.regularizers import L1, GroupL1, Regularizer, resolve
 
 
 def test_prox_is_soft_thresholding_with_exact_zeros() -> None:
@@ -36,3 +37,70 @@ def test_value_and_subgradient() -> None:
     value.backward()
     assert torch.equal(x.grad, reg.subgradient(x.detach()))
     assert torch.equal(reg.subgradient(x.detach()), torch.tensor([-1.0, 0.0, 1.0]))
+
+
+def test_group_prox_rows_against_the_block_soft_threshold_formula() -> None:
+    torch.manual_seed(1)
+    x = torch.randn(7, 9, dtype=torch.float64)
+    x[2] = 0.0
+    t = 0.3
+    expected = torch.zeros_like(x)
+    for i, row in enumerate(x):
+        norm = row.norm().item()
+        if norm > t * 3.0:  # sqrt(9) = 3
+            expected[i] = (1 - t * 3.0 / norm) * row
+    out = x.clone()
+    GroupL1("rows").prox_(out, t)
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-15)
+    assert int((out.abs().sum(dim=1) == 0).sum()) == int((x.norm(dim=1) <= 0.9).sum())
+
+
+def test_group_prox_is_the_minimiser_of_its_problem() -> None:
+    # Optimality: z = prox(x) iff x - z in t*dJ(z); for a nonzero group x_g - z_g =
+    # t*sqrt(n)*z_g/||z_g||, for a zero group ||x_g|| <= t*sqrt(n).
+    torch.manual_seed(2)
+    x = torch.randn(6, 4, 3, 3, dtype=torch.float64)
+    t = 1.0  # t*sqrt(n) is about the typical group norm: some groups die, some live
+    for by, n in (("rows", 36), ("kernels", 9)):
+        reg = GroupL1(by)
+        z = x.clone()
+        reg.prox_(z, t)
+        zg, xg = reg.groups(z), reg.groups(x)
+        alive = zg.norm(dim=1) > 0
+        residual = xg[alive] - zg[alive]
+        torch.testing.assert_close(
+            residual, t * n**0.5 * zg[alive] / zg[alive].norm(dim=1, keepdim=True)
+        )
+        assert bool((xg[~alive].norm(dim=1) <= t * n**0.5 + 1e-12).all())
+        assert 0 < int(alive.sum()) < len(alive)
+
+
+def test_group_value_subgradient_and_kernels_need_convolutions() -> None:
+    x = torch.tensor([[3.0, 4.0], [0.0, 0.0]], requires_grad=True)
+    reg = GroupL1()
+    value = reg.value(x)
+    assert value.item() == pytest.approx(2**0.5 * 5.0)
+    torch.testing.assert_close(
+        reg.subgradient(x.detach()), 2**0.5 * torch.tensor([[0.6, 0.8], [0.0, 0.0]])
+    )
+    with pytest.raises(ValueError, match="group_l1_kernels needs a ConvNd weight"):
+        GroupL1("kernels").value(torch.ones(3, 3))
+
+
+@pytest.mark.parametrize("reg", [L1(), GroupL1("rows")])
+def test_bregman_distance_is_nonnegative_and_zero_on_the_same_face(reg: Regularizer) -> None:
+    torch.manual_seed(3)
+    for _ in range(20):
+        u, v = torch.randn(5, 4, dtype=torch.float64), torch.randn(5, 4, dtype=torch.float64)
+        assert reg.bregman_distance(u, v).item() >= -1e-12
+    v = torch.randn(5, 4, dtype=torch.float64)
+    assert abs(reg.bregman_distance(2.5 * v, v).item()) < 1e-12  # same signs / directions
+
+
+def test_resolve_specs() -> None:
+    assert isinstance(resolve("l1"), L1) and resolve(None) is None
+    assert resolve("group_l1_kernels").spec == "group_l1_kernels"
+    mine = GroupL1()
+    assert resolve(mine) is mine
+    with pytest.raises(ValueError, match=r"reg='l2'"):
+        resolve("l2")

@@ -1,0 +1,341 @@
+"""LinBreg, AdaBreg and ProxSGD: Bregman iterations as PyTorch optimizers. Pure torch.
+
+From Bungert, Roith, Tenbrinck and Burger, "A Bregman Learning Framework for Sparse Neural
+Networks", JMLR 23 (2022). With ``J = lambda * J1`` (J1 from :mod:`.regularizers`):
+
+* LinBreg: ``v <- v - lr*g`` (momentum: ``m <- b*m + (1-b)*lr*g; v <- v - m``), then
+  ``theta = prox_{delta*J}(delta*v) = delta * prox_{lambda*J1}(v)``.
+* AdaBreg: the same with bias-corrected Adam moments driving ``v``.
+* ProxSGD: ``theta <- prox_{lr*J}(theta - lr*g)``.
+
+``v`` starts at ``theta0/delta + dJ(theta0)``, so training starts exactly at ``theta0``. A
+weight is nonzero only while its accumulated gradient evidence ``|v|`` exceeds lambda:
+starting sparse, the network grows the weights it needs (inverse scale space).
+
+Param-group keys: ``reg`` (``"l1"``, ``"group_l1"``, ``"group_l1_kernels"``, ``None`` or a
+Regularizer), ``lambda``, ``delta``; the constructor keywords give the defaults. A group
+given without ``reg`` is split: tensors with ``ndim >= 2`` (weights) get the default, the
+rest (biases, norm scales) get ``None``. Parameters are written in place (``copy_``); ``v``
+and the moments are fp32 for bf16/fp16 parameters. Each rank updates its local elements
+only, so the optimizers run unchanged on replicas and (elementwise J) on shards.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from typing import Any, overload
+
+import torch
+from torch.optim import Optimizer
+
+from dist_bregman.config import check_number
+from dist_bregman.regularizers import Regularizer, resolve
+
+Params = Iterable[torch.Tensor] | Iterable[dict[str, Any]]
+
+
+class BregmanOptimizer(Optimizer):
+    """An optimizer whose regularization strength ``lambda`` can be driven from outside.
+
+    :class:`~dist_bregman.BregmanPruner` writes its rank-0-decided lambda through
+    :meth:`set_lambda` into every group whose ``reg`` is not None.
+    """
+
+    def __init__(self, params: Params, defaults: dict[str, Any]) -> None:
+        _check_settings(defaults, "")
+        super().__init__(params, defaults)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if "reg" in param_group:
+            _check_settings(param_group, "param group ")
+            super().add_param_group(param_group)
+            return
+        params = param_group["params"]
+        params = [params] if isinstance(params, torch.Tensor) else list(params)
+        weights = [p for p in params if p.ndim >= 2]
+        others = [p for p in params if p.ndim < 2]
+        for chosen, reg in ((weights, self.defaults["reg"]), (others, None)):
+            if chosen:
+                group = {**param_group, "params": chosen, "reg": reg}
+                _check_settings(group, "param group ")
+                super().add_param_group(group)
+
+    @overload
+    def step(self, closure: None = None) -> None: ...
+
+    @overload
+    def step(self, closure: Callable[[], float]) -> float: ...
+
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        """One update of every parameter that has a gradient; ``closure`` re-evaluates the
+        loss (with gradients enabled) first and its value is returned."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        with torch.no_grad():
+            for group in self.param_groups:
+                params = [p for p in group["params"] if p.grad is not None]
+                if params:
+                    self._update(group, params)
+        return loss
+
+    def _update(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
+        raise NotImplementedError
+
+    def regularized_params(self) -> list[torch.Tensor]:
+        """Parameters in groups whose ``reg`` is not None."""
+        return [p for g in self.param_groups if g["reg"] is not None for p in g["params"]]
+
+    def set_lambda(self, value: float) -> None:
+        """Set ``lambda`` of every regularized group (subclasses keep their state consistent)."""
+        check_number("lambda", value, low=0.0)
+        for group in self.param_groups:
+            if group["reg"] is not None:
+                group["lambda"] = float(value)
+
+
+class _DualBregman(BregmanOptimizer):
+    """LinBreg and AdaBreg: the dual variable ``v`` and the primal map ``theta(v)``."""
+
+    def _dual(self, p: torch.Tensor, group: dict[str, Any]) -> torch.Tensor:
+        state = self.state[p]
+        if "v" not in state:
+            theta = p.detach().to(_state_dtype(p))
+            v = theta / group["delta"]
+            reg = resolve(group["reg"])
+            if reg is not None and group["lambda"] > 0:
+                v.add_(reg.subgradient(theta), alpha=group["lambda"])
+            state["v"] = v
+        return state["v"]
+
+    def _write_primal(
+        self,
+        params: list[torch.Tensor],
+        duals: list[torch.Tensor],
+        group: dict[str, Any],
+        foreach: bool,
+    ) -> None:
+        """``theta = prox_{delta*lambda*J1}(delta * v)``, written into the parameters."""
+        reg: Regularizer | None = resolve(group["reg"])
+        delta, lam = group["delta"], group["lambda"]
+        if foreach:
+            primal = torch._foreach_mul(duals, delta)
+            if reg is not None and lam > 0:
+                reg.prox_all_(primal, delta * lam)
+            torch._foreach_copy_(params, primal)
+            return
+        for p, v in zip(params, duals, strict=True):
+            primal = v * delta
+            if reg is not None and lam > 0:
+                reg.prox_(primal, delta * lam)
+            p.copy_(primal)
+
+    def set_lambda(self, value: float) -> None:
+        """Change lambda without moving theta: restart the iteration from the current theta.
+
+        ``v`` becomes ``theta/delta + new * dJ1(theta)`` (minimal subgradient), the rule
+        that also starts training: active weights keep their value and sign, inactive
+        weights start accumulating evidence afresh against the new threshold.
+
+        The alternative that keeps each inactive weight's progress (rescaling the
+        subgradient by new/old) was measured on digits with the pruner's integral rule:
+        while sparsity sat above target, lambda kept falling, every inactive weight kept its
+        progress, and they crossed the threshold together, overshooting 90% to 85-86% with
+        lambda pinned at its maximum. With the restart the same runs ended at 89.7-90.0%.
+        """
+        check_number("lambda", value, low=0.0)
+        for group in self.param_groups:
+            reg = resolve(group["reg"])
+            if reg is None or value == group["lambda"]:
+                continue
+            old, group["lambda"] = group["lambda"], float(value)
+            for p in group["params"]:
+                state = self.state.get(p)
+                if not state or "v" not in state:
+                    continue  # initialised at its first step, from the new lambda
+                v = state["v"]
+                if old > 0:
+                    reg.prox_(v, old)  # v is now theta / delta
+                v.add_(reg.subgradient(v), alpha=value)
+
+
+class LinBreg(_DualBregman):
+    """Linearized Bregman iterations, optionally with momentum on ``v``."""
+
+    def __init__(
+        self,
+        params: Params,
+        lr: float = 1e-3,
+        *,
+        reg: object = "l1",
+        lambda_: float = 1e-3,
+        delta: float = 1.0,
+        momentum: float = 0.0,
+        foreach: bool | None = None,
+    ) -> None:
+        defaults = {
+            "lr": lr,
+            "reg": reg,
+            "lambda": lambda_,
+            "delta": delta,
+            "momentum": momentum,
+            "foreach": foreach,
+        }
+        super().__init__(params, defaults)
+
+    def _update(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
+        foreach = _use_foreach(group["foreach"], params)
+        duals = [self._dual(p, group) for p in params]
+        grads = [_grad(p).to(v.dtype) for p, v in zip(params, duals, strict=True)]
+        lr, beta = group["lr"], group["momentum"]
+        if beta > 0:
+            bufs = [
+                self.state[p].setdefault("momentum", torch.zeros_like(v))
+                for p, v in zip(params, duals, strict=True)
+            ]
+            _scale_add_(bufs, beta, grads, (1 - beta) * lr, foreach)
+            _scale_add_(duals, 1.0, bufs, -1.0, foreach)
+        else:
+            _scale_add_(duals, 1.0, grads, -lr, foreach)
+        self._write_primal(params, duals, group, foreach)
+
+
+class AdaBreg(_DualBregman):
+    """Bregman iterations driven by bias-corrected Adam moments (AdaBreg)."""
+
+    def __init__(
+        self,
+        params: Params,
+        lr: float = 1e-3,
+        *,
+        reg: object = "l1",
+        lambda_: float = 1e-3,
+        delta: float = 1.0,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        foreach: bool | None = None,
+    ) -> None:
+        for index, beta in enumerate(betas):
+            if not 0.0 <= beta < 1.0:
+                raise ValueError(f"betas[{index}]={beta!r}: expected a number in [0, 1)")
+        check_number("eps", eps, low=0.0)
+        defaults = {
+            "lr": lr,
+            "reg": reg,
+            "lambda": lambda_,
+            "delta": delta,
+            "betas": betas,
+            "eps": eps,
+            "foreach": foreach,
+        }
+        super().__init__(params, defaults)
+
+    def _update(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
+        foreach = _use_foreach(group["foreach"], params)
+        (beta1, beta2), eps, lr = group["betas"], group["eps"], group["lr"]
+        for p in params:
+            v = self._dual(p, group)
+            state = self.state[p]
+            if "exp_avg" not in state:
+                state["step"] = 0
+                state["exp_avg"] = torch.zeros_like(v)
+                state["exp_avg_sq"] = torch.zeros_like(v)
+            state["step"] += 1
+            grad = _grad(p).to(v.dtype)
+            m, s = state["exp_avg"], state["exp_avg_sq"]
+            m.mul_(beta1).add_(grad, alpha=1 - beta1)
+            s.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+            correction1 = 1 - beta1 ** state["step"]
+            correction2 = 1 - beta2 ** state["step"]
+            denominator = (s.sqrt() / math.sqrt(correction2)).add_(eps)
+            v.addcdiv_(m, denominator, value=-lr / correction1)
+        self._write_primal(params, [self.state[p]["v"] for p in params], group, foreach)
+
+
+class ProxSGD(BregmanOptimizer):
+    """Proximal SGD: ``theta <- prox_{lr*lambda*J1}(theta - lr*d)``, ``d`` the gradient or
+    its heavy-ball average (``momentum``, as in ``torch.optim.SGD``)."""
+
+    def __init__(
+        self,
+        params: Params,
+        lr: float = 1e-3,
+        *,
+        reg: object = "l1",
+        lambda_: float = 1e-3,
+        momentum: float = 0.0,
+    ) -> None:
+        defaults = {"lr": lr, "reg": reg, "lambda": lambda_, "momentum": momentum}
+        super().__init__(params, defaults)
+
+    def _update(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
+        reg = resolve(group["reg"])
+        lr, beta, lam = group["lr"], group["momentum"], group["lambda"]
+        for p in params:
+            direction = _grad(p)
+            if beta > 0:
+                state = self.state[p]
+                if "momentum" not in state:
+                    state["momentum"] = direction.detach().clone()
+                else:
+                    state["momentum"].mul_(beta).add_(direction)
+                direction = state["momentum"]
+            p.add_(direction, alpha=-lr)
+            if reg is not None and lam > 0:
+                reg.prox_(p, lr * lam)
+
+
+def _check_settings(settings: dict[str, Any], where: str) -> None:
+    """Validate the keys present in ``settings`` (constructor defaults or one param group)."""
+    for key, low in (("lr", 0.0), ("lambda", 0.0), ("eps", 0.0)):
+        if key in settings:
+            name = "lambda_" if key == "lambda" and not where else key
+            check_number(f"{where}{name}", settings[key], low=low)
+    if "delta" in settings:
+        delta = check_number(f"{where}delta", settings["delta"], low=0.0)
+        if delta <= 0.0:
+            raise ValueError(f"{where}delta={delta!r}: expected a number > 0")
+    if "momentum" in settings:
+        momentum = check_number(f"{where}momentum", settings["momentum"], low=0.0)
+        if momentum >= 1.0:
+            raise ValueError(f"{where}momentum={momentum!r}: expected a number in [0, 1)")
+    if "reg" in settings:
+        resolve(settings["reg"])
+
+
+def _grad(p: torch.Tensor) -> torch.Tensor:
+    assert p.grad is not None  # _update only receives parameters that have one
+    return p.grad
+
+
+def _state_dtype(p: torch.Tensor) -> torch.dtype:
+    """fp32 state for low-precision parameters; the parameter's own dtype otherwise."""
+    return torch.float32 if p.dtype in (torch.float16, torch.bfloat16) else p.dtype
+
+
+def _use_foreach(requested: bool | None, params: list[torch.Tensor]) -> bool:
+    """Multi-tensor kernels pay off on accelerators; on CPU the loop is as fast."""
+    if requested is not None:
+        return requested
+    return all(p.is_cuda for p in params)
+
+
+def _scale_add_(
+    targets: list[torch.Tensor],
+    scale: float,
+    others: list[torch.Tensor],
+    alpha: float,
+    foreach: bool,
+) -> None:
+    """``t <- scale * t + alpha * o`` for every pair."""
+    if foreach:
+        if scale != 1.0:
+            torch._foreach_mul_(targets, scale)
+        torch._foreach_add_(targets, others, alpha=alpha)
+        return
+    for target, other in zip(targets, others, strict=True):
+        if scale != 1.0:
+            target.mul_(scale)
+        target.add_(other, alpha=alpha)

@@ -1,0 +1,280 @@
+"""LinBreg, AdaBreg, ProxSGD against closed forms and their own definitions."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from dist_bregman.init import sparse_init_
+from dist_bregman.optim import AdaBreg, LinBreg, ProxSGD
+from dist_bregman.regularizers import L1, GroupL1
+
+
+def _model(seed: int = 0, dtype: torch.dtype = torch.float32) -> nn.Sequential:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(5, 12), nn.ReLU(), nn.Linear(12, 3)).to(dtype)
+
+
+def _grads(model: nn.Module, step: int) -> None:
+    generator = torch.Generator().manual_seed(step)
+    x = torch.randn(16, 5, generator=generator).to(next(model.parameters()).dtype)
+    y = torch.randint(0, 3, (16,), generator=generator)
+    model.zero_grad()
+    F.cross_entropy(model(x).float(), y).backward()
+
+
+def _run(model: nn.Module, optimizer: torch.optim.Optimizer, steps: int, start: int = 0) -> None:
+    for step in range(start, start + steps):
+        _grads(model, step)
+        optimizer.step()
+
+
+def _soft(x: torch.Tensor, t: float) -> torch.Tensor:
+    return torch.sign(x) * torch.clamp(x.abs() - t, min=0)
+
+
+@pytest.mark.parametrize("delta", [1.0, 0.5, 0.3])
+def test_linbreg_without_regularizer_is_sgd_with_lr_times_delta(delta: float) -> None:
+    a, b = _model(), _model()
+    _run(a, LinBreg([{"params": a.parameters(), "reg": None}], lr=0.1, delta=delta), 5)
+    _run(b, torch.optim.SGD(b.parameters(), lr=0.1 * delta), 5)
+    for pa, pb in zip(a.parameters(), b.parameters(), strict=True):
+        if delta in (1.0, 0.5):  # exact in binary floating point
+            assert torch.equal(pa, pb)
+        else:
+            torch.testing.assert_close(pa, pb, rtol=1e-6, atol=1e-7)
+
+
+def test_linbreg_momentum_and_l1_follow_the_definition_step_by_step() -> None:
+    model, reference = _model(), _model()
+    lr, lam, delta, beta = 0.2, 0.05, 0.7, 0.8
+    optimizer = LinBreg(model.parameters(), lr=lr, lambda_=lam, delta=delta, momentum=beta)
+    ref = {n: p.detach().clone() for n, p in reference.named_parameters()}
+    v = {n: t / delta + (lam * t.sign() if t.ndim >= 2 else 0) for n, t in ref.items()}
+    m = {n: torch.zeros_like(t) for n, t in ref.items()}
+    for step in range(4):
+        _grads(reference, step)
+        for n, p in reference.named_parameters():
+            m[n] = beta * m[n] + (1 - beta) * lr * p.grad
+            v[n] = v[n] - m[n]
+            theta = delta * (_soft(v[n], lam) if p.ndim >= 2 else v[n])
+            with torch.no_grad():
+                p.copy_(theta)
+    _run(model, optimizer, 4)
+    for (name, p), (_, q) in zip(
+        model.named_parameters(), reference.named_parameters(), strict=True
+    ):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7, msg=name)
+        torch.testing.assert_close(optimizer.state[p]["v"], v[name], rtol=1e-6, atol=1e-7)
+    assert optimizer.param_groups[1]["reg"] is None and optimizer.param_groups[0]["reg"] == "l1"
+
+
+def test_from_a_sparse_start_a_weight_is_nonzero_exactly_when_its_evidence_exceeds_lambda() -> None:
+    model = _model()
+    sparse_init_(model, 0.1, generator=torch.Generator().manual_seed(0))
+    start = int((model[0].weight != 0).sum()) + int((model[2].weight != 0).sum())
+    optimizer = LinBreg(model.parameters(), lr=0.5, lambda_=0.2)
+    counts = []
+    for step in range(30):
+        _run(model, optimizer, 1, start=step)
+        counts.append(int((model[0].weight != 0).sum()) + int((model[2].weight != 0).sum()))
+    for weight in (model[0].weight, model[2].weight):
+        v = optimizer.state[weight]["v"]
+        assert torch.equal(weight != 0, v.abs() > 0.2)  # the support is {|v| > lambda}
+    assert start < counts[-1] < weight.numel() + model[0].weight.numel()  # grows, stays sparse
+
+
+def test_linbreg_starts_exactly_at_the_initial_weights() -> None:
+    model = _model()
+    before = [p.detach().clone() for p in model.parameters()]
+    optimizer = LinBreg(model.parameters(), lr=0.0, lambda_=0.3, delta=1.0)
+    _run(model, optimizer, 1)
+    for p, q in zip(model.parameters(), before, strict=True):
+        # prox(theta + 0.3*sign(theta), 0.3) = theta up to the rounding of (|t| + 0.3) - 0.3
+        torch.testing.assert_close(p, q, rtol=0, atol=torch.finfo(torch.float32).eps * 0.3)
+
+
+def test_adabreg_without_regularizer_and_delta_1_is_adam() -> None:
+    a, b = _model(), _model()
+    _run(a, AdaBreg([{"params": a.parameters(), "reg": None}], lr=0.01), 6)
+    _run(b, torch.optim.Adam(b.parameters(), lr=0.01), 6)
+    for pa, pb in zip(a.parameters(), b.parameters(), strict=True):
+        torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-7)
+
+
+def test_adabreg_is_adam_on_v_then_the_primal_map() -> None:
+    model, reference = _model(), _model()
+    lr, lam, delta, (b1, b2), eps = 0.01, 0.02, 2.0, (0.9, 0.99), 1e-8
+    optimizer = AdaBreg(
+        model.parameters(), lr=lr, lambda_=lam, delta=delta, betas=(b1, b2), eps=eps
+    )
+    ref = {n: p.detach().clone() for n, p in reference.named_parameters()}
+    v = {n: t / delta + (lam * t.sign() if t.ndim >= 2 else 0) for n, t in ref.items()}
+    m = {n: torch.zeros_like(t) for n, t in ref.items()}
+    s = {n: torch.zeros_like(t) for n, t in ref.items()}
+    for step in range(1, 5):
+        _grads(reference, step - 1)
+        for n, p in reference.named_parameters():
+            m[n] = b1 * m[n] + (1 - b1) * p.grad
+            s[n] = b2 * s[n] + (1 - b2) * p.grad**2
+            m_hat, s_hat = m[n] / (1 - b1**step), s[n] / (1 - b2**step)
+            v[n] = v[n] - lr * m_hat / (s_hat.sqrt() + eps)
+            with torch.no_grad():
+                p.copy_(delta * (_soft(v[n], lam) if p.ndim >= 2 else v[n]))
+    _run(model, optimizer, 4)
+    for p, q in zip(model.parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+def test_proxsgd_is_a_gradient_step_then_soft_thresholding() -> None:
+    model = _model()
+    optimizer = ProxSGD(model.parameters(), lr=0.1, lambda_=0.5)
+    _grads(model, 0)
+    expected = [
+        _soft(p - 0.1 * p.grad, 0.05) if p.ndim >= 2 else p - 0.1 * p.grad
+        for p in model.parameters()
+    ]
+    optimizer.step()
+    for p, q in zip(model.parameters(), expected, strict=True):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-7)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda ps: LinBreg(ps, lr=0.1, lambda_=0.02, momentum=0.9),
+        lambda ps: AdaBreg(ps, lr=0.01, lambda_=0.02),
+    ],
+)
+def test_foreach_path_equals_the_loop(make) -> None:
+    a, b = _model(), _model()
+    opt_a, opt_b = make(a.parameters()), make(b.parameters())
+    for group in opt_a.param_groups:
+        group["foreach"] = True
+    for group in opt_b.param_groups:
+        group["foreach"] = False
+    _run(a, opt_a, 5)
+    _run(b, opt_b, 5)
+    for pa, pb in zip(a.parameters(), b.parameters(), strict=True):
+        torch.testing.assert_close(pa, pb, rtol=1e-6, atol=1e-7)
+
+
+def test_bf16_parameters_keep_fp32_state_and_are_written_in_place() -> None:
+    model = _model(dtype=torch.bfloat16)
+    addresses = [p.data_ptr() for p in model.parameters()]
+    optimizer = AdaBreg(model.parameters(), lr=0.01, lambda_=0.01)
+    _run(model, optimizer, 3)
+    assert [p.data_ptr() for p in model.parameters()] == addresses
+    for p in model.parameters():
+        assert p.dtype == torch.bfloat16
+        assert {t.dtype for k, t in optimizer.state[p].items() if k != "step"} == {torch.float32}
+
+
+def test_closure_is_called_and_its_loss_returned() -> None:
+    model = _model()
+    optimizer = LinBreg(model.parameters(), lr=0.1)
+    calls = []
+
+    def closure() -> float:
+        calls.append(1)
+        _grads(model, 0)
+        return 1.5
+
+    assert optimizer.step(closure) == 1.5 and calls == [1]
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda ps: LinBreg(ps, lr=0.1, lambda_=0.02, momentum=0.9),
+        lambda ps: AdaBreg(ps, lr=0.01, lambda_=0.02),
+        lambda ps: ProxSGD(ps, lr=0.1, lambda_=0.02, momentum=0.9),
+    ],
+)
+def test_state_dict_round_trip_continues_bit_identically(make, tmp_path) -> None:
+    model = _model()
+    optimizer = make(model.parameters())
+    _run(model, optimizer, 3)
+    torch.save({"model": model.state_dict(), "opt": optimizer.state_dict()}, tmp_path / "c.pt")
+    _run(model, optimizer, 3, start=3)
+
+    saved = torch.load(tmp_path / "c.pt", weights_only=True)
+    fresh = _model(seed=99)
+    fresh.load_state_dict(saved["model"])
+    fresh_optimizer = make(fresh.parameters())
+    fresh_optimizer.load_state_dict(saved["opt"])
+    _run(fresh, fresh_optimizer, 3, start=3)
+    for p, q in zip(model.parameters(), fresh.parameters(), strict=True):
+        assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("reg", ["l1", "group_l1"])
+@pytest.mark.parametrize("old", [0.05, 0.0])
+def test_set_lambda_restarts_from_the_current_theta(reg: str, old: float) -> None:
+    model = _model()
+    optimizer = LinBreg(model.parameters(), lr=0.5, lambda_=old, reg=reg)
+    _run(model, optimizer, 6)
+    before = [p.detach().clone() for p in model.parameters()]
+    optimizer.set_lambda(0.12)
+    assert (
+        optimizer.param_groups[0]["lambda"] == 0.12 and optimizer.param_groups[1]["lambda"] == old
+    )
+    # v is theta/delta + 0.12 * dJ1(theta): the initialisation rule, at the current theta.
+    regularizer = GroupL1() if reg == "group_l1" else L1()
+    for weight in (model[0].weight, model[2].weight):
+        expected = weight.detach() + 0.12 * regularizer.subgradient(weight.detach())
+        torch.testing.assert_close(optimizer.state[weight]["v"], expected, rtol=0, atol=1e-6)
+    # theta recomputed from the new v and the new lambda (an lr=0 step) has not moved.
+    for group in optimizer.param_groups:
+        group["lr"] = 0.0
+    _run(model, optimizer, 1)
+    for p, q in zip(model.parameters(), before, strict=True):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-6)
+
+
+def test_weights_get_the_default_regularizer_and_vectors_none() -> None:
+    model = _model()
+    optimizer = LinBreg(model.parameters(), reg="group_l1", lambda_=0.1)
+    assert [(g["reg"], len(g["params"])) for g in optimizer.param_groups] == [
+        ("group_l1", 2),
+        (None, 2),
+    ]
+    explicit = LinBreg([{"params": [model[0].bias], "reg": "l1"}])
+    assert explicit.param_groups[0]["reg"] == "l1"
+    assert [len(p) for p in [optimizer.regularized_params()]] == [2]
+
+
+@pytest.mark.parametrize(
+    ("build", "error", "pattern"),
+    [
+        (lambda ps: LinBreg(ps, lr=-1.0), ValueError, r"lr=-1\.0"),
+        (lambda ps: LinBreg(ps, delta=0.0), ValueError, r"delta=0\.0: expected a number > 0"),
+        (lambda ps: LinBreg(ps, momentum=1.0), ValueError, r"momentum=1\.0"),
+        (lambda ps: LinBreg(ps, lambda_=float("nan")), ValueError, r"lambda_=nan"),
+        (lambda ps: LinBreg(ps, reg="l0"), ValueError, r"reg='l0': expected 'l1', 'group_l1'"),
+        (lambda ps: AdaBreg(ps, betas=(0.9, 1.0)), ValueError, r"betas\[1\]=1\.0"),
+        (lambda ps: ProxSGD(ps, lr="fast"), TypeError, r"lr='fast'"),
+    ],
+)
+def test_bad_optimizer_arguments_name_the_setting(build, error: type, pattern: str) -> None:
+    with pytest.raises(error, match=pattern):
+        build(_model().parameters())
+
+
+def test_sparse_init_keeps_rate_scales_variance_and_biases_positive() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(400, 300), nn.ReLU(), nn.Linear(300, 200))
+    dense_std = [model[0].weight.std().item(), model[2].weight.std().item()]
+    sparse_init_(model, 0.2, generator=torch.Generator().manual_seed(1))
+    for layer, std in zip([model[0], model[2]], dense_std, strict=True):
+        kept = (layer.weight != 0).float().mean().item()
+        assert abs(kept - 0.2) < 0.01
+        assert abs(layer.weight.std().item() - std) / std < 0.05  # variance preserved
+        assert bool((layer.bias > 0).all()) and layer.bias.max() <= 1 / layer.weight.shape[1] ** 0.5
+    rows = nn.Linear(50, 400)
+    sparse_init_(nn.Sequential(rows), 0.25, rows=True, generator=torch.Generator().manual_seed(2))
+    alive = (rows.weight != 0).any(dim=1)
+    assert bool(((rows.weight != 0).sum(dim=1)[alive] == 50).all())  # whole rows kept
+    assert abs(alive.float().mean().item() - 0.25) < 0.08
