@@ -9,7 +9,7 @@ from torch.nn.utils import prune
 
 from dist_bregman import SparsityReport, measure_sparsity
 from dist_bregman.shards import balanced_owners
-from dist_bregman.sparsity import count_nonzero
+from dist_bregman.sparsity import count_nonzero, reduce_counts
 from dist_bregman.targets import resolve
 from tests.helpers.models import ConvNet, mixed_state_model, reference_counts, sample_inputs
 
@@ -161,3 +161,19 @@ def test_balanced_owners_cover_every_tensor_once_and_balance_bytes(world: int) -
     loads = [sum(s for s, o in zip(sizes, owners, strict=True) if o == r) for r in range(world)]
     assert max(loads) - min(loads) <= max(sizes)
     assert owners == balanced_owners(sizes, world)  # deterministic
+
+
+def test_structure_counts_rows_and_kernels_in_the_same_buffer() -> None:
+    model = nn.Sequential(nn.Linear(4, 6), nn.Conv2d(2, 3, 3))
+    with torch.no_grad():
+        model[0].weight[1:3] = 0.0  # 2 of 6 neurons
+        model[1].weight[0] = 0.0  # 1 of 3 filters = 2 of 6 kernels
+        model[1].weight[2, 1] = 0.0  # 1 more kernel
+        model[1].weight[1, 0, 0, 0] = 0.0  # a single zero is neither
+    report, extra = reduce_counts(resolve(model), structure=True, extra=[torch.tensor(7)])
+    assert (report.zero_rows, report.rows) == (3, 9)
+    assert (report.zero_kernels, report.kernels) == (3, 6)
+    assert report.node_sparsity == 3 / 9 and report.kernel_sparsity == 0.5
+    assert extra == [7]
+    plain, _ = reduce_counts(resolve(model))
+    assert plain.node_sparsity is None and plain.nonzero == report.nonzero
