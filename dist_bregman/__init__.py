@@ -9,6 +9,7 @@ from dist_bregman.callbacks.bregman import BregmanPruner
 from dist_bregman.config import BregmanConfig
 from dist_bregman.control import LambdaDecision, next_lambda
 from dist_bregman.controller import SparsityController
+from dist_bregman.param_groups import regularized_groups
 from dist_bregman.regularizers import L1, Regularizer
 from dist_bregman.sparsity import SparsityReport, measure_sparsity
 
@@ -22,5 +23,6 @@ __all__ = [
     "SparsityReport",
     "measure_sparsity",
     "next_lambda",
+    "regularized_groups",
 ]
 __version__ = "0.1.0"

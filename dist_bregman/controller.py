@@ -14,7 +14,11 @@ Lightning's :class:`~dist_bregman.BregmanPruner` is a thin adapter over this cla
         controller.update_if_due(step)      # every update_frequency steps:
                                             #   1 all-reduce + 1 broadcast
 
-Every rank must call :meth:`update_if_due` with the same step: it is a collective.
+``model`` is the model as wrapped for training (DDP, FSDP1, FSDP2, a DeepSpeed engine or
+its module): the controller reads each measured tensor's layout from it, see
+:mod:`dist_bregman.shards`. If the model is wrapped after the controller is built, call
+:meth:`bind` with the wrapped model before :meth:`attach`. Every rank must call
+:meth:`attach`, :meth:`measure` and :meth:`update_if_due` alike: they are collectives.
 """
 
 from __future__ import annotations
@@ -24,14 +28,14 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.hooks import RemovableHandle
 
 from dist_bregman import comm, logs
+from dist_bregman.attachment import Attachment
 from dist_bregman.config import BregmanConfig, check_number
 from dist_bregman.control import LambdaDecision, decide
-from dist_bregman.optim import BregmanOptimizer
 from dist_bregman.regularizers import GroupL1, Regularizer
 from dist_bregman.regularizers import resolve as resolve_regularizer
+from dist_bregman.shards import Placement, local_views, place
 from dist_bregman.sparsity import SparsityReport, reduce_counts
 from dist_bregman.targets import ParameterPairs, Target, resolve
 
@@ -64,18 +68,39 @@ class SparsityController:
         self.sparsity: float | None = None
         """The last measured global sparsity (restored from checkpoints), None before any."""
         self._nonfinite_loss: torch.Tensor | None = None
-        self._handles: list[RemovableHandle] = []
-        self._driven: list[BregmanOptimizer] = []
-        self._hooked: set[int] = set()
-        self._regularized: set[int] = set()
-        self.structure = isinstance(self.regularizer, GroupL1)
-        """Count all-zero rows/kernels too (on whenever a group regularizer is in play)."""
+        self.placements: list[Placement] = []
+        self.attachment = Attachment([], self.regularizer, self.config.mode, self._lambda)
+        self.bind(model)
+
+    def bind(self, model: nn.Module) -> None:
+        """Read the measured tensors' layouts from ``model`` as wrapped for training (FSDP1
+        metadata lives on the wrapper). Lightning calls this with ``strategy.model``."""
+        self.detach()
+        self.placements = place(model, self.targets)
+        self.attachment = Attachment(
+            self.placements, self.regularizer, self.config.mode, self._lambda
+        )
+        sharded = [p.target.name for p in self.placements if p.sharded]
+        if self.config.mode == "loss" and sharded:
+            raise ValueError(
+                f"mode='loss' needs every measured tensor whole on each rank (one process, "
+                f"DDP, ZeRO-1/2), but {sharded[:3]} are sharded; allowed: mode='prox', which "
+                f"makes the zeros in the shards the optimizer holds"
+            )
+
+    @property
+    def structure(self) -> bool:
+        """Count all-zero rows/kernels too: on whenever a group regularizer is in play."""
+        return isinstance(self.regularizer, GroupL1) or self.attachment.uses_groups
+
+    def _lambda(self) -> float:
+        return self.lambda_
 
     # ------------------------------------------------------------------ measuring
     def measure(self) -> SparsityReport:
         """Global sparsity of the targets (a collective: every rank must call it)."""
         report, _ = reduce_counts(
-            self.targets,
+            self.placements,
             zero_tolerance=self.config.zero_tolerance,
             group=self.group,
             structure=self.structure,
@@ -115,7 +140,7 @@ class SparsityController:
         flag = self._nonfinite_loss if self._nonfinite_loss is not None else torch.tensor(False)
         self._nonfinite_loss = None
         report, (bad_ranks,) = reduce_counts(
-            self.targets,
+            self.placements,
             zero_tolerance=config.zero_tolerance,
             group=self.group,
             structure=self.structure,
@@ -150,8 +175,7 @@ class SparsityController:
 
     def _set_lambda(self, value: float) -> None:
         if value != self.lambda_:
-            for optimizer in self._driven:
-                optimizer.set_lambda(value)
+            self.attachment.set_lambda(value)
         self.lambda_ = value
 
     # ------------------------------------------------------------------ the penalty
@@ -170,62 +194,58 @@ class SparsityController:
         return value.requires_grad_()
 
     def _penalty(self) -> torch.Tensor:
-        terms = [self.regularizer.value(t.effective()).float() for t in self.targets]
-        return torch.stack(terms).sum()
+        """``J`` of the effective weights. Whole tensors (one process, DDP, ZeRO-1/2):
+        computed locally, differentiable. Sharded: each rank's owned elements, summed with
+        one all-reduce (a value: there is no full tensor to differentiate)."""
+        if not any(p.sharded for p in self.placements):
+            terms = [self.regularizer.value(t.effective()).float() for t in self.targets]
+            return torch.stack(terms).sum()
+        rank, world = comm.get_rank(self.group), comm.get_world_size(self.group)
+        local = torch.zeros((), dtype=torch.float32)
+        for placement, view in zip(
+            self.placements, local_views(self.placements, rank, world), strict=True
+        ):
+            if view.values is None:
+                continue
+            if isinstance(self.regularizer, GroupL1) and not view.rows_whole:
+                raise ValueError(
+                    f"{placement.target.name}: {self.regularizer.spec} needs whole rows, but "
+                    f"this strategy splits it into flat shards; allowed: regularizer='l1'"
+                )
+            values = view.values if view.mask is None else view.values * view.mask
+            local = local.to(values.device) + self.regularizer.value(values).float()
+        return comm.all_reduce_sum(local.reshape(1), self.group)[0]
 
-    # ------------------------------------------------------------------ the proximal step
-    def attach(self, *optimizers: torch.optim.Optimizer) -> None:
-        """Make these optimizers apply the regularization, with this controller's lambda.
+    # ------------------------------------------------------------------ the optimizers
+    def attach(self, *optimizers: Any) -> None:
+        """Make these optimizers apply the regularizer with this controller's lambda.
 
-        * A :class:`~dist_bregman.optim.BregmanOptimizer` (LinBreg, AdaBreg, ProxSGD)
-          regularizes inside its own step: its regularized param groups get lambda now and
-          after every update, through ``set_lambda`` (which keeps its state consistent).
-        * Any other optimizer gets the proximal step of ``regularizer`` after every
-          ``step()`` (``"prox"`` mode): threshold ``lr * lambda`` with each param group's
-          current ``lr``, applied to the tensors the optimizer holds.
-
-        Every trainable target must be held by one of the optimizers. Targets left
-        unregularized (frozen, or in a group with ``reg=None``) are measured only, and the
-        target must be reachable without them: checked here, with a collective.
+        Plain torch optimizers get the proximal step after every ``step()``; LinBreg,
+        AdaBreg and ProxSGD (also as DeepSpeed client optimizers) are driven through
+        ``set_lambda``; DeepSpeed wrappers (ZeRO-1/2/3, fp16/bf16) are looked through to
+        the fp32 tensors they step. See :mod:`dist_bregman.attachment`. Every trainable
+        target must be held by one of them; targets left unregularized (frozen, or
+        ``reg=None``) are measured only, and the target must be reachable without them:
+        checked here, with a collective.
         """
         self.detach()
-        mode = self.config.mode
-        wanted = {id(t.values): t for t in self.targets if t.values.requires_grad}
-        held: set[int] = set()
-        for optimizer in optimizers:
-            ids = {id(p) for group in optimizer.param_groups for p in group["params"]}
-            ids &= wanted.keys()
-            if not ids:
-                continue
-            held |= ids
-            if isinstance(optimizer, BregmanOptimizer):
-                if mode == "loss":
-                    raise ValueError(
-                        f"mode='loss' with {type(optimizer).__name__}: the optimizer already "
-                        f"applies the regularizer, the loss term would apply it again; "
-                        f"allowed: mode='prox' (the default)"
-                    )
-                optimizer.set_lambda(self.lambda_)
-                self._driven.append(optimizer)
-                self._regularized |= ids & {id(p) for p in optimizer.regularized_params()}
-                self.structure |= _uses_groups(optimizer)
-            elif mode == "prox":
-                self._handles.append(optimizer.register_step_post_hook(self._after_step))
-                self._hooked |= ids
-        missing = [t.name for key, t in wanted.items() if key not in held]
-        if missing:
-            raise ValueError(
-                f"parameters_to_prune: {missing} are trainable but no optimizer holds them; "
-                f"allowed: parameters passed to the optimizer, or frozen (requires_grad=False)"
-            )
-        self._regularized |= self._hooked if mode == "prox" else held
+        self.attachment.attach(optimizers)
         self._check_reachable()
-        self._warn_if_shrinkage_wipes_out(optimizers)
+        share = self.attachment.shrinkage_share(self.config.update_frequency)
+        if share is not None and share > 0.5:
+            logs.warn0(
+                f"lambda={self.lambda_:g}: before the first lambda update "
+                f"(update_frequency={self.config.update_frequency} steps) the proximal steps "
+                f"alone, each shrinking by lr * lambda, would zero {100 * share:.1f}% of the "
+                f"regularized weights. lambda is an L1 coefficient per weight (the units of "
+                f"weight_decay); values around 1e-5 to 1e-2 are typical: lower initial_lambda"
+            )
 
     def _check_reachable(self) -> None:
         """Raise if ``target_sparsity`` needs zeros in tensors nothing regularizes."""
         report = self.measure()
-        unregularized = [t for t in self.targets if id(t.values) not in self._regularized]
+        regularized = self.attachment.regularized
+        unregularized = [p for i, p in enumerate(self.placements) if i not in regularized]
         if not unregularized:
             return
         fixed, _ = reduce_counts(
@@ -233,7 +253,7 @@ class SparsityController:
         )
         reachable = 1.0 - fixed.nonzero / report.total
         if self.config.target_sparsity > reachable:
-            names = [t.name for t in unregularized]
+            names = [p.target.name for p in unregularized]
             shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
             raise ValueError(
                 f"target_sparsity={self.config.target_sparsity!r} is unreachable: {shown} "
@@ -243,47 +263,9 @@ class SparsityController:
                 f"regularize those tensors"
             )
 
-    def _warn_if_shrinkage_wipes_out(self, optimizers: Iterable[torch.optim.Optimizer]) -> None:
-        """One pass at attach time. Until the first lambda update the controller cannot
-        react; if the proximal steps alone would zero most weights in that time (the seed's
-        ``initial_lambda=1.0`` with a usual learning rate does), the network may never
-        recover. Say so before training instead of after. (Bregman iterations are not
-        checked: their lambda is a threshold on accumulated gradients, not a shrinkage.)"""
-        horizon = self.config.update_frequency
-        zeroed = total = 0
-        with torch.no_grad():
-            for optimizer in optimizers:
-                for group in optimizer.param_groups:
-                    threshold = horizon * float(group["lr"]) * self.lambda_
-                    for p in group["params"]:
-                        if id(p) in self._hooked:
-                            zeroed += int(p.abs().le(threshold).sum())
-                            total += p.numel()
-        if total and zeroed / total > 0.5:
-            logs.warn0(
-                f"lambda={self.lambda_:g}: before the first lambda update "
-                f"(update_frequency={horizon} steps) the proximal steps alone, each shrinking "
-                f"by lr * lambda, would zero {100 * zeroed / total:.1f}% of the regularized "
-                f"weights. lambda is an L1 coefficient per weight (the units of weight_decay); "
-                f"values around 1e-5 to 1e-2 are typical: lower initial_lambda"
-            )
-
     def detach(self) -> None:
         """Forget the optimizers: remove the proximal-step hooks, stop driving lambda."""
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
-        self._driven.clear()
-        self._hooked, self._regularized = set(), set()
-
-    def _after_step(self, optimizer: torch.optim.Optimizer, *_: Any) -> None:
-        if self.lambda_ == 0.0:
-            return
-        with torch.no_grad():
-            for group in optimizer.param_groups:
-                params = [p for p in group["params"] if id(p) in self._hooked]
-                if params:
-                    self.regularizer.prox_all_(params, float(group["lr"]) * self.lambda_)
+        self.attachment.detach()
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
@@ -316,9 +298,6 @@ class SparsityController:
                 logs.info0(line)
 
     def regularized_names(self) -> Iterable[str]:
-        """Names of the targets the proximal step acts on (after :meth:`attach`)."""
-        return [t.name for t in self.targets if id(t.values) in self._regularized]
-
-
-def _uses_groups(optimizer: BregmanOptimizer) -> bool:
-    return any(isinstance(resolve_regularizer(g["reg"]), GroupL1) for g in optimizer.param_groups)
+        """Names of the targets some optimizer regularizes (after :meth:`attach`)."""
+        regularized = self.attachment.regularized
+        return [p.target.name for i, p in enumerate(self.placements) if i in regularized]

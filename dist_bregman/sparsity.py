@@ -15,8 +15,8 @@ import torch
 from torch import nn
 
 from dist_bregman import comm
-from dist_bregman.shards import LocalView, local_views
-from dist_bregman.targets import ParameterPairs, Target, resolve
+from dist_bregman.shards import LocalView, Placement, local_views, place
+from dist_bregman.targets import ParameterPairs, resolve
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,7 +107,7 @@ def structure_counts(flags: torch.Tensor) -> torch.Tensor:
 
 
 def reduce_counts(
-    targets: Sequence[Target],
+    placements: Sequence[Placement],
     *,
     zero_tolerance: float = 0.0,
     group: comm.ProcessGroup = None,
@@ -115,38 +115,48 @@ def reduce_counts(
     structure: bool = False,
     extra: Sequence[torch.Tensor] = (),
 ) -> tuple[SparsityReport, list[int]]:
-    """Count ``targets`` and sum the counts over ``group`` with one collective.
+    """Count the targets' elements and sum the counts over ``group`` with one collective.
 
     ``structure=True`` also counts all-zero rows and kernels (node and kernel sparsity) in
     the same pass and the same buffer. ``extra`` are 0-d integer tensors (flags such as
     "this rank saw a non-finite loss") that ride along in the same buffer and come back
     summed over ranks, so a check that every rank must agree on costs no extra collective.
-    With ``sync=False`` nothing is communicated and every tensor is counted locally.
+    With ``sync=False`` nothing is communicated and each rank reports what it holds.
     """
-    if not targets:
+    if not placements:
         raise ValueError("no tensors to measure: the parameter set is empty")
-    distributed = sync and comm.get_world_size(group) > 1
-    rank = comm.get_rank(group) if distributed else 0
-    world = comm.get_world_size(group) if distributed else 1
-    views = local_views(targets, rank, world)
-    device = targets[0].values.device
+    world = comm.get_world_size(group)
+    distributed = sync and world > 1
+    if distributed:
+        views = local_views(placements, comm.get_rank(group), world)
+    else:
+        views = [p.view() for p in placements]
+    if structure:
+        flat = [p.target.name for p, v in zip(placements, views, strict=True) if not v.rows_whole]
+        if flat:
+            raise ValueError(
+                f"node/kernel sparsity needs whole rows on each rank, but {flat} are split "
+                f"into flat shards (FSDP1 / ZeRO-3); allowed: element sparsity there, or "
+                f"FSDP2 (fully_shard, Shard(0)) / DDP for group sparsity"
+            )
+    device = _device(placements, views)
     buffer = _count_buffer(views, zero_tolerance, device, structure, extra)
     if distributed:
         buffer = comm.all_reduce_sum(buffer, group)
     numbers = buffer.tolist()  # the one host synchronisation
-    n = len(targets)
+    n = len(placements)
     structured = [0, 0, 0, 0]
     if structure:
         structured = [sum(numbers[2 * n + slot :: 4][:n]) for slot in range(4)]
     per_parameter = {}
-    for index, (target, view) in enumerate(zip(targets, views, strict=True)):
+    for index, (placement, view) in enumerate(zip(placements, views, strict=True)):
         nonzero, total = numbers[index], numbers[n + index]
-        if total != view.global_numel:
+        if (distributed or world == 1) and total != view.global_numel:
             raise RuntimeError(
-                f"{target.name}: ranks counted {total} elements, but the tensor has "
-                f"{view.global_numel}: shards or replicas were lost or counted twice"
+                f"{placement.target.name}: ranks counted {total} elements, but the tensor "
+                f"has {view.global_numel}: shards or replicas were lost or counted twice"
             )
-        per_parameter[target.name] = (nonzero, total)
+        per_parameter[placement.target.name] = (nonzero, total)
     report = SparsityReport(
         nonzero=sum(numbers[:n]),
         total=sum(numbers[n : 2 * n]),
@@ -170,14 +180,23 @@ def measure_sparsity(
     """The sparsity of ``model``'s prunable weights, the same number on every rank.
 
     ``parameters_to_prune=None`` measures what :class:`~dist_bregman.BregmanPruner`
-    discovers: the ``weight`` of every Linear, ConvNd and Embedding module. Under a process
-    group this is a collective (every rank of ``group`` must call it), unless ``sync=False``.
+    discovers: the ``weight`` of every Linear, ConvNd and Embedding module. ``model`` may be
+    wrapped (DDP, FSDP1, FSDP2, a DeepSpeed engine's module). Under a process group this is
+    a collective (every rank of ``group`` must call it), unless ``sync=False``.
     """
     if zero_tolerance < 0 or zero_tolerance != zero_tolerance:
         raise ValueError(f"zero_tolerance={zero_tolerance!r}: expected a number >= 0")
-    targets = resolve(model, parameters_to_prune)
-    report, _ = reduce_counts(targets, zero_tolerance=zero_tolerance, group=group, sync=sync)
+    placements = place(model, resolve(model, parameters_to_prune))
+    report, _ = reduce_counts(placements, zero_tolerance=zero_tolerance, group=group, sync=sync)
     return report
+
+
+def _device(placements: Sequence[Placement], views: Sequence[LocalView]) -> torch.device:
+    """Where to count: the first local values, else where the first parameter lives."""
+    for view in views:
+        if view.values is not None:
+            return view.values.device
+    return placements[0].target.values.device
 
 
 def _count_buffer(

@@ -50,14 +50,8 @@ class Target:
         what the proximal step must change.
         """
         if pruning_method(self.module, self.attr) is not None:
-            return (
-                self.module._parameters[self.attr + "_orig"],  # type: ignore[return-value]
-                self.module._buffers[self.attr + "_mask"],
-            )
-        value = self.module._parameters.get(self.attr)
-        if value is None:
-            value = getattr(self.module, self.attr)
-        return value, None
+            return _read(self.module, self.attr + "_orig"), _read(self.module, self.attr + "_mask")
+        return _read(self.module, self.attr), None
 
     @property
     def values(self) -> torch.Tensor:
@@ -134,7 +128,7 @@ def resolve(model: nn.Module, pairs: ParameterPairs | None = None) -> list[Targe
                 f"{type(model).__name__}; pass a list of (module, name) tuples"
             )
     checked = validate_pairs(pairs)
-    module_names = {id(m): n for n, m in model.named_modules()}
+    module_names = {id(m): clean_name(n) for n, m in model.named_modules()}
     targets: list[Target] = []
     seen_values: set[int] = set()
     for index, (module, attr) in enumerate(checked):
@@ -157,10 +151,37 @@ def resolve(model: nn.Module, pairs: ParameterPairs | None = None) -> list[Targe
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The user's model inside a ``DistributedDataParallel`` (or DataParallel) wrapper."""
-    while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-        model = model.module
+    """The user's model inside DDP, DataParallel or a DeepSpeed engine (FSDP1 wrappers stay:
+    their units are inside the model; their name segments are dropped by
+    :func:`clean_name`)."""
+    while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)) or (
+        type(model).__name__ == "DeepSpeedEngine"
+    ):
+        inner = model.module
+        assert isinstance(inner, nn.Module)
+        model = inner
     return model
+
+
+def _read(module: nn.Module, name: str) -> torch.Tensor:
+    """A registered parameter/buffer, else the plain attribute (FSDP1 without
+    ``use_orig_params`` replaces parameters by plain tensor attributes)."""
+    value: torch.Tensor | None = module._parameters.get(name)
+    if value is None:
+        value = module._buffers.get(name)
+    if value is None:
+        value = getattr(module, name)
+    return value
+
+
+WRAPPER_TOKENS = frozenset({"_fsdp_wrapped_module", "_checkpoint_wrapped_module", "_orig_mod"})
+"""Module-name segments that wrappers insert (FSDP1, activation checkpointing,
+torch.compile): dropped so names match the unwrapped model's."""
+
+
+def clean_name(name: str) -> str:
+    """``"_fsdp_wrapped_module.0._fsdp_wrapped_module"`` -> ``"0"``."""
+    return ".".join(part for part in name.split(".") if part not in WRAPPER_TOKENS)
 
 
 def _has_tensor(module: nn.Module, name: str) -> bool:

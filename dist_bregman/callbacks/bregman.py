@@ -105,7 +105,11 @@ class BregmanPruner(Callback):
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._controller(pl_module).attach(*trainer.optimizers)
+        controller = self._controller(pl_module)
+        # The strategy has wrapped the model by now (DDP, FSDP, a DeepSpeed engine): read
+        # the layouts from the wrapper, and act through the optimizers it built.
+        controller.bind(trainer.strategy.model or pl_module)
+        controller.attach(*trainer.optimizers)
 
     @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -8,7 +8,7 @@ from torch import nn
 from torch.nn.utils import prune
 
 from dist_bregman import SparsityReport, measure_sparsity
-from dist_bregman.shards import balanced_owners
+from dist_bregman.shards import balanced_owners, place
 from dist_bregman.sparsity import count_nonzero, reduce_counts
 from dist_bregman.targets import resolve
 from tests.helpers.models import ConvNet, mixed_state_model, reference_counts, sample_inputs
@@ -170,10 +170,12 @@ def test_structure_counts_rows_and_kernels_in_the_same_buffer() -> None:
         model[1].weight[0] = 0.0  # 1 of 3 filters = 2 of 6 kernels
         model[1].weight[2, 1] = 0.0  # 1 more kernel
         model[1].weight[1, 0, 0, 0] = 0.0  # a single zero is neither
-    report, extra = reduce_counts(resolve(model), structure=True, extra=[torch.tensor(7)])
+    report, extra = reduce_counts(
+        place(model, resolve(model)), structure=True, extra=[torch.tensor(7)]
+    )
     assert (report.zero_rows, report.rows) == (3, 9)
     assert (report.zero_kernels, report.kernels) == (3, 6)
     assert report.node_sparsity == 3 / 9 and report.kernel_sparsity == 0.5
     assert extra == [7]
-    plain, _ = reduce_counts(resolve(model))
+    plain, _ = reduce_counts(place(model, resolve(model)))
     assert plain.node_sparsity is None and plain.nonzero == report.nonzero

@@ -1,0 +1,176 @@
+"""How the optimizers apply the regularizer for one controller.
+
+* A :class:`~dist_bregman.optim.BregmanOptimizer` (LinBreg, AdaBreg, ProxSGD), directly or
+  as a DeepSpeed client optimizer, regularizes inside its own step; it is *driven*: its
+  regularized param groups receive lambda through ``set_lambda``.
+* Any other optimizer gets the proximal step after each ``step()``: threshold
+  ``lr * lambda`` (each param group's ``lr``), applied to exactly the elements of the
+  tensors it holds that belong to measured weights (see :mod:`dist_bregman.holders`).
+
+Either way the zeros are made in the tensors the optimizer steps (fp32 masters, flat
+shards, DTensor shards), so the next step cannot undo them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from functools import partial
+from typing import Any
+
+import torch
+from torch.utils.hooks import RemovableHandle
+
+from dist_bregman.holders import Holding, holding
+from dist_bregman.optim import BregmanOptimizer
+from dist_bregman.regularizers import GroupL1, Regularizer
+from dist_bregman.regularizers import resolve as resolve_regularizer
+from dist_bregman.shards import Placement
+from dist_bregman.shards.dtensor import local_tensor
+from dist_bregman.shards.fsdp import FlatPlacement
+
+
+class Attachment:
+    """The optimizers one controller acts through (see the module docstring)."""
+
+    def __init__(
+        self,
+        placements: Sequence[Placement],
+        regularizer: Regularizer,
+        mode: str,
+        current_lambda: Callable[[], float],
+    ) -> None:
+        self.placements = placements
+        self.regularizer = regularizer
+        self.mode = mode
+        self.current_lambda = current_lambda
+        self.driven: list[BregmanOptimizer] = []
+        self.hooked: list[Holding] = []
+        self.regularized: set[int] = set()
+        """Indices of the placements whose elements some optimizer regularizes."""
+        self.uses_groups = False
+        """Some regularizer in play removes whole groups (node/kernel sparsity is counted)."""
+        self._handles: list[RemovableHandle] = []
+
+    def attach(self, optimizers: Sequence[Any]) -> None:
+        """Hook or drive each optimizer; raise if a trainable target is held by none."""
+        held: set[int] = set()
+        for optimizer in optimizers:
+            holds = holding(optimizer, self.placements)
+            if not holds.held:
+                continue
+            held |= holds.held.keys()
+            client = holds.optimizer
+            if isinstance(client, BregmanOptimizer):
+                self._drive(client, holds)
+            elif self.mode == "prox":
+                self._hook(client, holds)
+            else:
+                self.regularized |= holds.held.keys()
+        missing = [
+            p.target.name for i, p in enumerate(self.placements) if p.trainable() and i not in held
+        ]
+        if missing:
+            raise ValueError(
+                f"parameters_to_prune: {missing} are trainable but no optimizer holds them; "
+                f"allowed: parameters passed to the optimizer, or frozen (requires_grad=False)"
+            )
+
+    def _drive(self, client: BregmanOptimizer, holds: Holding) -> None:
+        if self.mode == "loss":
+            raise ValueError(
+                f"mode='loss' with {type(client).__name__}: the optimizer already applies the "
+                f"regularizer, the loss term would apply it again; allowed: mode='prox'"
+            )
+        regs = [resolve_regularizer(group["reg"]) for group in client.param_groups]
+        for index in holds.held:
+            placement = self.placements[index]
+            if isinstance(placement, FlatPlacement) and not placement.use_orig_params:
+                raise ValueError(
+                    f"{type(client).__name__} over FSDP1 flat parameters "
+                    f"(use_orig_params=False): one flat tensor mixes {placement.target.name} "
+                    f"with biases and norms, so its param group cannot regularize weights "
+                    f"only; allowed: use_orig_params=True, FSDP2, or a plain optimizer (the "
+                    f"proximal step knows the weight regions)"
+                )
+        for index, tensor in holds.held.items():
+            reg = regs[holds.group_of[tensor]]
+            if reg is None and isinstance(self.placements[index], FlatPlacement):
+                raise ValueError(
+                    f"{type(client).__name__} puts {self.placements[index].target.name} in a "
+                    f"reg=None group: FSDP1 hands it 1-D views, and the default split "
+                    f"regularizes only tensors with ndim >= 2; allowed: "
+                    f"dist_bregman.regularized_groups(model) as the optimizer's param groups"
+                )
+            if reg is None:
+                continue
+            if isinstance(reg, GroupL1) and tensor not in holds.rows_whole:
+                raise _split_rows(self.placements[index].target.name, reg)
+            self.regularized.add(index)
+            self.uses_groups |= isinstance(reg, GroupL1)
+        client.set_lambda(self.current_lambda())
+        self.driven.append(client)
+
+    def _hook(self, client: torch.optim.Optimizer, holds: Holding) -> None:
+        if isinstance(self.regularizer, GroupL1):
+            for index, tensor in holds.held.items():
+                if tensor not in holds.rows_whole:
+                    raise _split_rows(self.placements[index].target.name, self.regularizer)
+            self.uses_groups = True
+        self._handles.append(client.register_step_post_hook(partial(self._after_step, holds)))
+        self.hooked.append(holds)
+        self.regularized |= holds.held.keys()
+
+    def _after_step(self, holds: Holding, optimizer: torch.optim.Optimizer, *_: Any) -> None:
+        lam = self.current_lambda()
+        if lam == 0.0:
+            return
+        with torch.no_grad():
+            for group in optimizer.param_groups:
+                pieces = list(_pieces(group["params"], holds))
+                if pieces:
+                    self.regularizer.prox_all_(pieces, float(group["lr"]) * lam)
+
+    def shrinkage_share(self, horizon: int) -> float | None:
+        """Fraction of hooked elements that ``horizon`` proximal steps alone would zero
+        (no gradient pushing back), or None when nothing is hooked."""
+        zeroed = total = 0
+        with torch.no_grad():
+            for holds in self.hooked:
+                for group in holds.optimizer.param_groups:
+                    threshold = horizon * float(group["lr"]) * self.current_lambda()
+                    for piece in _pieces(group["params"], holds):
+                        zeroed += int(piece.abs().le(threshold).sum())
+                        total += piece.numel()
+        return zeroed / total if total else None
+
+    def set_lambda(self, value: float) -> None:
+        """Write lambda into every driven optimizer (hooks read it at each step)."""
+        for optimizer in self.driven:
+            optimizer.set_lambda(value)
+
+    def detach(self) -> None:
+        """Remove the hooks and stop driving."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self.driven.clear()
+        self.hooked.clear()
+        self.regularized.clear()
+
+
+def _pieces(params: Sequence[torch.Tensor], holds: Holding) -> list[torch.Tensor]:
+    """The measured elements of ``params``: local shards, sliced to their regions."""
+    pieces = []
+    for p in params:
+        for region in holds.regions.get(id(p), ()):
+            local = local_tensor(p)
+            pieces.append(local if region is None else local[region])
+    return pieces
+
+
+def _split_rows(name: str, reg: Regularizer) -> ValueError:
+    return ValueError(
+        f"{name}: {reg.spec} needs whole rows on one rank, but this strategy splits the "
+        f"tensor into flat shards (FSDP1 / ZeRO); allowed: reg='l1' here, or group sparsity "
+        f"under DDP or FSDP2 (fully_shard, Shard(0))"
+    )

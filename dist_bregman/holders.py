@@ -1,0 +1,148 @@
+"""Which tensors an optimizer really updates for the measured weights, and where in them.
+
+Zeroing a module's parameters does not stick when the optimizer keeps its own copies:
+under ZeRO-1/2/3 and DeepSpeed mixed precision the next step overwrites the module from
+fp32 masters. The proximal step and the Bregman optimizers must therefore act on what the
+torch optimizer holds:
+
+* a plain optimizer (one process, DDP, FSDP2, FSDP1): the parameters themselves (DTensors,
+  1-D views with ``use_orig_params=True``), or FSDP1 flat shards (slices of them);
+* DeepSpeed ZeRO-1/2: one flat fp32 partition per param group, parameters concatenated in
+  ``round_robin_bit16_groups`` order and cut into ``partition_size`` pieces;
+* DeepSpeed ZeRO-3: one flat fp32 tensor per sub-group, the concatenated ``ds_tensor``
+  partitions (each with its own tail padding), swapped into the client optimizer only for
+  the duration of its ``step()``;
+* DeepSpeed stage-0 fp16/bf16 (``FP16_UnfusedOptimizer``): shaped fp32 copies.
+
+:func:`holding` reads those layouts once, at attach time; the regions are slices of each
+held tensor's local data. This module never communicates.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from dist_bregman import comm
+from dist_bregman.shards import Placement
+from dist_bregman.shards.dtensor import DTensorPlacement
+from dist_bregman.shards.replicated import Replicated
+from dist_bregman.shards.zero import ZeroPartition
+
+
+@dataclass
+class Holding:
+    """What one optimizer holds of the measured tensors."""
+
+    optimizer: torch.optim.Optimizer
+    """The torch optimizer that steps (a DeepSpeed wrapper's client optimizer)."""
+    regions: dict[int, list[slice | None]] = field(default_factory=lambda: defaultdict(list))
+    """``id(held tensor)`` -> slices of its local data that belong to measured tensors
+    (``None``: the whole tensor)."""
+    held: dict[int, int] = field(default_factory=dict)
+    """Placement index -> ``id`` of the tensor holding its local elements."""
+    group_of: dict[int, int] = field(default_factory=dict)
+    """``id(held tensor)`` -> index of its param group in ``optimizer``."""
+    rows_whole: set[int] = field(default_factory=set)
+    """``id``s of held tensors whose rows are whole (shaped, or DTensor ``Shard(0)``)."""
+
+
+def holding(optimizer: Any, placements: Sequence[Placement]) -> Holding:
+    """Map ``optimizer`` (a torch optimizer or a DeepSpeed wrapper) onto ``placements``."""
+    if hasattr(optimizer, "round_robin_bit16_groups"):
+        return _zero12(optimizer, placements)
+    if hasattr(optimizer, "fp32_partitioned_groups_flat"):
+        return _zero3(optimizer, placements)
+    if hasattr(optimizer, "fp32_groups") and hasattr(optimizer, "fp16_groups"):
+        return _fp32_copies(optimizer, placements)
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(
+            f"optimizer={type(optimizer).__name__}: expected a torch.optim.Optimizer or a "
+            f"DeepSpeed ZeRO-1/2/3 or fp16/bf16 optimizer wrapping one"
+        )
+    result = Holding(optimizer)
+    for index, group in enumerate(optimizer.param_groups):
+        for p in group["params"]:
+            result.group_of[id(p)] = index
+    for index, placement in enumerate(placements):
+        tensor, region = placement.holder()
+        if id(tensor) in result.group_of:
+            result.held[index] = id(tensor)
+            result.regions[id(tensor)].append(region)
+            whole = isinstance(placement, Replicated) or (
+                isinstance(placement, DTensorPlacement) and placement.view().rows_whole
+            )
+            if whole:
+                result.rows_whole.add(id(tensor))
+    return result
+
+
+def _by_parameter(placements: Sequence[Placement]) -> dict[int, int]:
+    return {id(p.target.values): index for index, p in enumerate(placements)}
+
+
+def _zero12(wrapper: Any, placements: Sequence[Placement]) -> Holding:
+    result = Holding(wrapper.optimizer)
+    index_of = _by_parameter(placements)
+    groups = getattr(wrapper, "real_dp_process_group", None)
+    for g, params in enumerate(wrapper.round_robin_bit16_groups):
+        flat = wrapper.single_partition_of_fp32_groups[g]
+        rank = comm.get_rank(groups[g] if groups else wrapper.dp_process_group)
+        size = int(wrapper.partition_size[g])
+        low, high = rank * size, (rank + 1) * size
+        result.group_of[id(flat)] = g
+        offset = 0
+        for p in params:
+            index = index_of.get(id(p))
+            if index is not None:
+                result.held[index] = id(flat)
+                start, stop = max(offset, low), min(offset + p.numel(), high)
+                if start < stop:
+                    result.regions[id(flat)].append(slice(start - low, stop - low))
+            offset += p.numel()
+    return result
+
+
+def _zero3(wrapper: Any, placements: Sequence[Placement]) -> Holding:
+    result = Holding(wrapper.optimizer)
+    index_of = _by_parameter(placements)
+    for sub_group, params in enumerate(wrapper.fp16_groups):
+        flat = wrapper.fp32_partitioned_groups_flat[sub_group]
+        result.group_of[id(flat)] = int(wrapper.sub_group_to_group_id[sub_group])
+        offset = 0
+        for p in params:
+            index = index_of.get(id(p))
+            if index is not None:
+                placement = placements[index]
+                assert isinstance(placement, ZeroPartition)
+                _, valid = placement.valid()
+                result.held[index] = id(flat)
+                if valid:
+                    result.regions[id(flat)].append(slice(offset, offset + valid))
+            offset += p.ds_tensor.numel()
+    return result
+
+
+def _fp32_copies(wrapper: Any, placements: Sequence[Placement]) -> Holding:
+    result = Holding(wrapper.optimizer)
+    index_of = _by_parameter(placements)
+    for g, (params, copies) in enumerate(
+        zip(wrapper.fp16_groups, wrapper.fp32_groups, strict=True)
+    ):
+        if isinstance(copies, torch.Tensor):
+            raise NotImplementedError(
+                f"{type(wrapper).__name__} keeps one flat fp32 tensor per group; "
+                f"allowed: DeepSpeed's unfused fp16/bf16 optimizer, or a ZeRO stage >= 1"
+            )
+        for p, copy in zip(params, copies, strict=True):
+            result.group_of[id(copy)] = g
+            index = index_of.get(id(p))
+            if index is not None:
+                result.held[index] = id(copy)
+                result.regions[id(copy)].append(None)
+                result.rows_whole.add(id(copy))
+    return result

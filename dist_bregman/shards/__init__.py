@@ -1,0 +1,72 @@
+"""Where each measured tensor's elements live, whatever the strategy.
+
+Every rank contributes counts for the elements it *owns*, and one all-reduce sums them, so
+every rank gets the unsharded model's numbers. A :class:`Placement` says, for one target,
+which elements this rank holds and whether other ranks hold the same ones:
+
+* replicated (one process, DDP, ZeRO-1/2, FSDP ``NO_SHARD``): every rank holds all of it;
+  each replica is counted by exactly one rank, spread over ranks by size;
+* FSDP2 ``DTensor``: the local shard, aligned with its global offset; replicas along
+  ``Replicate`` mesh dimensions counted once (HSDP);
+* FSDP1 flat parameter: this rank's slice of the flat shard, without the padding;
+* DeepSpeed ZeRO-3: the valid part of ``ds_tensor``, without the tail padding.
+
+Prune masks (``weight_mask``) stay full buffers on every rank in all of these, so each
+placement slices the mask to match its local elements. This package reads layouts
+(placements, flat-parameter metadata, partition attributes); it never communicates.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from torch import nn
+
+from dist_bregman.shards.base import LocalView, Placement
+from dist_bregman.shards.dtensor import DTensorPlacement, is_dtensor
+from dist_bregman.shards.fsdp import FlatParamIndex
+from dist_bregman.shards.replicated import Replicated, balanced_owners
+from dist_bregman.shards.zero import ZeroPartition, is_zero3_param
+from dist_bregman.targets import Target
+
+__all__ = [
+    "LocalView",
+    "Placement",
+    "Replicated",
+    "balanced_owners",
+    "local_views",
+    "place",
+]
+
+
+def place(model: nn.Module | None, targets: Sequence[Target]) -> list[Placement]:
+    """The placement of each target (``model`` gives FSDP1's flat-parameter metadata)."""
+    flat = FlatParamIndex.of(model) if model is not None else FlatParamIndex({})
+    placements: list[Placement] = []
+    for target in targets:
+        entry = flat.find(target)
+        if entry is not None:
+            placements.append(entry)
+            continue
+        values = target.values
+        if is_dtensor(values):
+            placements.append(DTensorPlacement(target))
+        elif is_zero3_param(values):
+            placements.append(ZeroPartition(target))
+        else:
+            placements.append(Replicated(target))
+    return placements
+
+
+def local_views(placements: Sequence[Placement], rank: int, world_size: int) -> list[LocalView]:
+    """This rank's share of every target; replicas are owned by one rank each."""
+    replicas = [i for i, p in enumerate(placements) if not p.sharded]
+    owners = balanced_owners([placements[i].global_numel for i in replicas], world_size)
+    owner_of = dict(zip(replicas, owners, strict=True))
+    views = []
+    for index, placement in enumerate(placements):
+        if index in owner_of:
+            views.append(placement.view() if owner_of[index] == rank else placement.absent())
+        else:
+            views.append(placement.view())
+    return views

@@ -1,0 +1,59 @@
+"""What every placement provides."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+
+from dist_bregman.targets import Target
+
+
+@dataclass(frozen=True, slots=True)
+class LocalView:
+    """What one rank counts of one target."""
+
+    values: torch.Tensor | None
+    """Local elements to count (a plain tensor), or ``None`` when this rank counts none."""
+    mask: torch.Tensor | None
+    """Prune mask aligned with ``values`` (same shape), or ``None``."""
+    numel: int
+    """Elements this rank contributes to the global total."""
+    global_numel: int
+    """Elements of the full, unsharded tensor: what the reduced total must equal."""
+    rows_whole: bool
+    """``values`` keeps whole dim-0 rows in their original trailing shape, so all-zero rows
+    (neurons, filters) and kernels can be counted locally."""
+
+
+class Placement(ABC):
+    """The layout of one target on this rank."""
+
+    sharded: bool
+    """True when ranks hold different elements (sum them); False for replicas."""
+
+    def __init__(self, target: Target) -> None:
+        self.target = target
+
+    @property
+    @abstractmethod
+    def global_numel(self) -> int:
+        """Elements of the full tensor."""
+
+    @abstractmethod
+    def view(self) -> LocalView:
+        """The elements this rank holds and counts (read afresh: wrappers move storage)."""
+
+    def absent(self) -> LocalView:
+        """The view of a replica another rank counts."""
+        return LocalView(None, None, 0, self.global_numel, rows_whole=True)
+
+    def trainable(self) -> bool:
+        """Whether an optimizer is expected to update these elements."""
+        return bool(self.holder()[0].requires_grad)
+
+    def holder(self) -> tuple[torch.Tensor, slice | None]:
+        """The tensor a plain optimizer holds for these elements, and their slice in its
+        local data (``None``: all of it)."""
+        return self.target.values, None

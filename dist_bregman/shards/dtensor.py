@@ -1,0 +1,63 @@
+"""FSDP2 (``fully_shard``) and other DTensor parameters."""
+
+from __future__ import annotations
+
+import torch
+
+from dist_bregman.shards.base import LocalView, Placement
+from dist_bregman.targets import Target
+
+try:
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+except ImportError:  # torch built without distributed support
+    DTensor = None  # type: ignore[assignment,misc]
+
+
+def is_dtensor(x: object) -> bool:
+    """True for a ``torch.distributed.tensor.DTensor``."""
+    return DTensor is not None and isinstance(x, DTensor)
+
+
+def local_tensor(x: torch.Tensor) -> torch.Tensor:
+    """The local shard of a DTensor (same storage: in-place edits reach it), else ``x``."""
+    return x.to_local() if is_dtensor(x) else x  # type: ignore[attr-defined]
+
+
+class DTensorPlacement(Placement):
+    """A DTensor: the local shard at its global offset. Uneven ``Shard(0)`` chunks (e.g.
+    5 + 4 rows of 9) and empty shards are fine; replicas along ``Replicate`` mesh
+    dimensions (HSDP) are counted only at coordinate 0 of those dimensions."""
+
+    sharded = True
+
+    def __init__(self, target: Target) -> None:
+        super().__init__(target)
+        values = target.values
+        placements, mesh = values.placements, values.device_mesh  # type: ignore[attr-defined]
+        coordinate = mesh.get_coordinate()
+        self._counts_here = coordinate is not None and all(
+            c == 0 for c, p in zip(coordinate, placements, strict=True) if isinstance(p, Replicate)
+        )
+        self._rows_whole = all(not isinstance(p, Shard) or p.dim == 0 for p in placements)
+
+    @property
+    def global_numel(self) -> int:
+        return self.target.values.numel()
+
+    def view(self) -> LocalView:
+        values, mask = self.target.tensors()
+        if not self._counts_here:
+            return LocalView(None, None, 0, values.numel(), self._rows_whole)
+        local = values.to_local().detach()  # type: ignore[attr-defined]
+        if mask is not None:
+            if is_dtensor(mask):
+                mask = mask.to_local()  # type: ignore[attr-defined]
+            else:
+                shape, offset = compute_local_shape_and_global_offset(
+                    values.shape,
+                    values.device_mesh,  # type: ignore[attr-defined]
+                    values.placements,  # type: ignore[attr-defined]
+                )
+                mask = mask[tuple(slice(o, o + s) for o, s in zip(offset, shape, strict=True))]
+        return LocalView(local, mask, local.numel(), values.numel(), self._rows_whole)

@@ -1,0 +1,99 @@
+"""FSDP1 (``FullyShardedDataParallel``) flat parameters.
+
+FSDP1 flattens each wrapped unit's parameters into one ``FlatParameter``, pads it to a
+multiple of the world size and gives each rank one contiguous shard. Its metadata says,
+for every original parameter, where its elements sit in this rank's shard
+(``offset_in_shard``, ``numel_in_shard``) and which of its flattened indices they are
+(``intra_param_start_idx``): the first gives the values without padding, the second the
+matching slice of a full mask buffer. With ``use_orig_params=True`` the optimizer holds
+1-D views of those slices; with ``False`` it holds the flat shard itself.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from dist_bregman.shards.base import LocalView, Placement
+from dist_bregman.targets import Target
+
+try:
+    from torch.distributed.fsdp import FullyShardedDataParallel, ShardingStrategy
+except ImportError:  # torch built without distributed support
+    FullyShardedDataParallel = None  # type: ignore[assignment,misc]
+
+
+class FlatPlacement(Placement):
+    """One original parameter inside an FSDP1 flat parameter."""
+
+    def __init__(self, target: Target, unit: Any, flat: Any, index: int) -> None:
+        super().__init__(target)
+        strategy = unit.sharding_strategy
+        if strategy not in (
+            ShardingStrategy.FULL_SHARD,
+            ShardingStrategy.SHARD_GRAD_OP,
+            ShardingStrategy.NO_SHARD,
+        ):
+            raise NotImplementedError(
+                f"{target.name}: FSDP sharding_strategy={strategy.name} is not supported; "
+                f"allowed: FULL_SHARD, SHARD_GRAD_OP, NO_SHARD (or FSDP2 with an HSDP mesh)"
+            )
+        self.sharded = strategy != ShardingStrategy.NO_SHARD
+        self.flat, self.index = flat, index
+        self.use_orig_params: bool = unit._use_orig_params
+        self.param_name: str = flat._param_infos[index].param_name
+
+    @property
+    def global_numel(self) -> int:
+        return int(self.flat._numels[self.index])
+
+    def _range(self) -> tuple[int, int, int]:
+        """(offset in the local shard, elements here, first flattened index) of this param."""
+        info = self.flat._shard_param_infos[self.index]
+        if not info.in_shard:
+            return 0, 0, 0
+        return info.offset_in_shard, info.numel_in_shard, info.intra_param_start_idx
+
+    def view(self) -> LocalView:
+        offset, numel, start = self._range()
+        if numel == 0:
+            return LocalView(None, None, 0, self.global_numel, rows_whole=False)
+        values = self.flat.detach()[offset : offset + numel]
+        mask = self.target.tensors()[1]
+        if mask is not None:
+            mask = mask.reshape(-1)[start : start + numel]
+        return LocalView(values, mask, numel, self.global_numel, rows_whole=False)
+
+    def holder(self) -> tuple[torch.Tensor, slice | None]:
+        if self.use_orig_params:
+            return self.target.module._parameters[self.param_name], None  # type: ignore[return-value]
+        offset, numel, _ = self._range()
+        return self.flat, slice(offset, offset + numel)
+
+
+class FlatParamIndex:
+    """``(module, parameter name) -> (FSDP unit, flat parameter, index)`` for a model."""
+
+    def __init__(self, entries: dict[tuple[int, str], tuple[Any, Any, int]]) -> None:
+        self.entries = entries
+
+    @classmethod
+    def of(cls, model: nn.Module) -> FlatParamIndex:
+        entries: dict[tuple[int, str], tuple[Any, Any, int]] = {}
+        if FullyShardedDataParallel is None:
+            return cls(entries)
+        for unit in model.modules():
+            if isinstance(unit, FullyShardedDataParallel) and unit._handle is not None:
+                flat = unit._handle.flat_param
+                for index, info in enumerate(flat._param_infos):
+                    entries[(id(info.module), info.param_name)] = (unit, flat, index)
+        return cls(entries)
+
+    def find(self, target: Target) -> FlatPlacement | None:
+        for name in (target.attr + "_orig", target.attr):
+            entry = self.entries.get((id(target.module), name))
+            if entry is not None:
+                return FlatPlacement(target, *entry)
+        return None

@@ -1,0 +1,170 @@
+"""One model under every strategy on CPU/gloo: wrap it, step it, gather its full weights.
+
+Used inside ranks started by ``tests.helpers.dist.run_ranks``. Gathering uses each
+strategy's own machinery (``summon_full_params``, ``full_tensor``, ``GatheredParameters``),
+independent of the library's counting, so it is a fair reference.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from torch.nn.utils import prune
+
+STRATEGIES = (
+    "ddp",
+    "fsdp1_orig",
+    "fsdp1_flat",
+    "fsdp2",
+    "zero1",
+    "zero2",
+    "zero3",
+    "zero3_persist",
+)
+
+
+def matrix_model(seed: int = 3) -> nn.Sequential:
+    """Layer sizes divisible by none of 2, 3, 4 (221, 187, 55 weights; 17, 11, 5 rows), a
+    layer pruned twice, natural zeros (whole rows, a column, a partial row)."""
+    torch.manual_seed(seed)
+    model = nn.Sequential(
+        nn.Linear(13, 17), nn.ReLU(), nn.Linear(17, 11), nn.ReLU(), nn.Linear(11, 5)
+    )
+    prune.l1_unstructured(model[0], "weight", amount=0.3)
+    prune.random_unstructured(model[0], "weight", amount=0.2)
+    with torch.no_grad():
+        model[2].weight[::3] = 0.0
+        model[2].weight[:, 4] = 0.0
+        model[4].weight[1, :5] = 0.0
+    return model
+
+
+LINEARS = ("0", "2", "4")
+
+
+def effective_weights(module: nn.Sequential) -> dict[str, torch.Tensor]:
+    """``weight_orig * weight_mask`` (or ``weight``) of each Linear, as full tensors."""
+    out = {}
+    for name in LINEARS:
+        layer = module[int(name)]
+        if hasattr(layer, "weight_mask"):
+            out[f"{name}.weight"] = (_full(layer.weight_orig) * layer.weight_mask).detach().clone()
+        else:
+            out[f"{name}.weight"] = _full(layer.weight).detach().clone()
+    return out
+
+
+def counts(weights: dict[str, torch.Tensor]) -> dict[str, tuple[int, int]]:
+    return {k: (int((w != 0).sum()), w.numel()) for k, w in weights.items()}
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if hasattr(t, "full_tensor") else t  # type: ignore[operator]
+
+
+@dataclass
+class Wrapped:
+    """A model ready to train under one strategy."""
+
+    model: nn.Module
+    """What the controller binds to (the wrapper)."""
+    module: nn.Sequential
+    """The user's model inside it."""
+    optimizer: Any
+    """What the controller attaches to (a torch optimizer or a DeepSpeed wrapper)."""
+    train_step: Callable[[torch.Tensor, torch.Tensor], None]
+    gathered: Callable[[], contextlib.AbstractContextManager[None]]
+    """Context in which ``module``'s parameters are full on every rank."""
+
+    def full_effective(self) -> dict[str, torch.Tensor]:
+        with self.gathered():
+            return effective_weights(self.module)
+
+
+def wrap(
+    strategy: str,
+    module: nn.Sequential,
+    make_optimizer: Callable[[nn.Module], torch.optim.Optimizer],
+) -> Wrapped:
+    if strategy.startswith("zero"):
+        return _deepspeed(strategy, module, make_optimizer)
+    model: nn.Module
+    gathered: Callable[[], contextlib.AbstractContextManager[None]] = contextlib.nullcontext
+    if strategy == "ddp":
+        model = nn.parallel.DistributedDataParallel(module)
+    elif strategy.startswith("fsdp1"):
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+        from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+        model = FSDP(
+            module,
+            device_id=torch.device("cpu"),
+            use_orig_params=strategy == "fsdp1_orig",
+            auto_wrap_policy=ModuleWrapPolicy({nn.Linear}),
+        )
+
+        def gathered() -> contextlib.AbstractContextManager[None]:
+            return FSDP.summon_full_params(model, writeback=False)
+
+    elif strategy == "fsdp2":
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = init_device_mesh("cpu", (torch.distributed.get_world_size(),))
+        for layer in module:
+            if isinstance(layer, nn.Linear):
+                fully_shard(layer, mesh=mesh)
+        fully_shard(module, mesh=mesh)
+        model = module
+    else:
+        raise ValueError(strategy)
+    optimizer = make_optimizer(model)
+
+    def train_step(x: torch.Tensor, y: torch.Tensor) -> None:
+        F.cross_entropy(model(x), y).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+    return Wrapped(model, module, optimizer, train_step, gathered)
+
+
+def _deepspeed(
+    strategy: str,
+    module: nn.Sequential,
+    make_optimizer: Callable[[nn.Module], torch.optim.Optimizer],
+) -> Wrapped:
+    import deepspeed
+
+    stage = int(strategy[4])
+    zero: dict[str, Any] = {"stage": stage}
+    if strategy == "zero3":
+        zero["stage3_param_persistence_threshold"] = 0  # every parameter partitioned
+    config = {
+        "train_micro_batch_size_per_gpu": 4,
+        "zero_optimization": zero,
+        "zero_allow_untested_optimizer": True,
+        "gradient_clipping": 0.0,
+    }
+    optimizer = make_optimizer(module)
+    engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=config)
+
+    def train_step(x: torch.Tensor, y: torch.Tensor) -> None:
+        loss = F.cross_entropy(engine(x), y)
+        engine.backward(loss)
+        engine.step()
+
+    @contextlib.contextmanager
+    def gathered() -> Iterator[None]:
+        if stage == 3:
+            with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+                yield
+        else:
+            yield
+
+    return Wrapped(engine, module, engine.optimizer, train_step, gathered)
