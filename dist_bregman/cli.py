@@ -73,6 +73,7 @@ def main(args: list[str] | None = None) -> None:
         save_config_kwargs={"overwrite": True},
         parser_kwargs={"default_env": False},
     )
+    comm.shutdown()  # gloo jobs left to the interpreter's teardown were seen aborting
 
 
 if __name__ == "__main__":

@@ -83,6 +83,23 @@ class DigitsClassifier(pl.LightningModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
 
+    def configure_model(self) -> None:
+        """Under Lightning's ``ModelParallelStrategy``: FSDP2 (``fully_shard``) over the
+        data-parallel mesh, one unit per layer. Other strategies leave the model alone."""
+        mesh = self.device_mesh
+        if mesh is None:
+            return
+        from torch.distributed.fsdp import FSDPModule, fully_shard
+
+        if isinstance(self.net, FSDPModule):
+            return  # Lightning calls this hook again for test/validate: shard once
+
+        data_parallel = mesh["data_parallel"]
+        for layer in self.net.children():
+            if isinstance(layer, nn.Linear | nn.Conv2d):
+                fully_shard(layer, mesh=data_parallel)
+        fully_shard(self.net, mesh=data_parallel)
+
     def on_fit_start(self) -> None:
         # The seed's models hold the pruner as an attribute; find it among the callbacks.
         pruners = [c for c in self.trainer.callbacks if isinstance(c, BregmanPruner)]  # type: ignore[attr-defined]

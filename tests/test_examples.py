@@ -10,6 +10,11 @@ from pathlib import Path
 
 import pytest
 
+# These start processes that rendezvous over TCP ports; the xdist group keeps them from
+# running at the same time as each other (a free port can be taken between check and bind).
+pytestmark = pytest.mark.xdist_group("tcp_ports")
+
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -78,3 +83,95 @@ def test_launch_torchrun_script_runs_the_ddp_job(tmp_path: Path) -> None:
     assert summary["total"] == 64 * 256 + 256 * 128 + 128 * 10
     assert done.stdout.count("== dist-bregman summary ==") == 1
     assert done.stderr.count("Step 120: Sparsity=") == 1  # logged by rank 0 only
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.mark.timeout(200)
+def test_raw_deepspeed_engine_under_the_deepspeed_launcher(tmp_path: Path) -> None:
+    deepspeed = Path(sys.executable).parent / "deepspeed"
+    command = [
+        str(deepspeed),
+        "--num_gpus",
+        "2",
+        "--master_port",
+        str(_free_port()),
+        str(ROOT / "examples" / "raw_deepspeed.py"),
+        "--stage",
+        "3",
+        "--steps",
+        "60",
+        "--out",
+        str(tmp_path),
+    ]
+    env = _env() | {"DS_ACCELERATOR": "cpu"}
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert ranks[0] == ranks[1] | {"rank": 0}
+    counts = ranks[0]["per_parameter"]
+    assert {k: v[1] for k, v in counts.items()} == {
+        "0.weight": 16384,
+        "2.weight": 32768,
+        "4.weight": 1280,
+    }
+    assert 0 < sum(v[0] for v in counts.values()) < 50432 and ranks[0]["penalty"] > 0
+
+
+@pytest.mark.timeout(200)
+def test_raw_deepspeed_engine_with_linbreg_under_torchrun(tmp_path: Path) -> None:
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        str(ROOT / "examples" / "raw_deepspeed.py"),
+        "--stage",
+        "2",
+        "--optimizer",
+        "linbreg",
+        "--steps",
+        "60",
+        "--out",
+        str(tmp_path),
+    ]
+    env = _env() | {"DS_ACCELERATOR": "cpu"}
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert ranks[0] == ranks[1] | {"rank": 0}
+    assert 0.8 < ranks[0]["sparsity"] < 0.96  # grown from the 5% sparse start
+
+
+@pytest.mark.timeout(200)
+@pytest.mark.parametrize(
+    ("script", "config", "steps"),
+    [
+        ("deepspeed.sh", "digits_zero3.yaml", 3 * 40),
+        ("torchrun.sh", "digits_fsdp2.yaml", 3 * 40),
+    ],
+)
+def test_launch_scripts_run_the_sharded_jobs(
+    script: str, config: str, steps: int, tmp_path: Path
+) -> None:
+    command = [
+        str(ROOT / "launch" / script),
+        "--trainer.max_epochs=3",
+        "--trainer.enable_progress_bar=false",
+        f"--trainer.logger.init_args.save_dir={tmp_path}",
+    ]
+    env = _env() | {"PYTHON": sys.executable, "CONFIG": f"configs/{config}"}
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    name = config.removesuffix(".yaml")
+    summary = json.loads((tmp_path / name / "version_0" / "summary.json").read_text())
+    assert summary["global_step"] == steps and summary["total"] == 50432
+    assert 0.0 < summary["final_sparsity"] < 1.0
+    assert (done.stdout + done.stderr).count(f"Step {steps}: Sparsity=") == 1  # rank 0 only

@@ -19,7 +19,7 @@ from dist_bregman import (
 from dist_bregman.optim import LinBreg
 from tests.distributed.test_ddp import CollectiveCounter
 from tests.helpers.dist import run_ranks
-from tests.helpers.strategies import STRATEGIES, counts, matrix_model, wrap
+from tests.helpers.strategies import STRATEGIES, counts, effective_weights, matrix_model, wrap
 
 
 def _optimizer(name: str) -> Any:
@@ -50,8 +50,14 @@ def _case(rank: int, world: int, strategy: str, optimizer_name: str) -> dict[str
         wrapped.train_step(x, y)
         controller.update_if_due(step)
     after = controller.measure()
-    gathered = counts(wrapped.full_effective())
+    weights = wrapped.full_effective()
+    gathered = counts(weights)
+    penalty = controller.regularization_loss()  # a collective when sharded
     return {
+        "penalty": (
+            float(penalty),
+            controller.lambda_ * float(sum(w.abs().sum() for w in weights.values())),
+        ),
         "expected": expected.per_parameter,
         "before": before,
         "after": after,
@@ -63,17 +69,20 @@ def _case(rank: int, world: int, strategy: str, optimizer_name: str) -> dict[str
     }
 
 
-CASES = [(s, w) for s in STRATEGIES for w in (2, 3)] + [("ddp", 4), ("fsdp2", 4), ("fsdp1_orig", 4)]
+# The proximal step (SGD) at 2, 3 and 4 ranks; LinBreg, which adds no layout of its own,
+# at 2. LinBreg over FSDP1 flat parameters is refused by design (tested below).
+CASES = (
+    [("sgd", s, w) for s in STRATEGIES for w in (2, 3)]
+    + [("sgd", s, 4) for s in ("ddp", "fsdp2", "fsdp1_orig")]
+    + [("linbreg", s, 2) for s in STRATEGIES if s != "fsdp1_flat"]
+)
 
 
 @pytest.mark.timeout(240)
-@pytest.mark.parametrize(("strategy", "world"), CASES)
-@pytest.mark.parametrize("optimizer_name", ["sgd", "linbreg"])
+@pytest.mark.parametrize(("optimizer_name", "strategy", "world"), CASES)
 def test_counts_are_the_unsharded_truth_and_zeros_reach_the_full_weights(
     strategy: str, world: int, optimizer_name: str
 ) -> None:
-    if optimizer_name == "linbreg" and strategy == "fsdp1_flat":
-        pytest.skip("refused by design: see test_linbreg_over_fsdp1_flat_parameters_is_refused")
     results = run_ranks(_case, world, strategy, optimizer_name, timeout=200)
     first = results[0]
     for result in results:
@@ -83,6 +92,8 @@ def test_counts_are_the_unsharded_truth_and_zeros_reach_the_full_weights(
         assert result["after"] == first["after"] and result["lambda"] == first["lambda"]
         assert all(agreed == (first["after"], first["lambda"]) for agreed in result["agree"])
     assert first["after"].nonzero < first["before"].nonzero  # new exact zeros that stuck
+    for result in results:  # lambda * J(theta), true even where ZeRO-3 parameters are empty
+        assert result["penalty"][0] == pytest.approx(result["penalty"][1], rel=1e-5)
     assert first["regularized"] == ["0.weight", "2.weight", "4.weight"]
 
 
@@ -116,3 +127,77 @@ def _linbreg_flat(rank: int, world: int, grouping: str) -> str:
 def test_linbreg_over_fsdp1_flat_parameters_is_refused(grouping: str, message: str) -> None:
     for error in run_ranks(_linbreg_flat, 2, grouping, timeout=90):
         assert message in error
+
+
+def _trajectory(rank: int, world: int, strategy: str, batches: list) -> dict[str, Any]:
+    os.environ.update(LOCAL_RANK=str(rank), RANK=str(rank), WORLD_SIZE=str(world))
+    module = matrix_model()
+    wrapped = wrap(strategy, module, lambda m: torch.optim.SGD(m.parameters(), lr=0.1))
+    return _run_trajectory(
+        wrapped.model, wrapped.optimizer, wrapped.train_step, batches, rank, world
+    ) | {"weights": wrapped.full_effective()}
+
+
+def _run_trajectory(
+    model: Any, optimizer: Any, train_step: Any, batches: list, rank: int, world: int
+) -> dict[str, Any]:
+    config = BregmanConfig(
+        target_sparsity=0.6, initial_lambda=0.02, lambda_update_rate=0.05, update_frequency=2
+    )
+    controller = SparsityController(model, config)
+    controller.attach(optimizer)
+    points = []
+    for step, (x, y) in enumerate(batches, start=1):
+        half = slice(rank * len(x) // world, (rank + 1) * len(x) // world)
+        train_step(x[half], y[half])
+        if controller.update_if_due(step) is not None:
+            points.append((step, controller.last_report.nonzero, controller.lambda_))
+    return {"points": points}
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_two_ranks_follow_the_one_process_trajectory(strategy: str) -> None:
+    generator = torch.Generator().manual_seed(1)
+    batches = [
+        (torch.randn(8, 13, generator=generator), torch.randint(0, 5, (8,), generator=generator))
+        for _ in range(8)
+    ]
+    single = matrix_model()
+    optimizer = torch.optim.SGD(single.parameters(), lr=0.1)
+
+    def step(x: torch.Tensor, y: torch.Tensor) -> None:
+        torch.nn.functional.cross_entropy(single(x), y).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+    reference = _run_trajectory(single, optimizer, step, batches, 0, 1)
+    reference_weights = effective_weights(single)
+    counts_moved = {nonzero for _, nonzero, _ in reference["points"]}
+    assert len(reference["points"]) == 4 and len(counts_moved) == 4  # zeros really appear
+    for result in run_ranks(_trajectory, 2, strategy, batches, timeout=200):
+        assert result["points"] == reference["points"]  # counts and lambda, exactly
+        for name, weight in reference_weights.items():
+            torch.testing.assert_close(result["weights"][name], weight, rtol=1e-5, atol=1e-6)
+
+
+def _loss_mode_on_shards(rank: int, world: int, strategy: str) -> str:
+    os.environ.update(LOCAL_RANK=str(rank), RANK=str(rank), WORLD_SIZE=str(world))
+    wrapped = wrap(strategy, matrix_model(), lambda m: torch.optim.SGD(m.parameters(), lr=0.1))
+    try:
+        SparsityController(wrapped.model, BregmanConfig(mode="loss"))
+    except ValueError as error:
+        return str(error)
+    return "accepted"
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize(
+    ("strategy", "accepted"), [("fsdp2", False), ("zero3", False), ("zero2", True)]
+)
+def test_loss_mode_needs_whole_tensors(strategy: str, accepted: bool) -> None:
+    for message in run_ranks(_loss_mode_on_shards, 2, strategy, timeout=100):
+        if accepted:
+            assert message == "accepted"
+        else:
+            assert "mode='loss' needs every measured tensor whole on each rank" in message

@@ -14,6 +14,10 @@ from torch.utils.data import DataLoader, DistributedSampler
 from dist_bregman import BregmanPruner, comm, measure_sparsity
 from tests.helpers.lightning import SeedModel, make_trainer, seed_loader
 
+# These start processes that rendezvous over TCP ports; the xdist group keeps them from
+# running at the same time as each other (a free port can be taken between check and bind).
+pytestmark = pytest.mark.xdist_group("tcp_ports")
+
 
 class Probe(pl.Callback):
     """Records (step, nonzero, lambda) at every update; at the end gathers every rank's

@@ -1,0 +1,89 @@
+"""Lightning's DeepSpeed strategy, also on CPU.
+
+Lightning's ``DeepSpeedStrategy`` refuses anything but CUDA. DeepSpeed itself runs ZeRO
+stages 1-3 on CPU with gloo; three things stand in the way, and this subclass changes only
+those, and only off CUDA (on GPUs it is exactly Lightning's strategy, so one config serves
+both):
+
+* ``setup_environment`` raises for a non-CUDA accelerator: use DDP's set-up instead;
+* ``setup_distributed`` validates CUDA device indices: skip that on CPU;
+* engines are built with ``device_rank=root_device.index``, which is ``None`` on CPU and
+  makes DeepSpeed fail: use the local rank.
+
+    trainer = Trainer(accelerator="cpu", devices=2,
+                      strategy=DeepSpeedStrategy(stage=3, config=...))
+
+For tests and for users without GPUs; it is not a performance path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+from lightning.fabric.utilities.seed import reset_seed
+from lightning.pytorch.accelerators.cuda import CUDAAccelerator
+from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.strategies import DeepSpeedStrategy as LightningDeepSpeedStrategy
+from typing_extensions import override
+
+
+class DeepSpeedStrategy(LightningDeepSpeedStrategy):
+    """Lightning's ``DeepSpeedStrategy`` that also runs on CPU (see the module docstring)."""
+
+    strategy_name = "deepspeed_cpu_capable"
+
+    @property
+    def _on_cuda(self) -> bool:
+        return isinstance(self.accelerator, CUDAAccelerator)
+
+    @override
+    def setup_environment(self) -> None:
+        if self._on_cuda:
+            super().setup_environment()
+        else:
+            DDPStrategy.setup_environment(self)
+
+    @override
+    def setup_distributed(self) -> None:
+        if self._on_cuda:
+            super().setup_distributed()
+            return
+        reset_seed()
+        self.set_world_ranks()
+        self._init_deepspeed_distributed()
+
+    @override
+    def _setup_model_and_optimizer(self, *args: Any, **kwargs: Any) -> Any:
+        with self._device_rank():
+            return super()._setup_model_and_optimizer(*args, **kwargs)
+
+    @override
+    def init_deepspeed(self) -> None:
+        with self._device_rank():
+            super().init_deepspeed()
+
+    @contextlib.contextmanager
+    def _device_rank(self) -> Iterator[None]:
+        """While Lightning builds an engine off CUDA, give DeepSpeed the local rank where
+        Lightning passes ``root_device.index`` (None for a CPU device)."""
+        if self._on_cuda:
+            yield
+            return
+        import deepspeed
+
+        original = deepspeed.initialize
+        local_rank = self.local_rank
+
+        def initialize(*args: Any, **kwargs: Any) -> Any:
+            namespace = kwargs.get("args")
+            if namespace is not None and getattr(namespace, "device_rank", None) is None:
+                namespace.device_rank = local_rank
+            return original(*args, **kwargs)
+
+        deepspeed.initialize = initialize
+        try:
+            yield
+        finally:
+            deepspeed.initialize = original

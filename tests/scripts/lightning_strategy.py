@@ -1,0 +1,150 @@
+"""Lightning, 2 CPU processes, one strategy: what every rank's BregmanPruner saw.
+
+    python tests/scripts/lightning_strategy.py --strategy zero3 --out /tmp/result.pkl
+
+Lightning re-runs this script for rank 1. Rank 0 writes a pickle with, per rank: the
+(step, nonzero, lambda) trajectory, the final report, and counts of the full effective
+weights gathered with the strategy's own machinery.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import pickle
+import sys
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch import nn
+from torch.nn import functional as F
+from torch.utils.data import DataLoader, TensorDataset
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from dist_bregman import BregmanPruner, comm, regularized_groups
+from dist_bregman.optim import LinBreg
+from tests.helpers.strategies import counts, effective_weights, matrix_model
+
+
+class Model(pl.LightningModule):
+    def __init__(self, optimizer: str) -> None:
+        super().__init__()
+        self.net = matrix_model()
+        self.optimizer_name = optimizer
+        self.bregman_pruner: BregmanPruner | None = None
+
+    def configure_model(self) -> None:
+        if self.device_mesh is None:
+            return
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in self.net:
+            if isinstance(layer, nn.Linear):
+                fully_shard(layer, mesh=self.device_mesh["data_parallel"])
+        fully_shard(self.net, mesh=self.device_mesh["data_parallel"])
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        loss = F.cross_entropy(self.net(x), y)
+        if self.bregman_pruner is not None:
+            loss = loss + self.bregman_pruner.get_regularization_loss(self)
+        return loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        if self.optimizer_name == "linbreg":
+            return LinBreg(regularized_groups(self.net), lr=0.5)
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+class Probe(pl.Callback):
+    def __init__(self, pruner: BregmanPruner, out: Path) -> None:
+        self.pruner, self.out, self.points = pruner, out, []
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+        controller = self.pruner.controller
+        if controller is not None and controller.last_update_step == trainer.global_step:
+            self.points.append(
+                (trainer.global_step, controller.last_report.nonzero, controller.lambda_)
+            )
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        gather: Any = contextlib.nullcontext()
+        if getattr(trainer.strategy, "zero_stage_3", False):
+            import deepspeed
+
+            gather = deepspeed.zero.GatheredParameters(
+                list(pl_module.parameters()), modifier_rank=None
+            )
+        with gather:
+            gathered = counts(effective_weights(pl_module.net))
+        controller = self.pruner.controller
+        assert controller is not None
+        record = {
+            "points": self.points,
+            "report": controller.measure(),
+            "gathered": gathered,
+            "lambda": controller.lambda_,
+            "optimizer": type(trainer.optimizers[0]).__name__,
+        }
+        everyone = comm.all_gather_object(record)
+        if trainer.is_global_zero:
+            self.out.write_bytes(pickle.dumps(everyone))
+
+
+def strategy_for(name: str) -> Any:
+    if name == "ddp":
+        return "ddp"
+    if name == "fsdp2":
+        from lightning.pytorch.strategies import ModelParallelStrategy
+
+        return ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)
+    from dist_bregman.strategies import DeepSpeedStrategy
+
+    stage = int(name[-1])
+    return DeepSpeedStrategy(
+        config={
+            "train_micro_batch_size_per_gpu": 16,
+            "zero_allow_untested_optimizer": True,
+            "zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 0},
+        }
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--strategy", required=True)
+    parser.add_argument("--optimizer", default="sgd")
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(256, 13, generator=generator)
+    data = DataLoader(TensorDataset(x, x[:, :5].argmax(dim=1)), batch_size=16)
+    pruner = BregmanPruner(
+        target_sparsity=0.6,
+        initial_lambda=0.02 if args.optimizer == "sgd" else 0.05,
+        lambda_update_rate=0.05,
+        update_frequency=4,
+    )
+    model = Model(args.optimizer)
+    model.bregman_pruner = pruner
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy=strategy_for(args.strategy),
+        max_epochs=2,
+        callbacks=[pruner, Probe(pruner, args.out)],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(model, data)
+    comm.shutdown()
+
+
+if __name__ == "__main__":
+    main()
