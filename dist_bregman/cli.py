@@ -10,6 +10,7 @@ final lambda, and writes ``summary.json`` and ``sparsity_lambda.png`` beside the
 
 from __future__ import annotations
 
+import gc
 from pathlib import Path
 
 from lightning.pytorch.cli import LightningCLI
@@ -68,12 +69,16 @@ class BregmanCLI(LightningCLI):
 
 def main(args: list[str] | None = None) -> None:
     """Entry point of ``dist-bregman`` and ``python -m dist_bregman``."""
-    BregmanCLI(
+    cli = BregmanCLI(
         args=args,
         save_config_kwargs={"overwrite": True},
         parser_kwargs={"default_env": False},
     )
-    comm.shutdown()  # gloo jobs left to the interpreter's teardown were seen aborting
+    # Release the trainer (and the wrappers holding process groups) before the groups go:
+    # gloo teardown at interpreter exit was seen to abort or hang (see comm.shutdown).
+    del cli
+    gc.collect()
+    comm.shutdown()
 
 
 if __name__ == "__main__":

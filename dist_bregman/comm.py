@@ -101,9 +101,13 @@ def barrier(group: ProcessGroup = None) -> None:
 def shutdown() -> None:
     """End a distributed job cleanly: wait for every rank, then destroy the process groups.
 
-    gloo jobs that leave process groups for the interpreter to tear down (DeepSpeed ZeRO-3
-    creates extra ones) were seen aborting at exit ("terminate called without an active
-    exception") after all work was done.
+    Call it after dropping the objects that hold a process group (``del ddp_model``,
+    ``del engine``; a LightningCLI/Trainer). Two teardown failures were seen here with gloo
+    when groups were left to the interpreter: DeepSpeed ZeRO-3 jobs aborting at exit
+    ("terminate called without an active exception"), and a DDP job hanging for good
+    because the DDP reducer, freed at exit, ran the group's destructor with the GIL held
+    while gloo's worker thread waited for the GIL to release a Python tensor (3 of 8
+    concurrent runs). Releasing the wrappers first, then this, ended 12 of 12 cleanly.
     """
     if is_distributed():
         dist.barrier()

@@ -106,6 +106,7 @@ def main() -> None:
             f"lambda {controller.lambda_:.8f}",
             flush=True,
         )
+    del engine  # it holds process groups: release it before they go (see comm.shutdown)
     comm.shutdown()
 
 

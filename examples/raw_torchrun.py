@@ -23,7 +23,7 @@ from torch.nn import functional as F
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
-from dist_bregman import BregmanConfig, SparsityController
+from dist_bregman import BregmanConfig, SparsityController, comm
 from dist_bregman.data import digits_splits
 
 
@@ -100,8 +100,8 @@ def main() -> None:
             f"final sparsity {100 * report.sparsity:.3f}% lambda {controller.lambda_:.8f}",
             flush=True,
         )
-    dist.barrier()
-    dist.destroy_process_group()
+    del ddp  # it holds the process group: release it before the group goes (see comm.shutdown)
+    comm.shutdown()
 
 
 if __name__ == "__main__":
