@@ -6,10 +6,12 @@ that make exact zeros in the tensors the optimizer holds.
 """
 
 from dist_bregman.callbacks.bregman import BregmanPruner
+from dist_bregman.callbacks.pruning import SafeModelPruning
 from dist_bregman.config import BregmanConfig
 from dist_bregman.control import LambdaDecision, next_lambda
 from dist_bregman.controller import SparsityController
 from dist_bregman.param_groups import regularized_groups
+from dist_bregman.pruning import MagnitudePruner, PruningConfig
 from dist_bregman.regularizers import L1, Regularizer
 from dist_bregman.sparsity import SparsityReport, measure_sparsity
 
@@ -18,7 +20,10 @@ __all__ = [
     "BregmanConfig",
     "BregmanPruner",
     "LambdaDecision",
+    "MagnitudePruner",
+    "PruningConfig",
     "Regularizer",
+    "SafeModelPruning",
     "SparsityController",
     "SparsityReport",
     "measure_sparsity",

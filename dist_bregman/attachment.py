@@ -162,9 +162,9 @@ def _pieces(params: Sequence[torch.Tensor], holds: Holding) -> list[torch.Tensor
     """The measured elements of ``params``: local shards, sliced to their regions."""
     pieces = []
     for p in params:
-        for region in holds.regions.get(id(p), ()):
+        for part in holds.parts.get(id(p), ()):
             local = local_tensor(p)
-            pieces.append(local if region is None else local[region])
+            pieces.append(local if part.region is None else local[part.region])
     return pieces
 
 

@@ -4,8 +4,9 @@
     python -m dist_bregman fit --config configs/digits.yaml --trainer.max_epochs=5
 
 After ``fit`` it tests the final (sparse) weights, prints test accuracy, final sparsity and
-final lambda, and writes ``summary.json`` and ``sparsity_lambda.png`` beside the logger's
-``metrics.csv`` (``runs/<name>/version_N/`` with the default config).
+final lambda, and writes ``summary.json``, ``sparsity_lambda.png`` and (for an unsharded
+model) ``model_sparse.safetensors`` with its dense-vs-sparse byte report beside the
+logger's ``metrics.csv`` (``runs/<name>/version_N/`` with the default config).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from lightning.pytorch.cli import LightningCLI
 
 from dist_bregman import comm
 from dist_bregman.callbacks.bregman import BregmanPruner
+from dist_bregman.export import export_sparse
 from dist_bregman.report import plot_sparsity_lambda, write_summary
 
 
@@ -59,6 +61,10 @@ class BregmanCLI(LightningCLI):
             return
         folder.mkdir(parents=True, exist_ok=True)
         summary["global_step"] = trainer.global_step
+        if controller is not None and not any(p.sharded for p in controller.placements):
+            layers = export_sparse(self.model, folder / "model_sparse.safetensors")
+            summary["export_dense_bytes"] = sum(layer.dense_bytes for layer in layers)
+            summary["export_sparse_bytes"] = sum(layer.sparse_bytes for layer in layers)
         write_summary(folder, summary)
         metrics = folder / "metrics.csv"
         if metrics.exists() and pruner is not None:

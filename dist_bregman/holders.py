@@ -14,8 +14,8 @@ torch optimizer holds:
   the duration of its ``step()``;
 * DeepSpeed stage-0 fp16/bf16 (``FP16_UnfusedOptimizer``): shaped fp32 copies.
 
-:func:`holding` reads those layouts once, at attach time; the regions are slices of each
-held tensor's local data. This module never communicates.
+:func:`holding` reads those layouts once, at attach time: for each held tensor, the
+:class:`Part` s of it that belong to measured tensors. This module never communicates.
 """
 
 from __future__ import annotations
@@ -34,15 +34,26 @@ from dist_bregman.shards.replicated import Replicated
 from dist_bregman.shards.zero import ZeroPartition
 
 
+@dataclass(frozen=True, slots=True)
+class Part:
+    """Measured elements inside one held tensor."""
+
+    region: slice | None
+    """Where they are in the held tensor's local data (``None``: all of it)."""
+    index: int
+    """The placement (measured tensor) they belong to."""
+    local: slice | None
+    """Which of that placement's local-view elements (flattened) they are (``None``: all)."""
+
+
 @dataclass
 class Holding:
     """What one optimizer holds of the measured tensors."""
 
     optimizer: torch.optim.Optimizer
     """The torch optimizer that steps (a DeepSpeed wrapper's client optimizer)."""
-    regions: dict[int, list[slice | None]] = field(default_factory=lambda: defaultdict(list))
-    """``id(held tensor)`` -> slices of its local data that belong to measured tensors
-    (``None``: the whole tensor)."""
+    parts: dict[int, list[Part]] = field(default_factory=lambda: defaultdict(list))
+    """``id(held tensor)`` -> the measured elements inside it."""
     held: dict[int, int] = field(default_factory=dict)
     """Placement index -> ``id`` of the tensor holding its local elements."""
     group_of: dict[int, int] = field(default_factory=dict)
@@ -72,7 +83,7 @@ def holding(optimizer: Any, placements: Sequence[Placement]) -> Holding:
         tensor, region = placement.holder()
         if id(tensor) in result.group_of:
             result.held[index] = id(tensor)
-            result.regions[id(tensor)].append(region)
+            result.parts[id(tensor)].append(Part(region, index, None))
             whole = isinstance(placement, Replicated) or (
                 isinstance(placement, DTensorPlacement) and placement.view().rows_whole
             )
@@ -102,7 +113,10 @@ def _zero12(wrapper: Any, placements: Sequence[Placement]) -> Holding:
                 result.held[index] = id(flat)
                 start, stop = max(offset, low), min(offset + p.numel(), high)
                 if start < stop:
-                    result.regions[id(flat)].append(slice(start - low, stop - low))
+                    part = Part(
+                        slice(start - low, stop - low), index, slice(start - offset, stop - offset)
+                    )
+                    result.parts[id(flat)].append(part)
             offset += p.numel()
     return result
 
@@ -122,7 +136,7 @@ def _zero3(wrapper: Any, placements: Sequence[Placement]) -> Holding:
                 _, valid = placement.valid()
                 result.held[index] = id(flat)
                 if valid:
-                    result.regions[id(flat)].append(slice(offset, offset + valid))
+                    result.parts[id(flat)].append(Part(slice(offset, offset + valid), index, None))
             offset += p.ds_tensor.numel()
     return result
 
@@ -143,6 +157,6 @@ def _fp32_copies(wrapper: Any, placements: Sequence[Placement]) -> Holding:
             index = index_of.get(id(p))
             if index is not None:
                 result.held[index] = id(copy)
-                result.regions[id(copy)].append(None)
+                result.parts[id(copy)].append(Part(None, index, None))
                 result.rows_whole.add(id(copy))
     return result

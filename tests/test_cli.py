@@ -39,6 +39,8 @@ def test_shipped_jobs_reach_their_target_and_write_the_report(
     assert summary["test_accuracy"] >= 0.93
     assert summary["total"] == 64 * 256 + 256 * 128 + 128 * 10
     assert (folder / "sparsity_lambda.png").stat().st_size > 10_000
+    assert summary["export_sparse_bytes"] < summary["export_dense_bytes"]
+    assert (folder / "model_sparse.report.md").exists()
     header = (folder / "metrics.csv").read_text().splitlines()[0]
     assert "bregman/sparsity" in header and "bregman/lambda" in header
     printed = capsys.readouterr().out

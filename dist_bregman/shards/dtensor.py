@@ -40,6 +40,8 @@ class DTensorPlacement(Placement):
             c == 0 for c, p in zip(coordinate, placements, strict=True) if isinstance(p, Replicate)
         )
         self._rows_whole = all(not isinstance(p, Shard) or p.dim == 0 for p in placements)
+        self.sharded_only = not any(isinstance(p, Replicate) for p in placements)
+        """No replicas along any mesh dimension (a plain FSDP2 mesh, not HSDP)."""
 
     @property
     def global_numel(self) -> int:

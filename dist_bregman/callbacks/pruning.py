@@ -1,0 +1,163 @@
+"""``SafeModelPruning``: scheduled magnitude pruning, safe under every strategy.
+
+An adapter over :class:`~dist_bregman.pruning.MagnitudePruner`: prune at the end of every
+``prune_every`` epochs (or steps) to the scheduled amount, keep the masks through every
+optimizer step, re-derive them on resume, and release them at the end of ``fit``.
+Where it differs from Lightning's ``ModelPruning``: the amount is the fraction of the set
+that is zero after the event (not a fraction of what is left, which compounds), masks are
+computed from every rank's shards and are identical everywhere, and there is no
+lottery-ticket copy taken before DDP broadcasts the weights.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback
+from typing_extensions import override
+
+from dist_bregman import logs
+from dist_bregman.pruning import (
+    MagnitudePruner,
+    PruningConfig,
+    PruningEvent,
+    Schedule,
+    scheduled_amount,
+)
+from dist_bregman.targets import ParameterPairs, validate_pairs
+
+
+class SafeModelPruning(Callback):
+    """Scheduled magnitude pruning (``amount`` -> ``final_amount`` over ``epochs_to_ramp``).
+
+    Works beside :class:`~dist_bregman.BregmanPruner` in one ``Trainer``: zeros either of
+    them makes count toward the other's numbers, and both report the same sparsity for
+    the same parameters. See :class:`~dist_bregman.pruning.PruningConfig` for every setting.
+    """
+
+    def __init__(
+        self,
+        amount: float = 0.5,
+        scheduled_pruning: bool = False,
+        final_amount: float | None = None,
+        epochs_to_ramp: int = 10,
+        *,
+        schedule: Schedule = "cubic",
+        structured: bool = False,
+        dim: int = 0,
+        norm: float = 1.0,
+        use_global: bool = True,
+        parameters_to_prune: ParameterPairs | None = None,
+        prune_every: int = 1,
+        prune_unit: Literal["epoch", "step"] = "epoch",
+        make_permanent_at_end: bool = True,
+        verbose: int = 0,
+    ) -> None:
+        self.config = PruningConfig(
+            amount=amount,
+            scheduled_pruning=scheduled_pruning,
+            final_amount=final_amount,
+            epochs_to_ramp=epochs_to_ramp,
+            schedule=schedule,
+            structured=structured,
+            dim=dim,
+            norm=norm,
+            use_global=use_global,
+            prune_every=prune_every,
+            prune_unit=prune_unit,
+            make_permanent_at_end=make_permanent_at_end,
+            verbose=verbose,
+        )
+        self.parameters_to_prune = (
+            None if parameters_to_prune is None else validate_pairs(parameters_to_prune)
+        )
+        self.pruner: MagnitudePruner | None = None
+        self.last_event: int | None = None
+        """The epoch (or step) of the last pruning event."""
+        self.last: PruningEvent | None = None
+
+    @property
+    def current_amount(self) -> float | None:
+        """The amount of the last pruning event, or None before the first."""
+        return None if self.last is None else self.last.amount
+
+    # ------------------------------------------------------------------ Lightning hooks
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit" or self.pruner is None:
+            self.pruner = MagnitudePruner(pl_module, self.config, self.parameters_to_prune)
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        pruner = self._pruner()
+        pruner.bind(trainer.strategy.model or pl_module)
+        pruner.attach(*trainer.optimizers)
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Resuming mid-schedule: the weights are restored by now, their zeros are the masks.
+        if self.last_event is not None:
+            self._pruner().derive_masks()
+
+    @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if (
+            self.config.prune_unit == "epoch"
+            and (trainer.current_epoch + 1) % self.config.prune_every == 0
+        ):
+            self._event(trainer.current_epoch, pl_module)
+
+    @override
+    def on_train_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        step = trainer.global_step
+        due = step > 0 and step % self.config.prune_every == 0 and step != self.last_event
+        if self.config.prune_unit == "step" and due:
+            self._event(step, pl_module)
+
+    @override
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.config.make_permanent_at_end and self.pruner is not None:
+            self.pruner.release()
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self.pruner is not None:
+            self.pruner.detach()
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"version": 1, "last_event": self.last_event, "amount": self.current_amount}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.last_event = state_dict.get("last_event")
+
+    # ------------------------------------------------------------------ internals
+    def _event(self, unit: int, pl_module: pl.LightningModule) -> None:
+        amount = scheduled_amount(unit, self.config)
+        event = self._pruner().prune(amount)
+        self.last, self.last_event = event, unit
+        if self.config.verbose:
+            report, config = event.report, self.config
+            scope = "global" if config.use_global else "per tensor"
+            kind = "structured" if config.structured else "unstructured"
+            zeros = f"{report.total - report.nonzero}/{report.total} zero"
+            logs.info0(
+                f"SafeModelPruning: {config.prune_unit} {unit}: pruned to {100 * amount:.3f}% "
+                f"({scope}, {kind}); sparsity {logs.percent(report.sparsity)} ({zeros})"
+            )
+        pl_module.log("pruning/amount", amount, batch_size=1)
+        pl_module.log("pruning/sparsity", event.report.sparsity, batch_size=1)
+
+    def _pruner(self) -> MagnitudePruner:
+        if self.pruner is None:
+            raise RuntimeError("SafeModelPruning is used before Trainer.fit set it up")
+        return self.pruner

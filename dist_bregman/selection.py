@@ -1,0 +1,97 @@
+"""The exact k smallest elements of a set spread over ranks, as the unsharded set would give.
+
+Magnitude pruning needs "the k smallest |w|" over tensors that no rank holds whole. Sorting
+a gathered copy is out of the question for large models, and a sampled or approximate
+threshold gives each rank (and each strategy) a slightly different mask. Instead:
+
+* keys: ``|w|`` (or a row score) as float64, whose bit pattern, read as int64, orders
+  nonnegative floats exactly (bf16/fp16/fp32 values embed in float64 exactly);
+* radix select: 8 bits per round from the top, one all-reduce of a ``[groups, 256]``
+  histogram per round, 8 rounds, gives the exact k-th key ``tau`` and the count below it;
+* ties at ``tau`` are broken in global element order (tensor order, then flattened index),
+  so the pruned set is a function of the values alone: with one more all-reduce of each
+  rank's tie counts, every rank knows how many of its ties come first.
+
+``reduce`` sums an int64 tensor over ranks (the identity in one process). Pure torch
+otherwise; :mod:`dist_bregman.comm` supplies the collective.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+Reduce = Callable[[torch.Tensor], torch.Tensor]
+DIGIT_BITS = 8
+BINS = 1 << DIGIT_BITS
+
+
+def keys_of(scores: torch.Tensor) -> torch.Tensor:
+    """Monotone int64 keys of nonnegative scores (float64 bit patterns), flattened."""
+    return scores.detach().to(torch.float64).abs().reshape(-1).view(torch.int64)
+
+
+@dataclass(frozen=True, slots=True)
+class Cut:
+    """Where one group's k smallest keys end."""
+
+    threshold: int
+    """The k-th smallest key (-1 when k == 0: nothing is selected)."""
+    below: int
+    """Keys strictly smaller than ``threshold`` (all selected)."""
+    ties: int
+    """Keys equal to ``threshold`` that are selected too (the first ones in order)."""
+
+
+def radix_select(
+    keys: Sequence[Sequence[torch.Tensor]], ks: Sequence[int], reduce: Reduce
+) -> list[Cut]:
+    """For each group ``g`` (a list of local key tensors), where its ``ks[g]`` smallest keys
+    over all ranks end. Every rank must call this with the same group structure."""
+    groups = len(keys)
+    device = next((t.device for group in keys for t in group), torch.device("cpu"))
+    prefix = [0] * groups
+    below = [0] * groups
+    need = list(ks)
+    for shift in range(64 - DIGIT_BITS, -1, -DIGIT_BITS):
+        histogram = torch.zeros(groups, BINS, dtype=torch.int64, device=device)
+        for g, group in enumerate(keys):
+            if need[g] <= 0:
+                continue
+            for local in group:
+                if shift < 64 - DIGIT_BITS:
+                    local = local[
+                        (local >> (shift + DIGIT_BITS)) == (prefix[g] >> (shift + DIGIT_BITS))
+                    ]
+                digits = (local >> shift) & (BINS - 1)
+                histogram[g] += torch.bincount(digits, minlength=BINS)
+        counts = reduce(histogram).tolist()
+        for g in range(groups):
+            if need[g] <= 0:
+                continue
+            running = 0
+            for digit, count in enumerate(counts[g]):
+                if running + count >= need[g]:
+                    prefix[g] |= digit << shift
+                    below[g] += running
+                    need[g] -= running
+                    break
+                running += count
+    return [
+        Cut(-1, 0, 0) if ks[g] <= 0 else Cut(prefix[g], below[g], need[g]) for g in range(groups)
+    ]
+
+
+def select_mask(keys: torch.Tensor, cut: Cut, ties_before: int) -> torch.Tensor:
+    """Which of ``keys`` (local, in global order) are among the selected: those below the
+    threshold, and the ties whose global position is within the cut's quota."""
+    if cut.threshold < 0:
+        return torch.zeros_like(keys, dtype=torch.bool)
+    chosen = keys < cut.threshold
+    allowed = cut.ties - ties_before
+    if allowed > 0:
+        equal = keys == cut.threshold
+        chosen |= equal & (torch.cumsum(equal.to(torch.int64), 0) <= allowed)
+    return chosen

@@ -1,0 +1,118 @@
+"""SafeModelPruning's masks under sharding equal the unsharded model's, on every rank."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import pytest
+import torch
+
+from dist_bregman import comm
+from dist_bregman.pruning import MagnitudePruner, PruningConfig
+from tests.helpers.dist import run_ranks
+from tests.helpers.strategies import effective_weights, matrix_model, wrap
+
+
+def _model() -> torch.nn.Sequential:
+    """The matrix model with weights on a coarse grid: ties everywhere, across shards."""
+    model = matrix_model()
+    with torch.no_grad():
+        for index in (0, 2, 4):
+            layer = model[index]
+            weight = layer.weight_orig if hasattr(layer, "weight_orig") else layer.weight
+            weight.copy_(torch.round(weight * 8) / 8)
+    return model
+
+
+def _config(kind: str) -> PruningConfig:
+    return {
+        "global": PruningConfig(amount=0.55),
+        "per_tensor": PruningConfig(amount=0.55, use_global=False),
+        "structured": PruningConfig(amount=0.4, structured=True, norm=2.0),
+    }[kind]
+
+
+def _pattern(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {name: weight == 0 for name, weight in weights.items()}
+
+
+def _prune_on_ranks(rank: int, world: int, strategy: str, kind: str) -> dict[str, Any]:
+    os.environ.update(LOCAL_RANK=str(rank), RANK=str(rank), WORLD_SIZE=str(world))
+    wrapped = wrap(strategy, _model(), lambda m: torch.optim.SGD(m.parameters(), lr=0.2))
+    pruner = MagnitudePruner(wrapped.model, _config(kind))
+    pruner.attach(wrapped.optimizer)
+    event = pruner.prune(_config(kind).amount)
+    pruned = _pattern(wrapped.full_effective())
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(3):  # the masks must survive steps (and fp32 masters)
+        wrapped.train_step(
+            torch.randn(4, 13, generator=generator), torch.randint(0, 5, (4,), generator=generator)
+        )
+    after = _pattern(wrapped.full_effective())
+    return {
+        "pruned": pruned,
+        "after": after,
+        "report": event.report,
+        "agree": comm.all_gather_object(event.report),
+    }
+
+
+CASES = [
+    (strategy, world, "global")
+    for strategy in (
+        "ddp",
+        "fsdp1_orig",
+        "fsdp1_flat",
+        "fsdp2",
+        "zero1",
+        "zero2",
+        "zero3",
+        "zero3_persist",
+    )
+    for world in (2, 3)
+] + [
+    ("ddp", 3, "per_tensor"),
+    ("fsdp2", 3, "per_tensor"),
+    ("zero3", 3, "per_tensor"),
+    ("ddp", 2, "structured"),
+    ("fsdp2", 3, "structured"),
+]
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize(("strategy", "world", "kind"), CASES)
+def test_masks_equal_the_single_process_masks_on_every_rank(
+    strategy: str, world: int, kind: str
+) -> None:
+    single = _model()
+    MagnitudePruner(single, _config(kind)).prune(_config(kind).amount)
+    expected = _pattern(effective_weights(single))
+    results = run_ranks(_prune_on_ranks, world, strategy, kind, timeout=200)
+    for result in results:
+        assert all(torch.equal(result["pruned"][n], expected[n]) for n in expected)
+        for name, zero in expected.items():  # what was pruned is still zero after steps
+            if kind == "structured":  # units are rows; zeros elsewhere may train back
+                rows = zero.all(dim=1)
+                assert bool(result["after"][name][rows].all())
+            else:  # every zero was selected: zeros are the smallest magnitudes
+                assert bool((result["after"][name] | ~zero).all())
+        assert all(report == results[0]["report"] for report in result["agree"])
+    zeros = sum(int(m.sum()) for m in expected.values())
+    assert results[0]["report"].total - results[0]["report"].nonzero == zeros
+
+
+def _structured_on_flat(rank: int, world: int) -> str:
+    os.environ.update(LOCAL_RANK=str(rank), RANK=str(rank), WORLD_SIZE=str(world))
+    wrapped = wrap("zero3", _model(), lambda m: torch.optim.SGD(m.parameters(), lr=0.2))
+    try:
+        MagnitudePruner(wrapped.model, PruningConfig(structured=True))
+    except ValueError as error:
+        return str(error)
+    return "accepted"
+
+
+@pytest.mark.timeout(120)
+def test_structured_pruning_on_flat_shards_is_refused() -> None:
+    for message in run_ranks(_structured_on_flat, 2, timeout=100):
+        assert "structured=True" in message and "rows are not whole" in message

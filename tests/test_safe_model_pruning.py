@@ -1,0 +1,128 @@
+"""SafeModelPruning in a real Trainer: the seed's third snippet, resume, fresh loads."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from dist_bregman import BregmanPruner, SafeModelPruning, measure_sparsity
+from dist_bregman.pruning import MagnitudePruner, PruningConfig
+from tests.helpers.lightning import SeedModel, make_trainer, seed_loader
+
+
+def test_seed_snippet_both_callbacks_in_one_trainer_report_the_same_sparsity(
+    tmp_path: Path,
+) -> None:
+    callbacks = [
+        # Structured pruning (removes weights)
+        SafeModelPruning(amount=0.2, scheduled_pruning=True, final_amount=0.6, epochs_to_ramp=10),
+        # Bregman regularization (encourages sparsity)
+        BregmanPruner(target_sparsity=0.8, initial_lambda=0.01, lambda_update_rate=0.001),
+    ]
+    model = SeedModel()
+    model.bregman_pruner = callbacks[1]
+    trainer = make_trainer(tmp_path, callbacks, max_epochs=4)
+    trainer.fit(model, seed_loader())
+    pruning, bregman = callbacks
+    cubic = 0.6 + (0.2 - 0.6) * (1 - 3 / 10) ** 3
+    assert pruning.current_amount == pytest.approx(cubic) and pruning.last_event == 3
+    truth = measure_sparsity(model)
+    assert pruning.last.report.nonzero >= truth.nonzero  # Bregman zeros after the event count too
+    assert bregman.controller.measure() == truth  # one truth for both callbacks
+    assert truth.total - truth.nonzero >= round(cubic * truth.total)
+    assert trainer.callback_metrics["pruning/amount"].item() == pytest.approx(cubic)
+
+
+class Trace(pl.Callback):
+    def __init__(self) -> None:
+        self.points: list[tuple[int, int, float]] = []
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        report = measure_sparsity(pl_module)
+        self.points.append(
+            (trainer.current_epoch, report.nonzero, float(pl_module.net[0].weight.detach().sum()))
+        )
+
+
+def _pruning() -> SafeModelPruning:
+    return SafeModelPruning(
+        amount=0.1, scheduled_pruning=True, final_amount=0.7, epochs_to_ramp=4, schedule="linear"
+    )
+
+
+def test_resume_mid_schedule_gives_the_uninterrupted_run(tmp_path: Path) -> None:
+    whole = Trace()
+    make_trainer(tmp_path / "a", [_pruning(), whole], max_epochs=5).fit(SeedModel(), seed_loader())
+
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    first = _pruning()
+    make_trainer(tmp_path / "b", [first, checkpoint], max_epochs=2, enable_checkpointing=True).fit(
+        SeedModel(), seed_loader()
+    )
+    saved = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)
+    assert saved["callbacks"]["SafeModelPruning"]["last_event"] == 1
+    resumed, pruning = Trace(), _pruning()
+    trainer = make_trainer(tmp_path / "c", [pruning, resumed], max_epochs=5)
+    trainer.fit(SeedModel(), seed_loader(), ckpt_path=tmp_path / "ckpt" / "last.ckpt")
+    assert resumed.points == whole.points[2:]  # masks, schedule and weights continue exactly
+    assert pruning.current_amount == pytest.approx(0.7)
+
+
+def test_a_pruned_checkpoint_loads_into_a_fresh_unpruned_model(tmp_path: Path) -> None:
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    model = SeedModel()
+    pruning = SafeModelPruning(amount=0.5)
+    make_trainer(tmp_path, [pruning, checkpoint], max_epochs=1, enable_checkpointing=True).fit(
+        model, seed_loader()
+    )
+    state = torch.load(tmp_path / "last.ckpt", weights_only=True)["state_dict"]
+    fresh = SeedModel(lr=0.3)
+    fresh.load_state_dict(state)  # plain weights: the masks are the zeros themselves
+    x = torch.randn(16, 10)
+    assert torch.equal(fresh.net(x), model.net(x))
+    assert measure_sparsity(fresh).sparsity == pytest.approx(0.5, abs=1 / 448)
+    assert all(type(p) is torch.nn.Parameter for p in fresh.parameters())
+
+
+def test_step_unit_and_permanent_end(tmp_path: Path) -> None:
+    pruning = SafeModelPruning(amount=0.3, prune_every=5, prune_unit="step")
+    model = SeedModel()
+    make_trainer(tmp_path, [pruning], max_epochs=1).fit(model, seed_loader())
+    assert pruning.last_event == 15  # 16 steps: events at 5, 10, 15
+    assert not pruning.pruner.active  # released at the end of fit...
+    assert measure_sparsity(model).sparsity >= 0.3 - 1 / 448  # ...with the zeros in
+
+
+def test_bad_arguments_raise_at_construction() -> None:
+    with pytest.raises(ValueError, match=r"final_amount=None with scheduled_pruning=True"):
+        SafeModelPruning(amount=0.2, scheduled_pruning=True)
+    with pytest.raises(ValueError, match=r"parameters_to_prune\[0\]"):
+        SafeModelPruning(parameters_to_prune=[(torch.nn.Linear(2, 2), "nope")])
+
+
+@pytest.mark.parametrize("file_format", ["safetensors", "torch"])
+def test_export_round_trip_reproduces_the_outputs(tmp_path: Path, file_format: str) -> None:
+    from torch.nn.utils import prune
+
+    from dist_bregman.export import export_sparse, load_sparse
+
+    model = SeedModel()
+    prune.l1_unstructured(model.net[0], "weight", amount=0.5)  # a torch mask, folded on export
+    MagnitudePruner(model, PruningConfig(amount=0.8)).prune(0.8)
+    path = tmp_path / f"model.{'safetensors' if file_format == 'safetensors' else 'pt'}"
+    layers = export_sparse(model, path, file_format=file_format)
+    fresh = SeedModel(lr=0.3)
+    fresh.load_state_dict(load_sparse(path))
+    x = torch.randn(32, 10)
+    assert torch.equal(fresh.net(x), model.net(x))
+    assert [layer.name for layer in layers] == ["net.0.weight", "net.2.weight"]
+    assert sum(layer.nonzero for layer in layers) == measure_sparsity(model).nonzero
+    assert sum(layer.sparse_bytes for layer in layers) < 0.5 * sum(
+        layer.dense_bytes for layer in layers
+    )
+    table = path.with_suffix(".report.md").read_text()
+    assert "| net.0.weight | 32x10 |" in table and "| total |" in table

@@ -1,0 +1,135 @@
+"""Scheduled magnitude pruning in one process: schedules, exact fractions, ties, masks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from dist_bregman.pruning import MagnitudePruner, PruningConfig, scheduled_amount
+
+
+def _model(quantized: bool = False) -> nn.Sequential:
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(13, 17), nn.ReLU(), nn.Linear(17, 11), nn.ReLU(), nn.Linear(11, 5)
+    )
+    if quantized:  # many exact ties across and within layers
+        with torch.no_grad():
+            for layer in (model[0], model[2], model[4]):
+                layer.weight.copy_(torch.randint(-3, 4, layer.weight.shape).float() / 4)
+    return model
+
+
+WEIGHTS = ("0", "2", "4")
+
+
+def _weights(model: nn.Sequential) -> list[torch.Tensor]:
+    return [model[int(i)].weight.detach() for i in WEIGHTS]
+
+
+@pytest.mark.parametrize(
+    ("schedule", "expected"),
+    [
+        ("linear", {0: 0.2, 1: 0.24, 5: 0.4, 10: 0.6, 12: 0.6}),
+        ("cubic", {0: 0.2, 1: 0.6 - 0.4 * 0.9**3, 5: 0.6 - 0.4 * 0.5**3, 10: 0.6, 12: 0.6}),
+    ],
+)
+def test_schedule_values_at_each_epoch(schedule: str, expected: dict[int, float]) -> None:
+    config = PruningConfig(
+        amount=0.2, scheduled_pruning=True, final_amount=0.6, epochs_to_ramp=10, schedule=schedule
+    )
+    for epoch, value in expected.items():
+        assert scheduled_amount(epoch, config) == pytest.approx(value, abs=1e-12)
+    assert scheduled_amount(7, PruningConfig(amount=0.3)) == 0.3  # unscheduled: constant
+
+
+def test_unstructured_global_prunes_exactly_the_smallest_magnitudes_ties_in_order() -> None:
+    model = _model(quantized=True)
+    weights = [w.clone() for w in _weights(model)]
+    event = MagnitudePruner(model, PruningConfig(amount=0.37)).prune(0.37)
+    flat = torch.cat([w.reshape(-1) for w in weights])
+    k = round(0.37 * flat.numel())
+    order = sorted(range(flat.numel()), key=lambda i: (abs(flat[i].item()), i))
+    expected = torch.ones(flat.numel(), dtype=torch.bool)
+    expected[order[:k]] = False
+    kept = torch.cat([w.reshape(-1) != 0 for w in _weights(model)])
+    assert torch.equal(kept, expected & (flat != 0))
+    assert event.report.total - event.report.nonzero == k
+
+
+@pytest.mark.parametrize("use_global", [True, False])
+@pytest.mark.parametrize("structured", [False, True])
+def test_each_event_reaches_the_exact_fraction(use_global: bool, structured: bool) -> None:
+    model = _model()
+    config = PruningConfig(amount=0.3, use_global=use_global, structured=structured, norm=2.0)
+    pruner = MagnitudePruner(model, config)
+    for amount in (0.3, 0.45, 0.6):
+        pruner.prune(amount)
+        weights = _weights(model)
+        if structured:
+            dead = [int((w.abs().sum(dim=1) == 0).sum()) for w in weights]
+            units = [w.shape[0] for w in weights]
+        else:
+            dead = [int((w == 0).sum()) for w in weights]
+            units = [w.numel() for w in weights]
+        if use_global:
+            assert sum(dead) == round(amount * sum(units))
+        else:
+            assert dead == [round(amount * u) for u in units]
+
+
+def test_natural_zeros_count_toward_the_amount() -> None:
+    model = _model()
+    with torch.no_grad():
+        model[2].weight[:6] = 0.0  # 102 natural zeros
+    pruner = MagnitudePruner(model, PruningConfig(amount=0.1, use_global=False))
+    pruner.prune(0.1)
+    assert int((model[2].weight == 0).sum()) == 102  # 10% = 19 < 102: nothing more to do
+    pruner.prune(0.7)
+    assert int((model[2].weight == 0).sum()) == round(0.7 * 187)
+
+
+def test_masks_hold_through_optimizer_steps_and_can_be_rederived() -> None:
+    model = _model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
+    pruner = MagnitudePruner(model, PruningConfig(amount=0.5))
+    pruner.attach(optimizer)
+    pruner.prune(0.5)
+    pruned = [w == 0 for w in _weights(model)]
+    before = [w.clone() for w in _weights(model)]
+    for _ in range(3):
+        model(torch.randn(8, 13)).pow(2).sum().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    for w, mask, old in zip(_weights(model), pruned, before, strict=True):
+        assert bool((w[mask] == 0).all())
+        assert not torch.equal(w[~mask], old[~mask])  # the rest still trains
+    masks = [m.clone() for m in pruner.masks]
+    pruner.derive_masks()
+    assert all(torch.equal(a, b) for a, b in zip(masks, pruner.masks, strict=True))
+    pruner.release()
+    assert not pruner.active and pruner._handles == []
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "pattern"),
+    [
+        ({"amount": 1.2}, ValueError, r"amount=1\.2"),
+        ({"scheduled_pruning": True}, ValueError, r"final_amount=None with scheduled_pruning=True"),
+        (
+            {"amount": 0.5, "scheduled_pruning": True, "final_amount": 0.3},
+            ValueError,
+            r"final_amount=0\.3",
+        ),
+        ({"epochs_to_ramp": -1}, ValueError, r"epochs_to_ramp=-1"),
+        ({"schedule": "exp"}, ValueError, r"schedule='exp'"),
+        ({"norm": 0.0}, ValueError, r"norm=0\.0"),
+        ({"prune_every": 0}, ValueError, r"prune_every=0"),
+        ({"prune_unit": "batch"}, ValueError, r"prune_unit='batch'"),
+        ({"structured": "yes"}, ValueError, r"structured='yes'"),
+    ],
+)
+def test_bad_pruning_settings_name_the_setting(kwargs: dict, error: type, pattern: str) -> None:
+    with pytest.raises(error, match=pattern):
+        PruningConfig(**kwargs)
