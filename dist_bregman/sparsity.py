@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from dist_bregman import comm
+from dist_bregman import comm, kernels
 from dist_bregman.shards import LocalView, Placement, local_views, place
 from dist_bregman.targets import ParameterPairs, resolve
 
@@ -67,7 +67,8 @@ def nonzero_flags(
     if zero_tolerance == 0.0:
         flags = values.ne(0)
     else:
-        flags = values.abs().le(zero_tolerance).logical_not_()
+        floor = kernels.representable_floor(zero_tolerance, values.dtype).to(values.device)
+        flags = values.abs().le(floor).logical_not_()
     if mask is not None:
         flags.logical_and_(mask.ne(0))
     return flags
@@ -140,7 +141,8 @@ def reduce_counts(
                 f"FSDP2 (fully_shard, Shard(0)) / DDP for group sparsity"
             )
     device = _device(placements, views)
-    buffer = _count_buffer(views, zero_tolerance, device, structure, extra)
+    with torch.no_grad():
+        buffer = _count_buffer(views, zero_tolerance, device, structure, extra)
     if distributed:
         buffer = comm.all_reduce_sum(buffer, group)
     numbers = buffer.tolist()  # the one host synchronisation
@@ -207,21 +209,43 @@ def _count_buffer(
     extra: Sequence[torch.Tensor],
 ) -> torch.Tensor:
     """``[nonzero_0..n-1, total_0..n-1, (4 structure counts per view), extra...]`` as one
-    int64 tensor on ``device``."""
+    int64 tensor on ``device``. CPU tensors are counted by the one-pass kernel in a single
+    call (:mod:`dist_bregman.kernels`); the rest, and structure counts, with torch ops."""
     n = len(views)
     owned = [i for i, view in enumerate(views) if view.values is not None]
     nonzero = torch.zeros(n, dtype=torch.int64, device=device)
     shapes = torch.zeros(n, 4, dtype=torch.int64, device=device)
-    if owned:
+    fast = (
+        []
+        if structure
+        else [
+            i
+            for i in owned
+            if kernels.eligible(views[i].values, views[i].mask, zero_tolerance)  # type: ignore[arg-type]
+        ]
+    )
+    if fast:
+        counted = kernels.count_nonzero_many(
+            [views[i].values for i in fast],  # type: ignore[misc]
+            [views[i].mask for i in fast],
+            zero_tolerance,
+        )
+        if counted is None:
+            fast = []
+        else:
+            nonzero[fast] = counted.to(device)
+    counted_fast = set(fast)
+    slow = [i for i in owned if i not in counted_fast]
+    if slow:
         counts, structures = [], []
-        for i in owned:
+        for i in slow:
             flags = nonzero_flags(views[i].values, views[i].mask, zero_tolerance)  # type: ignore[arg-type]
             counts.append(_sum_flags(flags).to(device))
             if structure:
                 structures.append(structure_counts(flags).to(device))
-        nonzero[owned] = torch.stack(counts)
+        nonzero[slow] = torch.stack(counts)
         if structure:
-            shapes[owned] = torch.stack(structures)
+            shapes[slow] = torch.stack(structures)
     totals = torch.tensor([view.numel for view in views], dtype=torch.int64).to(device)
     parts = [nonzero, totals]
     if structure:

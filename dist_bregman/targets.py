@@ -49,9 +49,10 @@ class Target:
         same ``Parameter`` object before, during and after ``prune.remove``), so it is also
         what the proximal step must change.
         """
-        if pruning_method(self.module, self.attr) is not None:
-            return _read(self.module, self.attr + "_orig"), _read(self.module, self.attr + "_mask")
-        return _read(self.module, self.attr), None
+        module = self.module
+        if module._forward_pre_hooks and pruning_method(module, self.attr) is not None:
+            return _read(module, self.attr + "_orig"), _read(module, self.attr + "_mask")
+        return _read(module, self.attr), None
 
     @property
     def values(self) -> torch.Tensor:

@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
 from dist_bregman.targets import Target
 
 
-@dataclass(frozen=True, slots=True)
-class LocalView:
-    """What one rank counts of one target."""
+class LocalView(NamedTuple):
+    """What one rank counts of one target. (A named tuple: one is built per tensor per
+    measurement, and a frozen dataclass costs several times more to create.)"""
 
     values: torch.Tensor | None
     """Local elements to count (a plain tensor), or ``None`` when this rank counts none."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import heapq
 from collections.abc import Sequence
 
@@ -19,8 +20,9 @@ class Replicated(Placement):
         return self.target.values.numel()
 
     def view(self) -> LocalView:
-        values, mask = self.target.tensors()
-        return LocalView(values.detach(), mask, values.numel(), values.numel(), rows_whole=True)
+        values, mask = self.target.tensors()  # the parameter itself: counted under no_grad
+        numel = values.numel()
+        return LocalView(values, mask, numel, numel, True)
 
 
 def balanced_owners(sizes: Sequence[int], world_size: int) -> list[int]:
@@ -29,10 +31,16 @@ def balanced_owners(sizes: Sequence[int], world_size: int) -> list[int]:
     Largest first onto the least-loaded rank (ties to the lower rank): deterministic, so
     every rank computes the same assignment from the same model without communicating.
     """
+    return list(_balanced_owners(tuple(sizes), world_size))
+
+
+@functools.lru_cache(maxsize=16)
+def _balanced_owners(sizes: tuple[int, ...], world_size: int) -> tuple[int, ...]:
+    """Cached: the sizes of a model's tensors do not change between measurements."""
     loads = [(0, rank) for rank in range(world_size)]
     owners = [0] * len(sizes)
     for index in sorted(range(len(sizes)), key=lambda i: (-sizes[i], i)):
         load, rank = heapq.heappop(loads)
         owners[index] = rank
         heapq.heappush(loads, (load + sizes[index], rank))
-    return owners
+    return tuple(owners)

@@ -112,7 +112,10 @@ def test_natural_zeros_negative_zero_tolerance_and_nan() -> None:
         model.weight.copy_(torch.tensor([[0.0, -0.0, 1e-4, float("nan")]]))
     assert measure_sparsity(model).nonzero == 2  # -0.0 is zero; NaN is not
     assert measure_sparsity(model, zero_tolerance=1e-3).nonzero == 1  # only the NaN
-    assert count_nonzero(torch.tensor([0.5, -2e-3, 1e-3]), None, 1e-3).item() == 2
+    assert count_nonzero(torch.tensor([0.5, -0.25, 0.125]), None, 0.25).item() == 1
+    # Exact: 1e-3 stored in fp32 is 0.0010000000475 > 1e-3, so it is not within tolerance
+    # (comparing against the tolerance rounded to nearest in fp32 would say it is).
+    assert count_nonzero(torch.tensor([1e-3, 9e-4]), None, 1e-3).item() == 1
 
 
 def test_bfloat16_and_masked_counts() -> None:

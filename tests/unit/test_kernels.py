@@ -1,0 +1,54 @@
+"""The compiled CPU counter gives exactly the torch path's numbers, edge cases included."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dist_bregman import kernels
+from dist_bregman.sparsity import count_nonzero
+
+SPECIALS = [0.0, -0.0, float("nan"), float("inf"), -float("inf"), 1e-3, -1e-3, 2.5e-4, 7.0]
+
+
+def _tensor(dtype: torch.dtype, seed: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    values = torch.randn(70_001, generator=generator, dtype=torch.float64) * 1e-3
+    values[torch.rand(values.shape, generator=generator) < 0.4] = 0.0
+    values[: len(SPECIALS)] = torch.tensor(SPECIALS, dtype=torch.float64)
+    return values.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+@pytest.mark.parametrize("zero_tolerance", [0.0, 1e-3, 3.3e-4])
+def test_kernel_matches_the_torch_path(dtype: torch.dtype, zero_tolerance: float) -> None:
+    if kernels.extension() is None:
+        pytest.skip("no C++ compiler on this machine: the torch path is the only path")
+    values = [_tensor(dtype, seed) for seed in range(3)] + [torch.zeros(0, dtype=dtype)]
+    masks = [None, (torch.rand(70_001) < 0.7).to(dtype), None, None]
+    expected = [
+        int(count_nonzero(v, m, zero_tolerance)) for v, m in zip(values, masks, strict=True)
+    ]
+    if not all(kernels.eligible(v, m, zero_tolerance) for v, m in zip(values, masks, strict=True)):
+        assert dtype == torch.bfloat16 and zero_tolerance > 0  # the one documented fallback
+        return
+    counted = kernels.count_nonzero_many(values, masks, zero_tolerance)
+    assert counted is not None and counted.tolist() == expected
+
+
+def test_ineligible_tensors_fall_back() -> None:
+    base = torch.randn(8, 9)
+    assert not kernels.eligible(base.t(), None, 0.0)  # not contiguous
+    assert not kernels.eligible(base, torch.ones(8, 9, dtype=torch.bool), 0.0)  # mask width
+    assert not kernels.eligible(base.to(torch.int32), None, 0.0)
+    assert kernels.eligible(base, torch.ones(8, 9), 0.0)
+
+
+def test_disabled_kernel_gives_none(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DIST_BREGMAN_NO_EXTENSION", "1")
+    kernels.extension.cache_clear()
+    try:
+        assert kernels.count_nonzero_many([torch.ones(3)], [None], 0.0) is None
+    finally:
+        monkeypatch.delenv("DIST_BREGMAN_NO_EXTENSION")
+        kernels.extension.cache_clear()
