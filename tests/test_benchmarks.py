@@ -27,6 +27,7 @@ def test_measure_throughput_quick_writes_json_and_markdown(tmp_path: Path) -> No
     assert set(results[0]["median_seconds"]) == {
         "floor (sum per tensor)",
         "naive ((p == 0).sum().item())",
-        "dist_bregman measure_sparsity",
+        "measure_sparsity(model)",
+        "SparsityController.measure()",
     }
     assert "| × floor |" in (tmp_path / "measure_throughput.md").read_text()
