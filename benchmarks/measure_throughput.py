@@ -17,14 +17,11 @@ alike), medians reported; the ratio to the floor is the median of the per-round 
 from __future__ import annotations
 
 import argparse
-import json
-import platform
-import statistics
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from common import machine, medians, ratios, time_interleaved, write
 from torch import nn
 
 from dist_bregman import SparsityController, kernels, measure_sparsity
@@ -51,25 +48,6 @@ def build_model(million: float, seed: int = 0) -> nn.Module:
     return model
 
 
-def time_interleaved(
-    candidates: dict[str, Callable[[], object]], repeats: int
-) -> dict[str, list[float]]:
-    """Run every candidate once per round, ``repeats`` rounds, after one warm-up round.
-    The order rotates every round: a method that churns memory (the naive loop allocates
-    hundreds of MB) slows whatever runs right after it, and rotating spreads that evenly."""
-    for fn in candidates.values():
-        fn()
-    names = list(candidates)
-    times: dict[str, list[float]] = {name: [] for name in names}
-    for round_index in range(repeats):
-        shift = round_index % len(names)
-        for name in names[shift:] + names[:shift]:
-            start = time.perf_counter()
-            candidates[name]()
-            times[name].append(time.perf_counter() - start)
-    return times
-
-
 def run(million: float, repeats: int) -> dict[str, object]:
     model = build_model(million)
     weights = [m.weight for m in model]
@@ -86,24 +64,17 @@ def run(million: float, repeats: int) -> dict[str, object]:
         "SparsityController.measure()": controller.measure,
     }
     times = time_interleaved(candidates, repeats)
-    floor = times["floor (sum per tensor)"]
     return {
         "parameters": sum(w.numel() for w in weights),
         "tensors": len(weights),
-        "median_seconds": {k: statistics.median(v) for k, v in times.items()},
-        # Each round times every method back to back: the ratio within a round cancels the
-        # machine's drift between rounds; the median over rounds is what is reported.
-        "ratio_to_floor": {
-            k: statistics.median(t / f for t, f in zip(v, floor, strict=True))
-            for k, v in times.items()
-        },
+        "median_seconds": medians(times),
+        "ratio_to_floor": ratios(times, "floor (sum per tensor)"),
     }
 
 
-def markdown(results: list[dict[str, object]], threads: int) -> str:
+def markdown(results: list[dict[str, object]]) -> str:
     lines = [
-        f"Sparsity measurement on {platform.processor() or platform.machine()}, "
-        f"torch {torch.__version__}, {threads} threads (median of interleaved runs)",
+        f"Sparsity measurement on {machine()} (medians of interleaved rounds)",
         "",
         "| parameters | tensors | method | median ms | × floor |",
         "|---:|---:|---|---:|---:|",
@@ -129,12 +100,7 @@ def main() -> None:
     args = parser.parse_args()
     sizes, repeats = ([0.5], 3) if args.quick else (args.sizes, args.repeats)
     results = [run(size, repeats) for size in sizes]
-    table = markdown(results, torch.get_num_threads())
-    print(table)
-    if args.out is not None:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "measure_throughput.json").write_text(json.dumps(results, indent=2))
-        (args.out / "measure_throughput.md").write_text(table)
+    write(args.out, "measure_throughput", results, markdown(results))
 
 
 if __name__ == "__main__":

@@ -50,6 +50,8 @@ class Attachment:
         self.uses_groups = False
         """Some regularizer in play removes whole groups (node/kernel sparsity is counted)."""
         self._handles: list[RemovableHandle] = []
+        self.skip_next: set[int] = set()
+        """``id`` of optimizers whose next proximal step is skipped (a dropped step)."""
 
     def attach(self, optimizers: Sequence[Any]) -> None:
         """Hook or drive each optimizer; raise if a trainable target is held by none."""
@@ -121,6 +123,9 @@ class Attachment:
         self.regularized |= holds.held.keys()
 
     def _after_step(self, holds: Holding, optimizer: torch.optim.Optimizer, *_: Any) -> None:
+        if id(optimizer) in self.skip_next:
+            self.skip_next.discard(id(optimizer))
+            return
         lam = self.current_lambda()
         if lam == 0.0:
             return

@@ -92,6 +92,26 @@ def all_gather_object(obj: object, group: ProcessGroup = None) -> list[object]:
     return gathered
 
 
+RANK_BITS = 62
+"""Ranks that :func:`rank_bit` names one by one (an int64 sum of distinct powers of two);
+higher ranks share the last bit, reported as ``"rank >= 62"``."""
+
+
+def rank_bit(flag: torch.Tensor, group: ProcessGroup = None) -> torch.Tensor:
+    """``flag`` (0-d bool) as an int64 bit that names this rank: summed over ranks (in a
+    buffer that is all-reduced anyway), the bits say which ranks raised the flag."""
+    bit = 1 << min(get_rank(group), RANK_BITS)
+    return flag.to(torch.int64) * bit
+
+
+def ranks_from_bits(bits: int) -> list[int | str]:
+    """Decode a sum of :func:`rank_bit` values into the ranks that set them."""
+    ranks: list[int | str] = [r for r in range(RANK_BITS) if bits >> r & 1]
+    if bits >> RANK_BITS:
+        ranks.append(f"rank >= {RANK_BITS}")
+    return ranks
+
+
 def barrier(group: ProcessGroup = None) -> None:
     """Wait for every rank of ``group``; a no-op without a process group."""
     if is_distributed() and get_world_size(group) > 1:

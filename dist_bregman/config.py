@@ -15,6 +15,8 @@ Mode = Literal["prox", "loss"]
 MODES: tuple[str, ...] = ("prox", "loss")
 LambdaRule = Literal["additive", "multiplicative"]
 LAMBDA_RULES: tuple[str, ...] = ("additive", "multiplicative")
+OnNonFinite = Literal["skip", "stop"]
+ON_NONFINITE: tuple[str, ...] = ("skip", "stop")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -50,6 +52,22 @@ class BregmanConfig:
     """Elements with ``|x| <= zero_tolerance`` count as zero; 0 counts exact zeros only."""
     verbose: int = 0
     """0 silent, 1 the seed's log lines on rank 0, 2 adds one line per parameter."""
+    on_nonfinite: OnNonFinite = "skip"
+    """What a NaN/Inf loss or gradient on any rank does, once every rank knows of it:
+    ``"skip"`` drops that optimizer step (with ``guard_steps``) and that lambda update, and
+    goes on; ``"stop"`` does the same, then saves a checkpoint (Lightning) and stops. Either
+    way lambda is never updated from such a step, and non-finite *weights* always stop the
+    run with :class:`~dist_bregman.errors.NonFiniteError` (nothing clean is left to go on
+    from). See the README, "Bad numbers"."""
+    guard_steps: bool = False
+    """Check every step's gradients before the optimizer step (one pass over the gradients
+    and, distributed, one 16-byte all-reduce per step) so a bad step is dropped on every
+    rank before it reaches the weights. Off: a bad loss is still caught, at the next lambda
+    update, without per-step cost, but its step has already been applied."""
+    check_agreement_every: int = 0
+    """Debug: every N lambda updates, check that all ranks hold the same lambda and the
+    same measured parameter set, raising :class:`~dist_bregman.errors.RankDisagreementError`
+    naming the ranks that differ (one ``all_gather_object``); 0 turns it off."""
 
     def __post_init__(self) -> None:
         check_number("target_sparsity", self.target_sparsity, low=0.0, high=1.0)
@@ -75,6 +93,9 @@ class BregmanConfig:
                 f"min_lambda > 0 (a multiplicative rule can never leave lambda = 0)"
             )
         check_choice("verbose", self.verbose, (0, 1, 2))
+        check_choice("on_nonfinite", self.on_nonfinite, ON_NONFINITE)
+        check_choice("guard_steps", self.guard_steps, (True, False))
+        check_int("check_agreement_every", self.check_agreement_every, low=0)
 
 
 def check_number(

@@ -23,7 +23,8 @@ its module): the controller reads each measured tensor's layout from it, see
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import hashlib
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
@@ -33,9 +34,11 @@ from dist_bregman import comm, logs
 from dist_bregman.attachment import Attachment
 from dist_bregman.config import BregmanConfig, check_number
 from dist_bregman.control import LambdaDecision, decide
+from dist_bregman.errors import NonFiniteError, RankDisagreementError
 from dist_bregman.regularizers import GroupL1, Regularizer
 from dist_bregman.regularizers import resolve as resolve_regularizer
 from dist_bregman.shards import Placement, local_views, place
+from dist_bregman.shards.dtensor import local_tensor
 from dist_bregman.sparsity import SparsityReport, reduce_counts
 from dist_bregman.targets import ParameterPairs, Target, resolve
 
@@ -68,6 +71,13 @@ class SparsityController:
         self.sparsity: float | None = None
         """The last measured global sparsity (restored from checkpoints), None before any."""
         self._nonfinite_loss: torch.Tensor | None = None
+        self.updates = 0
+        """Lambda updates run so far in this process (paces ``check_agreement_every``)."""
+        self.stop_requested = False
+        """Set when a non-finite loss or gradient was seen with ``on_nonfinite="stop"``:
+        the training loop should save a checkpoint and end (Lightning's adapter does)."""
+        self.skipped_steps = 0
+        """Optimizer steps dropped by :meth:`gradients_finite` (``guard_steps``)."""
         self.placements: list[Placement] = []
         self.attachment = Attachment([], self.regularizer, self.config.mode, self._lambda)
         self.bind(model)
@@ -139,17 +149,32 @@ class SparsityController:
         config = self.config
         flag = self._nonfinite_loss if self._nonfinite_loss is not None else torch.tensor(False)
         self._nonfinite_loss = None
-        report, (bad_ranks,) = reduce_counts(
+        report, (loss_bits,) = reduce_counts(
             self.placements,
             zero_tolerance=config.zero_tolerance,
             group=self.group,
             structure=self.structure,
-            extra=[flag],
+            extra=[comm.rank_bit(flag, self.group)],
         )
+        if report.nonfinite:
+            message = (
+                f"Step {step}: {report.nonfinite} non-finite (NaN/Inf) weight elements on "
+                f"rank(s) {list(report.nonfinite_ranks)}; lambda stays {self.lambda_:.8f} and "
+                f"the run stops (the last checkpoint saved before this is clean). Lower the "
+                f"learning rate, or set guard_steps=True to drop bad steps before they land"
+            )
+            logs.warn0(message)
+            raise NonFiniteError(message)
         self.last_report, self.sparsity = report, report.sparsity
+        self.updates += 1
+        every = config.check_agreement_every
+        if every and self.updates % every == 0:
+            self.check_agreement()  # before the broadcast, which would hide a divergence
         skip = None
-        if bad_ranks:
-            skip = f"non-finite loss on {bad_ranks} rank(s) since step {self.last_update_step}"
+        if loss_bits:
+            ranks = comm.ranks_from_bits(loss_bits)
+            skip = f"non-finite loss on rank(s) {ranks} since step {self.last_update_step}"
+            self.stop_requested |= config.on_nonfinite == "stop"
         decision = decide(
             self.lambda_,
             report.sparsity,
@@ -172,6 +197,89 @@ class SparsityController:
             logs.info0(logs.step_line(step, report.sparsity, decision.new))
         self._log_details(report)
         return decision
+
+    # ------------------------------------------------------------------ bad numbers
+    def gradients_finite(self, optimizers: Iterable[Any], step: int) -> bool:
+        """Whether every rank's gradients are finite, the same answer on every rank.
+
+        Call it after ``backward()`` and before ``optimizer.step()`` (a collective when
+        distributed: one 16-byte all-reduce). On False, drop the step on every rank: the
+        Lightning adapter sets the gradients to None (torch optimizers then skip every
+        parameter) and the proximal step of that step is skipped too; a raw loop simply
+        does not call ``optimizer.step()`` (see :meth:`drop_step`). Logged with the step and
+        the ranks that saw the bad numbers.
+        """
+        grads = [
+            local_tensor(p.grad)
+            for optimizer in optimizers
+            for group in optimizer.param_groups
+            for p in group["params"]
+            if p.grad is not None
+        ]
+        local = torch.zeros((), dtype=torch.bool)
+        if grads:
+            # max |g| per tensor: NaN and Inf propagate, finite values cannot overflow.
+            peaks = torch.stack([g.detach().abs().amax().float() for g in grads if g.numel()])
+            local = ~torch.isfinite(peaks).all().cpu()
+        flag = comm.rank_bit(local, self.group).reshape(1)
+        bits = int(comm.all_reduce_sum(flag, self.group)[0])
+        if not bits:
+            return True
+        self.skipped_steps += 1
+        self.stop_requested |= self.config.on_nonfinite == "stop"
+        what = "stop" if self.config.on_nonfinite == "stop" else "skip"
+        logs.warn0(
+            f"Step {step}: non-finite gradient on rank(s) {comm.ranks_from_bits(bits)}: "
+            f"optimizer step dropped on every rank (on_nonfinite={what!r}); lambda stays "
+            f"{self.lambda_:.8f}"
+        )
+        return False
+
+    def drop_step(self, optimizers: Iterable[Any]) -> None:
+        """Make the coming ``optimizer.step()`` a no-op: gradients to None (torch optimizers
+        skip parameters without one) and no proximal step after it."""
+        for optimizer in optimizers:
+            optimizer.zero_grad(set_to_none=True)
+            self.attachment.skip_next.add(id(optimizer))
+
+    def check_finite_state(self, state: Mapping[str, Any]) -> None:
+        """Raise :class:`NonFiniteError` on every rank if any rank's ``state`` (e.g. a
+        checkpoint's ``state_dict``: local shards included) holds NaN/Inf. A collective."""
+        bad = torch.zeros((), dtype=torch.bool)
+        for value in state.values():
+            if isinstance(value, torch.Tensor) and value.is_floating_point() and value.numel():
+                bad |= ~torch.isfinite(local_tensor(value).detach().abs().amax()).cpu()
+        bits = int(comm.all_reduce_sum(comm.rank_bit(bad, self.group).reshape(1), self.group)[0])
+        if bits:
+            message = (
+                f"refusing to save a checkpoint: NaN/Inf in the model state on rank(s) "
+                f"{comm.ranks_from_bits(bits)}"
+            )
+            logs.warn0(message)
+            raise NonFiniteError(message)
+
+    def check_agreement(self) -> None:
+        """Raise :class:`RankDisagreementError` on every rank unless all ranks hold the same
+        lambda and the same measured/regularized parameter set. A collective (debug)."""
+        mine = (self.lambda_, self.fingerprint())
+        everyone = comm.all_gather_object(mine, self.group)
+        reference = everyone[0]
+        differ = [rank for rank, value in enumerate(everyone) if value != reference]
+        if differ:
+            shown = ", ".join(
+                f"rank {rank}: lambda={everyone[rank][0]!r} set={everyone[rank][1]}"  # type: ignore[index]
+                for rank in [0, *differ]
+            )
+            raise RankDisagreementError(f"ranks {differ} disagree with rank 0 ({shown})")
+
+    def fingerprint(self) -> str:
+        """Short hash of the measured tensors (names, global sizes) and which of them are
+        regularized: equal on every rank of a healthy job."""
+        regularized = self.attachment.regularized
+        described = [
+            (p.target.name, p.global_numel, i in regularized) for i, p in enumerate(self.placements)
+        ]
+        return hashlib.sha256(repr(described).encode()).hexdigest()[:16]
 
     def _set_lambda(self, value: float) -> None:
         if value != self.lambda_:

@@ -22,6 +22,12 @@ import torch
 
 SOURCE = Path(__file__).parent / "csrc" / "count_nonzero.cpp"
 _PACK = {torch.float16: "e", torch.bfloat16: None, torch.float32: "f", torch.float64: "d"}
+_INFINITY_BITS = {
+    torch.float16: 0x7C00,
+    torch.bfloat16: 0x7F80,
+    torch.float32: 0x7F800000,
+    torch.float64: 0x7FF0000000000000,
+}
 
 
 @functools.cache
@@ -85,10 +91,13 @@ def tolerance_bits(dtype: torch.dtype, zero_tolerance: float) -> int:
 def count_nonzero_many(
     values: list[torch.Tensor], masks: list[torch.Tensor | None], zero_tolerance: float
 ) -> torch.Tensor | None:
-    """Per-tensor nonzero counts (int64, CPU) in one call, or None without the kernel."""
+    """Int64 ``[2, n]`` (CPU) in one pass: per tensor, the nonzeros of ``values * mask``
+    and the non-finite elements of ``values``; None without the kernel."""
     module = extension()
     if module is None:
         return None
     empty = torch.empty(0)
     bits = [tolerance_bits(v.dtype, zero_tolerance) for v in values]
-    return module.count_nonzero_many(values, [empty if m is None else m for m in masks], bits)
+    infinity = [_INFINITY_BITS[v.dtype] for v in values]
+    masks_or_empty = [empty if m is None else m for m in masks]
+    return module.count_nonzero_many(values, masks_or_empty, bits, infinity)

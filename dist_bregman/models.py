@@ -214,3 +214,52 @@ def _seeded_linear(n_in: int, n_out: int, generator: torch.Generator) -> nn.Line
         layer.weight.copy_(torch.rand(layer.weight.shape, generator=generator) * 2 * bound - bound)
         layer.bias.copy_(torch.rand(layer.bias.shape, generator=generator) * 2 * bound - bound)
     return layer
+
+
+class DigitsCNN(DigitsClassifier):
+    """A small CNN on the ``(1, 8, 8)`` digits images (``DigitsDataModule(images=True)``):
+    two 3x3 convolutions (``channels``), 2x2 max-pool, a hidden Linear, the classes."""
+
+    def __init__(
+        self,
+        channels: tuple[int, int] = (16, 32),
+        hidden: int = 64,
+        lr: float = 0.05,
+        momentum: float = 0.9,
+        weight_decay: float = 0.0,
+        optimizer: str = "sgd",
+        lr_schedule: str = "constant",
+        reg: str | None = "l1",
+        lambda_: float = 1e-3,
+        delta: float = 1.0,
+        sparse_init: float | None = None,
+        seed: int = 0,
+    ) -> None:
+        settings = OptimizerSettings(
+            name=optimizer,
+            lr=lr,
+            momentum=momentum,
+            weight_decay=weight_decay,
+            lr_schedule=lr_schedule,
+            reg=reg,
+            lambda_=lambda_,
+            delta=delta,
+        )
+        super().__init__(settings)
+        self.save_hyperparameters()
+        torch.manual_seed(seed)
+        first, second = channels
+        self.net = nn.Sequential(
+            nn.Conv2d(1, first, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(first, second, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Flatten(),
+            nn.Linear(second * 16, hidden),
+            nn.ReLU(),
+            nn.Linear(hidden, 10),
+        )
+        if sparse_init is not None:
+            generator = torch.Generator().manual_seed(seed)
+            sparse_init_(self.net, sparse_init, generator=generator)

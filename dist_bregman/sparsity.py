@@ -37,6 +37,10 @@ class SparsityReport:
     """All-zero ``(out, in)`` kernels of the measured ConvNd weights, if counted."""
     kernels: int = 0
     """Kernels of the measured ConvNd weights; 0 when none or not counted."""
+    nonfinite: int = 0
+    """NaN or infinite elements in the measured tensors (values, before the mask)."""
+    nonfinite_ranks: tuple[int | str, ...] = ()
+    """The ranks whose local elements hold them (see :func:`dist_bregman.comm.rank_bit`)."""
 
     @property
     def sparsity(self) -> float:
@@ -119,10 +123,12 @@ def reduce_counts(
     """Count the targets' elements and sum the counts over ``group`` with one collective.
 
     ``structure=True`` also counts all-zero rows and kernels (node and kernel sparsity) in
-    the same pass and the same buffer. ``extra`` are 0-d integer tensors (flags such as
-    "this rank saw a non-finite loss") that ride along in the same buffer and come back
-    summed over ranks, so a check that every rank must agree on costs no extra collective.
-    With ``sync=False`` nothing is communicated and each rank reports what it holds.
+    the same pass and the same buffer. Non-finite elements are counted in the same pass too,
+    with the ranks that hold them, so corrupt weights are seen by every rank at once.
+    ``extra`` are 0-d integer tensors (flags such as "this rank saw a non-finite loss")
+    that ride along in the same buffer and come back summed over ranks, so a check that
+    every rank must agree on costs no extra collective. With ``sync=False`` nothing is
+    communicated and each rank reports what it holds.
     """
     if not placements:
         raise ValueError("no tensors to measure: the parameter set is empty")
@@ -142,11 +148,12 @@ def reduce_counts(
             )
     device = _device(placements, views)
     with torch.no_grad():
-        buffer = _count_buffer(views, zero_tolerance, device, structure, extra)
+        buffer = _count_buffer(views, zero_tolerance, device, structure, extra, group)
     if distributed:
         buffer = comm.all_reduce_sum(buffer, group)
     numbers = buffer.tolist()  # the one host synchronisation
     n = len(placements)
+    tail = 2 * n + (4 * n if structure else 0)  # then: non-finite count, rank bits, extra
     structured = [0, 0, 0, 0]
     if structure:
         structured = [sum(numbers[2 * n + slot :: 4][:n]) for slot in range(4)]
@@ -167,8 +174,10 @@ def reduce_counts(
         rows=structured[1],
         zero_kernels=structured[2],
         kernels=structured[3],
+        nonfinite=numbers[tail],
+        nonfinite_ranks=tuple(comm.ranks_from_bits(numbers[tail + 1])),
     )
-    return report, numbers[2 * n + (4 * n if structure else 0) :]
+    return report, numbers[tail + 2 :]
 
 
 def measure_sparsity(
@@ -207,13 +216,16 @@ def _count_buffer(
     device: torch.device,
     structure: bool,
     extra: Sequence[torch.Tensor],
+    group: comm.ProcessGroup,
 ) -> torch.Tensor:
-    """``[nonzero_0..n-1, total_0..n-1, (4 structure counts per view), extra...]`` as one
-    int64 tensor on ``device``. CPU tensors are counted by the one-pass kernel in a single
-    call (:mod:`dist_bregman.kernels`); the rest, and structure counts, with torch ops."""
+    """``[nonzero_0..n-1, total_0..n-1, (4 structure counts per view), non-finite count,
+    non-finite rank bit, extra...]`` as one int64 tensor on ``device``. CPU tensors are
+    counted by the one-pass kernel in a single call (:mod:`dist_bregman.kernels`); the
+    rest, and structure counts, with torch ops."""
     n = len(views)
     owned = [i for i, view in enumerate(views) if view.values is not None]
     nonzero = torch.zeros(n, dtype=torch.int64, device=device)
+    bad = torch.zeros((), dtype=torch.int64, device=device)
     shapes = torch.zeros(n, 4, dtype=torch.int64, device=device)
     fast = (
         []
@@ -233,14 +245,18 @@ def _count_buffer(
         if counted is None:
             fast = []
         else:
-            nonzero[fast] = counted.to(device)
+            nonzero[fast] = counted[0].to(device)
+            bad = bad + counted[1].sum().to(device)
     counted_fast = set(fast)
     slow = [i for i in owned if i not in counted_fast]
     if slow:
         counts, structures = [], []
         for i in slow:
-            flags = nonzero_flags(views[i].values, views[i].mask, zero_tolerance)  # type: ignore[arg-type]
+            values = views[i].values
+            assert values is not None
+            flags = nonzero_flags(values, views[i].mask, zero_tolerance)
             counts.append(_sum_flags(flags).to(device))
+            bad = bad + _sum_flags(torch.isfinite(values).logical_not_()).to(device)
             if structure:
                 structures.append(structure_counts(flags).to(device))
         nonzero[slow] = torch.stack(counts)
@@ -250,6 +266,7 @@ def _count_buffer(
     parts = [nonzero, totals]
     if structure:
         parts.append(shapes.flatten())
+    parts.append(torch.stack([bad, comm.rank_bit(bad > 0, group)]))
     if extra:
         parts.append(torch.stack([e.to(device=device, dtype=torch.int64) for e in extra]))
     return torch.cat(parts)

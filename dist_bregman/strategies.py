@@ -29,6 +29,22 @@ from lightning.pytorch.strategies import DeepSpeedStrategy as LightningDeepSpeed
 from typing_extensions import override
 
 
+def check_cpu_precision(config: dict[str, Any] | None, precision: str) -> None:
+    """DeepSpeed's CPU accelerator has no fp16 ("Type fp16 is not supported on your
+    device", deep inside engine set-up): refuse it up front, naming the setting."""
+    fp16 = (config or {}).get("fp16", {})
+    if isinstance(fp16, dict) and fp16.get("enabled") in (True, "true", "auto"):
+        raise ValueError(
+            f"DeepSpeed config fp16.enabled={fp16.get('enabled')!r} on CPU: DeepSpeed's CPU "
+            f"accelerator has no fp16; allowed: bf16.enabled=true, or fp32 (no fp16 section)"
+        )
+    if precision.startswith("16"):
+        raise ValueError(
+            f"Trainer precision={precision!r} with DeepSpeed on CPU: DeepSpeed's CPU "
+            f"accelerator has no fp16; allowed: 'bf16-mixed', 'bf16-true' or '32-true'"
+        )
+
+
 class DeepSpeedStrategy(LightningDeepSpeedStrategy):
     """Lightning's ``DeepSpeedStrategy`` that also runs on CPU (see the module docstring)."""
 
@@ -50,6 +66,7 @@ class DeepSpeedStrategy(LightningDeepSpeedStrategy):
         if self._on_cuda:
             super().setup_distributed()
             return
+        check_cpu_precision(self.config, str(self.precision_plugin.precision))
         reset_seed()
         self.set_world_ranks()
         self._init_deepspeed_distributed()

@@ -175,3 +175,42 @@ def test_launch_scripts_run_the_sharded_jobs(
     assert summary["global_step"] == steps and summary["total"] == 50432
     assert 0.0 < summary["final_sparsity"] < 1.0
     assert (done.stdout + done.stderr).count(f"Step {steps}: Sparsity=") == 1  # rank 0 only
+
+
+def _resilient(out: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "--max-restarts=1",
+        str(ROOT / "examples" / "resilient_torchrun.py"),
+        "--out",
+        str(out),
+        *extra,
+    ]
+    return subprocess.run(
+        command, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=150
+    )
+
+
+@pytest.mark.timeout(330)
+def test_a_killed_rank_restarts_from_the_checkpoint_and_ends_where_the_clean_run_ends(
+    tmp_path: Path,
+) -> None:
+    killed = _resilient(tmp_path / "killed", "--kill-rank", "1", "--kill-at-step", "70")
+    assert killed.returncode == 0, killed.stderr[-3000:]
+    assert "exitcode: -9" in killed.stderr  # the SIGKILL really happened...
+    assert "resumed at step 50" in killed.stdout  # ...and the restart took the checkpoint
+    clean = _resilient(tmp_path / "clean")
+    assert clean.returncode == 0, clean.stderr[-3000:]
+    assert "resumed" not in clean.stdout
+    final_killed = json.loads((tmp_path / "killed" / "final.json").read_text())
+    final_clean = json.loads((tmp_path / "clean" / "final.json").read_text())
+    assert final_killed == final_clean  # sparsity and lambda: exactly
+    lines = (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()
+    steps = [json.loads(line)["step"] for line in lines]
+    assert steps == list(range(10, 121, 10))  # none lost, none twice
+    assert lines == (tmp_path / "clean" / "metrics.jsonl").read_text().splitlines()
+    assert len({json.loads(line)["lambda"] for line in lines}) > 3  # lambda really moved

@@ -10,6 +10,7 @@ and carry the state in checkpoints.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -17,7 +18,8 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
-from dist_bregman.config import BregmanConfig, LambdaRule, Mode
+from dist_bregman import logs
+from dist_bregman.config import BregmanConfig, LambdaRule, Mode, OnNonFinite
 from dist_bregman.controller import SparsityController
 from dist_bregman.targets import ParameterPairs, validate_pairs
 
@@ -51,6 +53,9 @@ class BregmanPruner(Callback):
         mode: Mode = "prox",
         regularizer: str = "l1",
         zero_tolerance: float = 0.0,
+        on_nonfinite: OnNonFinite = "skip",
+        guard_steps: bool = False,
+        check_agreement_every: int = 0,
     ) -> None:
         self.config = BregmanConfig(
             target_sparsity=target_sparsity,
@@ -64,6 +69,9 @@ class BregmanPruner(Callback):
             regularizer=regularizer,
             zero_tolerance=zero_tolerance,
             verbose=verbose,
+            on_nonfinite=on_nonfinite,
+            guard_steps=guard_steps,
+            check_agreement_every=check_agreement_every,
         )
         self.parameters_to_prune = (
             None if parameters_to_prune is None else validate_pairs(parameters_to_prune)
@@ -129,6 +137,8 @@ class BregmanPruner(Callback):
         if isinstance(loss, torch.Tensor):
             controller.observe_loss(loss)
         controller.update_if_due(trainer.global_step)
+        if controller.stop_requested:
+            self._stop(trainer, controller)
         pl_module.log("bregman/lambda", controller.lambda_, prog_bar=True, batch_size=1)
         if controller.sparsity is not None:
             pl_module.log("bregman/sparsity", controller.sparsity, prog_bar=True, batch_size=1)
@@ -137,6 +147,32 @@ class BregmanPruner(Callback):
             pl_module.log("bregman/node_sparsity", report.node_sparsity, batch_size=1)
         if report is not None and report.kernel_sparsity is not None:
             pl_module.log("bregman/kernel_sparsity", report.kernel_sparsity, batch_size=1)
+
+    @override
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        if not self.config.guard_steps:
+            return
+        controller = self._controller(pl_module)
+        if not controller.gradients_finite([optimizer], trainer.global_step + 1):
+            controller.drop_step([optimizer])
+
+    @override
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        # Every rank dumps the checkpoint; refuse (on all of them) to save NaN/Inf weights.
+        self._controller(pl_module).check_finite_state(checkpoint.get("state_dict", {}))
+
+    def _stop(self, trainer: pl.Trainer, controller: SparsityController) -> None:
+        """``on_nonfinite="stop"``: the bad step never reached the weights (dropped by the
+        guard) or only the loss was bad; save a checkpoint of the clean state and stop."""
+        controller.stop_requested = False
+        path = Path(trainer.default_root_dir) / f"bregman-stop-step{trainer.global_step}.ckpt"
+        trainer.save_checkpoint(path)
+        logs.warn0(f"on_nonfinite='stop': saved {path} and stopping the run")
+        trainer.should_stop = True
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:

@@ -1,0 +1,71 @@
+"""What every benchmark shares: interleaved timing, ratios within a round, output files.
+
+This machine (and most shared ones) drifts: a number taken a minute after another is not
+comparable to it. So every benchmark runs all of its candidates once per round, rotating
+the order, and reports for each the median over rounds of its time divided by the
+reference's time in the same round.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+
+def time_interleaved(
+    candidates: dict[str, Callable[[], object]], repeats: int, warmup: int = 1
+) -> dict[str, list[float]]:
+    """Seconds of each candidate in each of ``repeats`` rounds, after ``warmup`` rounds.
+
+    The order rotates every round: a candidate that churns memory slows whatever runs right
+    after it, and rotating spreads that evenly over the others."""
+    for _ in range(warmup):
+        for fn in candidates.values():
+            fn()
+    names = list(candidates)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for round_index in range(repeats):
+        shift = round_index % len(names)
+        for name in names[shift:] + names[:shift]:
+            start = time.perf_counter()
+            candidates[name]()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def ratios(times: dict[str, list[float]], reference: str) -> dict[str, float]:
+    """Median over rounds of ``time / reference time`` in the same round."""
+    base = times[reference]
+    return {
+        name: statistics.median(t / b for t, b in zip(values, base, strict=True))
+        for name, values in times.items()
+    }
+
+
+def medians(times: dict[str, list[float]]) -> dict[str, float]:
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def machine() -> str:
+    """One line naming what the numbers were measured on."""
+    cpu = platform.processor() or platform.machine()
+    return (
+        f"{cpu}, {torch.get_num_threads()} torch threads, torch {torch.__version__}, "
+        f"Python {platform.python_version()}"
+    )
+
+
+def write(out: Path | None, name: str, results: object, table: str) -> None:
+    """Print the table; with ``out``, also write ``<name>.json`` (raw) and ``<name>.md``."""
+    print(table)
+    if out is None:
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out / f"{name}.md").write_text(table)

@@ -1,0 +1,405 @@
+"""Accuracy at a given sparsity: dist_bregman's methods against the tools users pick instead.
+
+    python benchmarks/quality.py --quick                  # seconds: CI smoke
+    python benchmarks/quality.py --out benchmarks/results # 3 tasks x 3 targets x 3 seeds
+
+Tasks (all data ships in a package or is generated; no download):
+
+* ``digits-mlp``: scikit-learn's digits, ``DigitsMLP`` 64-256-128-10; test accuracy.
+* ``digits-cnn``: the same images as 1x8x8, ``DigitsCNN``; test accuracy.
+* ``teacher-student``: linear regression ``y = W* x + noise`` whose teacher ``W*`` (16 x 128)
+  has exactly the target's share of zeros; test error (relative MSE) and the F1 of the
+  student's support against the teacher's.
+
+Methods, each with the same epochs, data order and initial weights per seed:
+
+* ``dense``: SGD with momentum, no pruning (the reference accuracy);
+* ``ModelPruning``: Lightning's, global L1 unstructured, the cubic schedule of GMP turned
+  into Lightning's per-event amounts (Lightning prunes a fraction *of what is left*, so
+  ``a_t = 1 - (1 - s_t) / (1 - s_{t-1})``), no lottery-ticket reset;
+* ``GMP``: ``SafeModelPruning`` with the cubic schedule (Zhu & Gupta, 2017);
+* ``BregmanPruner (prox)``: SGD with momentum, proximal L1 step, adaptive lambda;
+* ``LinBreg`` and ``AdaBreg`` (Bungert et al., 2022) from a sparse start, lambda driven by
+  the pruner.
+
+Pruning schedules end at 60% of the epochs; the rest fine-tunes with the masks held.
+Runs go to a pool of worker processes (one torch thread each); wall time is one run's fit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import statistics
+import time
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from common import machine, write
+from lightning.pytorch.callbacks import ModelPruning
+from torch import nn
+from torch.nn import functional as F
+from torch.utils.data import DataLoader, TensorDataset
+
+from dist_bregman import BregmanPruner, SafeModelPruning, measure_sparsity
+from dist_bregman.data import digits_splits
+from dist_bregman.models import DigitsCNN, DigitsMLP, OptimizerSettings
+from dist_bregman.pruning import PruningConfig, scheduled_amount
+from dist_bregman.targets import resolve
+
+TASKS = ("digits-mlp", "digits-cnn", "teacher-student")
+METHODS = ("dense", "ModelPruning", "GMP", "BregmanPruner (prox)", "LinBreg", "AdaBreg")
+BREGMAN = ("BregmanPruner (prox)", "LinBreg", "AdaBreg")
+TRACE_EVERY = 10  # steps between two points of the sparsity/lambda trajectory
+
+
+# ---------------------------------------------------------------------------- the regression
+class TeacherStudent(pl.LightningModule):
+    """A linear student ``16 x 128`` fitted by MSE to a sparse linear teacher."""
+
+    def __init__(self, optim: OptimizerSettings, zero_init: bool, seed: int) -> None:
+        super().__init__()
+        self.optim = optim
+        torch.manual_seed(seed)
+        self.net = nn.Sequential(nn.Linear(128, 16, bias=False))
+        if zero_init:  # the inverse scale space starts from nothing and grows the support
+            nn.init.zeros_(self.net[0].weight)
+        self.pruner: BregmanPruner | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def on_fit_start(self) -> None:
+        found = [c for c in self.trainer.callbacks if isinstance(c, BregmanPruner)]  # type: ignore[attr-defined]
+        self.pruner = found[0] if found else None
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], _: int) -> torch.Tensor:
+        x, y = batch
+        loss = F.mse_loss(self(x), y)
+        if self.pruner is not None:
+            loss = loss + self.pruner.get_regularization_loss(self)
+        return loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return self.optim.build([{"params": list(self.parameters()), "reg": self.optim.reg}])
+
+
+def teacher_data(sparsity: float, seed: int) -> tuple[torch.Tensor, TensorDataset, TensorDataset]:
+    """The teacher (exactly ``sparsity`` zeros, nonzeros of magnitude >= 0.5) and
+    1,000 training / 1,000 test pairs with noise of standard deviation 0.1."""
+    generator = torch.Generator().manual_seed(1000 + seed)
+    teacher = torch.zeros(16 * 128)
+    keep = round((1 - sparsity) * teacher.numel())
+    support = torch.randperm(teacher.numel(), generator=generator)[:keep]
+    magnitude = 0.5 + torch.rand(keep, generator=generator)
+    sign = torch.randint(0, 2, (keep,), generator=generator) * 2 - 1
+    teacher[support] = magnitude * sign
+    teacher = teacher.view(16, 128)
+
+    def pairs(n: int) -> TensorDataset:
+        x = torch.randn(n, 128, generator=generator)
+        y = x @ teacher.T + 0.1 * torch.randn(n, 16, generator=generator)
+        return TensorDataset(x, y)
+
+    return teacher, pairs(1000), pairs(1000)
+
+
+# ---------------------------------------------------------------------------- one run
+@dataclass
+class Run:
+    task: str
+    method: str
+    target: float
+    seed: int
+    epochs: int
+    metric: float = math.nan
+    sparsity: float = math.nan
+    f1: float | None = None
+    seconds: float = math.nan
+    trace: list[tuple[int, float, float | None]] = field(default_factory=list)
+    """(step, sparsity, lambda or None) every ``TRACE_EVERY`` steps."""
+
+
+class Trace(pl.Callback):
+    """Sparsity (and lambda, where a pruner holds one) against the optimizer step."""
+
+    def __init__(self, run: Run) -> None:
+        self.run = run
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, *_: Any
+    ) -> None:
+        step = trainer.global_step
+        if step % TRACE_EVERY:
+            return
+        pruners = [c for c in trainer.callbacks if isinstance(c, BregmanPruner)]  # type: ignore[attr-defined]
+        lam = pruners[0].current_lambda if pruners else None
+        self.run.trace.append((step, measure_sparsity(pl_module).sparsity, lam))
+
+
+def ramp_epochs(epochs: int) -> int:
+    return max(int(0.6 * epochs), 1)
+
+
+def lightning_amounts(target: float, epochs: int) -> Callable[[int], float]:
+    """Lightning's per-epoch amount (a fraction of the remaining weights) that follows the
+    same cubic schedule of total sparsity as GMP."""
+    config = PruningConfig(
+        amount=0.0, scheduled_pruning=True, final_amount=target, epochs_to_ramp=ramp_epochs(epochs)
+    )
+
+    def amount(epoch: int) -> float:
+        now = scheduled_amount(epoch, config)
+        before = scheduled_amount(epoch - 1, config) if epoch > 0 else 0.0
+        return 0.0 if now <= before else 1.0 - (1.0 - now) / (1.0 - before)
+
+    return amount
+
+
+def bregman_pruner(task: str, method: str, target: float) -> BregmanPruner:
+    """Multiplicative lambda rule (scale-free) as in configs/digits*.yaml; the proximal
+    threshold is lr * lambda, LinBreg/AdaBreg's is lambda itself, hence their ranges."""
+    if method == "BregmanPruner (prox)":
+        initial, high = (1e-2, 1.0) if task == "teacher-student" else (1e-3, 1e-2)
+    else:
+        initial, high = 0.1, 10.0
+    return BregmanPruner(
+        target_sparsity=target,
+        initial_lambda=initial,
+        lambda_rule="multiplicative",
+        lambda_update_rate=2.0,
+        min_lambda=1e-6,
+        max_lambda=high,
+        update_frequency=10,
+    )
+
+
+def optimizer_settings(task: str, method: str) -> OptimizerSettings:
+    lr = 0.02 if task == "teacher-student" else 0.05
+    if method == "LinBreg":
+        return OptimizerSettings(name="linbreg", lr=lr, momentum=0.9, reg="l1")
+    if method == "AdaBreg":
+        return OptimizerSettings(name="adabreg", lr=lr / 10, reg="l1")
+    return OptimizerSettings(name="sgd", lr=lr, momentum=0.9)
+
+
+def execute(run: Run) -> Run:
+    torch.set_num_threads(1)
+    pl.seed_everything(run.seed, verbose=False)
+    bregman_start = run.method in ("LinBreg", "AdaBreg")
+    settings = optimizer_settings(run.task, run.method)
+    teacher = None
+    if run.task == "teacher-student":
+        teacher, train, test = teacher_data(run.target, run.seed)
+        module: pl.LightningModule = TeacherStudent(settings, bregman_start, run.seed)
+    else:
+        splits = digits_splits(images=run.task == "digits-cnn")
+        train, test = splits.train, splits.test
+        common = {
+            "optimizer": settings.name,
+            "lr": settings.lr,
+            "momentum": settings.momentum,
+            "sparse_init": 0.05 if bregman_start else None,
+            "seed": run.seed,
+        }
+        module = DigitsMLP(**common) if run.task == "digits-mlp" else DigitsCNN(**common)
+    pairs = [(t.module, "weight") for t in resolve(module)]
+    callbacks: list[pl.Callback] = [Trace(run)]
+    if run.method == "ModelPruning":
+        callbacks.append(
+            ModelPruning(
+                "l1_unstructured",
+                parameters_to_prune=pairs,
+                amount=lightning_amounts(run.target, run.epochs),
+                use_global_unstructured=True,
+                use_lottery_ticket_hypothesis=False,
+                verbose=0,
+            )
+        )
+    elif run.method == "GMP":
+        callbacks.append(
+            SafeModelPruning(
+                amount=0.0,
+                scheduled_pruning=True,
+                final_amount=run.target,
+                epochs_to_ramp=ramp_epochs(run.epochs),
+                parameters_to_prune=pairs,
+            )
+        )
+    elif run.method in BREGMAN:
+        callbacks.append(bregman_pruner(run.task, run.method, run.target))
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_epochs=run.epochs,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        callbacks=callbacks,
+    )
+    loader = DataLoader(train, batch_size=32, shuffle=True)
+    start = time.perf_counter()
+    trainer.fit(module, loader)
+    run.seconds = time.perf_counter() - start
+    module.eval()
+    x, y = test.tensors
+    with torch.no_grad():
+        out = module(x)
+    if teacher is None:
+        run.metric = float((out.argmax(dim=1) == y).float().mean())
+    else:
+        run.metric = float(((out - y) ** 2).sum() / (y**2).sum())
+        found, truth = module.net[0].weight.detach() != 0, teacher != 0
+        hits = int((found & truth).sum())
+        run.f1 = 2 * hits / max(int(found.sum()) + int(truth.sum()), 1)
+    run.sparsity = measure_sparsity(module).sparsity
+    return run
+
+
+# ---------------------------------------------------------------------------- reporting
+def summarize(runs: list[Run]) -> list[dict[str, Any]]:
+    """Mean and spread over seeds per (task, target, method)."""
+    rows = []
+    keys = sorted({(r.task, r.target, r.method) for r in runs}, key=_order)
+    for task, target, method in keys:
+        group = [r for r in runs if (r.task, r.target, r.method) == (task, target, method)]
+        metrics = [r.metric for r in group]
+        rows.append(
+            {
+                "task": task,
+                "target": target,
+                "method": method,
+                "seeds": len(group),
+                "metric": statistics.fmean(metrics),
+                "metric_std": statistics.pstdev(metrics),
+                "sparsity": statistics.fmean(r.sparsity for r in group),
+                "distance": statistics.fmean(abs(r.sparsity - target) for r in group),
+                "f1": None
+                if group[0].f1 is None
+                else statistics.fmean(r.f1 for r in group if r.f1 is not None),
+                "seconds": statistics.fmean(r.seconds for r in group),
+            }
+        )
+    return rows
+
+
+def _order(key: tuple[str, float, str]) -> tuple[int, float, int]:
+    task, target, method = key
+    return TASKS.index(task), target, METHODS.index(method)
+
+
+def markdown(rows: list[dict[str, Any]], epochs: int, seeds: int) -> str:
+    lines = [
+        f"Quality at a target sparsity, {epochs} epochs, mean ± std over {seeds} seed(s), on "
+        f"{machine()}. digits: test accuracy (%); teacher-student: test relative MSE and "
+        f"support F1. Dense runs are listed under every target for comparison.",
+        "",
+        "| task | target | method | test metric | sparsity | distance | F1 | fit s |",
+        "|---|---:|---|---:|---:|---:|---:|---:|",
+    ]
+    for row in rows:
+        if row["task"] == "teacher-student":
+            metric = f"{row['metric']:.4f} ± {row['metric_std']:.4f}"
+        else:
+            metric = f"{100 * row['metric']:.2f} ± {100 * row['metric_std']:.2f}"
+        f1 = "" if row["f1"] is None else f"{row['f1']:.3f}"
+        lines.append(
+            f"| {row['task']} | {100 * row['target']:.0f}% | {row['method']} | {metric} "
+            f"| {100 * row['sparsity']:.2f}% | {100 * row['distance']:.2f} | {f1} "
+            f"| {row['seconds']:.1f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict[str, Any]], runs: list[Run], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(TASKS), figsize=(5 * len(TASKS), 4))
+    for ax, task in zip(axes, TASKS, strict=True):
+        for method in METHODS:
+            points = sorted(
+                (r["sparsity"], r["metric"])
+                for r in rows
+                if r["task"] == task and r["method"] == method
+            )
+            if points:
+                xs, ys = zip(*points, strict=True)
+                style = "o-" if method in BREGMAN else "s--"
+                ax.plot([100 * x for x in xs], ys, style, label=method)
+        ax.set_title(task)
+        ax.set_xlabel("achieved sparsity (%)")
+        ax.set_ylabel("test relative MSE" if task == "teacher-student" else "test accuracy")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "quality_accuracy.png", dpi=120)
+    plt.close(fig)
+
+    shown = [r for r in runs if r.task == "digits-mlp" and r.method in BREGMAN and r.seed == 0]
+    target = 0.9 if any(r.target == 0.9 for r in shown) else (shown[0].target if shown else 0)
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 6), sharex=True)
+    for r in shown:
+        if r.target != target or not r.trace:
+            continue
+        steps = [t[0] for t in r.trace]
+        top.plot(steps, [100 * t[1] for t in r.trace], label=r.method)
+        bottom.plot(steps, [t[2] for t in r.trace], label=r.method)
+    top.axhline(100 * target, color="k", lw=0.8, ls=":")
+    top.set_ylabel("sparsity (%)")
+    bottom.set_ylabel("lambda")
+    bottom.set_yscale("log")
+    bottom.set_xlabel("optimizer step")
+    top.set_title(f"digits-mlp, target {100 * target:.0f}%, seed 0")
+    top.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "quality_trajectory.png", dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="target 90%, 1 seed, 2 epochs")
+    parser.add_argument("--epochs", type=int, default=30)
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--targets", type=float, nargs="+", default=[0.8, 0.9, 0.95])
+    parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--out", type=Path, default=None, help="folder for JSON, MD, PNG")
+    args = parser.parse_args()
+    if args.quick:
+        args.epochs, args.seeds, args.targets = 2, 1, [0.9]
+    runs = [
+        Run(task, method, target, seed, args.epochs)
+        for task in args.tasks
+        for target in args.targets
+        for method in args.methods
+        for seed in range(args.seeds)
+        if method != "dense" or target == args.targets[0]
+    ]
+    with ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn")) as pool:
+        done = list(pool.map(execute, runs))
+    # Dense does not depend on the target: run once, list under every target.
+    dense = [r for r in done if r.method == "dense"]
+    done += [Run(**{**asdict(r), "target": t}) for r in dense for t in args.targets[1:]]
+    rows = summarize(done)
+    results = {"epochs": args.epochs, "runs": [asdict(r) for r in done], "summary": rows}
+    write(args.out, "quality", results, markdown(rows, args.epochs, args.seeds))
+    if args.out is not None:
+        plot(rows, done, args.out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,178 @@
+"""Training-step overhead of the pruner and of the Bregman optimizers.
+
+    python benchmarks/step_overhead.py --quick     # seconds: CI smoke
+    python benchmarks/step_overhead.py             # ~2.6 M-parameter MLP, 100-step blocks
+    python benchmarks/step_overhead.py --out benchmarks/results
+
+Every variant trains its own copy of the same model (same initial weights, same batches)
+in a raw loop, one block of steps per round, the order rotating each round; reported: the
+median over rounds of (block time / the reference's block time in the same round). A block
+is ``update_frequency`` steps long, so every block of a measuring variant pays exactly one
+measurement + lambda update (one all-reduce and one broadcast when distributed) and the
+median cannot hide it.
+
+Variants (``BregmanPruner`` calls exactly these controller methods from its hooks):
+
+* ``SGD momentum``: the reference; no callback.
+* ``+ pruner, uf=100, no prox``: ``observe_loss`` every step, measure + lambda every 100.
+* ``+ pruner, uf=1, no prox``: the same, measuring every step (the worst setting).
+* ``+ pruner, uf=100, prox``: plus the proximal step after every ``optimizer.step()``, as in
+  ``mode="prox"``, the default.
+* ``LinBreg (momentum)`` and ``AdaBreg``, driven by the pruner at uf=100, against SGD
+  momentum and Adam respectively.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import itertools
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from common import machine, medians, ratios, time_interleaved, write
+from torch import nn
+from torch.nn import functional as F
+
+from dist_bregman import BregmanConfig, SparsityController
+from dist_bregman.optim import AdaBreg, LinBreg
+
+REFERENCE = "SGD momentum"
+
+
+def build_model(width: int, depth: int, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    layers: list[nn.Module] = [nn.Linear(256, width), nn.ReLU()]
+    for _ in range(depth - 1):
+        layers += [nn.Linear(width, width), nn.ReLU()]
+    layers.append(nn.Linear(width, 10))
+    return nn.Sequential(*layers)
+
+
+class Variant:
+    """One model copy, its optimizer and (optionally) a controller, stepping in blocks."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: Callable[[nn.Module], torch.optim.Optimizer],
+        batches: list[tuple[torch.Tensor, torch.Tensor]],
+        update_frequency: int | None = None,
+        prox: bool = False,
+    ) -> None:
+        self.model = copy.deepcopy(model)
+        self.optimizer = optimizer(self.model)
+        self.batches = itertools.cycle(batches)
+        self.step = 0
+        self.controller: SparsityController | None = None
+        if update_frequency is not None:
+            config = BregmanConfig(
+                target_sparsity=0.9,
+                initial_lambda=1e-4,
+                lambda_update_rate=1e-3,
+                update_frequency=update_frequency,
+            )
+            self.controller = SparsityController(self.model, config)
+            driven = isinstance(self.optimizer, LinBreg | AdaBreg)
+            if prox or driven:
+                self.controller.attach(self.optimizer)
+
+    def run(self, steps: int) -> None:
+        for _ in range(steps):
+            x, y = next(self.batches)
+            loss = F.cross_entropy(self.model(x), y)
+            loss.backward()
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.step += 1
+            if self.controller is not None:
+                self.controller.observe_loss(loss)
+                self.controller.update_if_due(self.step)
+
+
+def run(width: int, depth: int, batch: int, block: int, repeats: int) -> dict[str, object]:
+    model = build_model(width, depth)
+    generator = torch.Generator().manual_seed(1)
+    batches = [
+        (torch.randn(batch, 256, generator=generator), torch.randint(0, 10, (batch,)))
+        for _ in range(16)
+    ]
+
+    def sgd(m: nn.Module) -> torch.optim.Optimizer:
+        return torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9)
+
+    def adam(m: nn.Module) -> torch.optim.Optimizer:
+        return torch.optim.Adam(m.parameters(), lr=1e-3)
+
+    def linbreg(m: nn.Module) -> torch.optim.Optimizer:
+        return LinBreg(m.parameters(), lr=0.01, momentum=0.9, lambda_=1e-4)
+
+    def adabreg(m: nn.Module) -> torch.optim.Optimizer:
+        return AdaBreg(m.parameters(), lr=1e-3, lambda_=1e-4)
+
+    variants = {
+        REFERENCE: Variant(model, sgd, batches),
+        f"+ pruner, uf={block}, no prox": Variant(model, sgd, batches, block),
+        "+ pruner, uf=1, no prox": Variant(model, sgd, batches, 1),
+        f"+ pruner, uf={block}, prox": Variant(model, sgd, batches, block, prox=True),
+        f"LinBreg (momentum) + pruner, uf={block}": Variant(model, linbreg, batches, block),
+        "Adam": Variant(model, adam, batches),
+        f"AdaBreg + pruner, uf={block}": Variant(model, adabreg, batches, block),
+    }
+    against = {name: REFERENCE for name in variants}
+    against[f"AdaBreg + pruner, uf={block}"] = "Adam"
+    times = time_interleaved(
+        {name: (lambda v=v: v.run(block)) for name, v in variants.items()}, repeats
+    )
+    by_reference = {ref: ratios(times, ref) for ref in set(against.values())}
+    return {
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "batch": batch,
+        "block_steps": block,
+        "rounds": repeats,
+        "steps_per_second": {k: block / v for k, v in medians(times).items()},
+        "against": against,
+        "ratio": {name: by_reference[ref][name] for name, ref in against.items()},
+    }
+
+
+def markdown(result: dict[str, object]) -> str:
+    steps = result["steps_per_second"]
+    ratio = result["ratio"]
+    against = result["against"]
+    assert isinstance(steps, dict) and isinstance(ratio, dict) and isinstance(against, dict)
+    lines = [
+        f"Training-step overhead, {result['parameters']:,}-parameter MLP, batch "
+        f"{result['batch']}, {result['rounds']} interleaved rounds of {result['block_steps']} "
+        f"steps, on {machine()}",
+        "",
+        "| variant | steps/s | compared with | time ratio | overhead |",
+        "|---|---:|---|---:|---:|",
+    ]
+    for name, value in steps.items():
+        lines.append(
+            f"| {name} | {value:.1f} | {against[name]} | {ratio[name]:.3f} "
+            f"| {100 * (ratio[name] - 1):+.1f}% |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="tiny model, 2 rounds of 5 steps")
+    parser.add_argument("--width", type=int, default=1024)
+    parser.add_argument("--depth", type=int, default=3, help="hidden layers")
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=11)
+    parser.add_argument("--out", type=Path, default=None, help="folder for JSON + Markdown")
+    args = parser.parse_args()
+    if args.quick:
+        result = run(width=64, depth=2, batch=16, block=5, repeats=2)
+    else:
+        result = run(args.width, args.depth, args.batch, block=100, repeats=args.repeats)
+    write(args.out, "step_overhead", result, markdown(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,140 @@
+"""Bad numbers and disagreement on ONE rank are seen by every rank; a rank that leaves
+early ends the job with an error, not a hang."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+from dist_bregman import BregmanConfig, SparsityController
+from dist_bregman.errors import NonFiniteError, RankDisagreementError
+from tests.helpers.dist import run_ranks
+
+TIMEOUT = 60.0
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.Linear(16, 4))
+
+
+def _controller(model: nn.Module, **settings: Any) -> SparsityController:
+    config = BregmanConfig(initial_lambda=0.01, lambda_update_rate=0.5, update_frequency=1)
+    for key, value in settings.items():
+        object.__setattr__(config, key, value)
+    return SparsityController(model, config)
+
+
+def _nan_loss_on_rank_1(rank: int, world: int) -> dict[str, Any]:
+    controller = _controller(_model())
+    controller.observe_loss(torch.tensor(float("nan") if rank == 1 else 0.5))
+    decision = controller.update(1)
+    after = controller.update(2)  # the flag is cleared: the next update is a normal one
+    return {
+        "skipped": decision.skipped,
+        "reason": decision.reason,
+        "next": after.skipped,
+        "lambda": controller.lambda_,
+    }
+
+
+@pytest.mark.timeout(TIMEOUT + 30)
+def test_a_nan_loss_on_one_rank_skips_the_update_on_every_rank() -> None:
+    results = run_ranks(_nan_loss_on_rank_1, 2, timeout=TIMEOUT)
+    for result in results:
+        assert result["skipped"] and "non-finite loss on rank(s) [1]" in result["reason"]
+        assert result["next"] is False
+    assert results[0]["lambda"] == results[1]["lambda"]
+
+
+def _nan_gradient_on_rank_1(rank: int, world: int) -> tuple[bool, bool, int]:
+    model = _model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    controller = _controller(model, guard_steps=True)
+    controller.attach(optimizer)
+    model(torch.randn(4, 8)).sum().backward()
+    if rank == 1:
+        model[2].weight.grad[0, 0] = float("inf")
+    first = controller.gradients_finite([optimizer], step=7)
+    before = [p.detach().clone() for p in model.parameters()]
+    controller.drop_step([optimizer])
+    optimizer.step()  # gradients are None: a no-op, and no proximal step either
+    unchanged = all(torch.equal(a, p) for a, p in zip(before, model.parameters(), strict=True))
+    model(torch.randn(4, 8)).sum().backward()
+    second = controller.gradients_finite([optimizer], step=8)
+    return first, unchanged, int(second)
+
+
+@pytest.mark.timeout(TIMEOUT + 30)
+def test_a_bad_gradient_on_one_rank_drops_the_step_on_every_rank(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    results = run_ranks(_nan_gradient_on_rank_1, 2, timeout=TIMEOUT)
+    assert results == [(False, True, 1), (False, True, 1)]
+
+
+def _nan_weight_on_rank_1(rank: int, world: int) -> str:
+    model = _model()
+    controller = _controller(model)
+    if rank == 1:  # a corrupt replica: every tensor, so whichever rank 1 owns is bad
+        with torch.no_grad():
+            for p in model.parameters():
+                p[0] = float("nan")
+    with pytest.raises(NonFiniteError) as caught:
+        controller.update(3)
+    assert controller.lambda_ == 0.01  # never decided from bad numbers
+    return str(caught.value)
+
+
+@pytest.mark.timeout(TIMEOUT + 30)
+def test_non_finite_weights_on_one_rank_stop_every_rank_naming_it() -> None:
+    messages = run_ranks(_nan_weight_on_rank_1, 2, timeout=TIMEOUT)
+    assert messages[0] == messages[1]
+    assert "Step 3:" in messages[0] and "rank(s) [1]" in messages[0]
+
+
+def _diverged_lambda(rank: int, world: int) -> str:
+    controller = _controller(_model(), check_agreement_every=2)
+    controller.update(1)  # update 1: not checked
+    if rank == 2:
+        controller.lambda_ += 1e-9  # what a rank-local lambda rule would do
+    with pytest.raises(RankDisagreementError) as caught:
+        controller.update(2)
+    return str(caught.value)
+
+
+@pytest.mark.timeout(TIMEOUT + 30)
+def test_agreement_check_names_the_rank_whose_lambda_diverged() -> None:
+    messages = run_ranks(_diverged_lambda, 3, timeout=TIMEOUT)
+    assert all(m.startswith("ranks [2] disagree with rank 0") for m in messages)
+
+
+def _leave_early(rank: int, world: int) -> None:
+    controller = _controller(_model())
+    if rank == 1:
+        import os
+
+        os._exit(0)  # gone without a word, before the collective
+    start = time.monotonic()
+    try:
+        controller.measure()
+    except Exception as error:
+        elapsed = time.monotonic() - start
+        raise RuntimeError(f"rank 0 failed after {elapsed:.1f}s: {error}") from error
+    raise AssertionError("rank 0 measured with a missing peer")
+
+
+@pytest.mark.timeout(TIMEOUT + 30)
+def test_a_rank_that_leaves_early_ends_the_job_with_an_error_not_a_hang() -> None:
+    # run_ranks gives each process group a 30 s timeout; gloo notices the closed
+    # connection even sooner. Either way rank 0 must fail well inside the deadline.
+    start = time.monotonic()
+    with pytest.raises(AssertionError) as caught:
+        run_ranks(_leave_early, 2, timeout=TIMEOUT)
+    assert time.monotonic() - start < TIMEOUT
+    assert "rank 0 failed after" in str(caught.value)
+    assert "rank 1: no result" in str(caught.value)
