@@ -189,7 +189,7 @@ def test_non_finite_loss_skips_the_update_and_warns(caplog: pytest.LogCaptureFix
     with caplog.at_level(logging.WARNING, logger="dist_bregman"):
         decision = controller.update(1)
     assert decision.skipped and controller.lambda_ == 1.0
-    assert "Step 1: lambda update skipped: non-finite loss on 1 rank(s)" in caplog.text
+    assert "Step 1: lambda update skipped: non-finite loss on rank(s) [0]" in caplog.text
     controller.observe_loss(torch.tensor(2.0))  # the flag was consumed: the next update runs
     assert not controller.update(2).skipped and controller.lambda_ > 1.0
 

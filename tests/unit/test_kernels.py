@@ -33,7 +33,10 @@ def test_kernel_matches_the_torch_path(dtype: torch.dtype, zero_tolerance: float
         assert dtype == torch.bfloat16 and zero_tolerance > 0  # the one documented fallback
         return
     counted = kernels.count_nonzero_many(values, masks, zero_tolerance)
-    assert counted is not None and counted.tolist() == expected
+    assert counted is not None and counted[0].tolist() == expected
+    # Non-finite values (SPECIALS holds NaN and +-Inf) in the same pass, mask or not.
+    assert counted[1].tolist() == [int((~torch.isfinite(v)).sum()) for v in values]
+    assert sum(counted[1].tolist()) > 0
 
 
 def test_ineligible_tensors_fall_back() -> None:
