@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from common import machine, write
+from common import machine, mlp, write
 from torch import nn
 from torch.nn import functional as F
 
@@ -42,12 +42,7 @@ LAYOUTS = ("ddp", "fsdp2")
 
 
 def build_model(width: int, depth: int) -> nn.Module:
-    torch.manual_seed(0)
-    layers: list[nn.Module] = [nn.Linear(256, width), nn.ReLU()]
-    for _ in range(depth - 1):
-        layers += [nn.Linear(width, width), nn.ReLU()]
-    layers.append(nn.Linear(width, 10))
-    model = nn.Sequential(*layers)
+    model = mlp(width, depth)
     with torch.no_grad():  # half of the weights zero, as in a pruned model
         for module in model:
             if isinstance(module, nn.Linear):

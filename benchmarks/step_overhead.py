@@ -31,7 +31,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from common import machine, medians, ratios, time_interleaved, write
+from common import machine, medians, mlp, ratios, time_interleaved, write
 from torch import nn
 from torch.nn import functional as F
 
@@ -39,15 +39,6 @@ from dist_bregman import BregmanConfig, SparsityController
 from dist_bregman.optim import AdaBreg, LinBreg
 
 REFERENCE = "SGD momentum"
-
-
-def build_model(width: int, depth: int, seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    layers: list[nn.Module] = [nn.Linear(256, width), nn.ReLU()]
-    for _ in range(depth - 1):
-        layers += [nn.Linear(width, width), nn.ReLU()]
-    layers.append(nn.Linear(width, 10))
-    return nn.Sequential(*layers)
 
 
 class Variant:
@@ -92,7 +83,7 @@ class Variant:
 
 
 def run(width: int, depth: int, batch: int, block: int, repeats: int) -> dict[str, object]:
-    model = build_model(width, depth)
+    model = mlp(width, depth)
     generator = torch.Generator().manual_seed(1)
     batches = [
         (torch.randn(batch, 256, generator=generator), torch.randint(0, 10, (batch,)))

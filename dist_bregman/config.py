@@ -61,7 +61,7 @@ class BregmanConfig:
     from). See the README, "Bad numbers"."""
     guard_steps: bool = False
     """Check every step's gradients before the optimizer step (one pass over the gradients
-    and, distributed, one 16-byte all-reduce per step) so a bad step is dropped on every
+    and, distributed, one 8-byte all-reduce per step) so a bad step is dropped on every
     rank before it reaches the weights. Off: a bad loss is still caught, at the next lambda
     update, without per-step cost, but its step has already been applied."""
     check_agreement_every: int = 0

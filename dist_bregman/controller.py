@@ -203,34 +203,27 @@ class SparsityController:
         """Whether every rank's gradients are finite, the same answer on every rank.
 
         Call it after ``backward()`` and before ``optimizer.step()`` (a collective when
-        distributed: one 16-byte all-reduce). On False, drop the step on every rank: the
+        distributed: one 8-byte all-reduce). On False, drop the step on every rank: the
         Lightning adapter sets the gradients to None (torch optimizers then skip every
         parameter) and the proximal step of that step is skipped too; a raw loop simply
         does not call ``optimizer.step()`` (see :meth:`drop_step`). Logged with the step and
         the ranks that saw the bad numbers.
         """
         grads = [
-            local_tensor(p.grad)
+            p.grad
             for optimizer in optimizers
             for group in optimizer.param_groups
             for p in group["params"]
             if p.grad is not None
         ]
-        local = torch.zeros((), dtype=torch.bool)
-        if grads:
-            # max |g| per tensor: NaN and Inf propagate, finite values cannot overflow.
-            peaks = torch.stack([g.detach().abs().amax().float() for g in grads if g.numel()])
-            local = ~torch.isfinite(peaks).all().cpu()
-        flag = comm.rank_bit(local, self.group).reshape(1)
-        bits = int(comm.all_reduce_sum(flag, self.group)[0])
-        if not bits:
+        ranks = self._ranks_with_nonfinite(grads)
+        if not ranks:
             return True
         self.skipped_steps += 1
         self.stop_requested |= self.config.on_nonfinite == "stop"
-        what = "stop" if self.config.on_nonfinite == "stop" else "skip"
         logs.warn0(
-            f"Step {step}: non-finite gradient on rank(s) {comm.ranks_from_bits(bits)}: "
-            f"optimizer step dropped on every rank (on_nonfinite={what!r}); lambda stays "
+            f"Step {step}: non-finite gradient on rank(s) {ranks}: optimizer step dropped on "
+            f"every rank (on_nonfinite={self.config.on_nonfinite!r}); lambda stays "
             f"{self.lambda_:.8f}"
         )
         return False
@@ -245,18 +238,29 @@ class SparsityController:
     def check_finite_state(self, state: Mapping[str, Any]) -> None:
         """Raise :class:`NonFiniteError` on every rank if any rank's ``state`` (e.g. a
         checkpoint's ``state_dict``: local shards included) holds NaN/Inf. A collective."""
-        bad = torch.zeros((), dtype=torch.bool)
-        for value in state.values():
-            if isinstance(value, torch.Tensor) and value.is_floating_point() and value.numel():
-                bad |= ~torch.isfinite(local_tensor(value).detach().abs().amax()).cpu()
-        bits = int(comm.all_reduce_sum(comm.rank_bit(bad, self.group).reshape(1), self.group)[0])
-        if bits:
+        tensors = [v for v in state.values() if isinstance(v, torch.Tensor)]
+        ranks = self._ranks_with_nonfinite(tensors)
+        if ranks:
             message = (
-                f"refusing to save a checkpoint: NaN/Inf in the model state on rank(s) "
-                f"{comm.ranks_from_bits(bits)}"
+                f"refusing to save a checkpoint: NaN/Inf in the model state on rank(s) {ranks}"
             )
             logs.warn0(message)
             raise NonFiniteError(message)
+
+    def _ranks_with_nonfinite(self, tensors: Iterable[torch.Tensor]) -> list[int | str]:
+        """The ranks whose local part of some floating ``tensors`` holds NaN/Inf, the same
+        list on every rank: one pass per tensor (max |x|: NaN and Inf propagate, finite
+        values cannot overflow) and one 8-byte all-reduce. A collective."""
+        peaks = [
+            local_tensor(t).detach().abs().amax().float()
+            for t in tensors
+            if t.is_floating_point() and t.numel()
+        ]
+        bad = torch.zeros((), dtype=torch.bool)
+        if peaks:
+            bad = ~torch.isfinite(torch.stack(peaks)).all().cpu()
+        flag = comm.rank_bit(bad, self.group).reshape(1)
+        return comm.ranks_from_bits(int(comm.all_reduce_sum(flag, self.group)[0]))
 
     def check_agreement(self) -> None:
         """Raise :class:`RankDisagreementError` on every rank unless all ranks hold the same
