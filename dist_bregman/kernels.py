@@ -35,20 +35,32 @@ def extension() -> Any | None:
     """The compiled module, or None (disabled, or the build failed: warned once)."""
     if os.environ.get("DIST_BREGMAN_NO_EXTENSION") == "1":
         return None
-    try:
-        from torch.utils.cpp_extension import load
+    from torch.utils.cpp_extension import load
 
-        return load(
-            name="dist_bregman_count", sources=[str(SOURCE)], extra_cflags=["-O3"], verbose=False
-        )
-    except Exception as error:  # no compiler or headers: the torch path still gives the numbers
-        warnings.warn(
-            f"dist_bregman: the CPU counting kernel could not be built ({type(error).__name__}: "
-            f"{error}); counting with torch ops instead (same numbers, slower)",
-            RuntimeWarning,
-            stacklevel=2,
-        )
-        return None
+    # ATen's parallel_for is a header template: compiled without -fopenmp it runs the whole
+    # range on the calling thread (measured: 2 threads read no faster than 1). Linked with
+    # -fopenmp it joins the libgomp torch has already loaded (same soname), so it uses
+    # torch's pool and honours torch.set_num_threads. A compiler without OpenMP (Apple
+    # clang) still gets the kernel, single-threaded.
+    failures = []
+    for flags in (["-O3", "-fopenmp"], ["-O3"]):
+        try:
+            return load(
+                name="dist_bregman_count",
+                sources=[str(SOURCE)],
+                extra_cflags=flags,
+                extra_ldflags=[f for f in flags if f == "-fopenmp"],
+                verbose=False,
+            )
+        except Exception as error:  # no compiler or headers: try plainer, then torch ops
+            failures.append(f"{' '.join(flags)}: {type(error).__name__}: {error}")
+    warnings.warn(
+        f"dist_bregman: the CPU counting kernel could not be built ({'; '.join(failures)}); "
+        f"counting with torch ops instead (same numbers, slower)",
+        RuntimeWarning,
+        stacklevel=2,
+    )
+    return None
 
 
 def eligible(values: torch.Tensor, mask: torch.Tensor | None, zero_tolerance: float) -> bool:
@@ -88,6 +100,9 @@ def tolerance_bits(dtype: torch.dtype, zero_tolerance: float) -> int:
     return int.from_bytes(raw, "little")
 
 
+_tolerance_bits = functools.lru_cache(maxsize=64)(tolerance_bits)  # per call, per tensor
+
+
 def count_nonzero_many(
     values: list[torch.Tensor], masks: list[torch.Tensor | None], zero_tolerance: float
 ) -> torch.Tensor | None:
@@ -97,7 +112,8 @@ def count_nonzero_many(
     if module is None:
         return None
     empty = torch.empty(0)
-    bits = [tolerance_bits(v.dtype, zero_tolerance) for v in values]
-    infinity = [_INFINITY_BITS[v.dtype] for v in values]
+    dtypes = [v.dtype for v in values]
+    bits = [_tolerance_bits(dtype, zero_tolerance) for dtype in dtypes]
+    infinity = [_INFINITY_BITS[dtype] for dtype in dtypes]
     masks_or_empty = [empty if m is None else m for m in masks]
     return module.count_nonzero_many(values, masks_or_empty, bits, infinity)

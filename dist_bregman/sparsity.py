@@ -244,6 +244,9 @@ def _count_buffer(
         )
         if counted is None:
             fast = []
+        elif len(fast) == n:  # the common case: every tensor local and on CPU
+            nonzero = counted[0].to(device)
+            bad = counted[1].sum().to(device)
         else:
             nonzero[fast] = counted[0].to(device)
             bad = bad + counted[1].sum().to(device)

@@ -67,9 +67,13 @@ class Target:
 
 def discover(model: nn.Module) -> list[tuple[nn.Module, str]]:
     """The default set: ``weight`` of every Linear, ConvNd and Embedding module."""
+    return _discover(list(model.modules()))
+
+
+def _discover(modules: Iterable[nn.Module]) -> list[tuple[nn.Module, str]]:
     return [
         (module, "weight")
-        for module in model.modules()
+        for module in modules
         if isinstance(module, PRUNABLE_MODULES) and _has_tensor(module, "weight")
     ]
 
@@ -121,15 +125,17 @@ def resolve(model: nn.Module, pairs: ParameterPairs | None = None) -> list[Targe
     by several modules (tied embeddings) are counted once, under their first name.
     """
     model = unwrap(model)
+    named = dict(model.named_modules())  # one walk of the tree: names and discovery
     if pairs is None:
-        pairs = discover(model)
-        if not pairs:
+        checked = _discover(named.values())  # valid and distinct by construction
+        if not checked:
             raise ValueError(
                 f"parameters_to_prune=None found no Linear, ConvNd or Embedding weight in "
                 f"{type(model).__name__}; pass a list of (module, name) tuples"
             )
-    checked = validate_pairs(pairs)
-    module_names = {id(m): clean_name(n) for n, m in model.named_modules()}
+    else:
+        checked = validate_pairs(pairs)
+    module_names = {id(m): clean_name(n) for n, m in named.items()}
     targets: list[Target] = []
     seen_values: set[int] = set()
     for index, (module, attr) in enumerate(checked):

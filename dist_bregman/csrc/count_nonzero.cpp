@@ -5,11 +5,13 @@
 // magnitude bits exceed infinity's), and -0.0 has no magnitude bits; x is not finite
 // <=> bits(x) & ~sign >= bits(inf). So both counts are integer compares per element on the
 // raw words, in the same pass: memory-bound, auto-vectorised, no temporaries. Runs on
-// ATen's thread pool (torch.set_num_threads applies).
+// ATen's thread pool (torch.set_num_threads applies) when built with -fopenmp, as
+// kernels.py does: without it at::parallel_for runs everything on the calling thread.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <mutex>
 #include <utility>
@@ -114,6 +116,17 @@ torch::Tensor count_nonzero_many(const std::vector<torch::Tensor>& values,
   return out;
 }
 
+// How many threads at::parallel_for really runs a range of n units on in this build: 1 when
+// the extension was compiled without OpenMP, whatever torch.get_num_threads() says.
+int64_t threads_used(int64_t n) {
+  std::atomic<uint64_t> seen{0};
+  at::parallel_for(0, n, 1, [&](int64_t, int64_t) {
+    seen.fetch_or(uint64_t{1} << std::min(at::get_thread_num(), 63));
+  });
+  return __builtin_popcountll(seen.load());
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("count_nonzero_many", &count_nonzero_many, "nonzeros of values * mask and non-finite values, per tensor");
+  m.def("threads_used", &threads_used, "threads at::parallel_for uses for n units (a build check)");
 }
