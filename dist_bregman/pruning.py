@@ -39,6 +39,7 @@ from dist_bregman.shards import Placement, place
 from dist_bregman.shards.base import LocalView
 from dist_bregman.shards.dtensor import DTensorPlacement, local_tensor
 from dist_bregman.shards.replicated import balanced_owners
+from dist_bregman.shards.zero import refresh_persistent
 from dist_bregman.sparsity import SparsityReport, reduce_counts
 from dist_bregman.targets import ParameterPairs, resolve
 
@@ -280,7 +281,8 @@ class MagnitudePruner:
 
     # ------------------------------------------------------------------ enforcement
     def enforce(self) -> None:
-        """Zero the pruned elements in the weights and in the optimizers' own tensors."""
+        """Zero the pruned elements in the weights and in the optimizers' own tensors (and
+        in the whole copies of persistent ZeRO-3 parameters: then a collective)."""
         with torch.no_grad():
             for placement, mask in zip(self.placements, self.masks, strict=True):
                 view = placement.view()
@@ -289,6 +291,7 @@ class MagnitudePruner:
             for holds in self._holdings:
                 for group in holds.optimizer.param_groups:
                     self._zero_held(group["params"], holds)
+            refresh_persistent(self.placements, self.group)
 
     def _after_step(self, holds: Holding, optimizer: torch.optim.Optimizer, *_: Any) -> None:
         with torch.no_grad():

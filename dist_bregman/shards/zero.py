@@ -11,6 +11,10 @@ partitions never double-counts them.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
+import torch
+
 from dist_bregman import comm
 from dist_bregman.shards.base import LocalView, Placement
 from dist_bregman.targets import Target
@@ -55,3 +59,38 @@ class ZeroPartition(Placement):
         if mask is not None:
             mask = mask.reshape(-1)[start : start + numel]
         return LocalView(values, mask, numel, self.global_numel, rows_whole=False)
+
+
+def refresh_persistent(placements: Sequence[Placement], group: comm.ProcessGroup = None) -> None:
+    """Rebuild the whole copies of persistent ZeRO-3 parameters from their partitions.
+
+    A parameter under ``stage3_param_persistence_threshold`` (DeepSpeed's default keeps
+    every small one) stays whole on every rank between forwards, and DeepSpeed refreshes
+    that copy from the partitions only after an optimizer step. Zeros written into the
+    partitions outside a step (a pruning event) would reach the next forward late, so the
+    copies are rebuilt here: every rank writes its valid partition into a zero buffer and
+    one all-reduce (float64: exact) sums them. A collective; nothing happens without a
+    persistent parameter (the same set on every rank: persistence depends on size only).
+    """
+    persistent = [
+        p
+        for p in placements
+        if isinstance(p, ZeroPartition) and p.target.values.numel() == p.global_numel
+    ]
+    if not persistent:
+        return
+    sizes = [p.global_numel for p in persistent]
+    buffer = torch.zeros(sum(sizes), dtype=torch.float64)
+    offset = 0
+    for placement, size in zip(persistent, sizes, strict=True):
+        start, numel = placement.valid()
+        view = placement.view()
+        if view.values is not None:
+            buffer[offset + start : offset + start + numel] = view.values.reshape(-1)
+        offset += size
+    buffer = comm.all_reduce_sum(buffer, group)
+    offset = 0
+    for placement, size in zip(persistent, sizes, strict=True):
+        whole = placement.target.values
+        whole.data.copy_(buffer[offset : offset + size].view(whole.shape))
+        offset += size
