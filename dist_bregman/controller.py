@@ -35,6 +35,7 @@ from dist_bregman.attachment import Attachment
 from dist_bregman.config import BregmanConfig, check_number
 from dist_bregman.control import LambdaDecision, decide
 from dist_bregman.errors import NonFiniteError, RankDisagreementError
+from dist_bregman.pruning import MagnitudePruner, PruningConfig
 from dist_bregman.regularizers import GroupL1, Regularizer
 from dist_bregman.regularizers import resolve as resolve_regularizer
 from dist_bregman.shards import Placement, local_views, place
@@ -78,6 +79,14 @@ class SparsityController:
         the training loop should save a checkpoint and end (Lightning's adapter does)."""
         self.skipped_steps = 0
         """Optimizer steps dropped by :meth:`gradients_finite` (``guard_steps``)."""
+        self.frozen = False
+        """The support is frozen (``freeze_support_at``): no shrinkage, zeros held."""
+        self.found_sparsity: float | None = None
+        """The sparsity shrinkage had reached when the support was frozen (before the
+        held set was made exactly the target): how much of the target it found itself."""
+        self._held: MagnitudePruner | None = None
+        self._model: nn.Module = model
+        self._optimizers: tuple[Any, ...] = ()
         self.placements: list[Placement] = []
         self.attachment = Attachment([], self.regularizer, self.config.mode, self._lambda)
         self.bind(model)
@@ -86,6 +95,7 @@ class SparsityController:
         """Read the measured tensors' layouts from ``model`` as wrapped for training (FSDP1
         metadata lives on the wrapper). Lightning calls this with ``strategy.model``."""
         self.detach()
+        self._model = model
         self.placements = place(model, self.targets)
         self.attachment = Attachment(
             self.placements, self.regularizer, self.config.mode, self._lambda
@@ -104,7 +114,8 @@ class SparsityController:
         return isinstance(self.regularizer, GroupL1) or self.attachment.uses_groups
 
     def _lambda(self) -> float:
-        return self.lambda_
+        """The strength the optimizers apply: lambda, or 0 once the support is frozen."""
+        return 0.0 if self.frozen else self.lambda_
 
     # ------------------------------------------------------------------ measuring
     def measure(self) -> SparsityReport:
@@ -139,7 +150,11 @@ class SparsityController:
         self._nonfinite_loss = bad if self._nonfinite_loss is None else self._nonfinite_loss | bad
 
     def update_if_due(self, step: int) -> LambdaDecision | None:
-        """Run :meth:`update` when ``step`` is a new multiple of ``update_frequency``."""
+        """Freeze the support when ``step`` reaches ``freeze_support_at``; run :meth:`update`
+        when ``step`` is a new multiple of ``update_frequency``."""
+        freeze_at = self.config.freeze_support_at
+        if freeze_at and step >= freeze_at and not self.frozen:
+            self.freeze_support(step)
         if step <= self.last_update_step or step % self.config.update_frequency != 0:
             return None
         return self.update(step)
@@ -170,7 +185,7 @@ class SparsityController:
         every = config.check_agreement_every
         if every and self.updates % every == 0:
             self.check_agreement()  # before the broadcast, which would hide a divergence
-        skip = None
+        skip = "support frozen" if self.frozen else None
         if loss_bits:
             ranks = comm.ranks_from_bits(loss_bits)
             skip = f"non-finite loss on rank(s) {ranks} since step {self.last_update_step}"
@@ -188,7 +203,7 @@ class SparsityController:
         )
         self._set_lambda(decision.new)
         self.last_update_step = step
-        if decision.skipped:
+        if decision.skipped and (loss_bits or not self.frozen):
             logs.warn0(
                 f"Step {step}: lambda update {decision.reason}; lambda stays {decision.new:.8f}"
             )
@@ -197,6 +212,41 @@ class SparsityController:
             logs.info0(logs.step_line(step, report.sparsity, decision.new))
         self._log_details(report)
         return decision
+
+    # ------------------------------------------------------------------ debiasing
+    def freeze_support(self, step: int) -> None:
+        """From now on: lambda stays, no shrinkage, and exactly the target's zeros are held.
+
+        The L1 shrinkage that finds the support also pulls every surviving weight toward 0
+        by about lambda; with the support fixed and the shrinkage off, training refits the
+        survivors (as a refit on a LASSO's support does). The held set is the
+        ``target_sparsity`` share of the smallest magnitudes, chosen exactly over all ranks:
+        the zeros shrinkage made (they are the smallest), topped up with the smallest
+        survivors if sparsity is still below target, or with the surplus zeros left free
+        to regrow if it overshot. So the run ends at the target, not wherever lambda's last
+        oscillation left it. Masks are enforced after every optimizer step in the tensors it
+        steps (the machinery of :class:`~dist_bregman.SafeModelPruning`, so under every
+        strategy). A collective: every rank calls it at the same step (as
+        :meth:`update_if_due` does).
+        """
+        found = self.found_sparsity = self.measure().sparsity
+        self.frozen = True
+        self.attachment.set_lambda(0.0)
+        held = self._hold().prune(self.config.target_sparsity).report.sparsity
+        logs.info0(
+            f"Step {step}: support frozen: shrinkage found sparsity {100 * found:.3f}%, "
+            f"{100 * held:.3f}% held (target {100 * self.config.target_sparsity:.1f}%); "
+            f"shrinkage off, lambda stays {self.lambda_:.8f}"
+        )
+
+    def _hold(self) -> MagnitudePruner:
+        """Masks over the targets, re-applied after every step of the attached optimizers
+        (set by ``prune``, or, resuming after the freeze, from the zeros in the weights)."""
+        pairs = [(t.module, t.attr) for t in self.targets]
+        held = MagnitudePruner(self._model, PruningConfig(amount=0.0), pairs, group=self.group)
+        held.attach(*self._optimizers)
+        self._held = held
+        return held
 
     # ------------------------------------------------------------------ bad numbers
     def gradients_finite(self, optimizers: Iterable[Any], step: int) -> bool:
@@ -287,12 +337,13 @@ class SparsityController:
 
     def _set_lambda(self, value: float) -> None:
         if value != self.lambda_:
-            self.attachment.set_lambda(value)
-        self.lambda_ = value
+            self.lambda_ = value
+            self.attachment.set_lambda(self._lambda())
 
     # ------------------------------------------------------------------ the penalty
     def regularization_loss(self) -> torch.Tensor:
-        """``lambda * J(theta)`` over the effective weights, for the training loss.
+        """``lambda * J(theta)`` over the effective weights, for the training loss (0 once
+        the support is frozen: the penalty is off).
 
         In ``"loss"`` mode this term is the mechanism: its gradient is the L1 subgradient.
         In ``"prox"`` mode the proximal step already applies the strength once per step,
@@ -300,9 +351,9 @@ class SparsityController:
         adding it reports the true objective and leaves the update exactly unchanged.
         """
         if self.config.mode == "loss":
-            return self.lambda_ * self._penalty()
+            return self._lambda() * self._penalty()
         with torch.no_grad():
-            value = self.lambda_ * self._penalty()
+            value = self._lambda() * self._penalty()
         return value.requires_grad_()
 
     def _penalty(self) -> torch.Tensor:
@@ -341,9 +392,14 @@ class SparsityController:
         checked here, with a collective.
         """
         self.detach()
+        self._optimizers = optimizers
         self.attachment.attach(optimizers)
         self._check_reachable()
-        share = self.attachment.shrinkage_share(self.config.update_frequency)
+        if self.frozen:  # resumed after the freeze: the zeros in the weights are the support
+            self._hold().derive_masks()
+        share = (
+            None if self.frozen else self.attachment.shrinkage_share(self.config.update_frequency)
+        )
         if share is not None and share > 0.5:
             logs.warn0(
                 f"lambda={self.lambda_:g}: before the first lambda update "
@@ -376,8 +432,12 @@ class SparsityController:
             )
 
     def detach(self) -> None:
-        """Forget the optimizers: remove the proximal-step hooks, stop driving lambda."""
+        """Forget the optimizers: remove the proximal-step hooks, stop driving lambda, stop
+        holding a frozen support's zeros."""
         self.attachment.detach()
+        if self._held is not None:
+            self._held.detach()
+            self._held = None
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
@@ -387,6 +447,7 @@ class SparsityController:
             "lambda": self.lambda_,
             "last_update_step": self.last_update_step,
             "sparsity": self.sparsity,
+            "frozen": self.frozen,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -399,6 +460,15 @@ class SparsityController:
         )
         self._set_lambda(lam)
         self.last_update_step = int(state.get("last_update_step", 0))
+        frozen = bool(state.get("frozen", False))
+        if frozen != self.frozen:
+            self.frozen = frozen
+            self.attachment.set_lambda(self._lambda())
+            if self._held is not None:
+                self._held.detach()
+                self._held = None
+            if frozen and self._optimizers:
+                self._hold().derive_masks()
         sparsity = state.get("sparsity")
         self.sparsity = None if sparsity is None else float(sparsity)
 

@@ -125,6 +125,12 @@ BAD_INPUT: list[tuple[str, Callable[[], object], type[Exception], str]] = [
         r"check_agreement_every=-1: expected an integer >= 0",
     ),
     (
+        "freeze step",
+        lambda: BregmanPruner(freeze_support_at=-5),
+        ValueError,
+        r"freeze_support_at=-5: expected an integer >= 0",
+    ),
+    (
         "unknown parameter name",
         lambda: BregmanPruner(parameters_to_prune=[(NET[0], "wieght")]),
         ValueError,
@@ -353,8 +359,11 @@ class Trace(pl.Callback):
         self.points.append((trainer.global_step, self.pruner.current_lambda, counts))
 
 
+@pytest.mark.parametrize("freeze", [0, 20], ids=["shrinking", "frozen_at_20"])
 @pytest.mark.parametrize("optimizer", ["prox-sgd", "linbreg", "adabreg"])
-def test_resume_gives_the_uninterrupted_trajectory(tmp_path: Path, optimizer: str) -> None:
+def test_resume_gives_the_uninterrupted_trajectory(
+    tmp_path: Path, optimizer: str, freeze: int
+) -> None:
     def run(folder: str, epochs: int, ckpt: Path | None = None, save: bool = False) -> Any:
         pruner = BregmanPruner(
             target_sparsity=0.6,
@@ -364,6 +373,7 @@ def test_resume_gives_the_uninterrupted_trajectory(tmp_path: Path, optimizer: st
             min_lambda=1e-5,
             max_lambda=1.0,
             update_frequency=5,
+            freeze_support_at=freeze,  # 20: the checkpoint (step 32) holds a frozen support
         )
         trace = Trace(pruner)
         model = BregmanSeedModel(optimizer)
@@ -382,6 +392,8 @@ def test_resume_gives_the_uninterrupted_trajectory(tmp_path: Path, optimizer: st
     saved = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)  # plain data only
     if optimizer != "prox-sgd":
         assert "v" in saved["optimizer_states"][0]["state"][0]
+    state = next(v for k, v in saved["callbacks"].items() if "BregmanPruner" in k)
+    assert state["frozen"] is bool(freeze)
     resumed, model, trainer = run("c", 4, ckpt=tmp_path / "ckpt" / "last.ckpt")
     assert resumed[0][0] == 33
     assert [p[:2] for p in resumed] == [p[:2] for p in whole if p[0] > 32]  # lambda: exact

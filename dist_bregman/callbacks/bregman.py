@@ -56,6 +56,7 @@ class BregmanPruner(Callback):
         on_nonfinite: OnNonFinite = "skip",
         guard_steps: bool = False,
         check_agreement_every: int = 0,
+        freeze_support_at: int = 0,
     ) -> None:
         self.config = BregmanConfig(
             target_sparsity=target_sparsity,
@@ -72,6 +73,7 @@ class BregmanPruner(Callback):
             on_nonfinite=on_nonfinite,
             guard_steps=guard_steps,
             check_agreement_every=check_agreement_every,
+            freeze_support_at=freeze_support_at,
         )
         self.parameters_to_prune = (
             None if parameters_to_prune is None else validate_pairs(parameters_to_prune)

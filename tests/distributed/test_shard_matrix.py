@@ -129,20 +129,30 @@ def test_linbreg_over_fsdp1_flat_parameters_is_refused(grouping: str, message: s
         assert message in error
 
 
-def _trajectory(rank: int, world: int, strategy: str, batches: list) -> dict[str, Any]:
+def _trajectory(rank: int, world: int, strategy: str, batches: list, freeze: int) -> dict[str, Any]:
     os.environ.update(LOCAL_RANK=str(rank), RANK=str(rank), WORLD_SIZE=str(world))
     module = matrix_model()
     wrapped = wrap(strategy, module, lambda m: torch.optim.SGD(m.parameters(), lr=0.1))
     return _run_trajectory(
-        wrapped.model, wrapped.optimizer, wrapped.train_step, batches, rank, world
+        wrapped.model, wrapped.optimizer, wrapped.train_step, batches, rank, world, freeze
     ) | {"weights": wrapped.full_effective()}
 
 
 def _run_trajectory(
-    model: Any, optimizer: Any, train_step: Any, batches: list, rank: int, world: int
+    model: Any,
+    optimizer: Any,
+    train_step: Any,
+    batches: list,
+    rank: int,
+    world: int,
+    freeze: int,
 ) -> dict[str, Any]:
     config = BregmanConfig(
-        target_sparsity=0.6, initial_lambda=0.02, lambda_update_rate=0.05, update_frequency=2
+        target_sparsity=0.6,
+        initial_lambda=0.02,
+        lambda_update_rate=0.05,
+        update_frequency=2,
+        freeze_support_at=freeze,
     )
     controller = SparsityController(model, config)
     controller.attach(optimizer)
@@ -156,8 +166,9 @@ def _run_trajectory(
 
 
 @pytest.mark.timeout(240)
+@pytest.mark.parametrize("freeze", [0, 5], ids=["shrinking", "support_frozen_at_5"])
 @pytest.mark.parametrize("strategy", STRATEGIES)
-def test_two_ranks_follow_the_one_process_trajectory(strategy: str) -> None:
+def test_two_ranks_follow_the_one_process_trajectory(strategy: str, freeze: int) -> None:
     generator = torch.Generator().manual_seed(1)
     batches = [
         (torch.randn(8, 13, generator=generator), torch.randint(0, 5, (8,), generator=generator))
@@ -171,11 +182,14 @@ def test_two_ranks_follow_the_one_process_trajectory(strategy: str) -> None:
         optimizer.step()
         optimizer.zero_grad()
 
-    reference = _run_trajectory(single, optimizer, step, batches, 0, 1)
+    reference = _run_trajectory(single, optimizer, step, batches, 0, 1, freeze)
     reference_weights = effective_weights(single)
-    counts_moved = {nonzero for _, nonzero, _ in reference["points"]}
-    assert len(reference["points"]) == 4 and len(counts_moved) == 4  # zeros really appear
-    for result in run_ranks(_trajectory, 2, strategy, batches, timeout=200):
+    points = reference["points"]
+    counts_moved = {nonzero for _, nonzero, _ in points[: 2 if freeze else 4]}
+    assert len(points) == 4 and len(counts_moved) == len(points[: 2 if freeze else 4])
+    if freeze:  # after step 5: the same zeros (held, none new) and the same lambda
+        assert points[2][1:] == points[3][1:] and points[2][1] < points[1][1]
+    for result in run_ranks(_trajectory, 2, strategy, batches, freeze, timeout=200):
         assert result["points"] == reference["points"]  # counts and lambda, exactly
         for name, weight in reference_weights.items():
             torch.testing.assert_close(result["weights"][name], weight, rtol=1e-5, atol=1e-6)

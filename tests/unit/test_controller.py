@@ -289,3 +289,144 @@ def test_group_regularizer_counts_and_logs_node_sparsity(caplog: pytest.LogCaptu
     assert dead > 0 and report.zero_rows == dead and report.rows == 16 + 3
     assert report.node_sparsity == dead / 19 and report.kernel_sparsity is None
     assert f"Node sparsity {100 * dead / 19:.3f}% ({dead}/19 rows)" in caplog.text
+
+
+# ---------------------------------------------------------------------------- frozen support
+def _regression(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A sparse linear teacher (75% zeros, nonzeros of magnitude >= 1) and noiseless data."""
+    generator = torch.Generator().manual_seed(seed)
+    teacher = torch.randn(4, 32, generator=generator).sign() * (
+        1 + torch.rand(4, 32, generator=generator)
+    )
+    teacher[torch.rand(4, 32, generator=generator) < 0.75] = 0
+    x = torch.randn(256, 32, generator=generator)
+    return teacher, x, x @ teacher.T
+
+
+def _fit_regression(
+    freeze_support_at: int, steps: int = 600
+) -> tuple[nn.Linear, SparsityController]:
+    teacher, x, y = _regression()
+    torch.manual_seed(0)
+    student = nn.Linear(32, 4, bias=False)
+    config = BregmanConfig(
+        target_sparsity=float((teacher == 0).float().mean()),
+        initial_lambda=0.05,
+        lambda_rule="multiplicative",
+        lambda_update_rate=2.0,
+        min_lambda=1e-4,
+        max_lambda=10.0,
+        update_frequency=5,
+        freeze_support_at=freeze_support_at,
+    )
+    controller = SparsityController(student, config)
+    optimizer = torch.optim.SGD(student.parameters(), lr=0.05, momentum=0.9)
+    controller.attach(optimizer)
+    for step in range(1, steps + 1):
+        F.mse_loss(student(x), y).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        controller.update_if_due(step)
+    return student, controller
+
+
+def test_frozen_support_refits_the_survivors_without_the_l1_bias(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    teacher, _, _ = _regression()
+    caplog.set_level(logging.INFO, logger="dist_bregman")
+    shrunk, _ = _fit_regression(freeze_support_at=0)
+    refit, controller = _fit_regression(freeze_support_at=300)
+    assert controller.frozen and "Step 300: support frozen: shrinkage found sparsity" in caplog.text
+
+    def relative_error(student: nn.Linear) -> float:
+        return float((student.weight.detach() - teacher).norm() / teacher.norm())
+
+    # Both find the teacher's support; only the refit also recovers its values.
+    for student in (shrunk, refit):
+        assert torch.equal(student.weight.detach() != 0, teacher != 0)
+    assert relative_error(shrunk) > 0.01
+    assert relative_error(refit) < 1e-4
+
+
+def test_the_freeze_holds_exactly_the_target_then_steps_are_plain_sgd_on_the_support() -> None:
+    model = _model()
+    controller = SparsityController(
+        model, BregmanConfig(initial_lambda=0.5, update_frequency=1, freeze_support_at=3)
+    )
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    controller.attach(optimizer)
+    batches = _batches(6)
+    _train(model, optimizer, controller, batches[:3], add_loss_term=False)
+    assert controller.frozen
+    frozen_lambda = controller.lambda_
+    support = {name: w.detach() != 0 for name, w in _weights(model).items()}
+    assert sum(int((~s).sum()) for s in support.values()) > 0  # some zeros are held
+    for step, (x, y) in enumerate(batches[3:], start=4):
+        F.cross_entropy(model(x), y).backward()
+        expected = {
+            name: p.detach().add(p.grad, alpha=-0.1) * support.get(name, 1)
+            for name, p in model.named_parameters()
+        }
+        optimizer.step()
+        optimizer.zero_grad()
+        controller.update_if_due(step)
+        for name, p in model.named_parameters():
+            torch.testing.assert_close(p.detach(), expected[name], rtol=0, atol=0)
+    assert controller.lambda_ == frozen_lambda
+    report = controller.measure()  # shrinkage had reached ~40%; the freeze held the target
+    assert report.total - report.nonzero == round(0.8 * report.total)
+
+
+def test_a_frozen_support_survives_a_checkpoint_and_holds_zeros_on_resume() -> None:
+    model = _model()
+    config = BregmanConfig(initial_lambda=0.5, update_frequency=1, freeze_support_at=2)
+    controller = SparsityController(model, config)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    controller.attach(optimizer)
+    _train(model, optimizer, controller, _batches(2), add_loss_term=False)
+    state = controller.state_dict()
+    assert state["frozen"] is True
+
+    resumed = copy.deepcopy(model)
+    zeros = {name: w.detach() == 0 for name, w in _weights(resumed).items()}
+    fresh = SparsityController(resumed, config)
+    fresh.load_state_dict(state)
+    optimizer = torch.optim.SGD(resumed.parameters(), lr=0.1)
+    fresh.attach(optimizer)
+    assert fresh.frozen and fresh.lambda_ == controller.lambda_
+    _train(resumed, optimizer, fresh, _batches(4, seed=7), add_loss_term=False)
+    for name, w in _weights(resumed).items():
+        assert torch.equal(w.detach() == 0, zeros[name])  # no zero regrown, none added
+
+
+def test_a_frozen_support_turns_a_bregman_optimizers_shrinkage_off() -> None:
+    model = _model()
+    optimizer = LinBreg(model.parameters(), lr=0.1, lambda_=0.5)
+    controller = SparsityController(
+        model, BregmanConfig(initial_lambda=0.5, update_frequency=1, freeze_support_at=2)
+    )
+    controller.attach(optimizer)
+    _train(model, optimizer, controller, _batches(2), add_loss_term=False)
+    assert all(g["lambda"] == 0.0 for g in optimizer.param_groups if g["reg"] is not None)
+    support = {name: w.detach() != 0 for name, w in _weights(model).items()}
+    _train(model, optimizer, controller, _batches(5, seed=3), add_loss_term=False)
+    for name, w in _weights(model).items():
+        assert torch.equal(w.detach() != 0, support[name])
+
+
+def _weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p for n, p in model.named_parameters() if n.endswith("weight")}
+
+
+def test_a_frozen_support_turns_the_loss_term_off_in_loss_mode() -> None:
+    model = _model()
+    config = BregmanConfig(initial_lambda=0.5, update_frequency=1, mode="loss", freeze_support_at=2)
+    controller = SparsityController(model, config)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    controller.attach(optimizer)
+    _train(model, optimizer, controller, _batches(1), add_loss_term=True)
+    assert float(controller.regularization_loss()) > 0
+    controller.update_if_due(2)  # the freeze
+    term = controller.regularization_loss()
+    assert controller.frozen and float(term) == 0.0 and controller.lambda_ > 0
