@@ -229,14 +229,18 @@ class SparsityController:
         strategy). A collective: every rank calls it at the same step (as
         :meth:`update_if_due` does).
         """
-        found = self.found_sparsity = self.measure().sparsity
+        report = self.measure()
+        found = self.found_sparsity = report.sparsity
         self.frozen = True
         self.attachment.set_lambda(0.0)
-        held = self._hold().prune(self.config.target_sparsity).report.sparsity
+        target = self.config.target_sparsity
+        self._hold().prune(target)
+        held = round(target * report.total)  # what prune selects: exactly this many
         logs.info0(
-            f"Step {step}: support frozen: shrinkage found sparsity {100 * found:.3f}%, "
-            f"{100 * held:.3f}% held (target {100 * self.config.target_sparsity:.1f}%); "
-            f"shrinkage off, lambda stays {self.lambda_:.8f}"
+            f"Step {step}: support frozen: shrinkage found sparsity {100 * found:.3f}%; "
+            f"{held} of {report.total} weights ({100 * held / report.total:.3f}%, target "
+            f"{100 * target:.1f}%) held at zero from here, others free; shrinkage off, "
+            f"lambda stays {self.lambda_:.8f}"
         )
 
     def _hold(self) -> MagnitudePruner:
