@@ -14,9 +14,9 @@ from typing import Any
 from torch import nn
 
 from dist_bregman.regularizers import resolve as resolve_regularizer
-from dist_bregman.shards import place
+from dist_bregman.shards import locate
 from dist_bregman.shards.fsdp import FlatPlacement
-from dist_bregman.targets import ParameterPairs, resolve
+from dist_bregman.targets import ParameterPairs
 
 
 def regularized_groups(
@@ -31,7 +31,7 @@ def regularized_groups(
     ``lambda``...) can be added to the returned dicts.
     """
     resolve_regularizer(reg)
-    placements = place(model, resolve(model, parameters_to_prune))
+    placements = locate(model, parameters_to_prune)
     weights, seen = [], set()
     for placement in placements:
         if isinstance(placement, FlatPlacement) and not placement.use_orig_params:

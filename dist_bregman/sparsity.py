@@ -15,8 +15,8 @@ import torch
 from torch import nn
 
 from dist_bregman import comm, kernels
-from dist_bregman.shards import LocalView, Placement, local_views, place
-from dist_bregman.targets import ParameterPairs, resolve
+from dist_bregman.shards import LocalView, Placement, local_views, locate
+from dist_bregman.targets import ParameterPairs
 
 
 @dataclass(frozen=True, slots=True)
@@ -197,7 +197,7 @@ def measure_sparsity(
     """
     if zero_tolerance < 0 or zero_tolerance != zero_tolerance:
         raise ValueError(f"zero_tolerance={zero_tolerance!r}: expected a number >= 0")
-    placements = place(model, resolve(model, parameters_to_prune))
+    placements = locate(model, parameters_to_prune)
     report, _ = reduce_counts(placements, zero_tolerance=zero_tolerance, group=group, sync=sync)
     return report
 

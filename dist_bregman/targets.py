@@ -10,8 +10,9 @@ pair (or the plain parameter and no mask) and nothing else in the project reads 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -33,9 +34,10 @@ def pruning_method(module: nn.Module, name: str) -> prune.BasePruningMethod | No
     return None
 
 
-@dataclass(frozen=True, slots=True)
-class Target:
-    """One measured tensor: ``module.<attr>``, known in reports as ``name``."""
+class Target(NamedTuple):
+    """One measured tensor: ``module.<attr>``, known in reports as ``name``. (A named
+    tuple: :func:`~dist_bregman.measure_sparsity` builds one per tensor per call, and a
+    frozen dataclass costs several times more to create.)"""
 
     name: str
     """Qualified name, e.g. ``"encoder.fc1.weight"``; the key of per-parameter reports."""
@@ -67,13 +69,9 @@ class Target:
 
 def discover(model: nn.Module) -> list[tuple[nn.Module, str]]:
     """The default set: ``weight`` of every Linear, ConvNd and Embedding module."""
-    return _discover(list(model.modules()))
-
-
-def _discover(modules: Iterable[nn.Module]) -> list[tuple[nn.Module, str]]:
     return [
         (module, "weight")
-        for module in modules
+        for module in model.modules()
         if isinstance(module, PRUNABLE_MODULES) and _has_tensor(module, "weight")
     ]
 
@@ -117,34 +115,49 @@ def validate_pairs(
     return checked
 
 
-def resolve(model: nn.Module, pairs: ParameterPairs | None = None) -> list[Target]:
+def resolve(
+    model: nn.Module,
+    pairs: ParameterPairs | None = None,
+    *,
+    tree: Sequence[tuple[str, nn.Module]] | None = None,
+) -> list[Target]:
     """Name every pair from its place in ``model`` and drop tied duplicates.
 
     ``pairs=None`` discovers the default set. A module that is not inside ``model`` is an
     error (its counts would silently be missing from the model's sparsity). Tensors shared
     by several modules (tied embeddings) are counted once, under their first name.
+    ``tree`` is ``unwrap(model).named_modules()`` when the caller walked it already.
     """
     model = unwrap(model)
-    named = dict(model.named_modules())  # one walk of the tree: names and discovery
+    if tree is None:
+        tree = list(model.named_modules())
+    named: list[tuple[str, nn.Module, str]] = []  # (module name, module, attribute)
     if pairs is None:
-        checked = _discover(named.values())  # valid and distinct by construction
-        if not checked:
+        # One walk of the tree both discovers and names (valid and distinct by construction).
+        named = [
+            (name, module, "weight")
+            for name, module in tree
+            if isinstance(module, PRUNABLE_MODULES) and _has_tensor(module, "weight")
+        ]
+        if not named:
             raise ValueError(
                 f"parameters_to_prune=None found no Linear, ConvNd or Embedding weight in "
                 f"{type(model).__name__}; pass a list of (module, name) tuples"
             )
     else:
-        checked = validate_pairs(pairs)
-    module_names = {id(m): clean_name(n) for n, m in named.items()}
+        module_names = {id(m): n for n, m in tree}
+        for index, (module, attr) in enumerate(validate_pairs(pairs)):
+            name = module_names.get(id(module))
+            if name is None:
+                raise ValueError(
+                    f"parameters_to_prune[{index}]: {type(module).__name__} (attribute "
+                    f"{attr!r}) is not a submodule of the {type(model).__name__} being measured"
+                )
+            named.append((name, module, attr))
     targets: list[Target] = []
     seen_values: set[int] = set()
-    for index, (module, attr) in enumerate(checked):
-        prefix = module_names.get(id(module))
-        if prefix is None:
-            raise ValueError(
-                f"parameters_to_prune[{index}]: {type(module).__name__} (attribute {attr!r}) "
-                f"is not a submodule of the {type(model).__name__} being measured"
-            )
+    for name, module, attr in named:
+        prefix = clean_name(name)
         target = Target(name=f"{prefix}.{attr}" if prefix else attr, module=module, attr=attr)
         values = target.values
         if not values.is_floating_point():
@@ -186,12 +199,16 @@ WRAPPER_TOKENS = frozenset({"_fsdp_wrapped_module", "_checkpoint_wrapped_module"
 torch.compile): dropped so names match the unwrapped model's."""
 
 
+@functools.lru_cache(maxsize=65536)
 def clean_name(name: str) -> str:
-    """``"_fsdp_wrapped_module.0._fsdp_wrapped_module"`` -> ``"0"``."""
+    """``"_fsdp_wrapped_module.0._fsdp_wrapped_module"`` -> ``"0"``. (Cached: every
+    measurement by :func:`~dist_bregman.measure_sparsity` names all targets again.)"""
     return ".".join(part for part in name.split(".") if part not in WRAPPER_TOKENS)
 
 
 def _has_tensor(module: nn.Module, name: str) -> bool:
+    if module._parameters.get(name) is not None:  # the common case, without __getattr__
+        return True
     if pruning_method(module, name) is not None:
         return True
     return isinstance(getattr(module, name, None), torch.Tensor)

@@ -18,7 +18,7 @@ placement slices the mask to match its local elements. This package reads layout
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 from torch import nn
 
@@ -27,7 +27,7 @@ from dist_bregman.shards.dtensor import DTensorPlacement, is_dtensor
 from dist_bregman.shards.fsdp import FlatParamIndex
 from dist_bregman.shards.replicated import Replicated, balanced_owners
 from dist_bregman.shards.zero import ZeroPartition, is_zero3_param
-from dist_bregman.targets import Target
+from dist_bregman.targets import ParameterPairs, Target, resolve, unwrap
 
 __all__ = [
     "LocalView",
@@ -35,13 +35,25 @@ __all__ = [
     "Replicated",
     "balanced_owners",
     "local_views",
+    "locate",
     "place",
 ]
 
 
 def place(model: nn.Module | None, targets: Sequence[Target]) -> list[Placement]:
     """The placement of each target (``model`` gives FSDP1's flat-parameter metadata)."""
-    flat = FlatParamIndex.of(model) if model is not None else FlatParamIndex({})
+    return _place(model.modules() if model is not None else (), targets)
+
+
+def locate(model: nn.Module, pairs: ParameterPairs | None = None) -> list[Placement]:
+    """``place(model, resolve(model, pairs))`` over one walk of the module tree: what
+    :func:`~dist_bregman.measure_sparsity` does on every call."""
+    tree = list(unwrap(model).named_modules())
+    return _place((module for _, module in tree), resolve(model, pairs, tree=tree))
+
+
+def _place(modules: Iterable[nn.Module], targets: Sequence[Target]) -> list[Placement]:
+    flat = FlatParamIndex.of(modules)
     placements: list[Placement] = []
     for target in targets:
         entry = flat.find(target)

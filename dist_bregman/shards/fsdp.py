@@ -11,6 +11,7 @@ matching slice of a full mask buffer. With ``use_orig_params=True`` the optimize
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -80,11 +81,12 @@ class FlatParamIndex:
         self.entries = entries
 
     @classmethod
-    def of(cls, model: nn.Module) -> FlatParamIndex:
+    def of(cls, modules: Iterable[nn.Module]) -> FlatParamIndex:
+        """The index over ``modules`` (all of a model's: FSDP1 units sit inside it)."""
         entries: dict[tuple[int, str], tuple[Any, Any, int]] = {}
         if FullyShardedDataParallel is None:
             return cls(entries)
-        for unit in model.modules():
+        for unit in modules:
             if isinstance(unit, FullyShardedDataParallel) and unit._handle is not None:
                 flat = unit._handle.flat_param
                 for index, info in enumerate(flat._param_infos):
@@ -92,6 +94,8 @@ class FlatParamIndex:
         return cls(entries)
 
     def find(self, target: Target) -> FlatPlacement | None:
+        if not self.entries:  # no FSDP1 unit in the model: the common case
+            return None
         for name in (target.attr + "_orig", target.attr):
             entry = self.entries.get((id(target.module), name))
             if entry is not None:
