@@ -94,9 +94,12 @@ class TeacherStudent(pl.LightningModule):
         return self.optim.build([{"params": list(self.parameters()), "reg": self.optim.reg}])
 
 
-def teacher_data(sparsity: float, seed: int) -> tuple[torch.Tensor, TensorDataset, TensorDataset]:
+def teacher_data(
+    sparsity: float, seed: int
+) -> tuple[torch.Tensor, TensorDataset, TensorDataset, TensorDataset]:
     """The teacher (exactly ``sparsity`` zeros, nonzeros of magnitude >= 0.5) and
-    1,000 training / 1,000 test pairs with noise of standard deviation 0.1."""
+    1,000 training / 1,000 test / 1,000 validation pairs with noise of standard deviation
+    0.1."""
     generator = torch.Generator().manual_seed(1000 + seed)
     teacher = torch.zeros(16 * 128)
     keep = round((1 - sparsity) * teacher.numel())
@@ -111,7 +114,8 @@ def teacher_data(sparsity: float, seed: int) -> tuple[torch.Tensor, TensorDatase
         y = x @ teacher.T + 0.1 * torch.randn(n, 16, generator=generator)
         return TensorDataset(x, y)
 
-    return teacher, pairs(1000), pairs(1000)
+    train, test = pairs(1000), pairs(1000)
+    return teacher, train, test, pairs(1000)
 
 
 # ---------------------------------------------------------------------------- one run
@@ -122,6 +126,8 @@ class Run:
     target: float
     seed: int
     epochs: int
+    split: str = "test"
+    """Where ``metric`` is measured: ``"test"``, or ``"val"`` for choosing settings."""
     metric: float = math.nan
     sparsity: float = math.nan
     f1: float | None = None
@@ -169,13 +175,21 @@ def lightning_amounts(target: float, epochs: int) -> Callable[[int], float]:
     return amount
 
 
-# Settings of the Bregman methods, picked by a few trial runs at the 90% target on these same
-# splits (the magnitude pruners were not tuned: their schedule is the standard one):
+# Settings of the Bregman methods (the magnitude pruners were not tuned: their schedule is
+# the standard one). The first ones were picked by trial runs at 90% on the test split; the
+# digits lambdas were then re-chosen on the validation split (``--split val``, 5 seeds),
+# which the test numbers never see:
 # - lambda: the multiplicative rule (scale-free), a move every 10 steps. The proximal
-#   threshold is lr * lambda, LinBreg/AdaBreg's is lambda itself, hence the ranges. Rarer,
-#   larger moves (every 100 steps) looked better on accuracy but left AdaBreg at 61-87%
-#   sparsity when the support was frozen: the top-up to the target, magnitude pruning,
-#   did the rest. The report's "found" column shows that share for every run.
+#   threshold is lr * lambda, LinBreg/AdaBreg's is lambda itself, hence the ranges.
+# - prox on digits: lambda capped at 3e-3 (was 1e-2). At full strength, shrinkage reached
+#   the target by itself and cost accuracy (CNN 90%: 97.19% val, dense 97.93%); capped, it
+#   finds about 70% and the freeze takes the rest by magnitude among the weights it kept
+#   (98.07%). The report's "found" column shows that share for every run.
+# - LinBreg on digits starts at lambda 0.01 (was 0.1): from 0.1 the sparse start grew too
+#   few weights and the CNN collapsed at 95% (val 71.5 +- 24.7% -> 95.0 +- 2.2%; MLP 90%
+#   95.9 -> 96.5%). AdaBreg: the same change did not help (0.1 kept).
+# - Rarer, larger lambda moves (every 100 steps) looked better on accuracy but left AdaBreg at
+#   61-87% when its support was frozen; every 50 steps overshot LinBreg to 92-94%.
 # - LinBreg/AdaBreg start sparse (5% density on digits, zero on the regression): they make
 #   zeros only by not growing weights (inverse scale space), so a dense start stays dense.
 # - LinBreg's momentum averages (1 - b) * lr * g, steps 1/(1 - b) = 10x shorter than SGD's
@@ -184,10 +198,11 @@ def lightning_amounts(target: float, epochs: int) -> Callable[[int], float]:
 def bregman_pruner(task: str, method: str, target: float, freeze_at: int) -> BregmanPruner:
     """The support is frozen at ``freeze_at`` (where the magnitude pruners' schedules end):
     the rest of the run refits the surviving weights without shrinkage."""
+    digits = task != "teacher-student"
     if method == "BregmanPruner (prox)":
-        initial, high = (1e-2, 1.0) if task == "teacher-student" else (1e-3, 1e-2)
+        initial, high = (1e-3, 3e-3) if digits else (1e-2, 1.0)
     else:
-        initial, high = 0.1, 10.0
+        initial, high = (0.01 if digits and method == "LinBreg" else 0.1), 10.0
     return BregmanPruner(
         target_sparsity=target,
         initial_lambda=initial,
@@ -217,11 +232,12 @@ def execute(run: Run) -> Run:
     settings = optimizer_settings(run.task, run.method)
     teacher = None
     if run.task == "teacher-student":
-        teacher, train, test = teacher_data(run.target, run.seed)
+        teacher, train, test, val = teacher_data(run.target, run.seed)
+        test = val if run.split == "val" else test
         module: pl.LightningModule = TeacherStudent(settings, bregman_start, run.seed)
     else:
         splits = digits_splits(images=run.task == "digits-cnn")
-        train, test = splits.train, splits.test
+        train, test = splits.train, splits.val if run.split == "val" else splits.test
         common = {
             "optimizer": settings.name,
             "lr": settings.lr,
@@ -326,15 +342,15 @@ def _order(key: tuple[str, float, str]) -> tuple[int, float, int]:
     return TASKS.index(task), target, METHODS.index(method)
 
 
-def markdown(rows: list[dict[str, Any]], epochs: int, seeds: int) -> str:
+def markdown(rows: list[dict[str, Any]], epochs: int, seeds: int, split: str = "test") -> str:
     lines = [
         f"Quality at a target sparsity, {epochs} epochs, mean ± std over {seeds} seed(s), on "
-        f"{machine()}. digits: test accuracy (%); teacher-student: test relative MSE and "
+        f"{machine()}. digits: {split} accuracy (%); teacher-student: {split} relative MSE and "
         f"support F1. Dense runs are listed under every target for comparison. found: the "
         f"sparsity a Bregman method's shrinkage had reached when its support was frozen; "
         f"the held set is then made exactly the target (magnitude top-up, or release).",
         "",
-        "| task | target | method | test metric | sparsity | distance | found | F1 | fit s |",
+        f"| task | target | method | {split} metric | sparsity | distance | found | F1 | fit s |",
         "|---|---:|---|---:|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
@@ -372,7 +388,8 @@ def plot(rows: list[dict[str, Any]], runs: list[Run], out: Path) -> None:
                 ax.plot([100 * x for x in xs], ys, style, label=method)
         ax.set_title(task)
         ax.set_xlabel("achieved sparsity (%)")
-        ax.set_ylabel("test relative MSE" if task == "teacher-student" else "test accuracy")
+        metric = "relative MSE" if task == "teacher-student" else "accuracy"
+        ax.set_ylabel(f"{runs[0].split if runs else 'test'} {metric}")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     fig.tight_layout()
@@ -408,13 +425,19 @@ def main() -> None:
     parser.add_argument("--targets", type=float, nargs="+", default=[0.8, 0.9, 0.95])
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument(
+        "--split",
+        choices=("test", "val"),
+        default="test",
+        help="measure on the validation split (choose settings there) or the test split",
+    )
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--out", type=Path, default=None, help="folder for JSON, MD, PNG")
     args = parser.parse_args()
     if args.quick:
         args.epochs, args.seeds, args.targets = 2, 1, [0.9]
     runs = [
-        Run(task, method, target, seed, args.epochs)
+        Run(task, method, target, seed, args.epochs, args.split)
         for task in args.tasks
         for target in args.targets
         for method in args.methods
@@ -428,7 +451,7 @@ def main() -> None:
     done += [Run(**{**asdict(r), "target": t}) for r in dense for t in args.targets[1:]]
     rows = summarize(done)
     results = {"epochs": args.epochs, "runs": [asdict(r) for r in done], "summary": rows}
-    write(args.out, "quality", results, markdown(rows, args.epochs, args.seeds))
+    write(args.out, "quality", results, markdown(rows, args.epochs, args.seeds, args.split))
     if args.out is not None:
         plot(rows, done, args.out)
 

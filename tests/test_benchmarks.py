@@ -13,10 +13,10 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_quick(name: str, out: Path) -> Any:
+def run_quick(name: str, out: Path, *extra: str) -> Any:
     script = ROOT / "benchmarks" / f"{name}.py"
     done = subprocess.run(
-        [sys.executable, str(script), "--quick", "--out", str(out)],
+        [sys.executable, str(script), "--quick", "--out", str(out), *extra],
         capture_output=True,
         text=True,
         timeout=150,
@@ -75,3 +75,12 @@ def test_quality_quick(tmp_path: Path) -> None:
         assert run["trace"], run
     assert (tmp_path / "quality_accuracy.png").stat().st_size > 0
     assert (tmp_path / "quality_trajectory.png").stat().st_size > 0
+
+
+@pytest.mark.timeout(120)
+def test_quality_can_choose_on_the_validation_split(tmp_path: Path) -> None:
+    """Settings are chosen with ``--split val``; the test split is reported separately."""
+    extra = ("--split", "val", "--tasks", "digits-mlp", "teacher-student", "--methods", "dense")
+    results = run_quick("quality", tmp_path, *extra)
+    assert {r["split"] for r in results["runs"]} == {"val"}
+    assert "| val metric |" in (tmp_path / "quality.md").read_text()
