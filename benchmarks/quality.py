@@ -248,6 +248,7 @@ def execute(run: Run) -> Run:
         module = DigitsMLP(**common) if run.task == "digits-mlp" else DigitsCNN(**common)
     pairs = [(t.module, "weight") for t in resolve(module)]
     callbacks: list[pl.Callback] = [Trace(run)]
+    pruner: BregmanPruner | None = None
     if run.method == "ModelPruning":
         callbacks.append(
             ModelPruning(
@@ -272,7 +273,8 @@ def execute(run: Run) -> Run:
     elif run.method in BREGMAN:
         steps = run.epochs * math.ceil(len(train) / BATCH)  # type: ignore[arg-type]
         freeze_at = max(round(ramp_epochs(run.epochs) / run.epochs * steps), 1)
-        callbacks.append(bregman_pruner(run.task, run.method, run.target, freeze_at))
+        pruner = bregman_pruner(run.task, run.method, run.target, freeze_at)
+        callbacks.append(pruner)
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=1,
@@ -300,7 +302,6 @@ def execute(run: Run) -> Run:
         hits = int((found & truth).sum())
         run.f1 = 2 * hits / max(int(found.sum()) + int(truth.sum()), 1)
     run.sparsity = measure_sparsity(module).sparsity
-    pruner = next((c for c in callbacks if isinstance(c, BregmanPruner)), None)
     if pruner is not None and pruner.controller is not None:
         run.found = pruner.controller.found_sparsity
     return run

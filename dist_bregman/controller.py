@@ -439,6 +439,10 @@ class SparsityController:
         """Forget the optimizers: remove the proximal-step hooks, stop driving lambda, stop
         holding a frozen support's zeros."""
         self.attachment.detach()
+        self._release_hold()
+
+    def _release_hold(self) -> None:
+        """Stop re-applying the frozen support's masks (they are rebuilt on attach)."""
         if self._held is not None:
             self._held.detach()
             self._held = None
@@ -468,9 +472,7 @@ class SparsityController:
         if frozen != self.frozen:
             self.frozen = frozen
             self.attachment.set_lambda(self._lambda())
-            if self._held is not None:
-                self._held.detach()
-                self._held = None
+            self._release_hold()
             if frozen and self._optimizers:
                 self._hold().derive_masks()
         sparsity = state.get("sparsity")
