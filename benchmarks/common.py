@@ -31,12 +31,18 @@ def mlp(width: int, depth: int, seed: int = 0) -> nn.Sequential:
 
 
 def time_interleaved(
-    candidates: dict[str, Callable[[], object]], repeats: int, warmup: int = 1
+    candidates: dict[str, Callable[[], object]],
+    repeats: int,
+    warmup: int = 1,
+    device: torch.device | str = "cpu",
 ) -> dict[str, list[float]]:
     """Seconds of each candidate in each of ``repeats`` rounds, after ``warmup`` rounds.
 
     The order rotates every round: a candidate that churns memory slows whatever runs right
-    after it, and rotating spreads that evenly over the others."""
+    after it, and rotating spreads that evenly over the others. On CUDA the device is
+    drained before the clock starts and before it stops, so a candidate pays for the kernels
+    it queued (and not for its predecessor's)."""
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
     for _ in range(warmup):
         for fn in candidates.values():
             fn()
@@ -45,8 +51,10 @@ def time_interleaved(
     for round_index in range(repeats):
         shift = round_index % len(names)
         for name in names[shift:] + names[:shift]:
+            sync()
             start = time.perf_counter()
             candidates[name]()
+            sync()
             times[name].append(time.perf_counter() - start)
     return times
 
@@ -64,9 +72,14 @@ def medians(times: dict[str, list[float]]) -> dict[str, float]:
     return {name: statistics.median(values) for name, values in times.items()}
 
 
-def machine() -> str:
+def machine(device: torch.device | str = "cpu") -> str:
     """One line naming what the numbers were measured on."""
     cpu = platform.processor() or platform.machine()
+    if torch.device(device).type == "cuda":
+        return (
+            f"{torch.cuda.get_device_name(device)} (host {cpu}), torch {torch.__version__}, "
+            f"Python {platform.python_version()}"
+        )
     return (
         f"{cpu}, {torch.get_num_threads()} torch threads, torch {torch.__version__}, "
         f"Python {platform.python_version()}"

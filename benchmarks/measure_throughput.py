@@ -3,6 +3,7 @@
     python benchmarks/measure_throughput.py --quick          # seconds: CI smoke
     python benchmarks/measure_throughput.py                   # 10 M and 50 M parameters
     python benchmarks/measure_throughput.py --sizes 10 50 200 --out benchmarks/results
+    python benchmarks/measure_throughput.py --device cuda --sizes 10 50 200   # a GPU
 
 Each model is many small tensors plus a few large ones, half of the elements zero. Three
 ways to count, timed in interleaved repetitions (so drift on a noisy machine hits all three
@@ -12,6 +13,10 @@ alike), medians reported; the ratio to the floor is the median of the per-round 
 * naive: ``(p == 0).sum().item()`` per tensor, the loop people write first;
 * ``measure_sparsity(model)``: resolves the model's tensors on every call, then counts;
 * ``SparsityController.measure()``: what training calls (tensors resolved once).
+
+On CUDA (``--device cuda``) the device is drained before and after each timed call, and one
+more floor is timed: ``torch._foreach_norm``, a read of every tensor in a few multi-tensor
+kernels (per-tensor launches are what a 600-tensor count pays for there, not bandwidth).
 """
 
 from __future__ import annotations
@@ -48,12 +53,12 @@ def build_model(million: float, seed: int = 0) -> nn.Module:
     return model
 
 
-def run(million: float, repeats: int) -> dict[str, object]:
-    model = build_model(million)
+def run(million: float, repeats: int, device: str = "cpu") -> dict[str, object]:
+    model = build_model(million).to(device)
     weights = [m.weight for m in model]
     expected = sum(int((w != 0).sum()) for w in weights)
     assert measure_sparsity(model).nonzero == expected  # the fast path must also be right
-    if kernels.extension() is None:
+    if device == "cpu" and kernels.extension() is None:
         print("note: the CPU counting kernel is unavailable; timing the torch fallback")
 
     controller = SparsityController(model)
@@ -63,18 +68,21 @@ def run(million: float, repeats: int) -> dict[str, object]:
         "measure_sparsity(model)": lambda: measure_sparsity(model),
         "SparsityController.measure()": controller.measure,
     }
-    times = time_interleaved(candidates, repeats)
+    if device != "cpu":
+        candidates["fused read (_foreach_norm)"] = lambda: torch._foreach_norm(weights, 1)
+    times = time_interleaved(candidates, repeats, device=device)
     return {
         "parameters": sum(w.numel() for w in weights),
         "tensors": len(weights),
+        "device": device,
         "median_seconds": medians(times),
         "ratio_to_floor": ratios(times, "floor (sum per tensor)"),
     }
 
 
-def markdown(results: list[dict[str, object]]) -> str:
+def markdown(results: list[dict[str, object]], device: str = "cpu") -> str:
     lines = [
-        f"Sparsity measurement on {machine()} (medians of interleaved rounds)",
+        f"Sparsity measurement on {machine(device)} (medians of interleaved rounds)",
         "",
         "| parameters | tensors | method | median ms | × floor |",
         "|---:|---:|---|---:|---:|",
@@ -96,11 +104,13 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="one tiny model, 3 repeats")
     parser.add_argument("--sizes", type=float, nargs="+", default=[10, 50], help="M params")
     parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     parser.add_argument("--out", type=Path, default=None, help="folder for JSON + Markdown")
     args = parser.parse_args()
     sizes, repeats = ([0.5], 3) if args.quick else (args.sizes, args.repeats)
-    results = [run(size, repeats) for size in sizes]
-    write(args.out, "measure_throughput", results, markdown(results))
+    results = [run(size, repeats, args.device) for size in sizes]
+    name = "measure_throughput" + ("" if args.device == "cpu" else "_cuda")
+    write(args.out, name, results, markdown(results, args.device))
 
 
 if __name__ == "__main__":

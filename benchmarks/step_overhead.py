@@ -3,6 +3,7 @@
     python benchmarks/step_overhead.py --quick     # seconds: CI smoke
     python benchmarks/step_overhead.py             # ~2.6 M-parameter MLP, 100-step blocks
     python benchmarks/step_overhead.py --out benchmarks/results
+    python benchmarks/step_overhead.py --device cuda --width 4096 --batch 512   # a GPU
 
 Every variant trains its own copy of the same model (same initial weights, same batches)
 in a raw loop, one block of steps per round, the order rotating each round; reported: the
@@ -82,11 +83,16 @@ class Variant:
                 self.controller.update_if_due(self.step)
 
 
-def run(width: int, depth: int, batch: int, block: int, repeats: int) -> dict[str, object]:
-    model = mlp(width, depth)
+def run(
+    width: int, depth: int, batch: int, block: int, repeats: int, device: str = "cpu"
+) -> dict[str, object]:
+    model = mlp(width, depth).to(device)
     generator = torch.Generator().manual_seed(1)
     batches = [
-        (torch.randn(batch, 256, generator=generator), torch.randint(0, 10, (batch,)))
+        (
+            torch.randn(batch, 256, generator=generator).to(device),
+            torch.randint(0, 10, (batch,), generator=generator).to(device),
+        )
         for _ in range(16)
     ]
 
@@ -114,12 +120,15 @@ def run(width: int, depth: int, batch: int, block: int, repeats: int) -> dict[st
     against = {name: REFERENCE for name in variants}
     against[f"AdaBreg + pruner, uf={block}"] = "Adam"
     times = time_interleaved(
-        {name: (lambda v=v: v.run(block)) for name, v in variants.items()}, repeats
+        {name: (lambda v=v: v.run(block)) for name, v in variants.items()},
+        repeats,
+        device=device,
     )
     by_reference = {ref: ratios(times, ref) for ref in set(against.values())}
     return {
         "parameters": sum(p.numel() for p in model.parameters()),
         "batch": batch,
+        "device": device,
         "block_steps": block,
         "rounds": repeats,
         "steps_per_second": {k: block / v for k, v in medians(times).items()},
@@ -128,7 +137,7 @@ def run(width: int, depth: int, batch: int, block: int, repeats: int) -> dict[st
     }
 
 
-def markdown(result: dict[str, object]) -> str:
+def markdown(result: dict[str, object], device: str = "cpu") -> str:
     steps = result["steps_per_second"]
     ratio = result["ratio"]
     against = result["against"]
@@ -136,7 +145,7 @@ def markdown(result: dict[str, object]) -> str:
     lines = [
         f"Training-step overhead, {result['parameters']:,}-parameter MLP, batch "
         f"{result['batch']}, {result['rounds']} interleaved rounds of {result['block_steps']} "
-        f"steps, on {machine()}",
+        f"steps, on {machine(device)}",
         "",
         "| variant | steps/s | compared with | time ratio | overhead |",
         "|---|---:|---|---:|---:|",
@@ -156,13 +165,17 @@ def main() -> None:
     parser.add_argument("--depth", type=int, default=3, help="hidden layers")
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=11)
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     parser.add_argument("--out", type=Path, default=None, help="folder for JSON + Markdown")
     args = parser.parse_args()
     if args.quick:
-        result = run(width=64, depth=2, batch=16, block=5, repeats=2)
+        result = run(width=64, depth=2, batch=16, block=5, repeats=2, device=args.device)
     else:
-        result = run(args.width, args.depth, args.batch, block=100, repeats=args.repeats)
-    write(args.out, "step_overhead", result, markdown(result))
+        result = run(
+            args.width, args.depth, args.batch, block=100, repeats=args.repeats, device=args.device
+        )
+    name = "step_overhead" + ("" if args.device == "cpu" else "_cuda")
+    write(args.out, name, result, markdown(result, args.device))
 
 
 if __name__ == "__main__":

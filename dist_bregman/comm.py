@@ -59,6 +59,19 @@ def _collective_device(group: ProcessGroup, device: torch.device) -> torch.devic
     return device
 
 
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``tensor`` on ``device``, without a host synchronisation for host-to-CUDA copies.
+
+    A plain copy from pageable host memory waits until the GPU has drained its queue (a
+    sync, which would stall the caller behind every kernel queued so far); from pinned
+    memory it is queued like a kernel. For the small buffers copied here (counts, flags)
+    pinning costs less than the wait.
+    """
+    if tensor.device.type == "cpu" and torch.device(device).type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
+
+
 def all_reduce_sum(tensor: torch.Tensor, group: ProcessGroup = None) -> torch.Tensor:
     """Sum ``tensor`` over ``group`` with exactly one collective and return the result.
 
@@ -68,7 +81,7 @@ def all_reduce_sum(tensor: torch.Tensor, group: ProcessGroup = None) -> torch.Te
     """
     if not is_distributed() or get_world_size(group) == 1:
         return tensor
-    buffer = tensor.to(_collective_device(group, tensor.device))
+    buffer = to_device(tensor, _collective_device(group, tensor.device))
     dist.all_reduce(buffer, op=dist.ReduceOp.SUM, group=group)
     return buffer
 
@@ -78,7 +91,7 @@ def broadcast_float(value: float, group: ProcessGroup = None) -> float:
     if not is_distributed() or get_world_size(group) == 1:
         return float(value)
     device = _collective_device(group, torch.device("cpu"))
-    buffer = torch.tensor([value], dtype=torch.float64, device=device)
+    buffer = to_device(torch.tensor([value], dtype=torch.float64), device)
     dist.broadcast(buffer, group=group, group_src=0)
     return float(buffer.item())
 

@@ -90,13 +90,21 @@ def representable_floor(value: float, dtype: torch.dtype) -> torch.Tensor:
     return floor
 
 
+@functools.lru_cache(maxsize=64)
+def floor_value(value: float, dtype: torch.dtype) -> float:
+    """:func:`representable_floor` as a Python float: exact in ``dtype``, so a comparison
+    with a ``dtype`` tensor casts it without rounding, and no host tensor has to be copied
+    to the device (a host synchronisation on CUDA)."""
+    return float(representable_floor(value, dtype))
+
+
 def tolerance_bits(dtype: torch.dtype, zero_tolerance: float) -> int:
     """Bit pattern of :func:`representable_floor` of the tolerance, as the kernel compares."""
     if zero_tolerance == 0.0:
         return 0
     code = _PACK[dtype]
     assert code is not None
-    raw = struct.pack("<" + code, float(representable_floor(zero_tolerance, dtype)))
+    raw = struct.pack("<" + code, floor_value(zero_tolerance, dtype))
     return int.from_bytes(raw, "little")
 
 

@@ -232,6 +232,7 @@ class AdaBreg(_DualBregman):
     def _update(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
         foreach = _use_foreach(group["foreach"], params)
         (beta1, beta2), eps, lr = group["betas"], group["eps"], group["lr"]
+        duals, firsts, seconds, grads, scales, steps = [], [], [], [], [], []
         for p in params:
             v = self._dual(p, group)
             state = self.state[p]
@@ -240,15 +241,29 @@ class AdaBreg(_DualBregman):
                 state["exp_avg"] = torch.zeros_like(v)
                 state["exp_avg_sq"] = torch.zeros_like(v)
             state["step"] += 1
-            grad = local_tensor(_grad(p)).to(v.dtype)
-            m, s = state["exp_avg"], state["exp_avg_sq"]
-            m.mul_(beta1).add_(grad, alpha=1 - beta1)
-            s.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-            correction1 = 1 - beta1 ** state["step"]
-            correction2 = 1 - beta2 ** state["step"]
-            denominator = (s.sqrt() / math.sqrt(correction2)).add_(eps)
-            v.addcdiv_(m, denominator, value=-lr / correction1)
-        self._write_primal(params, [self.state[p]["v"] for p in params], group, foreach)
+            duals.append(v)
+            firsts.append(state["exp_avg"])
+            seconds.append(state["exp_avg_sq"])
+            grads.append(local_tensor(_grad(p)).to(v.dtype))
+            scales.append(1 / math.sqrt(1 - beta2 ** state["step"]))
+            steps.append(-lr / (1 - beta1 ** state["step"]))
+        # m <- b1 m + (1 - b1) g;  s <- b2 s + (1 - b2) g^2;
+        # v <- v - lr / (1 - b1^t) * m / (sqrt(s / (1 - b2^t)) + eps)
+        _scale_add_(firsts, beta1, grads, 1 - beta1, foreach)
+        if foreach:
+            torch._foreach_mul_(seconds, beta2)
+            torch._foreach_addcmul_(seconds, grads, grads, value=1 - beta2)
+            denominators = torch._foreach_sqrt(seconds)
+            torch._foreach_mul_(denominators, scales)
+            torch._foreach_add_(denominators, eps)
+            torch._foreach_addcdiv_(duals, firsts, denominators, steps)
+        else:
+            for v, m, s, g, scale, step in zip(
+                duals, firsts, seconds, grads, scales, steps, strict=True
+            ):
+                s.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+                v.addcdiv_(m, s.sqrt().mul_(scale).add_(eps), value=step)
+        self._write_primal(params, duals, group, foreach)
 
 
 class ProxSGD(BregmanOptimizer):

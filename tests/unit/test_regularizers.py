@@ -19,6 +19,23 @@ def test_prox_is_soft_thresholding_with_exact_zeros() -> None:
     assert int((out == 0).sum()) == int((x.abs() <= t).sum())
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_prox_keeps_nan_and_inf_and_takes_strided_views(dtype: torch.dtype) -> None:
+    """A NaN weight must stay NaN through the proximal step, or the measurement that
+    reports corrupt weights would never see it; strided views take the clamp form."""
+    x = torch.tensor([[float("nan"), float("inf"), -float("inf"), 0.3], [-2.0, 0.5, 1.0, 0.0]])
+    x = x.to(dtype)
+    expected = torch.tensor(
+        [[float("nan"), float("inf"), -float("inf"), 0.0], [-1.5, 0.0, 0.5, 0.0]]
+    ).to(dtype)
+    contiguous, strided = x.clone(), x.clone().t().contiguous().t()
+    L1().prox_(contiguous, 0.5)
+    L1().prox_all_([strided], 0.5)
+    assert not strided.is_contiguous()
+    for out in (contiguous, strided):
+        torch.testing.assert_close(out, expected, equal_nan=True, rtol=0, atol=0)
+
+
 def test_prox_solves_its_minimisation_problem() -> None:
     # prox_t(x) = argmin_z 0.5 (z - x)^2 + t |z|: compare with a dense grid search.
     grid = torch.linspace(-3, 3, 600001, dtype=torch.float64)

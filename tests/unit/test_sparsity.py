@@ -7,7 +7,7 @@ import torch
 from torch import nn
 from torch.nn.utils import prune
 
-from dist_bregman import SparsityReport, measure_sparsity
+from dist_bregman import SparsityReport, measure_sparsity, sparsity
 from dist_bregman.shards import balanced_owners, place
 from dist_bregman.sparsity import count_nonzero, reduce_counts
 from dist_bregman.targets import resolve
@@ -182,3 +182,24 @@ def test_structure_counts_rows_and_kernels_in_the_same_buffer() -> None:
     assert extra == [7]
     plain, _ = reduce_counts(place(model, resolve(model)))
     assert plain.node_sparsity is None and plain.nonzero == report.nonzero
+
+
+@pytest.mark.parametrize("zero_tolerance", [0.0, 0.3])
+def test_counting_together_equals_counting_one_by_one(zero_tolerance: float) -> None:
+    """The accelerator path for many small tensors (one flat copy per dtype and mask type,
+    a running count read at each tensor's end) gives each tensor its own count."""
+    generator = torch.Generator().manual_seed(4)
+    values = [torch.randn(shape, generator=generator) for shape in [(3, 4), (1,), (7, 2, 3), (5,)]]
+    values.append(torch.randn(6, generator=generator).to(torch.bfloat16))
+    for v in values:
+        v[v.abs() < 0.5] = 0.0
+    values[2][0, 0, 0] = float("nan")
+    values[4][1] = float("inf")
+    masks = [None, None, (torch.rand(7, 2, 3, generator=generator) < 0.5).float(), None, None]
+    counts, nonfinite = sparsity._count_together(values, masks, zero_tolerance)
+    expected = [
+        int(sparsity.count_nonzero(v, m, zero_tolerance))
+        for v, m in zip(values, masks, strict=True)
+    ]
+    assert [int(c) for c in counts] == expected
+    assert int(nonfinite) == 2
