@@ -32,7 +32,7 @@ import torch
 from torch.optim import Optimizer
 
 from dist_bregman.config import check_number
-from dist_bregman.regularizers import Regularizer, resolve
+from dist_bregman.regularizers import FOREACH_NUMEL, L1, Regularizer, resolve
 from dist_bregman.shards.dtensor import local_tensor
 
 Params = Iterable[torch.Tensor] | Iterable[dict[str, Any]]
@@ -145,17 +145,30 @@ class _DualBregman(BregmanOptimizer):
         """``theta = prox_{delta*lambda*J1}(delta * v)``, written into the parameters."""
         reg: Regularizer | None = resolve(group["reg"])
         delta, lam = group["delta"], group["lambda"]
+        targets = [local_tensor(p) for p in params]
+        if isinstance(reg, L1) and delta == 1.0 and lam > 0:
+            # theta = shrink(v) straight into the parameter: one pass that reads v and
+            # writes theta, where scale + prox + copy take 11. Small accelerator tensors stay
+            # in the multi-tensor kernels below (there, launches cost more than bytes).
+            rest_targets, rest_duals = [], []
+            for t, v in zip(targets, duals, strict=True):
+                if (t.is_cuda and t.numel() < FOREACH_NUMEL) or not reg.prox_into_(t, v, lam):
+                    rest_targets.append(t)
+                    rest_duals.append(v)
+            targets, duals = rest_targets, rest_duals
+            if not targets:
+                return
         if foreach:
             primal = torch._foreach_mul(duals, delta)
             if reg is not None and lam > 0:
                 reg.prox_all_(primal, delta * lam)
-            torch._foreach_copy_([local_tensor(p) for p in params], primal)
+            torch._foreach_copy_(targets, primal)
             return
-        for p, v in zip(params, duals, strict=True):
+        for target, v in zip(targets, duals, strict=True):
             primal = v * delta
             if reg is not None and lam > 0:
                 reg.prox_(primal, delta * lam)
-            local_tensor(p).copy_(primal)
+            target.copy_(primal)
 
 
 class LinBreg(_DualBregman):

@@ -85,6 +85,17 @@ class L1(Regularizer):
         # x - clamp(x, -t, t) is sign(x) * max(|x| - t, 0), with exact zeros where |x| <= t.
         return x.sub_(x.clamp(-threshold, threshold))
 
+    def prox_into_(self, out: torch.Tensor, x: torch.Tensor, threshold: float) -> bool:
+        """Write ``prox(x)`` into ``out`` in one pass, if the layouts allow it (same shape,
+        dtype, contiguous): the Bregman optimizers' primal map, without a temporary.
+        Returns False, writing nothing, where they do not."""
+        if out.shape != x.shape or out.dtype != x.dtype or not out.is_contiguous():
+            return False
+        if not x.is_contiguous():
+            return False
+        torch._C._nn.softshrink(x, threshold, out=out)  # type: ignore[call-arg]
+        return True
+
     def prox_all_(self, tensors: Iterable[torch.Tensor], threshold: float) -> None:
         tensors = list(tensors)
         small = [t for t in tensors if t.is_cuda and t.numel() < FOREACH_NUMEL]

@@ -57,10 +57,16 @@ def _write(folder: str, rank: int, payload: tuple) -> None:
 
 
 def run_ranks(
-    fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = 60.0
+    fn: Callable[..., Any],
+    world_size: int,
+    *args: Any,
+    timeout: float = 60.0,
+    start_method: str = "fork",
 ) -> list[Any]:
-    """``[fn(rank, world_size, *args) for each rank]``, each in its own gloo process."""
-    context = multiprocessing.get_context("fork")
+    """``[fn(rank, world_size, *args) for each rank]``, each in its own gloo process.
+    ``start_method="spawn"`` where the parent has initialised CUDA (a forked child cannot
+    use it); ``fn`` must then be importable (a module-level function)."""
+    context = multiprocessing.get_context(start_method)
     with tempfile.TemporaryDirectory() as folder:
         procs = [
             context.Process(target=_worker, args=(fn, rank, world_size, folder, args))

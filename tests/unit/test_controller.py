@@ -12,6 +12,7 @@ from torch.nn import functional as F
 from torch.nn.utils import prune
 
 from dist_bregman import BregmanConfig, SparsityController
+from dist_bregman.controller import LOSS_FOLD
 from dist_bregman.optim import LinBreg
 
 
@@ -192,6 +193,22 @@ def test_non_finite_loss_skips_the_update_and_warns(caplog: pytest.LogCaptureFix
     assert "Step 1: lambda update skipped: non-finite loss on rank(s) [0]" in caplog.text
     controller.observe_loss(torch.tensor(2.0))  # the flag was consumed: the next update runs
     assert not controller.update(2).skipped and controller.lambda_ > 1.0
+
+
+def test_a_non_finite_loss_is_remembered_across_checks_of_kept_losses() -> None:
+    """Losses are checked in batches of LOSS_FOLD: an Inf early in a long interval still
+    skips the update at its end; the next interval starts clean."""
+    controller = SparsityController(
+        _model(), BregmanConfig(update_frequency=1, lambda_update_rate=0.1)
+    )
+    controller.observe_loss(torch.tensor(float("inf")))
+    for _ in range(2 * LOSS_FOLD + 2):  # 131 losses: two batches checked, three kept
+        controller.observe_loss(torch.tensor(0.5))
+    assert len(controller._losses) == 3
+    assert controller.update(1).skipped
+    for loss in (0.5, 0.25, 1.0):
+        controller.observe_loss(loss)  # plain floats are accepted too
+    assert not controller.update(2).skipped
 
 
 def test_state_round_trip_and_corrupt_lambda_is_refused() -> None:

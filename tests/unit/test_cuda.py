@@ -249,3 +249,47 @@ def test_proximal_step_on_cuda_equals_the_cpu_step_bit_for_bit() -> None:
     for cpu, gpu in zip(on_cpu, on_gpu, strict=True):
         torch.testing.assert_close(gpu.cpu(), cpu, equal_nan=True, rtol=0, atol=0)
     assert torch.isnan(on_gpu[0][0, 0]) and torch.isnan(on_gpu[2][0, 0])
+
+
+def _ddp_worker(rank: int, world: int) -> tuple[list[float], tuple[int, int], int, int]:
+    from torch.nn.parallel import DistributedDataParallel
+
+    model = _mlp().to(CUDA)
+    ddp = DistributedDataParallel(model, device_ids=[0])
+    optimizer = torch.optim.SGD(ddp.parameters(), lr=0.05, momentum=0.9)
+    controller = SparsityController(
+        ddp, BregmanConfig(target_sparsity=0.5, initial_lambda=0.05, update_frequency=2)
+    )
+    controller.attach(optimizer)
+    generator = torch.Generator().manual_seed(rank)
+    lambdas = []
+    for step in range(1, 9):
+        x = torch.randn(16, 12, generator=generator).to(CUDA)
+        y = torch.randint(0, 5, (16,), generator=generator).to(CUDA)
+        loss = F.cross_entropy(ddp(x), y)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        controller.observe_loss(loss)
+        if controller.update_if_due(step) is not None:
+            lambdas.append(controller.lambda_)
+    with host_syncs() as syncs:
+        report = controller.measure()
+    local = measure_sparsity(model, sync=False)  # replicas are identical: the whole count
+    return lambdas, (report.nonzero, report.total), local.nonzero, len(syncs)
+
+
+def test_ddp_on_cuda_over_gloo_every_rank_reads_the_same_counts_and_lambda() -> None:
+    """Two ranks sharing the GPU (gloo: collectives go through host memory). Every rank
+    holds the same lambda history and the same global counts, equal to the full count of
+    one replica, read with one host sync."""
+    from tests.helpers.dist import run_ranks
+
+    results = run_ranks(_ddp_worker, 2, timeout=120, start_method="spawn")
+    assert results[0][:2] == results[1][:2]
+    lambdas, (nonzero, total), local_nonzero, syncs = results[0]
+    assert len(lambdas) == 4 and lambdas[-1] != 0.05
+    assert nonzero == local_nonzero == results[1][2] and total == sum(
+        p.numel() for p in _mlp().parameters() if p.ndim >= 2
+    )
+    assert syncs == 1

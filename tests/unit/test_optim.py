@@ -47,9 +47,10 @@ def test_linbreg_without_regularizer_is_sgd_with_lr_times_delta(delta: float) ->
             torch.testing.assert_close(pa, pb, rtol=1e-6, atol=1e-7)
 
 
-def test_linbreg_momentum_and_l1_follow_the_definition_step_by_step() -> None:
+@pytest.mark.parametrize("delta", [0.7, 1.0])  # 1.0: theta is shrunk straight into p
+def test_linbreg_momentum_and_l1_follow_the_definition_step_by_step(delta: float) -> None:
     model, reference = _model(), _model()
-    lr, lam, delta, beta = 0.2, 0.05, 0.7, 0.8
+    lr, lam, beta = 0.2, 0.05, 0.8
     optimizer = LinBreg(model.parameters(), lr=lr, lambda_=lam, delta=delta, momentum=beta)
     ref = {n: p.detach().clone() for n, p in reference.named_parameters()}
     v = {n: t / delta + (lam * t.sign() if t.ndim >= 2 else 0) for n, t in ref.items()}

@@ -36,6 +36,22 @@ def test_prox_keeps_nan_and_inf_and_takes_strided_views(dtype: torch.dtype) -> N
         torch.testing.assert_close(out, expected, equal_nan=True, rtol=0, atol=0)
 
 
+def test_prox_into_writes_the_prox_where_layouts_allow_and_nothing_elsewhere() -> None:
+    torch.manual_seed(1)
+    x = torch.randn(8, 5)
+    expected = x.clone()
+    L1().prox_(expected, 0.6)
+    out = torch.full_like(x, 7.0)
+    assert L1().prox_into_(out, x, 0.6) and torch.equal(out, expected)
+    for target, source in [
+        (torch.full((8, 5), 7.0, dtype=torch.bfloat16), x),  # dtypes differ
+        (torch.full((5, 8), 7.0).t(), x),  # strided target
+        (torch.full((40,), 7.0), x),  # shapes differ
+    ]:
+        assert not L1().prox_into_(target, source, 0.6)
+        assert bool((target == 7.0).all())
+
+
 def test_prox_solves_its_minimisation_problem() -> None:
     # prox_t(x) = argmin_z 0.5 (z - x)^2 + t |z|: compare with a dense grid search.
     grid = torch.linspace(-3, 3, 600001, dtype=torch.float64)
