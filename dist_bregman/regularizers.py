@@ -129,13 +129,15 @@ class GroupL1(Regularizer):
         """``x`` viewed as ``[n_groups, group_size]`` (a view: in-place edits reach ``x``)."""
         if x.ndim < 2:
             return x.reshape(-1, 1)
+        # Sizes spelled out, not -1: a local shard with no rows (FSDP2 with fewer rows than
+        # ranks) has zero elements, and (0, -1) is ambiguous to reshape.
         if self.by == "kernels":
             if x.ndim < 3:
                 raise ValueError(
                     f"group_l1_kernels needs a ConvNd weight, got shape {tuple(x.shape)}"
                 )
-            return x.reshape(x.shape[0] * x.shape[1], -1)
-        return x.reshape(x.shape[0], -1)
+            return x.reshape(x.shape[0] * x.shape[1], math.prod(x.shape[2:]))
+        return x.reshape(x.shape[0], math.prod(x.shape[1:]))
 
     def value(self, x: torch.Tensor) -> torch.Tensor:
         groups = self.groups(x)

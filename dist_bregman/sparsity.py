@@ -103,7 +103,10 @@ def zero_structures(flags: torch.Tensor) -> torch.Tensor:
         if flags.ndim < ndim:
             counts.append(torch.zeros((), dtype=torch.int64, device=flags.device))
             continue
-        alive = flags.reshape(math.prod(groups), -1).any(dim=1)
+        # Sizes spelled out: a shard with no rows (FSDP2, fewer rows than ranks) cannot
+        # reshape to (0, -1).
+        alive = flags.reshape(math.prod(groups), math.prod(flags.shape[ndim - 1 :]))
+        alive = alive.any(dim=1)
         counts.append(alive.numel() - _sum_flags(alive))
     return torch.stack(counts)
 

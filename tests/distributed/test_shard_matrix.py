@@ -215,3 +215,49 @@ def test_loss_mode_needs_whole_tensors(strategy: str, accepted: bool) -> None:
             assert message == "accepted"
         else:
             assert "mode='loss' needs every measured tensor whole on each rank" in message
+
+
+def _group_case(rank: int, world: int, strategy: str) -> dict[str, Any]:
+    os.environ.update(LOCAL_RANK=str(rank), RANK=str(rank), WORLD_SIZE=str(world))
+    wrapped = wrap(strategy, matrix_model(), lambda m: torch.optim.SGD(m.parameters(), lr=0.1))
+    config = BregmanConfig(
+        target_sparsity=0.6,
+        initial_lambda=0.3,
+        lambda_update_rate=0.05,
+        update_frequency=2,
+        regularizer="group_l1",
+    )
+    controller = SparsityController(wrapped.model, config)
+    controller.attach(wrapped.optimizer)
+    generator = torch.Generator().manual_seed(0)
+    for step in range(1, 7):
+        x = torch.randn(4, 13, generator=generator)
+        wrapped.train_step(x, torch.randint(0, 5, (4,), generator=generator))
+        controller.update_if_due(step)
+    after = controller.measure()  # rows counted in the same buffer (group regularizer)
+    weights = wrapped.full_effective()
+    dead = sum(int((w.reshape(w.shape[0], -1) == 0).all(dim=1).sum()) for w in weights.values())
+    return {
+        "after": after,
+        "gathered": counts(weights),
+        "dead_rows": dead,
+        "agree": comm.all_gather_object(after),
+    }
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize(("strategy", "world"), [("ddp", 2), ("fsdp2", 2), ("fsdp2", 4)])
+def test_group_sparsity_rows_are_counted_and_shrunk_whole_under_row_layouts(
+    strategy: str, world: int
+) -> None:
+    """Group L1 (rows) under the layouts that keep rows whole. At 4 ranks FSDP2 leaves the
+    5-row layer with no rows on the last rank: its empty shard is measured and shrunk too."""
+    results = run_ranks(_group_case, world, strategy, timeout=100)
+    first = results[0]
+    for result in results:
+        assert result["after"] == first["after"]
+        assert all(agreed == first["after"] for agreed in result["agree"])
+        assert result["after"].per_parameter == result["gathered"]
+        assert result["after"].zero_rows == result["dead_rows"]
+    assert first["after"].rows == 17 + 11 + 5
+    assert first["dead_rows"] > 4  # layer 2's four zero rows, and rows the prox removed

@@ -137,3 +137,12 @@ def test_resolve_specs() -> None:
     assert resolve(mine) is mine
     with pytest.raises(ValueError, match=r"reg='l2'"):
         resolve("l2")
+
+
+@pytest.mark.parametrize("by", ["rows", "kernels"])
+def test_group_l1_takes_a_shard_with_no_rows(by: str) -> None:
+    """FSDP2 gives a rank no rows of a layer with fewer rows than ranks."""
+    empty = torch.zeros(0, 2, 3, 3)
+    reg = GroupL1(by)
+    reg.prox_(empty, 0.1)
+    assert float(reg.value(empty)) == 0.0 and reg.subgradient(empty).shape == empty.shape

@@ -203,3 +203,10 @@ def test_counting_together_equals_counting_one_by_one(zero_tolerance: float) -> 
     ]
     assert [int(c) for c in counts] == expected
     assert int(nonfinite) == 2
+
+
+def test_zero_structures_of_a_shard_with_no_rows_are_zero() -> None:
+    for shape in [(0, 5), (0, 2, 3, 3)]:
+        assert sparsity.zero_structures(torch.zeros(shape, dtype=torch.bool)).tolist() == [0, 0]
+    flags = torch.tensor([[[1, 0], [0, 0]], [[0, 0], [0, 0]]], dtype=torch.bool)
+    assert sparsity.zero_structures(flags).tolist() == [1, 3]  # row 1; kernels (0,1), (1,*)
