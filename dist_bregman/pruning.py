@@ -23,6 +23,7 @@ Why it is safe under every strategy:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, Literal
@@ -232,7 +233,10 @@ class MagnitudePruner:
         if not self.config.structured:
             return values.abs()
         dim, n = self.config.dim, self.config.norm
-        units = values.movedim(dim, 0).reshape(values.shape[dim], -1)
+        # Sizes spelled out, not -1: an FSDP2 shard may hold no rows, and (0, -1) is
+        # ambiguous to reshape.
+        per_unit = math.prod(size for axis, size in enumerate(values.shape) if axis != dim)
+        units = values.movedim(dim, 0).reshape(values.shape[dim], per_unit)
         score = units.abs().pow(n).sum(dim=1).pow(1.0 / n)
         if self.config.use_global:  # comparable across layers: norm per element^(1/n)
             score = score / max(units.shape[1], 1) ** (1.0 / n)

@@ -77,6 +77,7 @@ CASES = [
     ("zero3", 3, "per_tensor"),
     ("ddp", 2, "structured"),
     ("fsdp2", 3, "structured"),
+    ("fsdp2", 4, "structured"),  # 4 ranks: the 5-row layer leaves one rank no rows
 ]
 
 
