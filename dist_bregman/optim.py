@@ -245,7 +245,7 @@ class AdaBreg(_DualBregman):
     def _update(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
         foreach = _use_foreach(group["foreach"], params)
         (beta1, beta2), eps, lr = group["betas"], group["eps"], group["lr"]
-        duals, firsts, seconds, grads, scales, steps = [], [], [], [], [], []
+        duals, firsts, seconds, grads, roots, steps = [], [], [], [], [], []
         for p in params:
             v = self._dual(p, group)
             state = self.state[p]
@@ -258,7 +258,7 @@ class AdaBreg(_DualBregman):
             firsts.append(state["exp_avg"])
             seconds.append(state["exp_avg_sq"])
             grads.append(local_tensor(_grad(p)).to(v.dtype))
-            scales.append(1 / math.sqrt(1 - beta2 ** state["step"]))
+            roots.append(math.sqrt(1 - beta2 ** state["step"]))
             steps.append(-lr / (1 - beta1 ** state["step"]))
         # m <- b1 m + (1 - b1) g;  s <- b2 s + (1 - b2) g^2;
         # v <- v - lr / (1 - b1^t) * m / (sqrt(s / (1 - b2^t)) + eps)
@@ -267,15 +267,15 @@ class AdaBreg(_DualBregman):
             torch._foreach_mul_(seconds, beta2)
             torch._foreach_addcmul_(seconds, grads, grads, value=1 - beta2)
             denominators = torch._foreach_sqrt(seconds)
-            torch._foreach_mul_(denominators, scales)
+            torch._foreach_div_(denominators, roots)
             torch._foreach_add_(denominators, eps)
             torch._foreach_addcdiv_(duals, firsts, denominators, steps)
         else:
-            for v, m, s, g, scale, step in zip(
-                duals, firsts, seconds, grads, scales, steps, strict=True
+            for v, m, s, g, root, step in zip(
+                duals, firsts, seconds, grads, roots, steps, strict=True
             ):
                 s.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-                v.addcdiv_(m, s.sqrt().mul_(scale).add_(eps), value=step)
+                v.addcdiv_(m, s.sqrt().div_(root).add_(eps), value=step)
         self._write_primal(params, duals, group, foreach)
 
 

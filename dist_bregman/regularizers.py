@@ -89,9 +89,8 @@ class L1(Regularizer):
         """Write ``prox(x)`` into ``out`` in one pass, if the layouts allow it (same shape,
         dtype, contiguous): the Bregman optimizers' primal map, without a temporary.
         Returns False, writing nothing, where they do not."""
-        if out.shape != x.shape or out.dtype != x.dtype or not out.is_contiguous():
-            return False
-        if not x.is_contiguous():
+        same = out.shape == x.shape and out.dtype == x.dtype
+        if not (same and out.is_contiguous() and x.is_contiguous()):
             return False
         torch._C._nn.softshrink(x, threshold, out=out)  # type: ignore[call-arg]
         return True
