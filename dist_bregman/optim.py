@@ -32,7 +32,7 @@ import torch
 from torch.optim import Optimizer
 
 from dist_bregman.config import check_number
-from dist_bregman.regularizers import FOREACH_NUMEL, L1, Regularizer, resolve
+from dist_bregman.regularizers import L1, Regularizer, multi_tensor, resolve
 from dist_bregman.shards.dtensor import local_tensor
 
 Params = Iterable[torch.Tensor] | Iterable[dict[str, Any]]
@@ -152,7 +152,7 @@ class _DualBregman(BregmanOptimizer):
             # in the multi-tensor kernels below (there, launches cost more than bytes).
             rest_targets, rest_duals = [], []
             for t, v in zip(targets, duals, strict=True):
-                if (t.is_cuda and t.numel() < FOREACH_NUMEL) or not reg.prox_into_(t, v, lam):
+                if multi_tensor(t) or not reg.prox_into_(t, v, lam):
                     rest_targets.append(t)
                     rest_duals.append(v)
             targets, duals = rest_targets, rest_duals

@@ -63,6 +63,12 @@ FOREACH_NUMEL = 1 << 16
 kernels (:meth:`L1.prox_all_`); at or above it, one pass each."""
 
 
+def multi_tensor(x: torch.Tensor) -> bool:
+    """Whether ``x`` takes the proximal step in the multi-tensor kernels (small, on an
+    accelerator: there launches, not bytes, are the cost)."""
+    return x.is_cuda and x.numel() < FOREACH_NUMEL
+
+
 class L1(Regularizer):
     """``J(x) = sum |x_i|``: elementwise sparsity; its prox is soft-thresholding."""
 
@@ -97,7 +103,7 @@ class L1(Regularizer):
 
     def prox_all_(self, tensors: Iterable[torch.Tensor], threshold: float) -> None:
         tensors = list(tensors)
-        small = [t for t in tensors if t.is_cuda and t.numel() < FOREACH_NUMEL]
+        small = [t for t in tensors if multi_tensor(t)]
         if len(small) > 1:
             # Many small accelerator tensors: launches, not bytes, are the cost; three
             # multi-tensor kernels for all of them instead of one kernel per tensor.

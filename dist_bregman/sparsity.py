@@ -307,8 +307,8 @@ def _count_with_torch(
         for k, i in enumerate(fast):
             counts[i] = counts_fast[k]
         bads.append(on_device[1].sum())
-    done = set(fast)
-    rest = [i for i in owned if i not in done]
+    counted_fast = set(fast)
+    rest = [i for i in owned if i not in counted_fast]
     together = [
         i
         for i in rest
@@ -316,6 +316,8 @@ def _count_with_torch(
         and views[i].values.device.type != "cpu"  # type: ignore[union-attr]
         and 0 < views[i].values.numel() <= TOGETHER_NUMEL  # type: ignore[union-attr]
     ]
+    grouped = set(together)
+    one_by_one = [i for i in rest if i not in grouped]
     if together:
         counts_together, bad = _count_together(
             [views[i].values for i in together],  # type: ignore[misc]
@@ -325,10 +327,7 @@ def _count_with_torch(
         for i, count in zip(together, counts_together, strict=True):
             counts[i] = comm.to_device(count, device)
         bads.append(comm.to_device(bad, device))
-        done.update(together)
-    for i in rest:
-        if i in done:
-            continue
+    for i in one_by_one:
         values, mask = views[i].values, views[i].mask
         assert values is not None
         flags = nonzero_flags(values, mask, zero_tolerance)
@@ -362,7 +361,7 @@ def _count_together(
     for k, (v, m) in enumerate(zip(values, masks, strict=True)):
         key = (v.device, v.dtype, None if m is None else m.dtype)
         groups.setdefault(key, []).append(k)
-    counts: list[torch.Tensor] = [values[0].new_zeros((), dtype=torch.int64)] * len(values)
+    counts: dict[int, torch.Tensor] = {}
     bads = []
     for members in groups.values():
         flat = torch.cat([values[k].reshape(-1) for k in members])
@@ -377,4 +376,4 @@ def _count_together(
         for k, count in zip(members, per_tensor.unbind(), strict=True):
             counts[k] = count
         bads.append(_count_nonfinite(flat))
-    return counts, torch.stack(bads).sum()
+    return [counts[k] for k in range(len(values))], torch.stack(bads).sum()

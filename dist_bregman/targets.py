@@ -69,11 +69,12 @@ class Target(NamedTuple):
 
 def discover(model: nn.Module) -> list[tuple[nn.Module, str]]:
     """The default set: ``weight`` of every Linear, ConvNd and Embedding module."""
-    return [
-        (module, "weight")
-        for module in model.modules()
-        if isinstance(module, PRUNABLE_MODULES) and _has_tensor(module, "weight")
-    ]
+    return [(module, "weight") for module in model.modules() if _prunable(module)]
+
+
+def _prunable(module: nn.Module) -> bool:
+    """In the default set: a Linear, ConvNd or Embedding that holds a ``weight``."""
+    return isinstance(module, PRUNABLE_MODULES) and _has_tensor(module, "weight")
 
 
 def validate_pairs(
@@ -134,11 +135,7 @@ def resolve(
     named: list[tuple[str, nn.Module, str]] = []  # (module name, module, attribute)
     if pairs is None:
         # One walk of the tree both discovers and names (valid and distinct by construction).
-        named = [
-            (name, module, "weight")
-            for name, module in tree
-            if isinstance(module, PRUNABLE_MODULES) and _has_tensor(module, "weight")
-        ]
+        named = [(name, module, "weight") for name, module in tree if _prunable(module)]
         if not named:
             raise ValueError(
                 f"parameters_to_prune=None found no Linear, ConvNd or Embedding weight in "
