@@ -86,11 +86,12 @@ def machine(device: torch.device | str = "cpu") -> str:
     )
 
 
-def write(out: Path | None, name: str, results: object, table: str) -> None:
-    """Print the table; with ``out``, also write ``<name>.json`` (raw) and ``<name>.md``."""
+def write(out: Path | None, name: str, results: object, table: str, indent: int | None = 2) -> None:
+    """Print the table; with ``out``, also write ``<name>.json`` (raw) and ``<name>.md``.
+    ``indent=None`` writes the JSON on one line (long per-step traces: a fifth the size)."""
     print(table)
     if out is None:
         return
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"{name}.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out / f"{name}.json").write_text(json.dumps(results, indent=indent) + "\n")
     (out / f"{name}.md").write_text(table)

@@ -73,6 +73,9 @@ def test_quality_quick(tmp_path: Path) -> None:
         if run["task"] == "teacher-student":
             assert 0.0 <= run["f1"] <= 1.0
         assert run["trace"], run
+    dense = {r["task"]: r["metric"] for r in runs if r["method"] == "dense"}
+    for row in results["summary"]:  # one seed: the paired gap is the plain difference
+        assert row["vs_dense"] == pytest.approx(row["metric"] - dense[row["task"]], abs=1e-12)
     assert (tmp_path / "quality_accuracy.png").stat().st_size > 0
     assert (tmp_path / "quality_trajectory.png").stat().st_size > 0
 
