@@ -64,15 +64,17 @@ def extension() -> Any | None:
 
 
 def eligible(values: torch.Tensor, mask: torch.Tensor | None, zero_tolerance: float) -> bool:
-    """Whether the kernel can count this tensor (CPU, contiguous, float, matching mask)."""
-    if values.device.type != "cpu" or not values.is_contiguous() or values.dtype not in _PACK:
+    """Whether the kernel can count this tensor (CPU, contiguous, float, matching mask).
+    (Called per tensor per measurement: ``is_cpu`` is a few times cheaper than
+    ``device.type``.)"""
+    if not values.is_cpu or values.dtype not in _PACK or not values.is_contiguous():
         return False
     if zero_tolerance and _PACK[values.dtype] is None:  # bf16: no exact tolerance bits here
         return False
     if mask is None:
         return True
     return (
-        mask.device.type == "cpu"
+        mask.is_cpu
         and mask.is_contiguous()
         and mask.dtype in _PACK
         and mask.element_size() == values.element_size()
@@ -108,7 +110,7 @@ def tolerance_bits(dtype: torch.dtype, zero_tolerance: float) -> int:
     return int.from_bytes(raw, "little")
 
 
-_tolerance_bits = functools.lru_cache(maxsize=64)(tolerance_bits)  # per call, per tensor
+_tolerance_bits = functools.lru_cache(maxsize=64)(tolerance_bits)  # per call, per dtype
 
 
 def count_nonzero_many(
@@ -121,7 +123,8 @@ def count_nonzero_many(
         return None
     empty = torch.empty(0)
     dtypes = [v.dtype for v in values]
-    bits = [_tolerance_bits(dtype, zero_tolerance) for dtype in dtypes]
+    bits_of = {dtype: _tolerance_bits(dtype, zero_tolerance) for dtype in set(dtypes)}
+    bits = [bits_of[dtype] for dtype in dtypes]
     infinity = [_INFINITY_BITS[dtype] for dtype in dtypes]
     masks_or_empty = [empty if m is None else m for m in masks]
     return module.count_nonzero_many(values, masks_or_empty, bits, infinity)
