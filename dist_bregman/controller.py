@@ -35,6 +35,7 @@ from dist_bregman.attachment import Attachment
 from dist_bregman.config import BregmanConfig, check_number
 from dist_bregman.control import LambdaDecision, decide
 from dist_bregman.errors import NonFiniteError, RankDisagreementError
+from dist_bregman.holders import deepspeed_wrapper
 from dist_bregman.pruning import MagnitudePruner, PruningConfig
 from dist_bregman.regularizers import GroupL1, Regularizer
 from dist_bregman.regularizers import resolve as resolve_regularizer
@@ -198,7 +199,8 @@ class SparsityController:
                 f"Step {step}: {report.nonfinite} non-finite (NaN/Inf) weight elements on "
                 f"rank(s) {list(report.nonfinite_ranks)}; lambda stays {self.lambda_:.8f} and "
                 f"the run stops (the last checkpoint saved before this is clean). Lower the "
-                f"learning rate, or set guard_steps=True to drop bad steps before they land"
+                f"learning rate, or (without DeepSpeed) set guard_steps=True to drop bad steps "
+                f"before they land"
             )
             logs.warn0(message)
             raise NonFiniteError(message)
@@ -417,6 +419,16 @@ class SparsityController:
         ``reg=None``) are measured only, and the target must be reachable without them:
         checked here, with a collective.
         """
+        wrapped = [type(o).__name__ for o in optimizers if deepspeed_wrapper(o) is not None]
+        if self.config.guard_steps and wrapped:
+            raise ValueError(
+                f"guard_steps=True with DeepSpeed's {wrapped[0]}: its gradients live in the "
+                f"engine's partitions (p.grad is None after backward), so the guard would see "
+                f"none and never drop a step; allowed: guard_steps=False under DeepSpeed ZeRO "
+                f"or fp16/bf16 (a step that makes weights non-finite still stops the run at "
+                f"the next measurement, before lambda or a checkpoint is touched), or "
+                f"guard_steps=True with a torch optimizer (one process, DDP, FSDP)"
+            )
         self.detach()
         self._optimizers = optimizers
         self.attachment.attach(optimizers)

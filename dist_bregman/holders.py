@@ -62,13 +62,28 @@ class Holding:
     """``id``s of held tensors whose rows are whole (shaped, or DTensor ``Shard(0)``)."""
 
 
+def deepspeed_wrapper(optimizer: Any) -> str | None:
+    """Which DeepSpeed optimizer wrapper ``optimizer`` is (``"zero12"``, ``"zero3"``,
+    ``"fp32_copies"``), or None for a torch optimizer. A wrapper keeps the fp32 masters and
+    the gradients in its own partitions: after ``backward`` the module's ``p.grad`` and its
+    ``param_groups``' are None until its ``step()``."""
+    if hasattr(optimizer, "round_robin_bit16_groups"):
+        return "zero12"
+    if hasattr(optimizer, "fp32_partitioned_groups_flat"):
+        return "zero3"
+    if hasattr(optimizer, "fp32_groups") and hasattr(optimizer, "fp16_groups"):
+        return "fp32_copies"
+    return None
+
+
 def holding(optimizer: Any, placements: Sequence[Placement]) -> Holding:
     """Map ``optimizer`` (a torch optimizer or a DeepSpeed wrapper) onto ``placements``."""
-    if hasattr(optimizer, "round_robin_bit16_groups"):
+    wrapper = deepspeed_wrapper(optimizer)
+    if wrapper == "zero12":
         return _zero12(optimizer, placements)
-    if hasattr(optimizer, "fp32_partitioned_groups_flat"):
+    if wrapper == "zero3":
         return _zero3(optimizer, placements)
-    if hasattr(optimizer, "fp32_groups") and hasattr(optimizer, "fp16_groups"):
+    if wrapper == "fp32_copies":
         return _fp32_copies(optimizer, placements)
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(

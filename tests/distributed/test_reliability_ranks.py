@@ -3,6 +3,7 @@ early ends the job with an error, not a hang."""
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Any
 
@@ -138,3 +139,33 @@ def test_a_rank_that_leaves_early_ends_the_job_with_an_error_not_a_hang() -> Non
     assert time.monotonic() - start < TIMEOUT
     assert "rank 0 failed after" in str(caught.value)
     assert "rank 1: no result" in str(caught.value)
+
+
+def _guard_under_deepspeed(rank: int, world: int, strategy: str) -> tuple[int, str]:
+    from torch.nn import functional as F
+
+    from tests.helpers.strategies import wrap
+
+    os.environ.update(LOCAL_RANK=str(rank), RANK=str(rank), WORLD_SIZE=str(world))
+    module = _model()
+    wrapped = wrap(strategy, module, lambda m: torch.optim.SGD(m.parameters(), lr=0.1))
+    loss = F.cross_entropy(wrapped.model(torch.randn(4, 8)), torch.randint(0, 4, (4,)))
+    wrapped.model.backward(loss)
+    visible = sum(p.grad is not None for p in module.parameters())  # what a guard could read
+    visible += sum(p.grad is not None for g in wrapped.optimizer.param_groups for p in g["params"])
+    controller = _controller(module, guard_steps=True)
+    try:
+        controller.attach(wrapped.optimizer)
+    except ValueError as error:
+        return visible, str(error)
+    return visible, ""
+
+
+@pytest.mark.timeout(TIMEOUT + 30)
+@pytest.mark.parametrize("strategy", ["zero1", "zero3"])
+def test_guard_steps_is_refused_where_deepspeed_hides_the_gradients(strategy: str) -> None:
+    """Under a ZeRO wrapper no gradient is visible between backward and step, so a guard
+    would never fire: attach refuses it (on every rank) instead of silently doing nothing."""
+    for visible, message in run_ranks(_guard_under_deepspeed, 2, strategy, timeout=TIMEOUT):
+        assert visible == 0
+        assert "guard_steps=True with DeepSpeed's" in message and "allowed:" in message
