@@ -5,14 +5,18 @@
     python benchmarks/measure_throughput.py --sizes 10 50 200 --out benchmarks/results
     python benchmarks/measure_throughput.py --device cuda --sizes 10 50 200   # a GPU
 
-Each model is many small tensors plus a few large ones, half of the elements zero. Three
-ways to count, timed in interleaved repetitions (so drift on a noisy machine hits all three
+Each model is many small tensors plus a few large ones, half of the elements zero. The
+ways to count, timed in interleaved repetitions (so drift on a noisy machine hits all of them
 alike), medians reported; the ratio to the floor is the median of the per-round ratios:
 
 * floor: one plain read of the same bytes, ``p.sum()`` per tensor (no counting at all);
 * naive: ``(p == 0).sum().item()`` per tensor, the loop people write first;
 * ``measure_sparsity(model)``: resolves the model's tensors on every call, then counts;
-* ``SparsityController.measure()``: what training calls (tensors resolved once).
+* ``SparsityController.measure()``: what training calls (tensors resolved once);
+* the same with ``regularizer="group_l1"``: all-zero rows counted in the same pass.
+
+``DIST_BREGMAN_NO_EXTENSION=1`` times the torch-op fallback (no C++ compiler) instead, and
+``--out`` then writes ``measure_throughput_torch_ops.*``.
 
 On CUDA (``--device cuda``) the device is drained before and after each timed call, and one
 more floor is timed: ``torch._foreach_norm``, a read of every tensor in a few multi-tensor
@@ -22,6 +26,7 @@ kernels (per-tensor launches are what a 600-tensor count pays for there, not ban
 from __future__ import annotations
 
 import argparse
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -29,7 +34,7 @@ import torch
 from common import machine, medians, ratios, time_interleaved, write
 from torch import nn
 
-from dist_bregman import SparsityController, kernels, measure_sparsity
+from dist_bregman import BregmanConfig, SparsityController, kernels, measure_sparsity
 
 
 def build_model(million: float, seed: int = 0) -> nn.Module:
@@ -62,11 +67,17 @@ def run(million: float, repeats: int, device: str = "cpu") -> dict[str, object]:
         print("note: the CPU counting kernel is unavailable; timing the torch fallback")
 
     controller = SparsityController(model)
+    # Group sparsity also counts all-zero rows (neurons) in the same pass: what every
+    # lambda update of a group_l1 run measures.
+    grouped = SparsityController(model, BregmanConfig(regularizer="group_l1"))
+    report = grouped.measure()
+    assert report.nonzero == expected and report.rows == sum(w.shape[0] for w in weights)
     candidates: dict[str, Callable[[], object]] = {
         "floor (sum per tensor)": lambda: [w.sum() for w in weights],
         "naive ((p == 0).sum().item())": lambda: [int((w == 0).sum().item()) for w in weights],
         "measure_sparsity(model)": lambda: measure_sparsity(model),
         "SparsityController.measure()": controller.measure,
+        "SparsityController.measure(), rows too (group_l1)": grouped.measure,
     }
     if device != "cpu":
         candidates["fused read (_foreach_norm)"] = lambda: torch._foreach_norm(weights, 1)
@@ -110,6 +121,8 @@ def main() -> None:
     sizes, repeats = ([0.5], 3) if args.quick else (args.sizes, args.repeats)
     results = [run(size, repeats, args.device) for size in sizes]
     name = "measure_throughput" + ("" if args.device == "cpu" else "_cuda")
+    if args.device == "cpu" and os.environ.get("DIST_BREGMAN_NO_EXTENSION") == "1":
+        name += "_torch_ops"  # the fallback, asked for (without a compiler it is noted)
     write(args.out, name, results, markdown(results, args.device))
 
 

@@ -114,10 +114,16 @@ _tolerance_bits = functools.lru_cache(maxsize=64)(tolerance_bits)  # per call, p
 
 
 def count_nonzero_many(
-    values: list[torch.Tensor], masks: list[torch.Tensor | None], zero_tolerance: float
+    values: list[torch.Tensor],
+    masks: list[torch.Tensor | None],
+    zero_tolerance: float,
+    structure: bool = False,
 ) -> torch.Tensor | None:
-    """Int64 ``[2, n]`` (CPU) in one pass: per tensor, the nonzeros of ``values * mask``
-    and the non-finite elements of ``values``; None without the kernel."""
+    """Int64 ``[4, n]`` (CPU) in one pass: per tensor, the nonzeros of ``values * mask``,
+    the non-finite elements of ``values`` and, with ``structure``, the all-zero dim-0 rows
+    (tensors with ``ndim >= 2``) and ``(out, in)`` kernels (``ndim >= 3``) of
+    ``values * mask``, as :func:`~dist_bregman.sparsity.zero_structures` counts them (0
+    without); None without the kernel. With ``structure`` every tensor must be non-empty."""
     module = extension()
     if module is None:
         return None
@@ -127,4 +133,14 @@ def count_nonzero_many(
     bits = [bits_of[dtype] for dtype in dtypes]
     infinity = [_INFINITY_BITS[dtype] for dtype in dtypes]
     masks_or_empty = [empty if m is None else m for m in masks]
-    return module.count_nonzero_many(values, masks_or_empty, bits, infinity)
+    row_lengths: list[int] = []  # empty: no structure
+    kernel_lengths: list[int] = []
+    if structure:
+        for v in values:
+            numel, shape = v.numel(), v.shape
+            assert numel > 0, "structure: empty tensors are counted with torch ops"
+            row_lengths.append(numel // shape[0] if len(shape) >= 2 else 0)
+            kernel_lengths.append(numel // (shape[0] * shape[1]) if len(shape) >= 3 else 0)
+    return module.count_nonzero_many(
+        values, masks_or_empty, bits, infinity, row_lengths, kernel_lengths
+    )

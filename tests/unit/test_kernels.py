@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from dist_bregman import kernels
-from dist_bregman.sparsity import count_nonzero
+from dist_bregman.sparsity import count_nonzero, nonzero_flags, zero_structures
 
 SPECIALS = [0.0, -0.0, float("nan"), float("inf"), -float("inf"), 1e-3, -1e-3, 2.5e-4, 7.0]
 
@@ -37,6 +37,61 @@ def test_kernel_matches_the_torch_path(dtype: torch.dtype, zero_tolerance: float
     # Non-finite values (SPECIALS holds NaN and +-Inf) in the same pass, mask or not.
     assert counted[1].tolist() == [int((~torch.isfinite(v)).sum()) for v in values]
     assert sum(counted[1].tolist()) > 0
+
+
+def _structured(shape: tuple[int, ...], dtype: torch.dtype, seed: int) -> torch.Tensor:
+    """Random values with whole zero rows, zero kernels, near-zero rows (for a tolerance),
+    a NaN in an otherwise zero row and an Inf."""
+    generator = torch.Generator().manual_seed(seed)
+    values = torch.randn(shape, generator=generator, dtype=torch.float64)
+    values[torch.rand(shape, generator=generator) < 0.3] = 0.0
+    rows = values.reshape(shape[0], -1)
+    rows[::3] = 0.0
+    rows[1::5] *= 1e-4  # below the tolerance: zero rows only with one
+    if len(shape) >= 3:
+        kernels_view = values.reshape(shape[0], shape[1], -1)
+        kernels_view[:, ::2] = 0.0
+        kernels_view[2::4, 1] *= 1e-4
+    rows[0, -1] = float("nan")  # a NaN is not zero: row 0 is alive
+    rows[-1, 0] = float("inf")
+    return values.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64])
+@pytest.mark.parametrize("zero_tolerance", [0.0, 1e-3])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_kernel_counts_zero_rows_and_kernels_like_torch(
+    dtype: torch.dtype, zero_tolerance: float, threads: int
+) -> None:
+    """Node/kernel sparsity in the same pass: rows never split between threads, rows
+    longer than a thread's chunk (2^16 elements), 1-D tensors (no rows), 2-D (rows only),
+    Conv1d/2d/3d shapes, masks, a tolerance, NaN/Inf."""
+    if kernels.extension() is None:
+        pytest.skip("no C++ compiler on this machine: the torch path is the only path")
+    shapes = [(7,), (33, 17), (5, 70_000), (16, 8, 3), (24, 6, 3, 3), (6, 4, 2, 3, 3), (1, 1)]
+    values = [_structured(shape, dtype, seed) for seed, shape in enumerate(shapes)]
+    generator = torch.Generator().manual_seed(99)
+    masks: list[torch.Tensor | None] = [
+        None if k % 2 else (torch.rand(v.shape, generator=generator) < 0.8).to(dtype)
+        for k, v in enumerate(values)
+    ]
+    masks[2] = torch.ones_like(values[2])
+    masks[2][3] = 0.0  # a pruned row: zero whatever its values
+    expected = []
+    for v, m in zip(values, masks, strict=True):
+        flags = nonzero_flags(v, m, zero_tolerance)
+        rows, kernels_ = zero_structures(flags).tolist()
+        expected.append([int(flags.sum()), int((~torch.isfinite(v)).sum()), rows, kernels_])
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        counted = kernels.count_nonzero_many(values, masks, zero_tolerance, structure=True)
+    finally:
+        torch.set_num_threads(before)
+    assert counted is not None
+    assert counted.t().tolist() == expected
+    assert all(row[2] > 0 for row in expected[1:6])  # the structure was really exercised
+    assert all(row[3] > 0 for row in expected[3:6])
 
 
 def test_kernel_counts_on_torchs_threads() -> None:

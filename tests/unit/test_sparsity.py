@@ -7,7 +7,7 @@ import torch
 from torch import nn
 from torch.nn.utils import prune
 
-from dist_bregman import SparsityReport, measure_sparsity, sparsity
+from dist_bregman import SparsityReport, kernels, measure_sparsity, sparsity
 from dist_bregman.shards import balanced_owners, place
 from dist_bregman.sparsity import count_nonzero, reduce_counts
 from dist_bregman.targets import resolve
@@ -166,7 +166,17 @@ def test_balanced_owners_cover_every_tensor_once_and_balance_bytes(world: int) -
     assert owners == balanced_owners(sizes, world)  # deterministic
 
 
-def test_structure_counts_rows_and_kernels_in_the_same_buffer() -> None:
+@pytest.mark.parametrize("path", ["kernel", "torch", "mixed"])
+def test_structure_counts_rows_and_kernels_in_the_same_buffer(
+    path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same numbers whether the CPU kernel counts everything, nothing (no compiler),
+    or only some tensors (the rest, e.g. accelerator tensors, by torch ops)."""
+    if path == "torch":
+        monkeypatch.setattr(kernels, "count_nonzero_many", lambda *args, **kwargs: None)
+    if path == "mixed":
+        eligible = kernels.eligible
+        monkeypatch.setattr(kernels, "eligible", lambda v, m, t: v.ndim < 3 and eligible(v, m, t))
     model = nn.Sequential(nn.Linear(4, 6), nn.Conv2d(2, 3, 3))
     with torch.no_grad():
         model[0].weight[1:3] = 0.0  # 2 of 6 neurons
@@ -210,3 +220,23 @@ def test_zero_structures_of_a_shard_with_no_rows_are_zero() -> None:
         assert sparsity.zero_structures(torch.zeros(shape, dtype=torch.bool)).tolist() == [0, 0]
     flags = torch.tensor([[[1, 0], [0, 0]], [[0, 0], [0, 0]]], dtype=torch.bool)
     assert sparsity.zero_structures(flags).tolist() == [1, 3]  # row 1; kernels (0,1), (1,*)
+
+
+def test_torch_path_counts_nonfinite_exactly_even_when_a_finite_sum_overflows(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Without the kernel, a finite sum rules out NaN/Inf in one read; a sum that overflows
+    (fp16: 4 x 60000) or is NaN falls through to the exact count."""
+    monkeypatch.setattr(kernels, "count_nonzero_many", lambda *args, **kwargs: None)
+    model = nn.Sequential(nn.Linear(4, 1, bias=False), nn.Linear(4, 2, bias=False)).half()
+    with torch.no_grad():
+        model[0].weight.fill_(60000.0)  # finite, but its sum is not
+        model[1].weight.copy_(torch.tensor([[1.0, 0.0, float("inf"), -float("inf")], [0.0] * 4]))
+    report = measure_sparsity(model)
+    assert (report.nonfinite, report.nonzero, report.total) == (2, 7, 12)
+    with torch.no_grad():
+        model[1].weight[1, 0] = float("nan")
+    assert measure_sparsity(model).nonfinite == 3
+    with torch.no_grad():
+        model[1].weight.zero_()
+    assert measure_sparsity(model).nonfinite == 0
