@@ -202,7 +202,10 @@ def lightning_amounts(target: float, epochs: int) -> Callable[[int], float]:
 #   a starting lambda of 1e-3 (97.52, within noise). 5 seeds, the earlier shared split
 #   (LinBreg 97.56, dense 97.93): refit at SGD's effective step (lr x2.5 after the freeze:
 #   92.81, unstable), a 20% sparse start (67.41, collapses), freezing at 40% of the run
-#   (97.78), keeping inactive weights' dual progress across lambda moves (97.26).
+#   (97.78), keeping inactive weights' dual progress across lambda moves (97.26). Later, 10
+#   seeds, one split per seed (LinBreg 97.30, GMP 98.30): GMP keeps the head at 58% and
+#   LinBreg at 30%, but leaving LinBreg's head, first conv or both unregularized (reg=None)
+#   gave 97.00 / 97.00 / 96.93.
 # - Tried for AdaBreg at 90%, validation, 10 seeds, one split per seed (dense MLP 97.41,
 #   CNN 98.37; GMP 97.30, 98.30; AdaBreg as shipped 97.30, 97.07): CNN lr x0.5 / x2 (97.41 /
 #   97.30); a starting lambda of 0.01 / 0.003 (MLP 97.74 / 97.67, CNN 97.96 / 97.93), but its
