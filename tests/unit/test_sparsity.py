@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 from torch import nn
@@ -240,3 +242,20 @@ def test_torch_path_counts_nonfinite_exactly_even_when_a_finite_sum_overflows(
     with torch.no_grad():
         model[1].weight.zero_()
     assert measure_sparsity(model).nonfinite == 0
+
+
+SHAPES = [(0, 5), (3, 0), (2, 3, 0, 0), (0, 2, 3), (4,), (3, 5), (2, 3, 2)]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_zero_structures_of_empty_and_plain_shapes_match_any(shape: tuple[int, ...]) -> None:
+    """Rows and kernels counted as 'no element of the slice is nonzero', empty slices and
+    shards without rows included (the per-slice max must not reduce an empty dimension)."""
+    flags = torch.rand(shape, generator=torch.Generator().manual_seed(1)) < 0.3
+    expected = [
+        sum(not bool(flags[index].any()) for index in itertools.product(*map(range, shape[:lead])))
+        if len(shape) > lead
+        else 0
+        for lead in (1, 2)
+    ]
+    assert sparsity.zero_structures(flags).tolist() == expected
