@@ -319,20 +319,23 @@ def _count_with_torch(
     together = [
         i
         for i in rest
-        if not structure
-        and views[i].values.device.type != "cpu"  # type: ignore[union-attr]
+        if views[i].values.device.type != "cpu"  # type: ignore[union-attr]
         and 0 < views[i].values.numel() <= TOGETHER_NUMEL  # type: ignore[union-attr]
     ]
     grouped = set(together)
     one_by_one = [i for i in rest if i not in grouped]
     if together:
-        counts_together, bad = _count_together(
+        counts_together, structures_together, bad = _count_together(
             [views[i].values for i in together],  # type: ignore[misc]
             [views[i].mask for i in together],
             zero_tolerance,
+            structure,
         )
         for i, count in zip(together, counts_together, strict=True):
             counts[i] = comm.to_device(count, device)
+        if structures_together is not None:
+            for i, zeros in zip(together, structures_together, strict=True):
+                structures[i] = comm.to_device(zeros, device)
         bads.append(comm.to_device(bad, device))
     for i in one_by_one:
         values, mask = views[i].values, views[i].mask
@@ -359,20 +362,25 @@ def _count_together(
     values: Sequence[torch.Tensor],
     masks: Sequence[torch.Tensor | None],
     zero_tolerance: float,
-) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """Nonzeros of many small tensors (0-d each) and their non-finite total, in a few
-    kernels per (device, dtype, mask dtype) group instead of several per tensor.
+    structure: bool = False,
+) -> tuple[list[torch.Tensor], list[torch.Tensor] | None, torch.Tensor]:
+    """Nonzeros of many small tensors (0-d each), their ``[zero_rows, zero_kernels]`` (with
+    ``structure``, else None) and their non-finite total, in a few kernels per (device,
+    dtype, mask dtype) group instead of several per tensor.
 
     On a GPU a count of a small tensor is all launch cost (measured on an H100: a
     600-tensor model took 7 times a per-tensor ``sum``). Each group is copied into one
-    flat tensor (the bytes are few: only tensors up to :data:`TOGETHER_NUMEL` come here),
-    tested once, and summed once as a running count read at each tensor's end.
+    flat tensor (the bytes are few: only tensors up to :data:`TOGETHER_NUMEL` come here)
+    and tested once; a running count of its nonzero flags gives the nonzeros of any slice
+    as a difference of two entries. Tensors, rows and kernels are such slices; their
+    bounds are computed on the host and reach the device in one copy.
     """
     groups: dict[tuple[object, ...], list[int]] = {}
     for k, (v, m) in enumerate(zip(values, masks, strict=True)):
         key = (v.device, v.dtype, None if m is None else m.dtype)
         groups.setdefault(key, []).append(k)
     counts: dict[int, torch.Tensor] = {}
+    structures: dict[int, torch.Tensor] = {}
     bads = []
     for members in groups.values():
         flat = torch.cat([values[k].reshape(-1) for k in members])
@@ -380,11 +388,48 @@ def _count_together(
         if masks[members[0]] is not None:
             mask = torch.cat([masks[k].reshape(-1) for k in members])  # type: ignore[union-attr]
         flags = nonzero_flags(flat, mask, zero_tolerance)
-        running = flags.view(torch.uint8).cumsum(0)
-        ends = torch.tensor([values[k].numel() for k in members]).cumsum(0).sub_(1)
-        at_ends = running[comm.to_device(ends, flat.device)]
-        per_tensor = torch.diff(at_ends, prepend=at_ends.new_zeros(1))
+        # running[i]: the nonzeros among the first i elements (written after a leading 0).
+        running = torch.empty(flat.numel() + 1, dtype=torch.int64, device=flat.device)
+        running[:1].zero_()
+        torch.cumsum(flags.view(torch.uint8), 0, out=running[1:])
+        numels = torch.tensor([values[k].numel() for k in members], dtype=torch.int64)
+        ends = numels.cumsum(0)
+        offsets = ends - numels
+        host = [offsets, ends]  # the tensors' bounds in flat
+        if structure:
+            shapes = [values[k].shape for k in members]
+            host += [*_slices(numels, offsets, shapes, 1), *_slices(numels, offsets, shapes, 2)]
+        bounds = list(comm.to_device(torch.cat(host), flat.device).split([len(h) for h in host]))
+        per_tensor = running[bounds[1]] - running[bounds[0]]
         for k, count in zip(members, per_tensor.unbind(), strict=True):
             counts[k] = count
+        if structure:
+            zeros = torch.zeros(len(members), 2, dtype=torch.int64, device=flat.device)
+            for column in range(2):  # rows, then kernels
+                starts, stops, owners = bounds[2 + 3 * column : 5 + 3 * column]
+                all_zero = (running[stops] - running[starts]).eq(0).to(torch.int64)
+                zeros[:, column].index_add_(0, owners, all_zero)
+            for k, zero in zip(members, zeros.unbind(), strict=True):
+                structures[k] = zero
         bads.append(_count_nonfinite(flat))
-    return [counts[k] for k in range(len(values))], torch.stack(bads).sum()
+    order = range(len(values))
+    per_structure = [structures[k] for k in order] if structure else None
+    return [counts[k] for k in order], per_structure, torch.stack(bads).sum()
+
+
+def _slices(
+    numels: torch.Tensor, offsets: torch.Tensor, shapes: Sequence[torch.Size], lead: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(starts, stops, owners)`` (host int64) of the slices along the first ``lead`` dims
+    (1: rows, 2: ``(out, in)`` kernels) of tensors laid end to end at ``offsets``; tensors
+    with ``lead`` dims or fewer have none. Vectorised: no Python loop over the slices."""
+    slices = torch.tensor(
+        [math.prod(shape[:lead]) if len(shape) > lead else 0 for shape in shapes],
+        dtype=torch.int64,
+    )
+    length = numels // slices.clamp_min(1)
+    owners = torch.repeat_interleave(torch.arange(len(shapes)), slices)
+    first = (slices.cumsum(0) - slices)[owners]  # index of each owner's first slice
+    index = torch.arange(len(owners)) - first  # the slice's place within its tensor
+    starts = offsets[owners] + index * length[owners]
+    return starts, starts + length[owners], owners

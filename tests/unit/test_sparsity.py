@@ -199,22 +199,40 @@ def test_structure_counts_rows_and_kernels_in_the_same_buffer(
 @pytest.mark.parametrize("zero_tolerance", [0.0, 0.3])
 def test_counting_together_equals_counting_one_by_one(zero_tolerance: float) -> None:
     """The accelerator path for many small tensors (one flat copy per dtype and mask type,
-    a running count read at each tensor's end) gives each tensor its own count."""
+    a running count read at each slice's bounds) gives each tensor its own count, zero rows
+    and zero kernels. (Device-agnostic: run here on CPU tensors.)"""
     generator = torch.Generator().manual_seed(4)
-    values = [torch.randn(shape, generator=generator) for shape in [(3, 4), (1,), (7, 2, 3), (5,)]]
-    values.append(torch.randn(6, generator=generator).to(torch.bfloat16))
+    shapes = [(3, 4), (1,), (7, 2, 3), (5,), (), (6, 3, 2, 2), (4, 5)]
+    values = [torch.randn(shape, generator=generator) for shape in shapes]
+    values.append(torch.randn(3, 2, generator=generator).to(torch.bfloat16))
     for v in values:
         v[v.abs() < 0.5] = 0.0
+    values[0][1] = 0.0  # zero rows and kernels, some of them under a mask only
+    values[2][3:5] = 0.0
+    values[2][0, 1] = 0.0
+    values[5][::2, 1] = 0.0
+    values[6][2] = 0.0
+    values[7][0] = 0.0
     values[2][0, 0, 0] = float("nan")
-    values[4][1] = float("inf")
-    masks = [None, None, (torch.rand(7, 2, 3, generator=generator) < 0.5).float(), None, None]
-    counts, nonfinite = sparsity._count_together(values, masks, zero_tolerance)
-    expected = [
-        int(sparsity.count_nonzero(v, m, zero_tolerance))
-        for v, m in zip(values, masks, strict=True)
+    values[7][1, 1] = float("inf")
+    masks = [None] * len(values)
+    masks[2] = (torch.rand(7, 2, 3, generator=generator) < 0.5).float()
+    masks[6] = torch.ones(4, 5)
+    masks[6][0] = 0.0
+    counts, structures, nonfinite = sparsity._count_together(
+        values, masks, zero_tolerance, structure=True
+    )
+    assert structures is not None
+    flags = [
+        sparsity.nonzero_flags(v, m, zero_tolerance) for v, m in zip(values, masks, strict=True)
     ]
-    assert [int(c) for c in counts] == expected
+    assert [int(c) for c in counts] == [int(f.sum()) for f in flags]
+    assert [z.tolist() for z in structures] == [sparsity.zero_structures(f).tolist() for f in flags]
+    assert sum(z[0] for z in structures).item() >= 5 and sum(z[1] for z in structures).item() >= 4
     assert int(nonfinite) == 2
+    plain_counts, plain_structures, _ = sparsity._count_together(values, masks, zero_tolerance)
+    assert [int(c) for c in plain_counts] == [int(c) for c in counts]
+    assert plain_structures is None
 
 
 def test_zero_structures_of_a_shard_with_no_rows_are_zero() -> None:
