@@ -468,7 +468,9 @@ def main() -> None:
         default="test",
         help="measure on the validation split (choose settings there) or the test split",
     )
-    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
+    parser.add_argument(
+        "--jobs", type=int, default=os.cpu_count() or 1, help="worker processes (1: in this one)"
+    )
     parser.add_argument("--out", type=Path, default=None, help="folder for JSON, MD, PNG")
     args = parser.parse_args()
     if args.quick:
@@ -481,8 +483,11 @@ def main() -> None:
         for seed in range(args.seeds)
         if method != "dense" or target == args.targets[0]
     ]
-    with ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn")) as pool:
-        done = list(pool.map(execute, runs))
+    if args.jobs == 1:  # in this process: a worker would import torch and Lightning again
+        done = [execute(run) for run in runs]
+    else:
+        with ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn")) as pool:
+            done = list(pool.map(execute, runs))
     # Dense does not depend on the target: run once, list under every target.
     dense = [r for r in done if r.method == "dense"]
     done += [Run(**{**asdict(r), "target": t}) for r in dense for t in args.targets[1:]]

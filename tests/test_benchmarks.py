@@ -61,7 +61,7 @@ def test_distributed_cost_quick(tmp_path: Path) -> None:
 
 @pytest.mark.timeout(240)
 def test_quality_quick(tmp_path: Path) -> None:
-    results = run_quick("quality", tmp_path)
+    results = run_quick("quality", tmp_path, "--jobs", "1")  # in-process: no worker start-up
     runs = results["runs"]
     assert {(r["task"], r["method"]) for r in runs} == {
         (task, method)
@@ -85,6 +85,7 @@ def test_quality_quick(tmp_path: Path) -> None:
 def test_quality_can_choose_on_the_validation_split(tmp_path: Path) -> None:
     """Settings are chosen with ``--split val``; the test split is reported separately."""
     extra = ("--split", "val", "--tasks", "digits-mlp", "teacher-student", "--methods", "dense")
+    extra += ("--jobs", "1")
     results = run_quick("quality", tmp_path, *extra)
     assert {r["split"] for r in results["runs"]} == {"val"}
     assert "| val metric |" in (tmp_path / "quality.md").read_text()

@@ -6,11 +6,11 @@ from __future__ import annotations
 import json
 import logging
 import math
-import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from unittest.mock import patch
 
 import lightning.pytorch as pl
 import pytest
@@ -19,6 +19,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 
 from dist_bregman import BregmanPruner, SafeModelPruning, SparsityController, measure_sparsity
+from dist_bregman.cli import main
 from dist_bregman.config import BregmanConfig
 from dist_bregman.errors import NonFiniteError
 from dist_bregman.optim import AdaBreg, LinBreg, ProxSGD
@@ -230,38 +231,43 @@ def test_bad_input_fails_at_construction_with_setting_value_and_allowed(
         call()
 
 
-def _cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "dist_bregman", "fit", *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+def _cli_fails(config: Path, capsys: pytest.CaptureFixture[str]) -> str:
+    """Run ``dist-bregman fit --config config`` in this process (the entry point's own
+    subprocess test is in test_cli.py); it must fail. Returns what it printed and raised."""
+    with pytest.raises((SystemExit, ValueError)) as failure, patch.object(sys, "argv", ["x"]):
+        main(["fit", "--config", str(config)])
+    if isinstance(failure.value, SystemExit):
+        assert failure.value.code != 0
+    printed = capsys.readouterr()
+    return f"{printed.out}{printed.err}{failure.value}"
 
 
-@pytest.mark.timeout(120)
-def test_yaml_with_an_unknown_key_and_a_bad_value_fail_before_training(tmp_path: Path) -> None:
+def test_yaml_with_an_unknown_key_and_a_bad_value_fail_before_training(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     config = (ROOT / "configs" / "digits.yaml").read_text()
     typo = tmp_path / "typo.yaml"
     typo.write_text(config.replace("max_epochs: 60", "max_epoch: 60"))
-    done = _cli("--config", str(typo))
-    assert done.returncode != 0 and "max_epoch" in done.stderr
-    assert "Epoch 0" not in done.stdout + done.stderr  # nothing trained
+    output = _cli_fails(typo, capsys)
+    assert "max_epoch" in output
+    assert "Epoch 0" not in output  # nothing trained
     bad = tmp_path / "bad.yaml"
     bad.write_text(config.replace("update_frequency: 10", "update_frequency: 0"))
-    done = _cli("--config", str(bad))
-    assert done.returncode != 0 and "update_frequency=0: expected an integer >= 1" in done.stderr
+    output = _cli_fails(bad, capsys)
+    assert "update_frequency=0: expected an integer >= 1" in output
+    assert "Epoch 0" not in output
 
 
-def test_yaml_is_read_with_a_safe_loader(tmp_path: Path) -> None:
+def test_yaml_is_read_with_a_safe_loader(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     evil = tmp_path / "evil.yaml"
     marker = tmp_path / "pwned"
     evil.write_text(
         (ROOT / "configs" / "digits.yaml").read_text()
         + f"\nextra: !!python/object/apply:os.system ['touch {marker}']\n"
     )
-    done = _cli("--config", str(evil))
-    assert done.returncode != 0
+    assert "could not determine a constructor" in _cli_fails(evil, capsys)
     assert not marker.exists()
 
 

@@ -2,7 +2,7 @@
 broadcasts rank 0's weights): per-rank fingerprints of the effective weights after fitting
 with Lightning's ``ModelPruning`` or with ``BregmanPruner``.
 
-    python tests/scripts/model_pruning_drift.py --pruner lightning --out /tmp/drift.json
+    python tests/scripts/model_pruning_drift.py --pruners lightning bregman --out /tmp/drift
 """
 
 from __future__ import annotations
@@ -61,16 +61,12 @@ class Fingerprint(pl.Callback):
             )
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--pruner", choices=("lightning", "bregman"), required=True)
-    parser.add_argument("--out", type=Path, required=True)
-    args = parser.parse_args()
+def fit(pruner_name: str, out: Path) -> None:
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(256, 10, generator=generator)
     data = DataLoader(TensorDataset(x, x[:, :4].argmax(dim=1)), batch_size=16)
     pruner: pl.Callback
-    if args.pruner == "lightning":
+    if pruner_name == "lightning":
         pruner = ModelPruning(
             "l1_unstructured", amount=0.3, use_global_unstructured=True, verbose=0
         )
@@ -87,9 +83,18 @@ def main() -> None:
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        callbacks=[pruner, Fingerprint(args.out)],
+        callbacks=[pruner, Fingerprint(out)],
     )
     trainer.fit(Model(), data)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--pruners", nargs="+", choices=("lightning", "bregman"), required=True)
+    parser.add_argument("--out", type=Path, required=True, help="folder for <pruner>.json")
+    args = parser.parse_args()
+    for name in args.pruners:  # one launch for all: each fit builds its model afresh
+        fit(name, args.out / f"{name}.json")
     comm.shutdown()
 
 
