@@ -72,9 +72,22 @@ def medians(times: dict[str, list[float]]) -> dict[str, float]:
     return {name: statistics.median(values) for name, values in times.items()}
 
 
+def cpu_model() -> str:
+    """The CPU's model name where Linux reports it, else the architecture. (Results moved
+    between machines: the same seeds trained to accuracies 0.15-0.3 points apart on two
+    x86_64 CPUs, and their speeds differ several-fold, so a table names the model.)"""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"{line.split(':', 1)[1].strip()} ({platform.machine()})"
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def machine(device: torch.device | str = "cpu") -> str:
     """One line naming what the numbers were measured on."""
-    cpu = platform.processor() or platform.machine()
+    cpu = cpu_model()
     if torch.device(device).type == "cuda":
         return (
             f"{torch.cuda.get_device_name(device)} (host {cpu}), torch {torch.__version__}, "

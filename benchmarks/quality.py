@@ -205,7 +205,11 @@ def lightning_amounts(target: float, epochs: int) -> Callable[[int], float]:
 #   (97.78), keeping inactive weights' dual progress across lambda moves (97.26). Later, 10
 #   seeds, one split per seed (LinBreg 97.30, GMP 98.30): GMP keeps the head at 58% and
 #   LinBreg at 30%, but leaving LinBreg's head, first conv or both unregularized (reg=None)
-#   gave 97.00 / 97.00 / 96.93.
+#   gave 97.00 / 97.00 / 96.93. Later still (2026-11-30, 10 seeds, LinBreg as shipped 96.93
+#   on that day's run): lambda capped as prox's is, starting/cap 1e-3/3e-3, 1e-3/1e-2 and
+#   3e-3/3e-2: 97.37 / 97.41 / 97.41 (shrinkage found 83 / 86 / 89% by the freeze). Up
+#   about half a point, inside the seed spread (std 0.9-1.3), still a point below dense:
+#   not adopted.
 # - Tried for AdaBreg at 90%, validation, 10 seeds, one split per seed (dense MLP 97.41,
 #   CNN 98.37; GMP 97.30, 98.30; AdaBreg as shipped 97.30, 97.07): CNN lr x0.5 / x2 (97.41 /
 #   97.30); a starting lambda of 0.01 / 0.003 (MLP 97.74 / 97.67, CNN 97.96 / 97.93), but its

@@ -97,7 +97,7 @@ def main() -> None:
             "lambda": controller.lambda_,
             "sparsity": report.sparsity,
             "per_parameter": report.per_parameter,
-            "penalty": float(controller.regularization_loss()),
+            "penalty": float(controller.regularization_loss().detach()),
         }
         (args.out / f"rank{rank}.json").write_text(json.dumps(record))
     if rank == 0:

@@ -443,7 +443,7 @@ def test_a_frozen_support_turns_the_loss_term_off_in_loss_mode() -> None:
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     controller.attach(optimizer)
     _train(model, optimizer, controller, _batches(1), add_loss_term=True)
-    assert float(controller.regularization_loss()) > 0
+    assert float(controller.regularization_loss().detach()) > 0
     controller.update_if_due(2)  # the freeze
     term = controller.regularization_loss()
-    assert controller.frozen and float(term) == 0.0 and controller.lambda_ > 0
+    assert controller.frozen and float(term.detach()) == 0.0 and controller.lambda_ > 0
