@@ -24,11 +24,12 @@ $(VENV)/.run-deps: $(BIN)/python pyproject.toml constraints.txt
 # The two JIT-compiled C++ ops (about a minute each here) are built at set-up, not inside
 # whichever test first needs them, where the build counted against that test's timeout:
 # dist_bregman's counting kernel (falls back to torch ops, with a warning, without a
-# compiler) and DeepSpeed's CPU shared-memory comm op (built by every DeepSpeed start).
+# compiler) and DeepSpeed's CPU shared-memory comm op (which DeepSpeed builds when it starts).
 $(VENV)/.dev-deps: $(VENV)/.run-deps
 	$(PIP) -e ".[dev,deepspeed]"
 	$(BIN)/python -c "from dist_bregman import kernels; kernels.extension()"
-	$(BIN)/python -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()"
+	$(BIN)/python -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()" \
+		|| echo "warning: DeepSpeed's CPU comm op did not build; its tests will retry and say why"
 	touch $@
 
 run: $(VENV)/.run-deps
