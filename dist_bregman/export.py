@@ -12,6 +12,7 @@ FSDP/ZeRO-3 weights first (e.g. Lightning's consolidated checkpoint).
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
@@ -117,14 +118,7 @@ def load_sparse(path: str | Path) -> dict[str, torch.Tensor]:
             raise ValueError(f"{path}: format={saved.get('format')!r}: expected {FORMAT!r}")
         dense, sparse, shapes = saved["dense"], saved["sparse"], saved["shapes"]
     for name, parts in sparse.items():
-        rows = shapes[name][0] if shapes[name] else 1
-        matrix = torch.sparse_csr_tensor(
-            parts["crow_indices"].long(),
-            parts["col_indices"].long(),
-            parts["values"],
-            size=(rows, int(torch.tensor(shapes[name]).prod()) // max(rows, 1)),
-        )
-        dense[name] = matrix.to_dense().reshape(shapes[name])
+        dense[name] = _from_csr(parts, shapes[name])
     return dense
 
 
@@ -132,16 +126,30 @@ _PARTS = ("crow_indices", "col_indices", "values")
 
 
 def _csr(tensor: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The compressed-sparse-row arrays of ``tensor`` seen as ``[rows, rest]``, built from
+    ``nonzero()`` (row-major, so already in CSR order) rather than ``to_sparse_csr``, which
+    torch marks beta and warns about on every call."""
     matrix = tensor.reshape(tensor.shape[0], -1) if tensor.ndim else tensor.reshape(1, 1)
-    csr = matrix.to_sparse_csr()
-    index = (
-        torch.int32 if max(matrix.shape) < 2**31 and csr.values().numel() < 2**31 else torch.int64
-    )
+    rows, cols = matrix.nonzero(as_tuple=True)
+    index = torch.int32 if max(matrix.shape) < 2**31 and rows.numel() < 2**31 else torch.int64
+    crow = torch.zeros(matrix.shape[0] + 1, dtype=torch.int64, device=matrix.device)
+    torch.cumsum(torch.bincount(rows, minlength=matrix.shape[0]), 0, out=crow[1:])
     return {
-        "crow_indices": csr.crow_indices().to(index),
-        "col_indices": csr.col_indices().to(index),
-        "values": csr.values().contiguous(),
+        "crow_indices": crow.to(index),
+        "col_indices": cols.to(index),
+        "values": matrix[rows, cols].contiguous(),
     }
+
+
+def _from_csr(parts: dict[str, torch.Tensor], shape: list[int]) -> torch.Tensor:
+    """The dense tensor of :func:`_csr`'s arrays."""
+    rows = shape[0] if shape else 1
+    crow = parts["crow_indices"].long()
+    values = parts["values"]
+    matrix = values.new_zeros(rows, math.prod(shape) // max(rows, 1))
+    row_of = torch.repeat_interleave(torch.arange(rows, device=crow.device), crow.diff())
+    matrix[row_of, parts["col_indices"].long()] = values
+    return matrix.reshape(shape)
 
 
 def _write_report(path: Path, layers: list[LayerBytes]) -> None:
