@@ -234,7 +234,8 @@ def test_bad_input_fails_at_construction_with_setting_value_and_allowed(
 def _cli_fails(config: Path, capsys: pytest.CaptureFixture[str]) -> str:
     """Run ``dist-bregman fit --config config`` in this process (the entry point's own
     subprocess test is in test_cli.py); it must fail. Returns what it printed and raised."""
-    with pytest.raises((SystemExit, ValueError)) as failure, patch.object(sys, "argv", ["x"]):
+    argv = patch.object(sys, "argv", ["dist-bregman"])  # not pytest's own arguments
+    with argv, pytest.raises((SystemExit, ValueError)) as failure:
         main(["fit", "--config", str(config)])
     if isinstance(failure.value, SystemExit):
         assert failure.value.code != 0
@@ -242,6 +243,7 @@ def _cli_fails(config: Path, capsys: pytest.CaptureFixture[str]) -> str:
     return f"{printed.out}{printed.err}{failure.value}"
 
 
+@pytest.mark.timeout(120)
 def test_yaml_with_an_unknown_key_and_a_bad_value_fail_before_training(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
