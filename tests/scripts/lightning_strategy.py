@@ -1,10 +1,13 @@
-"""Lightning, 2 CPU processes, one strategy: what every rank's BregmanPruner saw.
+"""Lightning, 2 CPU processes, one strategy after another: what every rank's BregmanPruner saw.
 
-    python tests/scripts/lightning_strategy.py --strategy zero3 --out /tmp/result.pkl
+    python tests/scripts/lightning_strategy.py --runs ddp:sgd zero3:sgd --out /tmp/results
 
-Lightning re-runs this script for rank 1. Rank 0 writes a pickle with, per rank: the
-(step, nonzero, lambda) trajectory, the final report, and counts of the full effective
-weights gathered with the strategy's own machinery.
+Lightning re-runs this script for rank 1 at the first fit; the later fits find the
+processes and the process group in place (``LOCAL_RANK`` is set from then on), so every
+strategy is tried in one launch instead of paying process and import start-up per strategy.
+For each run, rank 0 writes ``<strategy>-<optimizer>.pkl`` with, per rank: the (step,
+nonzero, lambda) trajectory, the final report, and counts of the full effective weights
+gathered with the strategy's own machinery.
 """
 
 from __future__ import annotations
@@ -113,36 +116,41 @@ def strategy_for(name: str) -> Any:
     )
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--strategy", required=True)
-    parser.add_argument("--optimizer", default="sgd")
-    parser.add_argument("--out", type=Path, required=True)
-    args = parser.parse_args()
+def fit(strategy: str, optimizer: str, out: Path) -> None:
     torch.manual_seed(0)
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(256, 13, generator=generator)
     data = DataLoader(TensorDataset(x, x[:, :5].argmax(dim=1)), batch_size=16)
     pruner = BregmanPruner(
         target_sparsity=0.6,
-        initial_lambda=0.02 if args.optimizer == "sgd" else 0.05,
+        initial_lambda=0.02 if optimizer == "sgd" else 0.05,
         lambda_update_rate=0.05,
         update_frequency=4,
     )
-    model = Model(args.optimizer)
+    model = Model(optimizer)
     model.bregman_pruner = pruner
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=2,
-        strategy=strategy_for(args.strategy),
+        strategy=strategy_for(strategy),
         max_epochs=2,
-        callbacks=[pruner, Probe(pruner, args.out)],
+        callbacks=[pruner, Probe(pruner, out / f"{strategy}-{optimizer}.pkl")],
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
     )
     trainer.fit(model, data)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--runs", nargs="+", required=True, help="strategy:optimizer ...")
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    for run in args.runs:
+        strategy, optimizer = run.split(":")
+        fit(strategy, optimizer, args.out)
     comm.shutdown()
 
 
