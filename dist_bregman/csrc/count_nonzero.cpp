@@ -5,9 +5,10 @@
 // For IEEE floats |x| > t  <=>  bits(x) & ~sign > bits(t) when t >= 0, NaN included (its
 // magnitude bits exceed infinity's), and -0.0 has no magnitude bits; x is not finite
 // <=> bits(x) & ~sign >= bits(inf). So both counts are integer compares per element on the
-// raw words, in the same pass: memory-bound, auto-vectorised, no temporaries. Runs on
-// ATen's thread pool (torch.set_num_threads applies) when built with -fopenmp, as
-// kernels.py does: without it at::parallel_for runs everything on the calling thread.
+// raw words, in the same pass: memory-bound, auto-vectorised (SSE2 and AVX2, see
+// tally_tensor), no temporaries. Runs on ATen's thread pool (torch.set_num_threads
+// applies) when built with -fopenmp, as kernels.py does: without it at::parallel_for runs
+// everything on the calling thread.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -100,6 +101,18 @@ void tally_span(const torch::Tensor& values, const torch::Tensor& mask, int64_t 
   }
 }
 
+// Built for the x86-64 baseline (SSE2) and again for AVX2, chosen when the library loads
+// (GCC/Clang function multiversioning; `flatten` inlines the counting loops into each
+// version). -march=native would do the same for one CPU, but a build cached in a shared
+// TORCH_EXTENSIONS_DIR can be loaded on another node. Measured on a 2-core AMD EPYC, 200 M
+// fp32 weights: 1.37x a plain read with SSE2 only, 1.13x with the AVX2 version. The choice
+// is made by an ifunc resolver, which glibc has and musl and macOS lack: elsewhere only the
+// baseline is built.
+#if defined(__x86_64__) && defined(__GLIBC__) && defined(__has_attribute)
+#if __has_attribute(target_clones) && __has_attribute(flatten)
+__attribute__((flatten, target_clones("avx2", "default")))
+#endif
+#endif
 void tally_tensor(const torch::Tensor& values, const torch::Tensor& mask, int64_t begin,
                   int64_t end, int64_t row, int64_t kernel, int64_t tolerance, int64_t infinity,
                   Tally& tally) {
