@@ -15,6 +15,10 @@ median cannot hide it.
 Variants (``BregmanPruner`` calls exactly these controller methods from its hooks):
 
 * ``SGD momentum``: the reference; no callback.
+* ``SGD momentum, a second copy``: the reference again, on its own copy of the model. Its
+  ratio is this run's resolution: two identical variants differing by a few percent (other
+  addresses, other cache and page placement, a noisy neighbour) bound what the other rows
+  can show.
 * ``+ pruner, uf=100, no prox``: ``observe_loss`` every step, measure + lambda every 100.
 * ``+ pruner, uf=1, no prox``: the same, measuring every step (the worst setting).
 * ``+ pruner, uf=100, prox``: plus the proximal step after every ``optimizer.step()``, as in
@@ -40,6 +44,7 @@ from dist_bregman import BregmanConfig, SparsityController
 from dist_bregman.optim import AdaBreg, LinBreg
 
 REFERENCE = "SGD momentum"
+CONTROL = "SGD momentum, a second copy"
 
 
 class Variant:
@@ -110,6 +115,7 @@ def run(
 
     variants = {
         REFERENCE: Variant(model, sgd, batches),
+        CONTROL: Variant(model, sgd, batches),
         f"+ pruner, uf={block}, no prox": Variant(model, sgd, batches, block),
         "+ pruner, uf=1, no prox": Variant(model, sgd, batches, 1),
         f"+ pruner, uf={block}, prox": Variant(model, sgd, batches, block, prox=True),

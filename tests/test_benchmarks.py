@@ -43,6 +43,7 @@ def test_measure_throughput_quick(tmp_path: Path) -> None:
 def test_step_overhead_quick(tmp_path: Path) -> None:
     result = run_quick("step_overhead", tmp_path)
     assert result["ratio"]["SGD momentum"] == 1.0
+    assert result["against"]["SGD momentum, a second copy"] == "SGD momentum"
     assert result["against"]["AdaBreg + pruner, uf=5"] == "Adam"
     assert all(value > 0 for value in result["steps_per_second"].values())
 
