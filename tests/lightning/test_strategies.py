@@ -50,10 +50,12 @@ RUNS = (
 )
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def strategy_results(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """All six fits in one 2-process launch (~25 s of start-up each when launched apart;
-    checked to give the same pickles either way)."""
+    checked to give the same pickles either way). Session-scoped: xdist runs this file's
+    tests between others of the same group, and a module-scoped fixture is torn down and
+    launched again each time the worker comes back to the module."""
     out = tmp_path_factory.mktemp("strategies")
     runs = [f"{strategy}:{optimizer}" for strategy, optimizer, _ in RUNS]
     run_script("lightning_strategy.py", "--runs", *runs, "--out", str(out))
