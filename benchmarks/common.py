@@ -1,8 +1,8 @@
 """What every benchmark shares: interleaved timing, ratios within a round, output files.
 
 This machine (and most shared ones) drifts: a number taken a minute after another is not
-comparable to it. So every benchmark runs all of its candidates once per round, rotating
-the order, and reports for each the median over rounds of its time divided by the
+comparable to it. So every benchmark runs all of its candidates once per round, in a
+random order, and reports for each the median over rounds of its time divided by the
 reference's time in the same round.
 """
 
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import platform
+import random
 import statistics
 import time
 from collections.abc import Callable
@@ -35,22 +36,30 @@ def time_interleaved(
     repeats: int,
     warmup: int = 1,
     device: torch.device | str = "cpu",
+    before_timing: Callable[[], object] | None = None,
 ) -> dict[str, list[float]]:
     """Seconds of each candidate in each of ``repeats`` rounds, after ``warmup`` rounds.
 
-    The order rotates every round: a candidate that churns memory slows whatever runs right
-    after it, and rotating spreads that evenly over the others. On CUDA the device is
+    Each round runs the candidates in a fresh random order (seeded: reruns repeat it). A
+    candidate that churns memory or caches slows whatever runs right after it; rotating one
+    fixed order, as this did before, changes who goes first but not who follows whom, so
+    the same candidate always paid for the same predecessor (``measure_sparsity(model)``
+    always ran right after the naive loop, which made it 2-6% slower than right after the
+    controller's measurement, measured at 10 M). On CUDA the device is
     drained before the clock starts and before it stops, so a candidate pays for the kernels
-    it queued (and not for its predecessor's)."""
+    it queued (and not for its predecessor's). ``before_timing`` runs once between the
+    warm-up and the timed rounds."""
     sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
     for _ in range(warmup):
         for fn in candidates.values():
             fn()
+    if before_timing is not None:
+        before_timing()
     names = list(candidates)
     times: dict[str, list[float]] = {name: [] for name in names}
-    for round_index in range(repeats):
-        shift = round_index % len(names)
-        for name in names[shift:] + names[:shift]:
+    order = random.Random(0)
+    for _ in range(repeats):
+        for name in order.sample(names, len(names)):
             sync()
             start = time.perf_counter()
             candidates[name]()

@@ -51,10 +51,12 @@ class Target(NamedTuple):
         same ``Parameter`` object before, during and after ``prune.remove``), so it is also
         what the proximal step must change.
         """
-        module = self.module
-        if module._forward_pre_hooks and pruning_method(module, self.attr) is not None:
-            return _read(module, self.attr + "_orig"), _read(module, self.attr + "_mask")
-        return _read(module, self.attr), None
+        module, attr = self.module, self.attr
+        if module._forward_pre_hooks and pruning_method(module, attr) is not None:
+            return _read(module, attr + "_orig"), _read(module, attr + "_mask")
+        # The common case first: read on every measurement, for every tensor.
+        values = module._parameters.get(attr)
+        return (values if values is not None else _read(module, attr)), None
 
     @property
     def values(self) -> torch.Tensor:
@@ -129,6 +131,18 @@ def resolve(
     by several modules (tied embeddings) are counted once, under their first name.
     ``tree`` is ``unwrap(model).named_modules()`` when the caller walked it already.
     """
+    return [target for target, _ in resolve_values(model, pairs, tree=tree)]
+
+
+def resolve_values(
+    model: nn.Module,
+    pairs: ParameterPairs | None = None,
+    *,
+    tree: Sequence[tuple[str, nn.Module]] | None = None,
+) -> list[tuple[Target, torch.Tensor]]:
+    """:func:`resolve`, each target with its values as read here: a caller that places
+    the targets right away (:func:`~dist_bregman.measure_sparsity`, on every call) reads
+    each tensor once instead of twice."""
     model = unwrap(model)
     if tree is None:
         tree = list(model.named_modules())
@@ -151,20 +165,20 @@ def resolve(
                     f"{attr!r}) is not a submodule of the {type(model).__name__} being measured"
                 )
             named.append((name, module, attr))
-    targets: list[Target] = []
+    resolved: list[tuple[Target, torch.Tensor]] = []
     seen_values: set[int] = set()
     for name, module, attr in named:
         prefix = clean_name(name)
-        target = Target(name=f"{prefix}.{attr}" if prefix else attr, module=module, attr=attr)
-        values = target.values
+        target = Target(f"{prefix}.{attr}" if prefix else attr, module, attr)
+        values = target.tensors()[0]
         if not values.is_floating_point():
             raise TypeError(
                 f"{target.name}: dtype {values.dtype}: expected a floating-point tensor"
             )
         if id(values) not in seen_values:
             seen_values.add(id(values))
-            targets.append(target)
-    return targets
+            resolved.append((target, values))
+    return resolved
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -9,22 +9,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.helpers.dist import DIST_ENV
+
 ROOT = Path(__file__).resolve().parents[1]
 # DeepSpeed JIT-builds its CPU comm op once; keep it in the git-ignored build folder.
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / "build" / "torch_extensions"))
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 # Two xdist workers on two cores: one intra-op thread each avoids oversubscription.
 torch.set_num_threads(1)
-
-DIST_ENV = (
-    "MASTER_ADDR",
-    "MASTER_PORT",
-    "RANK",
-    "LOCAL_RANK",
-    "WORLD_SIZE",
-    "LOCAL_WORLD_SIZE",
-    "NODE_RANK",
-)
 
 
 @pytest.fixture(autouse=True)

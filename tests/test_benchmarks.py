@@ -46,6 +46,10 @@ def test_step_overhead_quick(tmp_path: Path) -> None:
     assert result["against"]["SGD momentum, a second copy"] == "SGD momentum"
     assert result["against"]["AdaBreg + pruner, uf=5"] == "Adam"
     assert all(value > 0 for value in result["steps_per_second"].values())
+    # Time inside the pruner's own calls, read directly (CPU), for the rows that have one.
+    share = result["in_pruner_share"]
+    assert set(share) == {name for name in result["ratio"] if "pruner" in name}
+    assert all(0.0 < value < 1.0 for value in share.values())
 
 
 @pytest.mark.timeout(180)

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from tests.helpers.dist import child_env
 
 # These start processes that rendezvous over TCP ports; the xdist group keeps them from
 # running at the same time as each other (a free port can be taken between check and bind).
@@ -16,16 +17,6 @@ pytestmark = pytest.mark.xdist_group("tcp_ports")
 
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _env() -> dict[str, str]:
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE")
-    }
-    env["OMP_NUM_THREADS"] = "1"
-    return env
 
 
 @pytest.mark.timeout(150)
@@ -43,7 +34,7 @@ def test_raw_torchrun_loop_two_ranks_agree(tmp_path: Path) -> None:
         str(tmp_path),
     ]
     done = subprocess.run(
-        command, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120
+        command, cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=120
     )
     assert done.returncode == 0, done.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
@@ -60,7 +51,7 @@ def test_raw_torchrun_loop_two_ranks_agree(tmp_path: Path) -> None:
 def test_seed_usage_example_runs(tmp_path: Path) -> None:
     command = [sys.executable, str(ROOT / "examples" / "bregman_pruner_usage.py"), "--epochs", "3"]
     done = subprocess.run(
-        command, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=100
+        command, cwd=tmp_path, env=child_env(), capture_output=True, text=True, timeout=100
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "final sparsity" in done.stdout
@@ -75,7 +66,7 @@ def test_launch_torchrun_script_runs_the_ddp_job(tmp_path: Path) -> None:
         "--trainer.enable_progress_bar=false",
         f"--trainer.logger.init_args.save_dir={tmp_path}",
     ]
-    env = _env() | {"PYTHON": sys.executable}
+    env = child_env() | {"PYTHON": sys.executable}
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=130)
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads((tmp_path / "digits_ddp" / "version_0" / "summary.json").read_text())
@@ -110,7 +101,7 @@ def test_raw_deepspeed_engine_under_the_deepspeed_launcher(tmp_path: Path) -> No
         "--out",
         str(tmp_path),
     ]
-    env = _env() | {"DS_ACCELERATOR": "cpu"}
+    env = child_env() | {"DS_ACCELERATOR": "cpu"}
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
@@ -142,7 +133,7 @@ def test_raw_deepspeed_engine_with_linbreg_under_torchrun(tmp_path: Path) -> Non
         "--out",
         str(tmp_path),
     ]
-    env = _env() | {"DS_ACCELERATOR": "cpu"}
+    env = child_env() | {"DS_ACCELERATOR": "cpu"}
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
@@ -167,7 +158,7 @@ def test_launch_scripts_run_the_sharded_jobs(
         "--trainer.enable_progress_bar=false",
         f"--trainer.logger.init_args.save_dir={tmp_path}",
     ]
-    env = _env() | {"PYTHON": sys.executable, "CONFIG": f"configs/{config}"}
+    env = child_env() | {"PYTHON": sys.executable, "CONFIG": f"configs/{config}"}
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
     name = config.removesuffix(".yaml")
@@ -191,7 +182,7 @@ def _resilient(out: Path, *extra: str) -> subprocess.CompletedProcess[str]:
         *extra,
     ]
     return subprocess.run(
-        command, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=150
+        command, cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=150
     )
 
 

@@ -18,8 +18,10 @@ placement slices the mask to match its local elements. This package reads layout
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterable, Sequence
 
+import torch
 from torch import nn
 
 from dist_bregman.shards.base import LocalView, Placement
@@ -27,7 +29,7 @@ from dist_bregman.shards.dtensor import DTensorPlacement, is_dtensor
 from dist_bregman.shards.fsdp import FlatParamIndex
 from dist_bregman.shards.replicated import Replicated, balanced_owners
 from dist_bregman.shards.zero import ZeroPartition, is_zero3_param
-from dist_bregman.targets import ParameterPairs, Target, resolve, unwrap
+from dist_bregman.targets import ParameterPairs, Target, resolve_values, unwrap
 
 __all__ = [
     "LocalView",
@@ -42,28 +44,32 @@ __all__ = [
 
 def place(model: nn.Module | None, targets: Sequence[Target]) -> list[Placement]:
     """The placement of each target (``model`` gives FSDP1's flat-parameter metadata)."""
-    return _place(model.modules() if model is not None else (), targets)
+    modules = model.modules() if model is not None else ()
+    return _place(modules, [(target, target.values) for target in targets])
 
 
 def locate(model: nn.Module, pairs: ParameterPairs | None = None) -> list[Placement]:
-    """``place(model, resolve(model, pairs))`` over one walk of the module tree: what
-    :func:`~dist_bregman.measure_sparsity` does on every call."""
+    """``place(model, resolve(model, pairs))`` over one walk of the module tree, reading
+    each tensor once: what :func:`~dist_bregman.measure_sparsity` does on every call."""
     tree = list(unwrap(model).named_modules())
-    return _place((module for _, module in tree), resolve(model, pairs, tree=tree))
+    return _place((module for _, module in tree), resolve_values(model, pairs, tree=tree))
 
 
-def _place(modules: Iterable[nn.Module], targets: Sequence[Target]) -> list[Placement]:
+def _place(
+    modules: Iterable[nn.Module], resolved: Sequence[tuple[Target, torch.Tensor]]
+) -> list[Placement]:
     flat = FlatParamIndex.of(modules)
+    # A ZeRO-3 parameter exists only once DeepSpeed is imported: without it, the two
+    # attribute probes per tensor (a raised AttributeError each) are skipped.
+    zero3 = "deepspeed" in sys.modules
     placements: list[Placement] = []
-    for target in targets:
+    for target, values in resolved:
         entry = flat.find(target)
         if entry is not None:
             placements.append(entry)
-            continue
-        values = target.values
-        if is_dtensor(values):
+        elif is_dtensor(values):
             placements.append(DTensorPlacement(target))
-        elif is_zero3_param(values):
+        elif zero3 and is_zero3_param(values):
             placements.append(ZeroPartition(target))
         else:
             placements.append(Replicated(target))

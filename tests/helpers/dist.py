@@ -24,7 +24,25 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-DIST_ENV = ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE")
+DIST_ENV = (
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "RANK",
+    "LOCAL_RANK",
+    "WORLD_SIZE",
+    "LOCAL_WORLD_SIZE",
+    "NODE_RANK",
+)
+"""What a launcher (torchrun, Lightning, the deepspeed launcher) sets for its ranks: a test
+process must not pass it on, or a child would join the wrong job."""
+
+
+def child_env() -> dict[str, str]:
+    """The environment for a launched subprocess: this one without :data:`DIST_ENV`, one
+    OpenMP thread per process (two cores run two xdist workers, each launching ranks)."""
+    env = {k: v for k, v in os.environ.items() if k not in DIST_ENV}
+    env["OMP_NUM_THREADS"] = "1"
+    return env
 
 
 def _worker(fn: Callable[..., Any], rank: int, world: int, folder: str, args: tuple) -> None:

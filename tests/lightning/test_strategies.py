@@ -4,13 +4,14 @@
 from __future__ import annotations
 
 import json
-import os
 import pickle
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from tests.helpers.dist import child_env
 
 # These start processes that rendezvous over TCP ports; the xdist group keeps them from
 # running at the same time as each other (a free port can be taken between check and bind).
@@ -22,16 +23,10 @@ SCRIPTS = ROOT / "tests" / "scripts"
 
 
 def run_script(script: str, *args: str, timeout: int = 240) -> subprocess.CompletedProcess[str]:
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE")
-    }
-    env["OMP_NUM_THREADS"] = "1"
     done = subprocess.run(
         [sys.executable, str(SCRIPTS / script), *args],
         cwd=ROOT,
-        env=env,
+        env=child_env(),
         capture_output=True,
         text=True,
         timeout=timeout,
