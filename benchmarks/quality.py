@@ -210,7 +210,14 @@ def lightning_amounts(target: float, epochs: int) -> Callable[[int], float]:
 #   on that day's run): lambda capped as prox's is, starting/cap 1e-3/3e-3, 1e-3/1e-2 and
 #   3e-3/3e-2: 97.37 / 97.41 / 97.41 (shrinkage found 83 / 86 / 89% by the freeze). Up
 #   about half a point, inside the seed spread (std 0.9-1.3), still a point below dense:
-#   not adopted.
+#   not adopted. Again (2026-11-30, later; LinBreg as shipped 96.93 +- 1.26, dense 98.44):
+#   lambda moved every 50 / 100 / 200 steps instead of 10 (97.26 / 97.37 / 97.07: the
+#   restart of inactive weights' evidence at each move is not what holds it back), lr x1.5
+#   / x2 (96.63 / 96.22; x1.5 every 50 steps 96.96), cosine lr decay for all (LinBreg
+#   96.70; dense 98.37, GMP 98.33), lambda scaled per layer by fan_in^0.5 / fan_in^-0.5
+#   (96.70 / 97.19). Its grown support differs from GMP's (seed 0: fc1 8.5% dense, conv2
+#   16%, head 30%, against 6.8 / 24 / 58%), but shifting it by the per-layer scaling did
+#   not close the gap: not adopted.
 # - Tried for AdaBreg at 90%, validation, 10 seeds, one split per seed (dense MLP 97.41,
 #   CNN 98.37; GMP 97.30, 98.30; AdaBreg as shipped 97.30, 97.07): CNN lr x0.5 / x2 (97.41 /
 #   97.30); a starting lambda of 0.01 / 0.003 (MLP 97.74 / 97.67, CNN 97.96 / 97.93), but its
