@@ -215,9 +215,9 @@ def lightning_amounts(target: float, epochs: int) -> Callable[[int], float]:
 #   restart of inactive weights' evidence at each move is not what holds it back), lr x1.5
 #   / x2 (96.63 / 96.22; x1.5 every 50 steps 96.96), cosine lr decay for all (LinBreg
 #   96.70; dense 98.37, GMP 98.33), lambda scaled per layer by fan_in^0.5 / fan_in^-0.5
-#   (96.70 / 97.19). Its grown support differs from GMP's (seed 0: fc1 8.5% dense, conv2
-#   16%, head 30%, against 6.8 / 24 / 58%), but shifting it by the per-layer scaling did
-#   not close the gap: not adopted.
+#   (96.70 / 97.19), a sparser start of 2% / 1% (96.78 / 96.19). Its grown support
+#   differs from GMP's (seed 0: fc1 8.5% dense, conv2 16%, head 30%, against 6.8 / 24 /
+#   58%), but shifting it by the per-layer scaling did not close the gap: not adopted.
 # - Tried for AdaBreg at 90%, validation, 10 seeds, one split per seed (dense MLP 97.41,
 #   CNN 98.37; GMP 97.30, 98.30; AdaBreg as shipped 97.30, 97.07): CNN lr x0.5 / x2 (97.41 /
 #   97.30); a starting lambda of 0.01 / 0.003 (MLP 97.74 / 97.67, CNN 97.96 / 97.93), but its
