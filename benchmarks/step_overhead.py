@@ -41,7 +41,7 @@ import argparse
 import copy
 import itertools
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
@@ -72,8 +72,7 @@ class Variant:
         self.batches = itertools.cycle(batches)
         self.step = 0
         self.in_pruner = 0.0
-        """Seconds inside the controller's calls, over the timed blocks (see ``timed``)."""
-        self.timed = False
+        """Seconds inside the controller's calls (zeroed after the warm-up, see ``run``)."""
         self.controller: SparsityController | None = None
         if update_frequency is not None:
             config = BregmanConfig(
@@ -99,8 +98,13 @@ class Variant:
                 start = time.perf_counter()
                 self.controller.observe_loss(loss)
                 self.controller.update_if_due(self.step)
-                if self.timed:
-                    self.in_pruner += time.perf_counter() - start
+                self.in_pruner += time.perf_counter() - start
+
+
+def _zero_in_pruner(variants: Iterable[Variant]) -> None:
+    """Count only the timed rounds' time inside the pruner (not the warm-up's)."""
+    for variant in variants:
+        variant.in_pruner = 0.0
 
 
 def run(
@@ -144,7 +148,7 @@ def run(
         {name: (lambda v=v: v.run(block)) for name, v in variants.items()},
         repeats,
         device=device,
-        before_timing=lambda: [setattr(v, "timed", True) for v in variants.values()],
+        before_timing=lambda: _zero_in_pruner(variants.values()),
     )
     by_reference = {ref: ratios(times, ref) for ref in set(against.values())}
     in_pruner = {}
