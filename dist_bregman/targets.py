@@ -54,10 +54,7 @@ class Target(NamedTuple):
         module, attr = self.module, self.attr
         if module._forward_pre_hooks and pruning_method(module, attr) is not None:
             return _read(module, attr + "_orig"), _read(module, attr + "_mask")
-        # A registered parameter (the common case) without _read's fallbacks: this runs for
-        # every tensor on every measurement.
-        values = module._parameters.get(attr)
-        return (values if values is not None else _read(module, attr)), None
+        return _read(module, attr), None
 
     @property
     def values(self) -> torch.Tensor:
