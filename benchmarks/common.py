@@ -45,7 +45,7 @@ def time_interleaved(
     fixed order, as this did before, changes who goes first but not who follows whom, so
     the same candidate always paid for the same predecessor (``measure_sparsity(model)``
     always ran right after the naive loop, which made it 2-6% slower than right after the
-    controller's measurement, measured at 10 M). On CUDA the device is
+    controller's measurement in a one-off check at 10 M). On CUDA the device is
     drained before the clock starts and before it stops, so a candidate pays for the kernels
     it queued (and not for its predecessor's). ``before_timing`` runs once between the
     warm-up and the timed rounds."""
