@@ -7,7 +7,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from dist_bregman.init import sparse_init_
+from dist_bregman.init import magnitude_init_, sparse_init_
 from dist_bregman.optim import AdaBreg, LinBreg, ProxSGD
 from dist_bregman.regularizers import L1, GroupL1
 
@@ -283,3 +283,31 @@ def test_sparse_init_keeps_rate_scales_variance_and_biases_positive() -> None:
     alive = (rows.weight != 0).any(dim=1)
     assert bool(((rows.weight != 0).sum(dim=1)[alive] == 50).all())  # whole rows kept
     assert abs(alive.float().mean().item() - 0.25) < 0.08
+
+
+def test_magnitude_init_keeps_exactly_the_largest_share_over_all_weights() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(40, 30), nn.ReLU(), nn.Linear(30, 20))
+    with torch.no_grad():
+        model[2].weight.mul_(3)  # one layer larger: a global cut keeps more of it
+        model[0].weight[:5] = 0  # natural zeros are among the smallest
+    layers = (model[0], model[2])
+    weights = [layer.weight for layer in layers]
+    biases = [layer.bias.detach().clone() for layer in layers]
+    before = torch.cat([w.detach().abs().flatten() for w in weights])
+    sparsity = magnitude_init_(model, 0.25)
+    after = torch.cat([w.detach().flatten() for w in weights])
+    keep = round(0.25 * before.numel())
+    assert int((after != 0).sum()) == keep
+    assert sparsity == 1 - keep / before.numel()
+    assert bool((after.abs()[after != 0] >= before.topk(keep).values.min()).all())
+    assert torch.equal(after[after != 0].abs(), before[after != 0])  # kept ones unchanged
+    kept = [(w != 0).float().mean().item() for w in weights]
+    assert kept[1] > 0.5 > kept[0]
+    assert all(torch.equal(b, layer.bias) for b, layer in zip(biases, layers, strict=True))
+
+
+@pytest.mark.parametrize(("rate", "pattern"), [(0.0, r"rate=0\.0.*\(0, 1\]"), (1.5, "rate")])
+def test_magnitude_init_rejects_a_rate_outside_0_1(rate: float, pattern: str) -> None:
+    with pytest.raises(ValueError, match=pattern):
+        magnitude_init_(_model(), rate)
