@@ -68,7 +68,7 @@ def magnitude_init_(
     The inverse scale space grows a support from where it starts, and from a random sparse
     start (:func:`sparse_init_`) it keeps weights chosen before any data was seen: on the
     digits CNN at 90% that start left LinBreg about 1.4 points behind magnitude pruning,
-    one dense epoch and this cut put it level (validation trials listed in
+    one dense epoch and this cut about half a point (validation trials listed in
     ``benchmarks/quality.py``). The cut is the exact global one of
     :class:`~dist_bregman.MagnitudePruner`, so ``model`` may be wrapped and sharded (a
     collective: every rank calls it). Call it before the Bregman optimizer's first step (its
