@@ -318,7 +318,6 @@ def execute(run: Run) -> Run:
         module = DigitsMLP(**common) if run.task == "digits-mlp" else DigitsCNN(**common)
     pairs = [(t.module, "weight") for t in resolve(module)]
     loader = DataLoader(train, batch_size=BATCH, shuffle=True)
-    steps = run.epochs * len(loader)
     epochs, done = run.epochs, 0
     start = time.perf_counter()
     if bregman_start and teacher is None:
@@ -351,6 +350,7 @@ def execute(run: Run) -> Run:
         )
     elif run.method in BREGMAN:
         # Frozen at the step where the magnitude schedules end, counted from the run's start.
+        steps = run.epochs * len(loader)
         freeze_at = max(round(ramp_epochs(run.epochs) / run.epochs * steps) - done, 1)
         pruner = bregman_pruner(run.task, run.method, run.target, freeze_at)
         callbacks.append(pruner)
