@@ -153,6 +153,11 @@ class Attachment:
         for optimizer in self.driven:
             optimizer.set_lambda(value)
 
+    def restart(self) -> None:
+        """Make every driven optimizer forget its state (see ``BregmanOptimizer.restart``)."""
+        for optimizer in self.driven:
+            optimizer.restart()
+
     def detach(self) -> None:
         """Remove the hooks and stop driving."""
         for handle in self._handles:

@@ -71,6 +71,16 @@ class BregmanConfig:
     the optimizers step. The surviving weights then fine-tune without the L1 bias that
     shrinkage leaves on them (debiasing, like refitting a LASSO's support), as magnitude
     pruning fine-tunes after its last pruning event. Typical: 60-80% of the run."""
+    magnitude_start_at: int = 0
+    """Optimizer step at which a dense warm-up ends; 0: none. Until then the shrinkage is
+    off (as after the freeze) and lambda does not move. At that step the measured weights
+    are cut by magnitude (the ``target_sparsity`` share with the smallest magnitudes
+    zeroed: one exact, unstructured cut over all ranks), the Bregman optimizers forget
+    their state (they restart from the cut as freshly built ones would), and shrinkage
+    starts at ``initial_lambda``. LinBreg and AdaBreg only grow weights (inverse scale
+    space), so they need a sparse start; this one is cut from a briefly trained network
+    instead of drawn before any data was seen (see ``dist_bregman.init``). An epoch of
+    steps is typical; it must come before ``freeze_support_at``."""
     check_agreement_every: int = 0
     """Debug: every N lambda updates, check that all ranks hold the same lambda and the
     same measured parameter set, raising :class:`~dist_bregman.errors.RankDisagreementError`
@@ -104,6 +114,13 @@ class BregmanConfig:
         check_choice("guard_steps", self.guard_steps, (True, False))
         check_int("check_agreement_every", self.check_agreement_every, low=0)
         check_int("freeze_support_at", self.freeze_support_at, low=0)
+        check_int("magnitude_start_at", self.magnitude_start_at, low=0)
+        if self.freeze_support_at and self.magnitude_start_at >= self.freeze_support_at:
+            raise ValueError(
+                f"magnitude_start_at={self.magnitude_start_at!r} with freeze_support_at="
+                f"{self.freeze_support_at!r}: expected magnitude_start_at < freeze_support_at "
+                f"(the support is found between the two), or freeze_support_at=0"
+            )
 
 
 def check_number(

@@ -85,6 +85,8 @@ class SparsityController:
         the training loop should save a checkpoint and end (Lightning's adapter does)."""
         self.skipped_steps = 0
         """Optimizer steps dropped by :meth:`gradients_finite` (``guard_steps``)."""
+        self.started = not self.config.magnitude_start_at
+        """Shrinkage has started (at once, or at ``magnitude_start_at``, from the cut)."""
         self.frozen = False
         """The support is frozen (``freeze_support_at``): no shrinkage, zeros held."""
         self.found_sparsity: float | None = None
@@ -119,9 +121,14 @@ class SparsityController:
         """Count all-zero rows/kernels too: on whenever a group regularizer is in play."""
         return isinstance(self.regularizer, GroupL1) or self.attachment.uses_groups
 
+    @property
+    def shrinking(self) -> bool:
+        """Shrinkage is on: after the dense warm-up (if any), before the freeze (if any)."""
+        return self.started and not self.frozen
+
     def _lambda(self) -> float:
-        """The strength the optimizers apply: lambda, or 0 once the support is frozen."""
-        return 0.0 if self.frozen else self.lambda_
+        """The strength the optimizers apply: lambda while shrinking, else 0."""
+        return self.lambda_ if self.shrinking else 0.0
 
     # ------------------------------------------------------------------ measuring
     def measure(self) -> SparsityReport:
@@ -172,8 +179,13 @@ class SparsityController:
         self._bad_loss = bad if self._bad_loss is None else self._bad_loss.to(device) | bad
 
     def update_if_due(self, step: int) -> LambdaDecision | None:
-        """Freeze the support when ``step`` reaches ``freeze_support_at``; run :meth:`update`
+        """Nothing before ``magnitude_start_at``, the cut at it (:meth:`start_from_cut`);
+        freeze the support when ``step`` reaches ``freeze_support_at``; run :meth:`update`
         when ``step`` is a new multiple of ``update_frequency``."""
+        if not self.started:
+            if step < self.config.magnitude_start_at:
+                return None
+            self.start_from_cut(step)
         freeze_at = self.config.freeze_support_at
         if freeze_at and step >= freeze_at and not self.frozen:
             self.freeze_support(step)
@@ -237,7 +249,27 @@ class SparsityController:
         self._log_details(report)
         return decision
 
-    # ------------------------------------------------------------------ debiasing
+    # ------------------------------------------------------------------ the phases
+    def start_from_cut(self, step: int) -> None:
+        """End the dense warm-up: zero the ``target_sparsity`` share of the smallest
+        magnitudes (exact, over all ranks, in the weights and in the tensors the optimizers
+        step), make the Bregman optimizers forget ``v`` and their moments so they start
+        from the cut (state kept from the dense phase would put the dense weights back at
+        their next step), and turn the shrinkage on at the current lambda. The zeros are
+        not held: the Bregman optimizers regrow what the data asks for. A collective."""
+        cut = self._magnitude_pruner()
+        report = cut.prune(self.config.target_sparsity).report
+        cut.detach()
+        self.attachment.restart()
+        self.started = True
+        self.attachment.set_lambda(self._lambda())
+        self.last_report, self.sparsity = report, report.sparsity
+        logs.info0(
+            f"Step {step}: dense warm-up over: cut by magnitude to sparsity "
+            f"{100 * report.sparsity:.3f}% (target {100 * self.config.target_sparsity:.1f}%); "
+            f"shrinkage on at lambda {self.lambda_:.8f}"
+        )
+
     def freeze_support(self, step: int) -> None:
         """From now on: lambda stays, no shrinkage, and exactly the target's zeros are held.
 
@@ -270,11 +302,16 @@ class SparsityController:
     def _hold(self) -> MagnitudePruner:
         """Masks over the targets, re-applied after every step of the attached optimizers
         (set by ``prune``, or, resuming after the freeze, from the zeros in the weights)."""
+        self._held = self._magnitude_pruner()
+        return self._held
+
+    def _magnitude_pruner(self) -> MagnitudePruner:
+        """Magnitude pruning of the targets, acting also in the tensors the attached
+        optimizers step (and, until detached, after each of their steps)."""
         pairs = [(t.module, t.attr) for t in self.targets]
-        held = MagnitudePruner(self._model, PruningConfig(amount=0.0), pairs, group=self.group)
-        held.attach(*self._optimizers)
-        self._held = held
-        return held
+        pruner = MagnitudePruner(self._model, PruningConfig(amount=0.0), pairs, group=self.group)
+        pruner.attach(*self._optimizers)
+        return pruner
 
     # ------------------------------------------------------------------ bad numbers
     def gradients_finite(self, optimizers: Iterable[Any], step: int) -> bool:
@@ -370,8 +407,8 @@ class SparsityController:
 
     # ------------------------------------------------------------------ the penalty
     def regularization_loss(self) -> torch.Tensor:
-        """``lambda * J(theta)`` over the effective weights, for the training loss (0 once
-        the support is frozen: the penalty is off).
+        """``lambda * J(theta)`` over the effective weights, for the training loss (0 during
+        the dense warm-up and once the support is frozen: the penalty is off).
 
         In ``"loss"`` mode this term is the mechanism: its gradient is the L1 subgradient.
         In ``"prox"`` mode the proximal step already applies the strength once per step,
@@ -436,7 +473,9 @@ class SparsityController:
         if self.frozen:  # resumed after the freeze: the zeros in the weights are the support
             self._hold().derive_masks()
         share = (
-            None if self.frozen else self.attachment.shrinkage_share(self.config.update_frequency)
+            self.attachment.shrinkage_share(self.config.update_frequency)
+            if self.shrinking
+            else None
         )
         if share is not None and share > 0.5:
             logs.warn0(
@@ -490,6 +529,7 @@ class SparsityController:
             "last_update_step": self.last_update_step,
             "sparsity": self.sparsity,
             "frozen": self.frozen,
+            "started": self.started,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -502,13 +542,14 @@ class SparsityController:
         )
         self._set_lambda(lam)
         self.last_update_step = int(state.get("last_update_step", 0))
+        self.started = bool(state.get("started", True))  # older checkpoints: no warm-up
         frozen = bool(state.get("frozen", False))
         if frozen != self.frozen:
             self.frozen = frozen
-            self.attachment.set_lambda(self._lambda())
             self._release_hold()
             if frozen and self._optimizers:
                 self._hold().derive_masks()
+        self.attachment.set_lambda(self._lambda())
         sparsity = state.get("sparsity")
         self.sparsity = None if sparsity is None else float(sparsity)
 

@@ -60,6 +60,9 @@ class Holding:
     """``id(held tensor)`` -> index of its param group in ``optimizer``."""
     rows_whole: set[int] = field(default_factory=set)
     """``id``s of held tensors whose rows are whole (shaped, or DTensor ``Shard(0)``)."""
+    tensors: dict[int, torch.Tensor] = field(default_factory=dict)
+    """``id(held tensor)`` -> the tensor, reachable between steps too (a ZeRO-3 client
+    optimizer's ``param_groups`` show its fp32 tensors only during ``step()``)."""
 
 
 def deepspeed_wrapper(optimizer: Any) -> str | None:
@@ -98,6 +101,7 @@ def holding(optimizer: Any, placements: Sequence[Placement]) -> Holding:
         tensor, region = placement.holder()
         if id(tensor) in result.group_of:
             result.held[index] = id(tensor)
+            result.tensors[id(tensor)] = tensor
             result.parts[id(tensor)].append(Part(region, index, None))
             whole = isinstance(placement, Replicated) or (
                 isinstance(placement, DTensorPlacement) and placement.view().rows_whole
@@ -121,6 +125,7 @@ def _zero12(wrapper: Any, placements: Sequence[Placement]) -> Holding:
         size = int(wrapper.partition_size[g])
         low, high = rank * size, (rank + 1) * size
         result.group_of[id(flat)] = g
+        result.tensors[id(flat)] = flat
         offset = 0
         for p in params:
             index = index_of.get(id(p))
@@ -142,6 +147,7 @@ def _zero3(wrapper: Any, placements: Sequence[Placement]) -> Holding:
     for sub_group, params in enumerate(wrapper.fp16_groups):
         flat = wrapper.fp32_partitioned_groups_flat[sub_group]
         result.group_of[id(flat)] = int(wrapper.sub_group_to_group_id[sub_group])
+        result.tensors[id(flat)] = flat
         offset = 0
         for p in params:
             index = index_of.get(id(p))
@@ -169,6 +175,7 @@ def _fp32_copies(wrapper: Any, placements: Sequence[Placement]) -> Holding:
             )
         for p, copy in zip(params, copies, strict=True):
             result.group_of[id(copy)] = g
+            result.tensors[id(copy)] = copy
             index = index_of.get(id(p))
             if index is not None:
                 result.held[index] = id(copy)

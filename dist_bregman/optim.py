@@ -87,6 +87,12 @@ class BregmanOptimizer(Optimizer):
     def _update(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
         raise NotImplementedError
 
+    def restart(self) -> None:
+        """Forget all state (``v``, moments, step counts): the next step starts from the
+        parameters as they are then, as a freshly built optimizer would. For weights changed
+        from outside between steps, such as a magnitude cut: kept state would undo it."""
+        self.state.clear()
+
     def regularized_params(self) -> list[torch.Tensor]:
         """Parameters in groups whose ``reg`` is not None."""
         return [p for g in self.param_groups if g["reg"] is not None for p in g["params"]]

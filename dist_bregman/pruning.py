@@ -293,8 +293,7 @@ class MagnitudePruner:
                 if mask is not None and view.values is not None:
                     view.values.masked_fill_(mask, 0)
             for holds in self._holdings:
-                for group in holds.optimizer.param_groups:
-                    self._zero_held(group["params"], holds)
+                self._zero_held(list(holds.tensors.values()), holds)
             refresh_persistent(self.placements, self.group)
 
     def _after_step(self, holds: Holding, optimizer: torch.optim.Optimizer, *_: Any) -> None:

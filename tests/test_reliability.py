@@ -132,6 +132,13 @@ BAD_INPUT: list[tuple[str, Callable[[], object], type[Exception], str]] = [
         r"freeze_support_at=-5: expected an integer >= 0",
     ),
     (
+        "warm-up after the freeze",
+        lambda: BregmanPruner(freeze_support_at=50, magnitude_start_at=50),
+        ValueError,
+        r"magnitude_start_at=50 with freeze_support_at=50: expected magnitude_start_at < "
+        r"freeze_support_at",
+    ),
+    (
         "unknown parameter name",
         lambda: BregmanPruner(parameters_to_prune=[(NET[0], "wieght")]),
         ValueError,

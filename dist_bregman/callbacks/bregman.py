@@ -57,6 +57,7 @@ class BregmanPruner(Callback):
         guard_steps: bool = False,
         check_agreement_every: int = 0,
         freeze_support_at: int = 0,
+        magnitude_start_at: int = 0,
     ) -> None:
         self.config = BregmanConfig(
             target_sparsity=target_sparsity,
@@ -74,6 +75,7 @@ class BregmanPruner(Callback):
             guard_steps=guard_steps,
             check_agreement_every=check_agreement_every,
             freeze_support_at=freeze_support_at,
+            magnitude_start_at=magnitude_start_at,
         )
         self.parameters_to_prune = (
             None if parameters_to_prune is None else validate_pairs(parameters_to_prune)

@@ -35,13 +35,18 @@ def _case(rank: int, world: int, strategy: str, optimizer_name: str) -> dict[str
     wrapped = wrap(strategy, module, _optimizer(optimizer_name))
     lam = 0.02 if optimizer_name == "sgd" else 0.05
     config = BregmanConfig(
-        target_sparsity=0.6, initial_lambda=lam, lambda_update_rate=0.05, update_frequency=2
+        target_sparsity=0.6,
+        initial_lambda=lam,
+        lambda_update_rate=0.05,
+        update_frequency=2,
+        magnitude_start_at=3 if optimizer_name == "linbreg_cut" else 0,
     )
     controller = SparsityController(wrapped.model, config)
     with CollectiveCounter() as counter:
         before = controller.measure()
     controller.attach(wrapped.optimizer)
     generator = torch.Generator().manual_seed(0)  # the same batches on every rank
+    cut = None
     for step in range(1, 7):
         x, y = (
             torch.randn(4, 13, generator=generator),
@@ -49,6 +54,8 @@ def _case(rank: int, world: int, strategy: str, optimizer_name: str) -> dict[str
         )
         wrapped.train_step(x, y)
         controller.update_if_due(step)
+        if step == config.magnitude_start_at:
+            cut = controller.measure()
     after = controller.measure()
     weights = wrapped.full_effective()
     gathered = counts(weights)
@@ -60,6 +67,7 @@ def _case(rank: int, world: int, strategy: str, optimizer_name: str) -> dict[str
         ),
         "expected": expected.per_parameter,
         "before": before,
+        "cut": cut,
         "after": after,
         "gathered": gathered,
         "calls": dict(counter.calls),
@@ -70,11 +78,14 @@ def _case(rank: int, world: int, strategy: str, optimizer_name: str) -> dict[str
 
 
 # The proximal step (SGD) at 2, 3 and 4 ranks; LinBreg, which adds no layout of its own,
-# at 2. LinBreg over FSDP1 flat parameters is refused by design (tested below).
+# at 2. LinBreg over FSDP1 flat parameters is refused by design (tested below). LinBreg from
+# a magnitude cut after a dense warm-up where the cut must reach the tensors LinBreg steps:
+# DTensor shards, ZeRO-3 partitions (its fp32 copies), FSDP1 views.
 CASES = (
     [("sgd", s, w) for s in STRATEGIES for w in (2, 3)]
     + [("sgd", s, 4) for s in ("ddp", "fsdp2", "fsdp1_orig")]
     + [("linbreg", s, 2) for s in STRATEGIES if s != "fsdp1_flat"]
+    + [("linbreg_cut", s, 2) for s in ("fsdp2", "zero3", "fsdp1_orig")]
 )
 
 
@@ -92,6 +103,11 @@ def test_counts_are_the_unsharded_truth_and_zeros_reach_the_full_weights(
         assert result["after"] == first["after"] and result["lambda"] == first["lambda"]
         assert all(agreed == (first["after"], first["lambda"]) for agreed in result["agree"])
     assert first["after"].nonzero < first["before"].nonzero  # new exact zeros that stuck
+    if optimizer_name == "linbreg_cut":  # exactly the target's zeros, then LinBreg from them
+        cut = first["cut"]
+        assert all(result["cut"] == cut for result in results)
+        assert cut.total - cut.nonzero == round(0.6 * cut.total)
+        assert first["after"].sparsity > 0.5  # regrowth only: the dense weights stayed gone
     for result in results:  # lambda * J(theta), true even where ZeRO-3 parameters are empty
         assert result["penalty"][0] == pytest.approx(result["penalty"][1], rel=1e-5)
     assert first["regularized"] == ["0.weight", "2.weight", "4.weight"]

@@ -447,3 +447,86 @@ def test_a_frozen_support_turns_the_loss_term_off_in_loss_mode() -> None:
     controller.update_if_due(2)  # the freeze
     term = controller.regularization_loss()
     assert controller.frozen and float(term.detach()) == 0.0 and controller.lambda_ > 0
+
+
+def _linbreg(model: nn.Module) -> LinBreg:
+    return LinBreg(model.parameters(), lr=0.5, momentum=0.9, lambda_=0.3)
+
+
+def test_a_magnitude_start_trains_dense_then_cuts_exactly_to_the_target() -> None:
+    model = _model()
+    optimizer = _linbreg(model)
+    config = BregmanConfig(
+        target_sparsity=0.8,
+        initial_lambda=0.05,
+        lambda_update_rate=0.5,
+        update_frequency=1,
+        magnitude_start_at=3,
+    )
+    controller = SparsityController(model, config)
+    controller.attach(optimizer)
+    regularized = [g for g in optimizer.param_groups if g["reg"] is not None]
+    batches = _batches(3)
+    _train(model, optimizer, controller, batches[:2], add_loss_term=False)
+    # The warm-up: LinBreg at lambda 0 (plain momentum steps), lambda not measured or moved.
+    assert not controller.started and controller.last_update_step == 0
+    assert controller.lambda_ == 0.05 and all(g["lambda"] == 0.0 for g in regularized)
+    assert float(controller.regularization_loss().detach()) == 0.0
+    assert all(bool((w != 0).all()) for w in _weights(model).values())
+    x, y = batches[2]
+    F.cross_entropy(model(x), y).backward()
+    optimizer.step()
+    optimizer.zero_grad()
+    controller.update_if_due(3)
+    report = controller.measure()
+    assert controller.started and report.total - report.nonzero == round(0.8 * report.total)
+    assert all(g["lambda"] == controller.lambda_ for g in regularized)
+    assert not optimizer.state  # forgotten: v starts from the cut at the next step
+
+
+def test_after_the_cut_linbreg_runs_as_a_fresh_optimizer_built_on_the_cut_weights() -> None:
+    config = BregmanConfig(
+        target_sparsity=0.8,
+        initial_lambda=0.05,
+        lambda_update_rate=0.0,  # lambda stays: the two runs count their steps differently
+        update_frequency=1,
+    )
+    batches = _batches(8)
+    model = _model()
+    optimizer = _linbreg(model)
+    warm = SparsityController(model, BregmanConfig(**{**_fields(config), "magnitude_start_at": 3}))
+    warm.attach(optimizer)
+    _train(model, optimizer, warm, batches[:3], add_loss_term=False)
+    assert warm.started
+    cut = copy.deepcopy(model)
+    fresh_optimizer = _linbreg(cut)
+    fresh = SparsityController(cut, config)
+    fresh.attach(fresh_optimizer)
+    for step, (x, y) in enumerate(batches[3:], start=4):
+        for net, opt, controller, at in (
+            (model, optimizer, warm, step),
+            (cut, fresh_optimizer, fresh, step - 3),
+        ):
+            F.cross_entropy(net(x), y).backward()
+            opt.step()
+            opt.zero_grad()
+            controller.update_if_due(at)
+    for (name, a), b in zip(model.named_parameters(), cut.parameters(), strict=True):
+        torch.testing.assert_close(a.detach(), b.detach(), rtol=0, atol=0, msg=name)
+    assert 0.5 < warm.measure().sparsity < 0.8  # some weights regrew; the dense ones did not
+
+
+def _fields(config: BregmanConfig) -> dict[str, object]:
+    return {name: getattr(config, name) for name in config.__dataclass_fields__}
+
+
+def test_a_checkpoint_taken_in_the_warm_up_resumes_in_it() -> None:
+    config = BregmanConfig(initial_lambda=0.05, update_frequency=1, magnitude_start_at=5)
+    controller = SparsityController(_model(), config)
+    assert controller.state_dict()["started"] is False
+    restored = SparsityController(_model(), config)
+    restored.load_state_dict(controller.state_dict())
+    assert not restored.started and restored._lambda() == 0.0
+    old = {k: v for k, v in controller.state_dict().items() if k != "started"}
+    restored.load_state_dict(old)  # written before the option existed: it had started
+    assert restored.started and restored._lambda() == 0.05
