@@ -64,6 +64,7 @@ METHODS = ("dense", "ModelPruning", "GMP", "BregmanPruner (prox)", "LinBreg", "A
 BREGMAN = ("BregmanPruner (prox)", "LinBreg", "AdaBreg")
 TRACE_EVERY = 10  # steps between two points of the sparsity/lambda trajectory
 BATCH = 32
+MOMENTUM = 0.9
 WARM_EPOCHS = 1
 """LinBreg/AdaBreg on digits: epochs of the dense run's SGD before the magnitude cut that
 starts them (``magnitude_init_``); part of the run's epochs."""
@@ -182,85 +183,12 @@ def lightning_amounts(target: float, epochs: int) -> Callable[[int], float]:
     return amount
 
 
-# Settings of the Bregman methods (the magnitude pruners were not tuned: their schedule is
-# the standard one). The first ones were picked by trial runs at 90% on the test split (of
-# the one split all seeds shared then); the digits lambdas were then re-chosen on its
-# validation split (``--split val``, 5 seeds), which the test numbers never see:
-# - lambda: the multiplicative rule (scale-free), a move every 10 steps. The proximal
-#   threshold is lr * lambda, LinBreg/AdaBreg's is lambda itself, hence the ranges.
-# - prox on digits: lambda capped at 3e-3 (was 1e-2). At full strength, shrinkage reached
-#   the target by itself and cost accuracy (CNN 90%: 97.19% val, dense 97.93%); capped, it
-#   finds about 70% and the freeze takes the rest by magnitude among the weights it kept
-#   (98.07%). The report's "found" column shows that share for every run.
-# - LinBreg on digits starts at lambda 0.01 (was 0.1): from 0.1 the sparse start grew too
-#   few weights and the CNN collapsed at 95% (val 71.5 +- 24.7% -> 95.0 +- 2.2%; MLP 90%
-#   95.9 -> 96.5%). AdaBreg: the same change did not help then (5 seeds, one shared split);
-#   re-tried later with 10 seeds and adopted (see the AdaBreg trials below).
-# - Rarer, larger lambda moves (every 100 steps) looked better on accuracy but left AdaBreg at
-#   61-87% when its support was frozen; every 50 steps overshot LinBreg to 92-94%.
-# - LinBreg/AdaBreg start sparse: they make zeros only by not growing weights (inverse
-#   scale space), so a dense start stays dense. On digits the start was a random 5% of the
-#   weights (``sparse_init_``) until 2026-11-30; every LinBreg trial listed below up to
-#   that date grew from it. Then, at 90%, validation, 10 seeds (dense CNN 98.44, MLP 97.41;
-#   GMP 98.30, 97.30; LinBreg as it was 96.93 on the CNN): the random start was what held
-#   LinBreg back, not its budget or its dynamics. 60 / 100 epochs instead of 30 (dense 60:
-#   98.52, GMP 60: 98.26): LinBreg 97.52 / 97.37. A fixed mask cut by magnitude after one
-#   dense epoch, then SGD (GMP with a one-epoch ramp): 98.37, so training at 10% density
-#   from nearly the start is not the problem. LinBreg from that cut (one dense SGD epoch,
-#   the largest 10% kept, then 29 LinBreg epochs; hand-written trial script): CNN 98.37 +-
-#   0.61 (from a 5% cut: 98.15), MLP 97.44; AdaBreg from it: CNN 98.56, MLP 97.78 (97.81 and
-#   97.74 from the random start). Adopted for both: the cut keeps the target's share. The
-#   same settings through this script (``--split val --tasks digits-mlp digits-cnn
-#   --targets 0.9 --methods dense LinBreg AdaBreg``): LinBreg CNN 97.81 (-0.63 +- 0.18
-#   against dense 98.44), MLP 97.00 (-0.41 +- 0.22; dense 97.41); AdaBreg CNN 98.26, MLP
-#   97.41. The trial script's dense epoch was a hand-written loop with its own shuffle, so
-#   its runs saw the data in another order: 10-seed means moved by up to half a point.
-#   After the cut LinBreg grows weights at once (found 84-85% at 90%). A starting lambda
-#   of 0.1 / 1 keeps the cut's support (found 90.1-90.5%) but scored lower: CNN 97.26 /
-#   97.41, MLP 96.63 / 96.63 (against 97.81 and 97.00 from 0.01): 0.01 stays.
-#   Is LinBreg's remaining gap to the peers real? CNN 90%, validation, 20 seeds (``--seeds
-#   20``): LinBreg -0.50 +- 0.15 against dense, GMP +0.09 +- 0.16, ModelPruning +0.06 +-
-#   0.16. Yes: about 0.6 points behind magnitude pruning there.
-# - LinBreg's momentum averages (1 - b) * lr * g, steps 1/(1 - b) = 10x shorter than SGD's
-#   heavy ball at the same lr: it gets 4x the lr (10x diverged on the CNN). AdaBreg on the
-#   regression gets lr / 2 (lr / 10 had not converged in 30 epochs).
-# - Tried later for LinBreg on the CNN at 90%, validation accuracy, none better than these
-#   settings. 10 seeds, one split per seed (LinBreg 97.30, dense 98.37): lr x0.5 / x0.25
-#   (96.56 / 95.78: it under-fits, train 99.2 / 98.4%), no momentum (96.30), delta 2
-#   (92.78), a 10% sparse start (94.81), sparse start weights x0.5 / x0.25 (97.04 / 96.93),
-#   a starting lambda of 1e-3 (97.52, within noise). 5 seeds, the earlier shared split
-#   (LinBreg 97.56, dense 97.93): refit at SGD's effective step (lr x2.5 after the freeze:
-#   92.81, unstable), a 20% sparse start (67.41, collapses), freezing at 40% of the run
-#   (97.78), keeping inactive weights' dual progress across lambda moves (97.26). Later, 10
-#   seeds, one split per seed (LinBreg 97.30, GMP 98.30): GMP keeps the head at 58% and
-#   LinBreg at 30%, but leaving LinBreg's head, first conv or both unregularized (reg=None)
-#   gave 97.00 / 97.00 / 96.93. Later still (2026-11-30, 10 seeds, LinBreg as shipped 96.93
-#   on that day's run): lambda capped as prox's is, starting/cap 1e-3/3e-3, 1e-3/1e-2 and
-#   3e-3/3e-2: 97.37 / 97.41 / 97.41 (shrinkage found 83 / 86 / 89% by the freeze). Up
-#   about half a point, inside the seed spread (std 0.9-1.3), still a point below dense:
-#   not adopted. Again (2026-11-30, later; LinBreg as shipped 96.93 +- 1.26, dense 98.44):
-#   lambda moved every 50 / 100 / 200 steps instead of 10 (97.26 / 97.37 / 97.07: the
-#   restart of inactive weights' evidence at each move is not what holds it back), lr x1.5
-#   / x2 (96.63 / 96.22; x1.5 every 50 steps 96.96), cosine lr decay for all (LinBreg
-#   96.70; dense 98.37, GMP 98.33), lambda scaled per layer by fan_in^0.5 / fan_in^-0.5
-#   (96.70 / 97.19), a sparser start of 2% / 1% (96.78 / 96.19). Its grown support
-#   differs from GMP's (seed 0: fc1 8.5% dense, conv2 16%, head 30%, against 6.8 / 24 /
-#   58%), but shifting it by the per-layer scaling did not close the gap: not adopted.
-# - Tried for AdaBreg at 90%, validation, 10 seeds, one split per seed (dense MLP 97.41,
-#   CNN 98.37; GMP 97.30, 98.30; AdaBreg as shipped 97.30, 97.07): CNN lr x0.5 / x2 (97.41 /
-#   97.30); a starting lambda of 0.01 / 0.003 (MLP 97.74 / 97.67, CNN 97.96 / 97.93), but its
-#   shrinkage then found only 48 / 36% (MLP) and 76 / 68% (CNN) by the freeze, so magnitude
-#   selection did most of the pruning, and on the CNN it was still behind GMP: not adopted.
-#   At 95% on the CNN (2026-11-30, 10 seeds, validation) that starting lambda of 0.01 ends
-#   the collapse: 97.07 +- 1.01% against 92.04 +- 3.41% as it was (0.1), its shrinkage
-#   finding 77.5% by the freeze (94.4% from 0.1). The rest of the grid the same day, 0.1
-#   against 0.01: MLP 80% 97.63 / 97.74, CNN 80% 97.96 / 97.93, MLP 95% 95.56 / 97.19 (found
-#   74 / 46%, 78 / 71%, 95 / 48%). Never worse beyond noise, up to 5 points better at 95%:
-#   AdaBreg on digits now starts at 0.01 as LinBreg does, and leaves more of the target to
-#   the freeze's magnitude selection (as prox does; the "found" column shows how much).
-#   Later the same day, CNN 90%, validation, 10 seeds: lambda capped at 0.03 / 0.1 as
-#   prox's is (97.96 / 97.81, shrinkage finding 62 / 71%) against 97.81 uncapped (76%);
-#   ModelPruning 98.19, GMP 98.30 on the same splits. Inside the spread: not adopted.
+# Settings of the Bregman methods, chosen by trial runs (all since the first few on
+# validation splits); what each was chosen over, with the numbers, is in
+# quality_trials.md. In short: lambda moves multiplicatively every 10 steps; prox's lambda
+# is capped (3e-3 on digits) so shrinkage finds most of the target and the freeze's
+# magnitude selection the rest; LinBreg and AdaBreg start at 0.01 on digits from a
+# magnitude cut (``WARM_EPOCHS``), and LinBreg takes SGD's step (``optimizer_settings``).
 def bregman_pruner(task: str, method: str, target: float, freeze_at: int) -> BregmanPruner:
     """The support is frozen at ``freeze_at`` (where the magnitude pruners' schedules end):
     the rest of the run refits the surviving weights without shrinkage."""
@@ -284,11 +212,15 @@ def bregman_pruner(task: str, method: str, target: float, freeze_at: int) -> Bre
 def optimizer_settings(task: str, method: str) -> OptimizerSettings:
     lr = 0.02 if task == "teacher-student" else 0.05
     if method == "LinBreg":
-        return OptimizerSettings(name="linbreg", lr=4 * lr, momentum=0.9, reg="l1")
+        # LinBreg's momentum averages (1 - b) * lr * g into v; at lr / (1 - b) the active
+        # weights move exactly as SGD's heavy ball moves them at lr: the same step size.
+        return OptimizerSettings(
+            name="linbreg", lr=lr / (1 - MOMENTUM), momentum=MOMENTUM, reg="l1"
+        )
     if method == "AdaBreg":
         scale = 2 if task == "teacher-student" else 10
         return OptimizerSettings(name="adabreg", lr=lr / scale, reg="l1")
-    return OptimizerSettings(name="sgd", lr=lr, momentum=0.9)
+    return OptimizerSettings(name="sgd", lr=lr, momentum=MOMENTUM)
 
 
 def execute(run: Run) -> Run:

@@ -47,6 +47,18 @@ def test_linbreg_without_regularizer_is_sgd_with_lr_times_delta(delta: float) ->
             torch.testing.assert_close(pa, pb, rtol=1e-6, atol=1e-7)
 
 
+def test_linbreg_momentum_at_lr_over_one_minus_b_takes_sgd_heavy_ball_steps() -> None:
+    """LinBreg's momentum averages ``(1 - b) * lr * g`` where SGD's sums ``g``: at
+    ``lr / (1 - b)`` (lambda 0) the two move the weights alike. The quality benchmark and
+    the digits config give LinBreg that learning rate for SGD's step size."""
+    a, b = _model(), _model()
+    beta = 0.9
+    _run(a, LinBreg(a.parameters(), lr=0.05 / (1 - beta), momentum=beta, lambda_=0.0), 8)
+    _run(b, torch.optim.SGD(b.parameters(), lr=0.05, momentum=beta), 8)
+    for pa, pb in zip(a.parameters(), b.parameters(), strict=True):
+        torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("delta", [0.7, 1.0])  # 1.0: theta is shrunk straight into p
 def test_linbreg_momentum_and_l1_follow_the_definition_step_by_step(delta: float) -> None:
     model, reference = _model(), _model()
