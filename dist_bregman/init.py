@@ -68,8 +68,8 @@ def magnitude_init_(
     The inverse scale space grows a support from where it starts, and from a random sparse
     start (:func:`sparse_init_`) it keeps weights chosen before any data was seen: on the
     digits CNN at 90% that start left LinBreg about 1.4 points behind magnitude pruning; one
-    dense epoch and this cut brought it to about half a point, and to level at SGD's step
-    size (``benchmarks/quality_trials.md``). The cut is the exact global one of
+    dense epoch and this cut brought it to about half a point, and with SGD's step size
+    within a standard error (``benchmarks/quality_trials.md``). The cut is the exact global one of
     :class:`~dist_bregman.MagnitudePruner`, so ``model`` may be wrapped and sharded (a
     collective: every rank calls it). Call it before the Bregman optimizer's first step (its
     ``v`` starts from these weights) and, under DeepSpeed ZeRO, before the engine that will
