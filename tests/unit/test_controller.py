@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 
 import pytest
@@ -494,7 +495,7 @@ def test_after_the_cut_linbreg_runs_as_a_fresh_optimizer_built_on_the_cut_weight
     batches = _batches(8)
     model = _model()
     optimizer = _linbreg(model)
-    warm = SparsityController(model, BregmanConfig(**{**_fields(config), "magnitude_start_at": 3}))
+    warm = SparsityController(model, dataclasses.replace(config, magnitude_start_at=3))
     warm.attach(optimizer)
     _train(model, optimizer, warm, batches[:3], add_loss_term=False)
     assert warm.started
@@ -514,10 +515,6 @@ def test_after_the_cut_linbreg_runs_as_a_fresh_optimizer_built_on_the_cut_weight
     for (name, a), b in zip(model.named_parameters(), cut.parameters(), strict=True):
         torch.testing.assert_close(a.detach(), b.detach(), rtol=0, atol=0, msg=name)
     assert 0.5 < warm.measure().sparsity < 0.8  # some weights regrew; the dense ones did not
-
-
-def _fields(config: BregmanConfig) -> dict[str, object]:
-    return {name: getattr(config, name) for name in config.__dataclass_fields__}
 
 
 def test_a_checkpoint_taken_in_the_warm_up_resumes_in_it() -> None:
