@@ -141,9 +141,11 @@ class Attachment:
         zeroed = total = 0
         with torch.no_grad():
             for holds in self.hooked:
-                for group in holds.optimizer.param_groups:
-                    threshold = horizon * float(group["lr"]) * self.current_lambda()
-                    for piece in _pieces(group["params"], holds):
+                groups = holds.optimizer.param_groups  # a ZeRO-3 client's are empty now:
+                for key, tensor in holds.tensors.items():  # read the held tensors themselves
+                    lr = float(groups[holds.group_of[key]]["lr"])
+                    threshold = horizon * lr * self.current_lambda()
+                    for piece in _pieces([tensor], holds):
                         zeroed += int(piece.abs().le(threshold).sum())
                         total += piece.numel()
         return zeroed / total if total else None

@@ -45,6 +45,8 @@ def _case(rank: int, world: int, strategy: str, optimizer_name: str) -> dict[str
     with CollectiveCounter() as counter:
         before = controller.measure()
     controller.attach(wrapped.optimizer)
+    # Every hooked element is within reach of a huge threshold: the share attach warns with.
+    share = controller.attachment.shrinkage_share(10**9)
     generator = torch.Generator().manual_seed(0)  # the same batches on every rank
     cut = None
     for step in range(1, 7):
@@ -68,6 +70,7 @@ def _case(rank: int, world: int, strategy: str, optimizer_name: str) -> dict[str
         "expected": expected.per_parameter,
         "before": before,
         "cut": cut,
+        "share": share,
         "after": after,
         "gathered": gathered,
         "calls": dict(counter.calls),
@@ -101,6 +104,8 @@ def test_counts_are_the_unsharded_truth_and_zeros_reach_the_full_weights(
         assert result["before"].per_parameter == result["expected"]  # == unsharded model
         assert result["after"].per_parameter == result["gathered"]  # == gathered full weights
         assert result["after"] == first["after"] and result["lambda"] == first["lambda"]
+        # The hooked tensors are seen, ZeRO-3's fp32 flats too; LinBreg is driven, not hooked.
+        assert result["share"] == (1.0 if optimizer_name == "sgd" else None)
         assert all(agreed == (first["after"], first["lambda"]) for agreed in result["agree"])
     assert first["after"].nonzero < first["before"].nonzero  # new exact zeros that stuck
     if optimizer_name == "linbreg_cut":  # exactly the target's zeros, then LinBreg from them
