@@ -20,9 +20,9 @@ Methods, each with the same epochs, data order and initial weights per seed:
 * ``GMP``: ``SafeModelPruning`` with the cubic schedule (Zhu & Gupta, 2017);
 * ``BregmanPruner (prox)``: SGD with momentum, proximal L1 step, adaptive lambda;
 * ``LinBreg`` and ``AdaBreg`` (Bungert et al., 2022), lambda driven by the pruner, from a
-  sparse start: on digits, the dense run's first epoch of SGD (``WARM_EPOCHS``, part of the
-  run's epochs), then the smallest weights zeroed down to the target (``magnitude_init_``);
-  on the regression, zero.
+  sparse start: on digits, one dense epoch (``WARM_EPOCHS``, part of the run's epochs, with
+  shrinkage off), then the smallest weights zeroed down to the target and the optimizer
+  restarted (the pruner's ``magnitude_start_at``); on the regression, zero.
 
 Pruning schedules end at 60% of the epochs; the rest fine-tunes with the masks held. The
 Bregman methods freeze their support at the same step (``freeze_support_at``) and refit
@@ -54,7 +54,6 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from dist_bregman import BregmanPruner, SafeModelPruning, measure_sparsity
 from dist_bregman.data import digits_splits
-from dist_bregman.init import magnitude_init_
 from dist_bregman.models import DigitsCNN, DigitsMLP, OptimizerSettings
 from dist_bregman.pruning import PruningConfig, scheduled_amount
 from dist_bregman.targets import resolve
@@ -66,8 +65,8 @@ TRACE_EVERY = 10  # steps between two points of the sparsity/lambda trajectory
 BATCH = 32
 MOMENTUM = 0.9
 WARM_EPOCHS = 1
-"""LinBreg/AdaBreg on digits: epochs of the dense run's SGD before the magnitude cut that
-starts them (``magnitude_init_``); part of the run's epochs."""
+"""LinBreg/AdaBreg on digits: dense epochs (shrinkage off) before the magnitude cut that
+starts them (``magnitude_start_at``); part of the run's epochs."""
 
 
 # ---------------------------------------------------------------------------- the regression
@@ -147,16 +146,15 @@ class Run:
 
 
 class Trace(pl.Callback):
-    """Sparsity (and lambda, where a pruner holds one) against the optimizer step of the
-    run (``offset``: steps an earlier phase of the same run took)."""
+    """Sparsity (and lambda, where a pruner holds one) against the optimizer step."""
 
-    def __init__(self, run: Run, offset: int = 0) -> None:
-        self.run, self.offset = run, offset
+    def __init__(self, run: Run) -> None:
+        self.run = run
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, *_: Any
     ) -> None:
-        step = self.offset + trainer.global_step
+        step = trainer.global_step
         if step % TRACE_EVERY:
             return
         pruners = [c for c in trainer.callbacks if isinstance(c, BregmanPruner)]  # type: ignore[attr-defined]
@@ -189,9 +187,12 @@ def lightning_amounts(target: float, epochs: int) -> Callable[[int], float]:
 # is capped (3e-3 on digits) so shrinkage finds most of the target and the freeze's
 # magnitude selection the rest; LinBreg and AdaBreg start at 0.01 on digits from a
 # magnitude cut (``WARM_EPOCHS``), and LinBreg takes SGD's step (``optimizer_settings``).
-def bregman_pruner(task: str, method: str, target: float, freeze_at: int) -> BregmanPruner:
+def bregman_pruner(
+    task: str, method: str, target: float, freeze_at: int, start_at: int = 0
+) -> BregmanPruner:
     """The support is frozen at ``freeze_at`` (where the magnitude pruners' schedules end):
-    the rest of the run refits the surviving weights without shrinkage."""
+    the rest of the run refits the surviving weights without shrinkage. ``start_at``: the
+    step of the magnitude cut that ends a dense warm-up (``magnitude_start_at``; 0: none)."""
     digits = task != "teacher-student"
     if method == "BregmanPruner (prox)":
         initial, high = (1e-3, 3e-3) if digits else (1e-2, 1.0)
@@ -205,6 +206,7 @@ def bregman_pruner(task: str, method: str, target: float, freeze_at: int) -> Bre
         min_lambda=1e-6,
         max_lambda=high,
         update_frequency=10,
+        magnitude_start_at=start_at,
         freeze_support_at=freeze_at,
     )
 
@@ -226,38 +228,29 @@ def optimizer_settings(task: str, method: str) -> OptimizerSettings:
 def execute(run: Run) -> Run:
     torch.set_num_threads(1)
     pl.seed_everything(run.seed, verbose=False)
-    bregman_start = run.method in ("LinBreg", "AdaBreg")
     settings = optimizer_settings(run.task, run.method)
+    inverse_scale = run.method in ("LinBreg", "AdaBreg")  # these grow from a sparse start
     teacher = None
     if run.task == "teacher-student":
         teacher, train, test, val = teacher_data(run.target, run.seed)
         test = val if run.split == "val" else test
-        module: pl.LightningModule = TeacherStudent(settings, bregman_start, run.seed)
+        module: pl.LightningModule = TeacherStudent(settings, inverse_scale, run.seed)
     else:
         # Each seed draws its own stratified split: one fixed 270-image test set had put
         # the same runs 1.6 points apart on validation and test (see the README).
         splits = digits_splits(seed=run.seed, images=run.task == "digits-cnn")
         train, test = splits.train, splits.val if run.split == "val" else splits.test
-        # LinBreg/AdaBreg start from the magnitude cut of the dense model after
-        # WARM_EPOCHS of the dense run's SGD (below): built as the dense run is.
-        first = optimizer_settings(run.task, "dense") if bregman_start else settings
         common = {
-            "optimizer": first.name,
-            "lr": first.lr,
-            "momentum": first.momentum,
+            "optimizer": settings.name,
+            "lr": settings.lr,
+            "momentum": settings.momentum,
             "seed": run.seed,
         }
         module = DigitsMLP(**common) if run.task == "digits-mlp" else DigitsCNN(**common)
     pairs = [(t.module, "weight") for t in resolve(module)]
     loader = DataLoader(train, batch_size=BATCH, shuffle=True)
-    epochs, done = run.epochs, 0
     start = time.perf_counter()
-    if bregman_start and teacher is None:
-        done = _fit(module, loader, WARM_EPOCHS, [Trace(run)])
-        magnitude_init_(module, 1.0 - run.target)
-        module.optim = settings
-        epochs -= WARM_EPOCHS
-    callbacks: list[pl.Callback] = [Trace(run, offset=done)]
+    callbacks: list[pl.Callback] = [Trace(run)]
     pruner: BregmanPruner | None = None
     if run.method == "ModelPruning":
         callbacks.append(
@@ -281,12 +274,14 @@ def execute(run: Run) -> Run:
             )
         )
     elif run.method in BREGMAN:
-        # Frozen at the step where the magnitude schedules end, counted from the run's start.
-        steps = run.epochs * len(loader)
-        freeze_at = max(round(ramp_epochs(run.epochs) / run.epochs * steps) - done, 1)
-        pruner = bregman_pruner(run.task, run.method, run.target, freeze_at)
+        # Frozen at the step where the magnitude schedules end.
+        freeze_at = ramp_epochs(run.epochs) * len(loader)
+        start_at = 0
+        if inverse_scale and teacher is None:  # a short run (--quick) cuts before its freeze
+            start_at = min(WARM_EPOCHS * len(loader), freeze_at // 2)
+        pruner = bregman_pruner(run.task, run.method, run.target, freeze_at, start_at)
         callbacks.append(pruner)
-    _fit(module, loader, epochs, callbacks)
+    _fit(module, loader, run.epochs, callbacks)
     run.seconds = time.perf_counter() - start
     module.eval()
     x, y = test.tensors
@@ -307,8 +302,8 @@ def execute(run: Run) -> Run:
 
 def _fit(
     module: pl.LightningModule, loader: DataLoader, epochs: int, callbacks: list[pl.Callback]
-) -> int:
-    """Train ``epochs`` on one CPU thread, no logging or checkpoints; the steps taken."""
+) -> None:
+    """Train ``epochs`` on one CPU thread, no logging or checkpoints."""
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=1,
@@ -321,7 +316,6 @@ def _fit(
         callbacks=callbacks,
     )
     trainer.fit(module, loader)
-    return trainer.global_step
 
 
 # ---------------------------------------------------------------------------- reporting
