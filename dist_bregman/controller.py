@@ -540,7 +540,7 @@ class SparsityController:
             low=self.config.min_lambda,
             high=self.config.max_lambda,
         )
-        self._set_lambda(lam)
+        self.lambda_ = lam  # reaches the optimizers below, once the phase is restored
         self.last_update_step = int(state.get("last_update_step", 0))
         self.started = bool(state.get("started", True))  # older checkpoints: no warm-up
         frozen = bool(state.get("frozen", False))
