@@ -1,4 +1,5 @@
-"""Every benchmark keeps working: CI runs each in --quick mode (seconds)."""
+"""Every benchmark keeps working (CI runs each in --quick mode, seconds), and the README
+quotes the tables they wrote."""
 
 from __future__ import annotations
 
@@ -100,3 +101,18 @@ def test_quality_can_choose_on_the_validation_split(tmp_path: Path) -> None:
     results = run_quick("quality", tmp_path, *extra)
     assert {r["split"] for r in results["runs"]} == {"val"}
     assert "| val metric |" in (tmp_path / "quality.md").read_text()
+
+
+@pytest.mark.parametrize(
+    "table", sorted(p.name for p in (ROOT / "benchmarks" / "results").glob("*.md"))
+)
+def test_readme_shows_the_tables_the_scripts_wrote(table: str) -> None:
+    """The README's Results quote ``benchmarks/results/*.md`` row for row: a table re-made
+    by a script and not pasted back would leave the README with numbers no script wrote."""
+    rows = [
+        line
+        for line in (ROOT / "benchmarks" / "results" / table).read_text().splitlines()
+        if line.startswith("|")
+    ]
+    assert len(rows) > 3
+    assert "\n".join(rows) in (ROOT / "README.md").read_text(), table
