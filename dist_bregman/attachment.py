@@ -139,12 +139,12 @@ class Attachment:
         """Fraction of hooked elements that ``horizon`` proximal steps alone would zero
         (no gradient pushing back), or None when nothing is hooked."""
         zeroed = total = 0
+        lam = self.current_lambda()
         with torch.no_grad():
             for holds in self.hooked:
                 groups = holds.optimizer.param_groups  # a ZeRO-3 client's are empty now:
                 for key, tensor in holds.tensors.items():  # read the held tensors themselves
-                    lr = float(groups[holds.group_of[key]]["lr"])
-                    threshold = horizon * lr * self.current_lambda()
+                    threshold = horizon * float(groups[holds.group_of[key]]["lr"]) * lam
                     for piece in _pieces([tensor], holds):
                         zeroed += int(piece.abs().le(threshold).sum())
                         total += piece.numel()
