@@ -530,6 +530,7 @@ class SparsityController:
             "sparsity": self.sparsity,
             "frozen": self.frozen,
             "started": self.started,
+            "found_sparsity": self.found_sparsity,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -552,6 +553,8 @@ class SparsityController:
         self.attachment.set_lambda(self._lambda())
         sparsity = state.get("sparsity")
         self.sparsity = None if sparsity is None else float(sparsity)
+        found = state.get("found_sparsity")  # a run resumed after its freeze still reports it
+        self.found_sparsity = None if found is None else float(found)
 
     def _log_details(self, report: SparsityReport) -> None:
         if self.config.verbose >= 1 and report.rows:

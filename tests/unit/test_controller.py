@@ -413,6 +413,8 @@ def test_a_frozen_support_survives_a_checkpoint_and_holds_zeros_on_resume() -> N
     optimizer = torch.optim.SGD(resumed.parameters(), lr=0.1)
     fresh.attach(optimizer)
     assert fresh.frozen and fresh.lambda_ == controller.lambda_
+    assert controller.found_sparsity is not None
+    assert fresh.found_sparsity == controller.found_sparsity
     _train(resumed, optimizer, fresh, _batches(4, seed=7), add_loss_term=False)
     for name, w in _weights(resumed).items():
         assert torch.equal(w.detach() == 0, zeros[name])  # no zero regrown, none added
