@@ -65,6 +65,10 @@ def test_resume_mid_schedule_gives_the_uninterrupted_run(tmp_path: Path) -> None
     )
     saved = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)
     assert saved["callbacks"]["SafeModelPruning"]["last_event"] == 1
+    restored = _pruning()
+    restored.load_state_dict(saved["callbacks"]["SafeModelPruning"])
+    assert first.current_amount is not None
+    assert restored.current_amount == first.current_amount  # before its first event
     resumed, pruning = Trace(), _pruning()
     trainer = make_trainer(tmp_path / "c", [pruning, resumed], max_epochs=5)
     trainer.fit(SeedModel(), seed_loader(), ckpt_path=tmp_path / "ckpt" / "last.ckpt")

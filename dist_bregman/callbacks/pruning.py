@@ -76,11 +76,14 @@ class SafeModelPruning(Callback):
         self.last_event: int | None = None
         """The epoch (or step) of the last pruning event."""
         self.last: PruningEvent | None = None
+        """The last pruning event of this process (None before it, also after a resume)."""
+        self._amount: float | None = None
 
     @property
     def current_amount(self) -> float | None:
-        """The amount of the last pruning event, or None before the first."""
-        return None if self.last is None else self.last.amount
+        """The amount of the last pruning event (restored from checkpoints), or None
+        before the first."""
+        return self._amount
 
     # ------------------------------------------------------------------ Lightning hooks
     @override
@@ -139,12 +142,14 @@ class SafeModelPruning(Callback):
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.last_event = state_dict.get("last_event")
+        amount = state_dict.get("amount")
+        self._amount = None if amount is None else float(amount)
 
     # ------------------------------------------------------------------ internals
     def _event(self, unit: int, pl_module: pl.LightningModule) -> None:
         amount = scheduled_amount(unit, self.config)
         event = self._pruner().prune(amount)
-        self.last, self.last_event = event, unit
+        self.last, self.last_event, self._amount = event, unit, amount
         if self.config.verbose:
             report, config = event.report, self.config
             scope = "global" if config.use_global else "per tensor"
