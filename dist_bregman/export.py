@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from torch.nn.utils import prune
 
-from dist_bregman.targets import ParameterPairs, resolve
+from dist_bregman.targets import ParameterPairs, clean_name, resolve, unwrap
 
 FORMAT = "dist_bregman.sparse/v1"
 
@@ -66,10 +66,22 @@ def export_sparse(
     file_format: Literal["safetensors", "torch"] = "safetensors",
 ) -> list[LayerBytes]:
     """Write ``model`` with its measured weights in CSR form; return (and write beside the
-    file as ``<stem>.report.md`` / ``.json``) dense vs sparse bytes per layer."""
+    file as ``<stem>.report.md`` / ``.json``) dense vs sparse bytes per layer.
+
+    Keys are the unwrapped model's (no ``module.`` of DDP/DataParallel/DeepSpeed, no
+    ``_orig_mod.`` of ``torch.compile``), so the file loads into a fresh, plain model, and
+    the measured weights are found under the names :func:`~dist_bregman.measure_sparsity`
+    reports them by."""
     path = Path(path)
-    state = folded_state_dict(model)
+    state = {clean_name(k): v for k, v in folded_state_dict(unwrap(model)).items()}
     names = {t.name for t in resolve(model, parameters_to_prune)}
+    missing = sorted(names - state.keys())
+    if missing:
+        raise ValueError(
+            f"export_sparse: {missing[:3]} are measured but not whole tensors in the model's "
+            f"state_dict (a sharded or flattened model?); allowed: an unsharded model, e.g. "
+            f"FSDP/ZeRO-3 weights gathered into a plain copy first"
+        )
     dense: dict[str, torch.Tensor] = {}
     sparse: dict[str, dict[str, torch.Tensor]] = {}
     shapes: dict[str, list[int]] = {}
