@@ -5,8 +5,9 @@ every measured weight in CSR form (2-D: rows are dim 0, columns the rest flatten
 indices when they fit) and every other tensor dense, in a safetensors file (CSR parts as
 ``<name>::crow_indices`` / ``::col_indices`` / ``::values``, shapes in the metadata) or a
 ``torch.save`` file of plain tensors and lists (loadable with ``weights_only=True``).
-:func:`load_sparse` returns the dense state dict. Call it on an unsharded model: gather
-FSDP/ZeRO-3 weights first (e.g. Lightning's consolidated checkpoint).
+:func:`load_sparse` returns the dense state dict. Call it on an unsharded model (one process,
+DDP, ZeRO-1/2; any wrapper): gather FSDP/ZeRO-3 weights first (e.g. Lightning's consolidated
+checkpoint); a sharded model is refused.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ import torch
 from torch import nn
 from torch.nn.utils import prune
 
-from dist_bregman.targets import ParameterPairs, clean_name, resolve, unwrap
+from dist_bregman.shards import locate
+from dist_bregman.targets import ParameterPairs, clean_name, unwrap
 
 FORMAT = "dist_bregman.sparse/v1"
 
@@ -71,16 +73,21 @@ def export_sparse(
     Keys are the unwrapped model's (no ``module.`` of DDP/DataParallel/DeepSpeed, no
     ``_orig_mod.`` of ``torch.compile``), so the file loads into a fresh, plain model, and
     the measured weights are found under the names :func:`~dist_bregman.measure_sparsity`
-    reports them by."""
+    reports them by. A sharded model (FSDP, ZeRO-3) is refused: its state dict holds
+    shards, and the file would not be the model."""
     path = Path(path)
-    state = {clean_name(k): v for k, v in folded_state_dict(unwrap(model)).items()}
-    names = {t.name for t in resolve(model, parameters_to_prune)}
-    missing = sorted(names - state.keys())
+    placements = locate(model, parameters_to_prune)
+    names = {p.target.name for p in placements}
+    sharded = sorted(p.target.name for p in placements if p.sharded)
+    state: dict[str, torch.Tensor] = {}
+    if not sharded:  # shards cannot be folded (a DTensor times a full mask)
+        state = {clean_name(k): v for k, v in folded_state_dict(unwrap(model)).items()}
+    missing = sharded or sorted(names - state.keys())
     if missing:
         raise ValueError(
             f"export_sparse: {missing[:3]} are measured but not whole tensors in the model's "
-            f"state_dict (a sharded or flattened model?); allowed: an unsharded model, e.g. "
-            f"FSDP/ZeRO-3 weights gathered into a plain copy first"
+            f"state_dict (sharded, or not registered as parameters/buffers); allowed: an "
+            f"unsharded model, e.g. FSDP/ZeRO-3 weights gathered into a plain copy first"
         )
     dense: dict[str, torch.Tensor] = {}
     sparse: dict[str, dict[str, torch.Tensor]] = {}

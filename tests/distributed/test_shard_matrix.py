@@ -4,6 +4,8 @@ on every rank, and the zeros the pruner makes are in the gathered full weights."
 from __future__ import annotations
 
 import os
+import tempfile
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -16,6 +18,7 @@ from dist_bregman import (
     measure_sparsity,
     regularized_groups,
 )
+from dist_bregman.export import export_sparse, folded_state_dict, load_sparse
 from dist_bregman.optim import LinBreg
 from tests.distributed.test_ddp import CollectiveCounter
 from tests.helpers.dist import run_ranks
@@ -62,7 +65,18 @@ def _case(rank: int, world: int, strategy: str, optimizer_name: str) -> dict[str
     weights = wrapped.full_effective()
     gathered = counts(weights)
     penalty = controller.regularization_loss()  # a collective when sharded
+    with tempfile.TemporaryDirectory() as folder:
+        try:
+            export_sparse(wrapped.model, Path(folder) / "m.safetensors")
+            state = load_sparse(Path(folder) / "m.safetensors")
+            exported: Any = (
+                sorted(state),
+                all(torch.equal(state[name], w) for name, w in weights.items()),
+            )
+        except ValueError as error:  # sharded: refused, not written as shards
+            exported = str(error)
     return {
+        "exported": exported,
         "penalty": (
             float(penalty),
             controller.lambda_ * float(sum(w.abs().sum() for w in weights.values())),
@@ -113,6 +127,11 @@ def test_counts_are_the_unsharded_truth_and_zeros_reach_the_full_weights(
         assert all(result["cut"] == cut for result in results)
         assert cut.total - cut.nonzero == round(0.6 * cut.total)
         assert first["after"].sparsity > 0.5  # regrowth only: the dense weights stayed gone
+    exported = first["exported"]  # rank 0's export of the model as wrapped for training
+    if strategy.startswith(("fsdp", "zero3")):  # sharded: refused
+        assert "are measured but not whole tensors" in exported
+    else:  # replicated (DDP, ZeRO-1/2): the plain model's keys, the weights as trained
+        assert exported == (sorted(folded_state_dict(matrix_model())), True)
     for result in results:  # lambda * J(theta), true even where ZeRO-3 parameters are empty
         assert result["penalty"][0] == pytest.approx(result["penalty"][1], rel=1e-5)
     assert first["regularized"] == ["0.weight", "2.weight", "4.weight"]
