@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import math
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -130,3 +132,22 @@ def test_export_round_trip_reproduces_the_outputs(tmp_path: Path, file_format: s
     )
     table = path.with_suffix(".report.md").read_text()
     assert "| net.0.weight | 32x10 |" in table and "| total |" in table
+
+
+def test_a_pruning_event_over_non_finite_weights_is_reported(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    class Corrupt(pl.Callback):  # runs before the pruning event at the same epoch end
+        def on_train_epoch_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+            with torch.no_grad():
+                module.net[0].weight[0, :3] = torch.tensor([math.nan, math.inf, -math.inf])
+
+    model = SeedModel()
+    with caplog.at_level(logging.WARNING, logger="dist_bregman"):
+        make_trainer(tmp_path, [Corrupt(), SafeModelPruning(amount=0.5)], max_epochs=1).fit(
+            model, seed_loader()
+        )
+    assert "SafeModelPruning: epoch 0: 3 non-finite (NaN/Inf) weight elements on rank(s) [0]" in (
+        caplog.text
+    )
+    assert model.net[0].weight[0, :3].isfinite().sum() == 0  # kept, not zeroed

@@ -150,6 +150,14 @@ class SafeModelPruning(Callback):
         amount = scheduled_amount(unit, self.config)
         event = self._pruner().prune(amount)
         self.last, self.last_event, self._amount = event, unit, amount
+        report = event.report
+        if report.nonfinite:  # NaN/Inf sort above every magnitude: they are never pruned
+            logs.warn0(
+                f"SafeModelPruning: {self.config.prune_unit} {unit}: {report.nonfinite} "
+                f"non-finite (NaN/Inf) weight elements on rank(s) {list(report.nonfinite_ranks)}"
+                f"; they are kept, not pruned. Lower the learning rate, or use "
+                f"BregmanPruner(guard_steps=True) to drop bad steps before they land"
+            )
         if self.config.verbose:
             report, config = event.report, self.config
             scope = "global" if config.use_global else "per tensor"
