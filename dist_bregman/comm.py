@@ -105,23 +105,34 @@ def all_gather_object(obj: object, group: ProcessGroup = None) -> list[object]:
     return gathered
 
 
-RANK_BITS = 62
-"""Ranks that :func:`rank_bit` names one by one (an int64 sum of distinct powers of two);
-higher ranks share the last bit, reported as ``"rank >= 62"``."""
+def named_ranks(world_size: int) -> int:
+    """How many ranks :func:`rank_bit` names with a bit each (all of them up to 57).
+
+    The ranks above share a counter in the bits above the named ones, wide enough for every
+    rank of the job, so the int64 sum over ranks cannot overflow. (One shared top bit
+    could: four ranks' ``2**62`` summed to ``2**64``, i.e. 0, and a NaN seen by exactly
+    ranks 62-65 of a 66-rank job vanished from the flag.)
+    """
+    return min(world_size, 63 - world_size.bit_length())
 
 
 def rank_bit(flag: torch.Tensor, group: ProcessGroup = None) -> torch.Tensor:
-    """``flag`` (0-d bool) as an int64 bit that names this rank: summed over ranks (in a
-    buffer that is all-reduced anyway), the bits say which ranks raised the flag."""
-    bit = 1 << min(get_rank(group), RANK_BITS)
+    """``flag`` (0-d bool) as an int64 that names this rank: summed over the ranks of
+    ``group`` (in a buffer that is all-reduced anyway), :func:`ranks_from_bits` says which
+    ranks raised the flag."""
+    rank = get_rank(group) if is_distributed() else 0  # RANK before init: not a group's
+    bit = 1 << min(rank, named_ranks(get_world_size(group)))
     return flag.to(torch.int64) * bit
 
 
-def ranks_from_bits(bits: int) -> list[int | str]:
-    """Decode a sum of :func:`rank_bit` values into the ranks that set them."""
-    ranks: list[int | str] = [r for r in range(RANK_BITS) if bits >> r & 1]
-    if bits >> RANK_BITS:
-        ranks.append(f"rank >= {RANK_BITS}")
+def ranks_from_bits(bits: int, world_size: int) -> list[int | str]:
+    """Decode a sum over ``world_size`` ranks of :func:`rank_bit` values into the ranks
+    that set them (beyond the named ranks: how many of the others did)."""
+    named = named_ranks(world_size)
+    ranks: list[int | str] = [r for r in range(named) if bits >> r & 1]
+    others = bits >> named
+    if others:
+        ranks.append(f"{others} of ranks {named}-{world_size - 1}")
     return ranks
 
 
