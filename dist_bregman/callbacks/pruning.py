@@ -150,16 +150,14 @@ class SafeModelPruning(Callback):
         amount = scheduled_amount(unit, self.config)
         event = self._pruner().prune(amount)
         self.last, self.last_event, self._amount = event, unit, amount
-        report = event.report
+        report, config = event.report, self.config
         if report.nonfinite:  # NaN/Inf sort above every magnitude: they are never pruned
             logs.warn0(
-                f"SafeModelPruning: {self.config.prune_unit} {unit}: {report.nonfinite} "
+                f"SafeModelPruning: {config.prune_unit} {unit}: {report.nonfinite} "
                 f"non-finite (NaN/Inf) weight elements on rank(s) {list(report.nonfinite_ranks)}"
-                f"; they are kept, not pruned. Lower the learning rate, or use "
-                f"BregmanPruner(guard_steps=True) to drop bad steps before they land"
+                f"; they are kept, not pruned (lower the learning rate, or clip gradients)"
             )
-        if self.config.verbose:
-            report, config = event.report, self.config
+        if config.verbose:
             scope = "global" if config.use_global else "per tensor"
             kind = "structured" if config.structured else "unstructured"
             zeros = f"{report.total - report.nonzero}/{report.total} zero"
@@ -168,7 +166,7 @@ class SafeModelPruning(Callback):
                 f"({scope}, {kind}); sparsity {logs.percent(report.sparsity)} ({zeros})"
             )
         pl_module.log("pruning/amount", amount, batch_size=1)
-        pl_module.log("pruning/sparsity", event.report.sparsity, batch_size=1)
+        pl_module.log("pruning/sparsity", report.sparsity, batch_size=1)
 
     def _pruner(self) -> MagnitudePruner:
         if self.pruner is None:
