@@ -41,6 +41,7 @@ from dist_bregman.regularizers import GroupL1, Regularizer
 from dist_bregman.regularizers import resolve as resolve_regularizer
 from dist_bregman.shards import Placement, local_views, place
 from dist_bregman.shards.dtensor import local_tensor
+from dist_bregman.shards.zero import partitions
 from dist_bregman.sparsity import SparsityReport, reduce_counts
 from dist_bregman.targets import ParameterPairs, Target, resolve
 
@@ -352,8 +353,11 @@ class SparsityController:
 
     def check_finite_state(self, state: Mapping[str, Any]) -> None:
         """Raise :class:`NonFiniteError` on every rank if any rank's ``state`` (e.g. a
-        checkpoint's ``state_dict``: local shards included) holds NaN/Inf. A collective."""
+        checkpoint's ``state_dict``: local shards included) or, under ZeRO-3, its parameter
+        partitions (what DeepSpeed saves; the state dict shows empty tensors) hold NaN/Inf.
+        A collective."""
         tensors = [v for v in state.values() if isinstance(v, torch.Tensor)]
+        tensors += partitions(self._model)
         ranks = self._ranks_with_nonfinite(tensors)
         if ranks:
             message = (

@@ -12,8 +12,10 @@ partitions never double-counts them.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
+from torch import nn
 
 from dist_bregman import comm
 from dist_bregman.shards.base import LocalView, Placement
@@ -46,9 +48,7 @@ class ZeroPartition(Placement):
 
     def valid(self) -> tuple[int, int]:
         """(first flattened index, number of real elements) of this rank's partition."""
-        part = self.target.values.ds_tensor.numel()  # type: ignore[attr-defined]
-        start = self.rank * part
-        return start, max(0, min(part, self.global_numel - start))
+        return _valid(self.target.values, self.rank)
 
     def view(self) -> LocalView:
         start, numel = self.valid()
@@ -59,6 +59,24 @@ class ZeroPartition(Placement):
         if mask is not None:
             mask = mask.reshape(-1)[start : start + numel]
         return LocalView(values, mask, numel, self.global_numel, rows_whole=False)
+
+
+def _valid(param: Any, rank: int) -> tuple[int, int]:
+    part = param.ds_tensor.numel()
+    start = rank * part
+    return start, max(0, min(part, int(param.ds_numel) - start))
+
+
+def partitions(model: nn.Module) -> list[torch.Tensor]:
+    """The real elements of this rank's partition of each ZeRO-3 parameter of ``model``:
+    what a checkpoint saves of it, where ``state_dict()`` shows an empty tensor (between
+    forwards) or a whole copy that may be stale (persistent parameters)."""
+    found = []
+    for param in model.parameters():
+        if is_zero3_param(param):
+            _, numel = _valid(param, comm.get_rank(getattr(param, "ds_process_group", None)))
+            found.append(param.ds_tensor.detach()[:numel])  # type: ignore[attr-defined]
+    return found
 
 
 def refresh_persistent(placements: Sequence[Placement], group: comm.ProcessGroup = None) -> None:

@@ -3,6 +3,7 @@ on every rank, and the zeros the pruner makes are in the gathered full weights."
 
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -18,6 +19,7 @@ from dist_bregman import (
     measure_sparsity,
     regularized_groups,
 )
+from dist_bregman.errors import NonFiniteError
 from dist_bregman.export import export_sparse, folded_state_dict, load_sparse
 from dist_bregman.optim import LinBreg
 from tests.distributed.test_ddp import CollectiveCounter
@@ -75,7 +77,17 @@ def _case(rank: int, world: int, strategy: str, optimizer_name: str) -> dict[str
             )
         except ValueError as error:  # sharded: refused, not written as shards
             exported = str(error)
+    refused = None
+    if strategy.startswith("zero3"):  # NaN in one partition; state_dict() shows none of it
+        if rank == world - 1:
+            view = next(v for p in controller.placements if (v := p.view()).values is not None)
+            view.values[0] = math.nan  # type: ignore[index]  (a view of ds_tensor)
+        try:
+            controller.check_finite_state(wrapped.module.state_dict())
+        except NonFiniteError as error:
+            refused = str(error)
     return {
+        "refused": refused,
         "exported": exported,
         "penalty": (
             float(penalty),
@@ -132,6 +144,10 @@ def test_counts_are_the_unsharded_truth_and_zeros_reach_the_full_weights(
         assert "are measured but not whole tensors" in exported
     else:  # replicated (DDP, ZeRO-1/2): the plain model's keys, the weights as trained
         assert exported == (sorted(folded_state_dict(matrix_model())), True)
+    if strategy.startswith("zero3"):  # every rank refuses the checkpoint, naming the rank
+        assert {r["refused"] for r in results} == {
+            f"refusing to save a checkpoint: NaN/Inf in the model state on rank(s) [{world - 1}]"
+        }
     for result in results:  # lambda * J(theta), true even where ZeRO-3 parameters are empty
         assert result["penalty"][0] == pytest.approx(result["penalty"][1], rel=1e-5)
     assert first["regularized"] == ["0.weight", "2.weight", "4.weight"]
