@@ -40,7 +40,7 @@ from dist_bregman.pruning import MagnitudePruner, PruningConfig
 from dist_bregman.regularizers import GroupL1, Regularizer
 from dist_bregman.regularizers import resolve as resolve_regularizer
 from dist_bregman.shards import Placement, local_views, place
-from dist_bregman.shards.dtensor import local_tensor
+from dist_bregman.shards.dtensor import local_parts
 from dist_bregman.shards.zero import partitions
 from dist_bregman.sparsity import SparsityReport, reduce_counts
 from dist_bregman.targets import ParameterPairs, Target, resolve
@@ -371,9 +371,10 @@ class SparsityController:
         list on every rank: one pass per tensor (max |x|: NaN and Inf propagate, finite
         values cannot overflow) and one 8-byte all-reduce. A collective."""
         peaks = [
-            local_tensor(t).detach().abs().amax().float()
+            part.detach().abs().amax().float()
             for t in tensors
-            if t.is_floating_point() and t.numel()
+            for part in local_parts(t)
+            if part.is_floating_point() and part.numel()
         ]
         bad = torch.zeros((), dtype=torch.bool)
         if peaks:

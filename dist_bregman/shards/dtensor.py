@@ -24,6 +24,15 @@ def local_tensor(x: torch.Tensor) -> torch.Tensor:
     return x.to_local() if is_dtensor(x) else x  # type: ignore[attr-defined]
 
 
+def local_parts(x: torch.Tensor) -> list[torch.Tensor]:
+    """This rank's elements of a tensor from a state dict, as plain tensors: a DTensor's
+    local shard, the local shards of a ``ShardedTensor`` (FSDP1's sharded state dict; its
+    torch ops raise, so it is recognised by its ``local_shards``), else the tensor."""
+    if hasattr(x, "local_shards"):
+        return [shard.tensor for shard in x.local_shards()]
+    return [local_tensor(x)]
+
+
 class DTensorPlacement(Placement):
     """A DTensor: the local shard at its global offset. Uneven ``Shard(0)`` chunks (e.g.
     5 + 4 rows of 9) and empty shards are fine; replicas along ``Replicate`` mesh

@@ -22,6 +22,7 @@ from dist_bregman import (
 from dist_bregman.errors import NonFiniteError
 from dist_bregman.export import export_sparse, folded_state_dict, load_sparse
 from dist_bregman.optim import LinBreg
+from dist_bregman.shards.dtensor import local_parts
 from tests.distributed.test_ddp import CollectiveCounter
 from tests.helpers.dist import run_ranks
 from tests.helpers.strategies import STRATEGIES, counts, effective_weights, matrix_model, wrap
@@ -151,6 +152,36 @@ def test_counts_are_the_unsharded_truth_and_zeros_reach_the_full_weights(
     for result in results:  # lambda * J(theta), true even where ZeRO-3 parameters are empty
         assert result["penalty"][0] == pytest.approx(result["penalty"][1], rel=1e-5)
     assert first["regularized"] == ["0.weight", "2.weight", "4.weight"]
+
+
+def _sharded_state_check(rank: int, world: int) -> str | None:
+    os.environ.update(LOCAL_RANK=str(rank), RANK=str(rank), WORLD_SIZE=str(world))
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    from torch.distributed.fsdp import ShardedStateDictConfig, StateDictType
+
+    wrapped = wrap("fsdp1_orig", matrix_model(), _optimizer("sgd"))
+    controller = SparsityController(wrapped.model)
+    sharded = ShardedStateDictConfig(offload_to_cpu=True)  # as Lightning's "sharded" saves
+    with FSDP.state_dict_type(wrapped.model, StateDictType.SHARDED_STATE_DICT, sharded):
+        state = wrapped.model.state_dict()
+    controller.check_finite_state(state)  # clean: passes
+    if rank == world - 1:
+        part = next(p for t in state.values() for p in local_parts(t) if p.numel())
+        part.view(-1)[0] = math.nan
+    try:
+        controller.check_finite_state(state)
+    except NonFiniteError as error:
+        return str(error)
+    return None
+
+
+@pytest.mark.timeout(240)
+def test_an_fsdp1_sharded_state_dict_is_checked_shard_by_shard() -> None:
+    """FSDP1's sharded state dict holds ShardedTensors, whose torch ops raise: the check
+    reads their local shards (it crashed the checkpoint before)."""
+    results = run_ranks(_sharded_state_check, 2, timeout=200)
+    refusal = "refusing to save a checkpoint: NaN/Inf in the model state on rank(s) [1]"
+    assert results == [refusal, refusal]
 
 
 def _linbreg_flat(rank: int, world: int, grouping: str) -> str:
