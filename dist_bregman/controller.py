@@ -376,9 +376,12 @@ class SparsityController:
             for part in local_parts(t)
             if part.is_floating_point() and part.numel()
         ]
+        on: dict[torch.device, list[torch.Tensor]] = {}  # a state dict may mix devices
+        for peak in peaks:  # (ZeRO-3 partitions offloaded to CPU beside GPU buffers)
+            on.setdefault(peak.device, []).append(peak)
         bad = torch.zeros((), dtype=torch.bool)
-        if peaks:
-            bad = ~torch.isfinite(torch.stack(peaks)).all().cpu()
+        for same in on.values():
+            bad |= ~torch.isfinite(torch.stack(same)).all().cpu()
         flag = comm.rank_bit(bad, self.group).reshape(1)
         bits = int(comm.all_reduce_sum(flag, self.group)[0])
         return comm.ranks_from_bits(bits, comm.get_world_size(self.group))

@@ -23,6 +23,7 @@ from dist_bregman import (
     measure_sparsity,
     sparsity,
 )
+from dist_bregman.errors import NonFiniteError
 from dist_bregman.optim import AdaBreg, LinBreg
 from dist_bregman.regularizers import L1
 from dist_bregman.shards import locate
@@ -249,6 +250,19 @@ def test_proximal_step_on_cuda_equals_the_cpu_step_bit_for_bit() -> None:
     for cpu, gpu in zip(on_cpu, on_gpu, strict=True):
         torch.testing.assert_close(gpu.cpu(), cpu, equal_nan=True, rtol=0, atol=0)
     assert torch.isnan(on_gpu[0][0, 0]) and torch.isnan(on_gpu[2][0, 0])
+
+
+def test_a_checkpoint_state_on_two_devices_is_checked_on_each() -> None:
+    """A state dict may mix devices (ZeRO-3 partitions offloaded to the CPU beside GPU
+    buffers): the NaN/Inf check reduces per device, never stacks across them."""
+    controller = SparsityController(_mlp())
+    clean = {"gpu": torch.ones(4, device=CUDA), "cpu": torch.ones(4)}
+    controller.check_finite_state(clean)
+    for where in ("gpu", "cpu"):
+        state = {k: v.clone() for k, v in clean.items()}
+        state[where][0] = float("nan")
+        with pytest.raises(NonFiniteError, match=r"rank\(s\) \[0\]"):
+            controller.check_finite_state(state)
 
 
 def _ddp_worker(rank: int, world: int) -> tuple[list[float], tuple[int, int], int, int]:
