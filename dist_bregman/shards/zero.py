@@ -47,7 +47,7 @@ class ZeroPartition(Placement):
         return int(self.target.values.ds_numel)  # type: ignore[attr-defined]
 
     def valid(self) -> tuple[int, int]:
-        """(first flattened index, number of real elements) of this rank's partition."""
+        """:func:`_valid` for this rank."""
         return _valid(self.target.values, self.rank)
 
     def view(self) -> LocalView:
@@ -62,6 +62,7 @@ class ZeroPartition(Placement):
 
 
 def _valid(param: Any, rank: int) -> tuple[int, int]:
+    """(first flattened index, number of real elements) of ``rank``'s partition."""
     part = param.ds_tensor.numel()
     start = rank * part
     return start, max(0, min(part, int(param.ds_numel) - start))
