@@ -125,9 +125,10 @@ def rank_bit(flag: torch.Tensor, group: ProcessGroup = None) -> torch.Tensor:
     return flag.to(torch.int64) * bit
 
 
-def ranks_from_bits(bits: int, world_size: int) -> list[int | str]:
-    """Decode a sum over ``world_size`` ranks of :func:`rank_bit` values into the ranks
+def ranks_from_bits(bits: int, group: ProcessGroup = None) -> list[int | str]:
+    """Decode a sum of :func:`rank_bit` values over the ranks of ``group`` into the ranks
     that set them (beyond the named ranks: how many of the others did)."""
+    world_size = get_world_size(group)
     named = named_ranks(world_size)
     ranks: list[int | str] = [r for r in range(named) if bits >> r & 1]
     others = bits >> named

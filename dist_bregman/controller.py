@@ -224,7 +224,7 @@ class SparsityController:
             self.check_agreement()  # before the broadcast, which would hide a divergence
         skip = "support frozen" if self.frozen else None
         if loss_bits:
-            ranks = comm.ranks_from_bits(loss_bits, comm.get_world_size(self.group))
+            ranks = comm.ranks_from_bits(loss_bits, self.group)
             skip = f"non-finite loss on rank(s) {ranks} since step {self.last_update_step}"
             self.stop_requested |= config.on_nonfinite == "stop"
         decision = decide(
@@ -384,7 +384,7 @@ class SparsityController:
             bad |= ~torch.isfinite(torch.stack(same)).all().cpu()
         flag = comm.rank_bit(bad, self.group).reshape(1)
         bits = int(comm.all_reduce_sum(flag, self.group)[0])
-        return comm.ranks_from_bits(bits, comm.get_world_size(self.group))
+        return comm.ranks_from_bits(bits, self.group)
 
     def check_agreement(self) -> None:
         """Raise :class:`RankDisagreementError` on every rank unless all ranks hold the same

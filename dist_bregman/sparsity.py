@@ -191,7 +191,7 @@ def reduce_counts(
         zero_kernels=structured[2],
         kernels=structured[3],
         nonfinite=numbers[tail],
-        nonfinite_ranks=tuple(comm.ranks_from_bits(numbers[tail + 1], world)),
+        nonfinite_ranks=tuple(comm.ranks_from_bits(numbers[tail + 1], group)),
     )
     return report, numbers[tail + 2 :]
 

@@ -9,7 +9,8 @@ from dist_bregman import comm
 
 
 def _summed(flagged: list[int], world: int, monkeypatch: pytest.MonkeyPatch) -> int:
-    """The int64 all-reduce of every rank's :func:`comm.rank_bit`, done here as a sum."""
+    """The int64 all-reduce of every rank's :func:`comm.rank_bit`, done here as a sum (the
+    world size stays patched for the decode)."""
     monkeypatch.setattr(comm, "is_distributed", lambda: True)
     monkeypatch.setattr(comm, "get_world_size", lambda group=None: world)
     total = torch.zeros((), dtype=torch.int64)
@@ -29,7 +30,7 @@ def test_every_flagged_rank_is_reported_without_overflow(
     for flagged in ({0, named - 1}, set(range(named, min(named + 4, world))), set(range(world))):
         if world > 4096 and len(flagged) == world:
             flagged = set(range(named)) | set(range(world - 5, world))
-        decoded = comm.ranks_from_bits(_summed(sorted(flagged), world, monkeypatch), world)
+        decoded = comm.ranks_from_bits(_summed(sorted(flagged), world, monkeypatch))
         others = len([r for r in flagged if r >= named])
         expected: list[int | str] = sorted(r for r in flagged if r < named)
         if others:
@@ -41,4 +42,4 @@ def test_ranks_62_to_65_of_66_are_seen(monkeypatch: pytest.MonkeyPatch) -> None:
     """The case a shared top bit lost: four ranks' ``2**62`` summed to ``2**64``, 0 in int64."""
     named = comm.named_ranks(66)
     bits = _summed([62, 63, 64, 65], 66, monkeypatch)
-    assert comm.ranks_from_bits(bits, 66) == [f"4 of ranks {named}-65"]
+    assert comm.ranks_from_bits(bits) == [f"4 of ranks {named}-65"]
