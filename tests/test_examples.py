@@ -8,7 +8,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
+from dist_bregman.data import digits_splits
+from dist_bregman.export import load_sparse
+from dist_bregman.models import DigitsMLP
 from tests.helpers.dist import child_env
 
 # These start processes that rendezvous over TCP ports; the xdist group keeps them from
@@ -60,18 +64,31 @@ def test_seed_usage_example_runs(tmp_path: Path) -> None:
 
 @pytest.mark.timeout(150)
 def test_launch_torchrun_script_runs_the_ddp_job(tmp_path: Path) -> None:
+    test_fraction = 0.1503  # 271 test samples: 2 ranks do not divide them
     command = [
         str(ROOT / "launch" / "torchrun.sh"),
         "--trainer.max_epochs=3",
         "--trainer.enable_progress_bar=false",
         f"--trainer.logger.init_args.save_dir={tmp_path}",
+        f"--data.test_fraction={test_fraction}",
     ]
     env = child_env() | {"PYTHON": sys.executable}
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=130)
     assert done.returncode == 0, done.stderr[-3000:]
-    summary = json.loads((tmp_path / "digits_ddp" / "version_0" / "summary.json").read_text())
+    folder = tmp_path / "digits_ddp" / "version_0"
+    summary = json.loads((folder / "summary.json").read_text())
     assert summary["global_step"] == 3 * 40  # 1,257 training samples / (2 ranks x 16) per step
     assert summary["total"] == 64 * 256 + 256 * 128 + 128 * 10
+    # The reported test accuracy is the split's, scored once per sample: the exported
+    # weights, evaluated here in one process, give the same figure (a padded sampler scored
+    # 272 samples, one of them twice).
+    model = DigitsMLP(hidden=(256, 128))
+    model.load_state_dict(load_sparse(folder / "model_sparse.safetensors"))
+    inputs, labels = digits_splits(test_fraction=test_fraction).test.tensors
+    assert len(labels) == 271
+    with torch.no_grad():
+        correct = int((model(inputs).argmax(dim=1) == labels).sum())
+    assert summary["test_accuracy"] == pytest.approx(correct / 271, abs=1e-6)
     assert done.stdout.count("== dist-bregman summary ==") == 1
     assert done.stderr.count("Step 120: Sparsity=") == 1  # logged by rank 0 only
 
