@@ -80,7 +80,9 @@ class DigitsDataModule(pl.LightningDataModule):
     def _whole(self, dataset: TensorDataset) -> DataLoader:
         # A DistributedSampler of one replica yields the whole split in order, and Lightning
         # leaves a loader that already has a DistributedSampler as it is.
-        sampler = DistributedSampler(dataset, num_replicas=1, rank=0, shuffle=False)
+        sampler: DistributedSampler[tuple[torch.Tensor, ...]] = DistributedSampler(
+            dataset, num_replicas=1, rank=0, shuffle=False
+        )
         return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler)
 
     def train_dataloader(self) -> DataLoader:
