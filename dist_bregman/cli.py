@@ -6,7 +6,9 @@
 After ``fit`` it tests the final (sparse) weights, prints test accuracy, final sparsity and
 final lambda, and writes ``summary.json``, ``sparsity_lambda.png`` and (for an unsharded
 model) ``model_sparse.safetensors`` with its dense-vs-sparse byte report beside the
-logger's ``metrics.csv`` (``runs/<name>/version_N/`` with the default config).
+logger's ``metrics.csv`` (``runs/<name>/version_N/`` with the default config). Sparsity is
+measured over the BregmanPruner's set, else a SafeModelPruning's, else the discovered
+weights; lambda and its plot need a BregmanPruner.
 """
 
 from __future__ import annotations
@@ -18,8 +20,11 @@ from lightning.pytorch.cli import LightningCLI
 
 from dist_bregman import comm
 from dist_bregman.callbacks.bregman import BregmanPruner
+from dist_bregman.callbacks.pruning import SafeModelPruning
 from dist_bregman.export import export_sparse
 from dist_bregman.report import plot_sparsity_lambda, write_summary
+from dist_bregman.shards import locate
+from dist_bregman.sparsity import reduce_counts
 
 
 class BregmanCLI(LightningCLI):
@@ -33,43 +38,58 @@ class BregmanCLI(LightningCLI):
         accuracy = float(results[0].get("test/acc", float("nan"))) if results else float("nan")
         summary: dict[str, float | int | str | None] = {"test_accuracy": accuracy}
         line = f"test accuracy {100 * accuracy:.2f}%"
-        pruner = next((c for c in trainer.callbacks if isinstance(c, BregmanPruner)), None)  # type: ignore[attr-defined]
+        callbacks = trainer.callbacks  # type: ignore[attr-defined]
+        pruner = next((c for c in callbacks if isinstance(c, BregmanPruner)), None)
+        pruning = next((c for c in callbacks if isinstance(c, SafeModelPruning)), None)
         controller = pruner.controller if pruner is not None else None
+        # Every rank runs after_fit: the measurement below is a collective.
         if pruner is not None and controller is not None:
-            report = controller.measure()  # a collective: every rank runs after_fit
-            target = pruner.config.target_sparsity
-            summary |= {
-                "final_sparsity": report.sparsity,
-                "target_sparsity": target,
-                "final_lambda": controller.lambda_,
-                "nonzero": report.nonzero,
-                "total": report.total,
-            }
-            line += (
-                f" | final sparsity {100 * report.sparsity:.3f}% (target {100 * target:.1f}%)"
-                f" | final lambda {controller.lambda_:.8f}"
-            )
-            if report.node_sparsity is not None:
-                summary |= {"zero_rows": report.zero_rows, "rows": report.rows}
-                line += f" | zero rows {report.zero_rows}/{report.rows}"
-            if report.kernel_sparsity is not None:
-                summary |= {"zero_kernels": report.zero_kernels, "kernels": report.kernels}
-                line += f" | zero kernels {report.zero_kernels}/{report.kernels}"
+            placements = controller.placements
+            report = controller.measure()
+            target: float | None = pruner.config.target_sparsity
+        else:  # SafeModelPruning alone, or no pruner: its set, else the discovered weights
+            wrapped = trainer.strategy.model or self.model
+            pairs = pruning.parameters_to_prune if pruning is not None else None
+            placements = locate(wrapped, pairs)
+            report, _ = reduce_counts(placements)
+            target = None
+            if pruning is not None:  # where its schedule ends
+                config = pruning.config
+                target = config.final_amount if config.scheduled_pruning else config.amount
+        summary |= {
+            "final_sparsity": report.sparsity,
+            "target_sparsity": target,
+            "nonzero": report.nonzero,
+            "total": report.total,
+        }
+        line += f" | final sparsity {100 * report.sparsity:.3f}%"
+        if target is not None:
+            line += f" (target {100 * target:.1f}%)"
+        if controller is not None:
+            summary["final_lambda"] = controller.lambda_
+            line += f" | final lambda {controller.lambda_:.8f}"
+        if report.node_sparsity is not None:
+            summary |= {"zero_rows": report.zero_rows, "rows": report.rows}
+            line += f" | zero rows {report.zero_rows}/{report.rows}"
+        if report.kernel_sparsity is not None:
+            summary |= {"zero_kernels": report.zero_kernels, "kernels": report.kernels}
+            line += f" | zero kernels {report.zero_kernels}/{report.kernels}"
         # trainer.log_dir is itself a collective under DDP: every rank must read it.
         folder = Path(trainer.log_dir or trainer.default_root_dir)
         if not comm.is_rank_zero():
             return
         folder.mkdir(parents=True, exist_ok=True)
         summary["global_step"] = trainer.global_step
-        if controller is not None and not any(p.sharded for p in controller.placements):
+        if not any(p.sharded for p in placements):
             layers = export_sparse(self.model, folder / "model_sparse.safetensors")
             summary["export_dense_bytes"] = sum(layer.dense_bytes for layer in layers)
             summary["export_sparse_bytes"] = sum(layer.sparse_bytes for layer in layers)
         write_summary(folder, summary)
         metrics = folder / "metrics.csv"
         if metrics.exists() and pruner is not None:
-            target = pruner.config.target_sparsity
-            plot_sparsity_lambda(metrics, target, folder / "sparsity_lambda.png")
+            plot_sparsity_lambda(
+                metrics, pruner.config.target_sparsity, folder / "sparsity_lambda.png"
+            )
         print(f"\n== dist-bregman summary == {line}\n   report: {folder}", flush=True)
 
 

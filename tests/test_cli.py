@@ -10,8 +10,10 @@ from pathlib import Path
 from unittest.mock import patch
 
 import pytest
+import yaml
 
 from dist_bregman.cli import main
+from dist_bregman.export import load_sparse
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -61,6 +63,41 @@ def test_shipped_jobs_reach_their_target_and_write_the_report(
         assert summary["rows"] == 256 + 128 + 10
         assert summary["zero_rows"] >= 0.6 * (256 + 128)
         assert "bregman/node_sparsity" in header
+
+
+@pytest.mark.timeout(120)
+def test_a_job_with_safe_model_pruning_alone_reports_and_exports_its_sparsity(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = yaml.safe_load((ROOT / "configs" / "digits.yaml").read_text())
+    config["trainer"] |= {"max_epochs": 4, "enable_progress_bar": False}
+    config["trainer"]["logger"]["init_args"] |= {"save_dir": str(tmp_path), "name": "gmp"}
+    config["trainer"]["callbacks"] = [
+        {
+            "class_path": "dist_bregman.SafeModelPruning",
+            "init_args": {
+                "amount": 0.5,
+                "scheduled_pruning": True,
+                "final_amount": 0.8,
+                "epochs_to_ramp": 3,
+            },
+        }
+    ]
+    path = tmp_path / "gmp.yaml"
+    path.write_text(yaml.safe_dump(config))
+    main(["fit", "--config", str(path)])
+    folder = tmp_path / "gmp" / "version_0"
+    summary = json.loads((folder / "summary.json").read_text())
+    total = 64 * 256 + 256 * 128 + 128 * 10
+    assert summary["total"] == total and summary["target_sparsity"] == 0.8
+    assert summary["final_sparsity"] == pytest.approx(0.8, abs=1 / total)
+    assert "final_lambda" not in summary  # no BregmanPruner, no lambda
+    weights = load_sparse(folder / "model_sparse.safetensors")
+    zeros = sum(int((weights[f"net.{i}.weight"] == 0).sum()) for i in (0, 2, 4))
+    assert zeros == total - summary["nonzero"]
+    assert summary["export_sparse_bytes"] < summary["export_dense_bytes"]
+    printed = capsys.readouterr().out
+    assert f"final sparsity {100 * summary['final_sparsity']:.3f}% (target 80.0%)" in printed
 
 
 @pytest.mark.timeout(60)
