@@ -36,22 +36,24 @@ def sparse_init_(
     ``U(0, bias_scale / sqrt(fan_in))`` so that sparse ReLU layers start alive.
 
     The weights are those ``BregmanPruner`` measures (``parameters_to_prune``, default: every
-    Linear, ConvNd and Embedding weight).
+    Linear, ConvNd and Embedding weight). Draws are made on ``generator``'s device (CPU
+    without one), so a seeded run keeps its pattern whatever device the model is on.
     """
     check_number("rate", rate, low=0.0, high=1.0)
     if rate == 0.0:
         raise ValueError("rate=0.0: expected a number in (0, 1] (rate 0 leaves no weight)")
     check_number("bias_scale", bias_scale, low=0.0)
+    draws = generator.device if generator is not None else torch.device("cpu")
     for target in resolve(model, parameters_to_prune):
         weight = target.values
         shape = (weight.shape[0],) + (1,) * (weight.ndim - 1) if rows else weight.shape
-        keep = torch.rand(shape, generator=generator, device="cpu").lt(rate).to(weight.device)
+        keep = torch.rand(shape, generator=generator, device=draws).lt(rate).to(weight.device)
         weight.mul_(keep.to(weight.dtype)).div_(math.sqrt(rate))
         bias = getattr(target.module, "bias", None)
         if isinstance(bias, torch.Tensor) and weight.ndim >= 2:
             fan_in = weight[0].numel()
-            values = torch.rand(bias.shape, generator=generator) * (bias_scale / math.sqrt(fan_in))
-            bias.copy_(values)
+            values = torch.rand(bias.shape, generator=generator, device=draws)
+            bias.copy_(values.mul_(bias_scale / math.sqrt(fan_in)))
 
 
 @torch.no_grad()

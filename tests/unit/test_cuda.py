@@ -24,6 +24,7 @@ from dist_bregman import (
     sparsity,
 )
 from dist_bregman.errors import NonFiniteError
+from dist_bregman.init import sparse_init_
 from dist_bregman.optim import AdaBreg, LinBreg
 from dist_bregman.regularizers import L1
 from dist_bregman.shards import locate
@@ -217,6 +218,24 @@ def test_bregman_optimizers_on_cuda_follow_the_cpu_trajectory(name: str) -> None
         torch.testing.assert_close(gpu, cpu, rtol=1e-4, atol=1e-5)
         # The same support, up to weights that sit at the threshold within rounding.
         assert int((gpu.eq(0) ^ cpu.eq(0)).sum()) <= 2
+
+
+def test_sparse_init_on_a_gpu_model_with_a_cpu_or_a_cuda_generator() -> None:
+    """A CPU generator gives the CPU model's pattern on a GPU model; a CUDA generator (which
+    raised before: the draws were made on the CPU) draws on the GPU, at the rate asked."""
+    patterns = {}
+    for device in ("cpu", "cuda"):
+        model = _mlp().to(device)
+        sparse_init_(model, 0.3, generator=torch.Generator().manual_seed(4))
+        patterns[device] = [layer.weight.ne(0).cpu() for layer in model[::2]]
+    for cpu, gpu in zip(patterns["cpu"], patterns["cuda"], strict=True):
+        assert torch.equal(cpu, gpu)
+    model = _mlp().to(CUDA)
+    sparse_init_(model, 0.3, generator=torch.Generator(device=CUDA).manual_seed(4))
+    kept = sum(int(layer.weight.ne(0).sum()) for layer in model[::2])
+    total = sum(layer.weight.numel() for layer in model[::2])
+    assert abs(kept / total - 0.3) < 0.03
+    assert all(bool((layer.bias > 0).all()) for layer in model[::2])
 
 
 def test_lightning_fit_on_a_gpu_reports_the_model_sparsity(tmp_path: Path) -> None:
