@@ -63,7 +63,9 @@ class BregmanConfig:
     """Check every step's gradients before the optimizer step (one pass over the gradients
     and, distributed, one 8-byte all-reduce per step) so a bad step is dropped on every
     rank before it reaches the weights. Off: a bad loss is still caught, at the next lambda
-    update, without per-step cost, but its step has already been applied."""
+    update, without per-step cost, but its step has already been applied. Under Lightning's
+    ``precision="16-mixed"`` the GradScaler drops such steps itself (overflow is routine
+    there), so the callback leaves them to it."""
     freeze_support_at: int = 0
     """Optimizer step from which the support is frozen; 0: never. From then on lambda
     stops moving and the shrinkage is off (the proximal step and the Bregman optimizers'

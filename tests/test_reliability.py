@@ -16,6 +16,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.plugins.precision import MixedPrecision
 from torch import nn
 
 from dist_bregman import BregmanPruner, SafeModelPruning, SparsityController, measure_sparsity
@@ -348,6 +349,31 @@ def test_guarded_nan_with_stop_saves_a_clean_checkpoint_and_stops(tmp_path: Path
     assert all(torch.isfinite(t).all() for t in saved["state_dict"].values())
     state = next(v for k, v in saved["callbacks"].items() if "BregmanPruner" in k)
     assert state["lambda"] == pruner.current_lambda and state["last_update_step"] == 4
+
+
+def test_guard_leaves_grad_scaler_overflow_to_the_scaler(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """precision="16-mixed": a scale too large overflows the fp16 gradients on the first
+    steps; the GradScaler drops those steps and halves its scale. That is calibration, not
+    bad data: the guard must neither count it nor stop the run (it stopped at step 1)."""
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**24)
+    pruner = BregmanPruner(
+        initial_lambda=0.01, update_frequency=4, guard_steps=True, on_nonfinite="stop"
+    )
+    model = SeedModel()
+    model.bregman_pruner = pruner
+    before = [p.detach().clone() for p in model.parameters()]
+    plugin = MixedPrecision("16-mixed", "cpu", scaler)
+    trainer = make_trainer(tmp_path, [pruner], max_epochs=2, plugins=[plugin])
+    with caplog.at_level(logging.WARNING, logger="dist_bregman"):
+        trainer.fit(model, seed_loader())
+    assert scaler.get_scale() <= 2.0**20  # the scaler met overflow and lowered its scale...
+    assert not trainer.should_stop and trainer.global_step == 32  # ...and the run went on
+    assert pruner.controller is not None and pruner.controller.skipped_steps == 0
+    assert "non-finite gradient" not in caplog.text
+    assert all(not torch.equal(p, q) for p, q in zip(model.parameters(), before, strict=True))
+    assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
 # ---------------------------------------------------------------------------- exact resume

@@ -156,7 +156,7 @@ class BregmanPruner(Callback):
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
-        if not self.config.guard_steps:
+        if not self.config.guard_steps or _grad_scaler(trainer) is not None:
             return
         controller = self._controller(pl_module)
         if not controller.gradients_finite([optimizer], trainer.global_step + 1):
@@ -205,3 +205,12 @@ class BregmanPruner(Callback):
                 self.controller.load_state_dict(self._pending_state)
                 self._pending_state = None
         return self.controller
+
+
+def _grad_scaler(trainer: pl.Trainer) -> object | None:
+    """The GradScaler of ``precision="16-mixed"``, if any. It already drops every step whose
+    unscaled gradients hold Inf/NaN and lowers its scale: overflow is how it calibrates
+    (its first steps from a scale of 65536 often overflow), not bad data. The guard leaves
+    those steps to it, or each overflow would count as a bad step and, with
+    ``on_nonfinite="stop"``, end the run. A NaN loss is still caught at the lambda update."""
+    return getattr(trainer.precision_plugin, "scaler", None)
