@@ -323,7 +323,8 @@ class SparsityController:
         Lightning adapter sets the gradients to None (torch optimizers then skip every
         parameter) and the proximal step of that step is skipped too; a raw loop simply
         does not call ``optimizer.step()`` (see :meth:`drop_step`). Logged with the step and
-        the ranks that saw the bad numbers.
+        the ranks that saw the bad numbers. Not for a loop with a ``torch.amp.GradScaler``:
+        ``scaler.step`` already skips a step whose gradients overflow, which is routine there.
         """
         grads = [
             p.grad
