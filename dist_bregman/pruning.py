@@ -38,7 +38,7 @@ from dist_bregman.holders import Holding, holding
 from dist_bregman.selection import Cut, keys_of, radix_select, select_mask
 from dist_bregman.shards import Placement, place
 from dist_bregman.shards.base import LocalView
-from dist_bregman.shards.dtensor import DTensorPlacement, local_tensor
+from dist_bregman.shards.dtensor import local_tensor
 from dist_bregman.shards.replicated import balanced_owners
 from dist_bregman.shards.zero import refresh_persistent
 from dist_bregman.sparsity import SparsityReport, reduce_counts
@@ -156,11 +156,6 @@ class MagnitudePruner:
         self.placements = place(model, self.targets)
         self.masks = [None] * len(self.placements)
         for placement in self.placements:
-            if isinstance(placement, DTensorPlacement) and not placement.sharded_only:
-                raise NotImplementedError(
-                    f"{placement.target.name}: pruning DTensors with Replicate mesh dimensions "
-                    f"(HSDP) is not supported yet; allowed: a 1-D FSDP2 mesh"
-                )
             if self.config.structured and placement.sharded and self.config.dim != 0:
                 raise ValueError(
                     f"structured=True, dim={self.config.dim}: {placement.target.name} is "
@@ -196,8 +191,13 @@ class MagnitudePruner:
         check_number("amount", amount, low=0.0, high=1.0)
         rank, world = comm.get_rank(self.group), comm.get_world_size(self.group)
         owners = balanced_owners([p.global_numel for p in self.placements], world)
-        data = [p.view() for p in self.placements]  # replicas: every rank sees all of it
-        counted = [p.sharded or owners[i] == rank for i, p in enumerate(self.placements)]
+        # Every rank masks all it holds (replicas too), but each element enters the
+        # selection once: from the rank that counts it.
+        data = [p.local() for p in self.placements]
+        counter = [
+            p.counting_rank(rank) if p.sharded else owners[i] for i, p in enumerate(self.placements)
+        ]
+        counted = [c == rank for c in counter]
         scores = [self._scores(view) for view in data]
         keys = [keys_of(score) for score in scores]
         groups = (
@@ -209,7 +209,7 @@ class MagnitudePruner:
             [[keys[i] for i in group if counted[i]] for group in groups], ks, self._reduce
         )
         cut_of = {i: cuts[g] for g, group in enumerate(groups) for i in group}
-        ties_before = self._ties_before(keys, counted, groups, cut_of, owners, rank, world)
+        ties_before = self._ties_before(keys, counted, groups, cut_of, counter, rank, world)
         for i, view in enumerate(data):
             units = select_mask(keys[i], cut_of[i], ties_before[i])
             self.masks[i] = self._expand(units, view)
@@ -248,12 +248,13 @@ class MagnitudePruner:
         counted: list[bool],
         groups: list[list[int]],
         cut_of: dict[int, Cut],
-        owners: list[int],
+        counter: list[int],
         rank: int,
         world: int,
     ) -> list[int]:
         """For each tensor, how many selected ties precede its local elements in global
-        order (tensors in order; within a tensor, shards in rank order). One collective."""
+        order (tensors in order; within a tensor, shards in the order of the ranks that
+        count them; a replica takes the place of the copy that is counted). One collective."""
         n = len(keys)
         mine = torch.zeros(world, n, dtype=torch.int64)
         for i in range(n):
@@ -265,8 +266,7 @@ class MagnitudePruner:
         for group in groups:
             running = 0
             for i in group:
-                block = rank if self.placements[i].sharded else owners[i]
-                before[i] = running + int(table[:block, i].sum())
+                before[i] = running + int(table[: counter[i], i].sum())
                 running += totals[i]
         return before
 
@@ -289,7 +289,7 @@ class MagnitudePruner:
         in the whole copies of persistent ZeRO-3 parameters: then a collective)."""
         with torch.no_grad():
             for placement, mask in zip(self.placements, self.masks, strict=True):
-                view = placement.view()
+                view = placement.local()
                 if mask is not None and view.values is not None:
                     view.values.masked_fill_(mask, 0)
             for holds in self._holdings:
@@ -317,7 +317,7 @@ class MagnitudePruner:
         every checkpoint). A weight that is zero without being pruned becomes pruned, as
         the next pruning event would make it anyway."""
         for i, placement in enumerate(self.placements):
-            view = placement.view()
+            view = placement.local()
             self.masks[i] = None if view.values is None else view.values == 0
 
     def release(self) -> None:

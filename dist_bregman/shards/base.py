@@ -49,6 +49,17 @@ class Placement(ABC):
         """The view of a replica another rank counts."""
         return LocalView(None, None, 0, self.global_numel, rows_whole=True)
 
+    def local(self) -> LocalView:
+        """The elements this rank holds, also where another rank counts them (HSDP's
+        replicas of a shard): what a prune mask must cover on every rank."""
+        return self.view()
+
+    def counting_rank(self, rank: int) -> int:
+        """For a sharded placement, the rank that counts the elements ``rank`` holds: itself,
+        unless they replicate another rank's shard. (Whole-tensor replicas are spread over
+        ranks by size instead: :func:`~dist_bregman.shards.balanced_owners`.)"""
+        return rank
+
     def trainable(self) -> bool:
         """Whether an optimizer is expected to update these elements."""
         return bool(self.holder()[0].requires_grad)

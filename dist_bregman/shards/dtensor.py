@@ -45,9 +45,17 @@ class DTensorPlacement(Placement):
         values = target.values
         placements, mesh = values.placements, values.device_mesh  # type: ignore[attr-defined]
         coordinate = mesh.get_coordinate()
-        self._counts_here = coordinate is not None and all(
-            c == 0 for c, p in zip(coordinate, placements, strict=True) if isinstance(p, Replicate)
-        )
+        self._counter: int | None = None
+        """The rank at this rank's coordinate with every ``Replicate`` dimension at 0: the
+        one that counts the shard this rank holds (None: this rank is not in the mesh)."""
+        self._counts_here = False
+        if coordinate is not None:
+            at = [
+                0 if isinstance(p, Replicate) else c
+                for c, p in zip(coordinate, placements, strict=True)
+            ]
+            self._counter = int(mesh.mesh[tuple(at)])
+            self._counts_here = at == list(coordinate)
         self._rows_whole = all(not isinstance(p, Shard) or p.dim == 0 for p in placements)
         self.sharded_only = not any(isinstance(p, Replicate) for p in placements)
         """No replicas along any mesh dimension (a plain FSDP2 mesh, not HSDP)."""
@@ -56,9 +64,17 @@ class DTensorPlacement(Placement):
     def global_numel(self) -> int:
         return self.target.values.numel()
 
+    def counting_rank(self, rank: int) -> int:
+        return rank if self._counter is None else self._counter
+
     def view(self) -> LocalView:
-        values, mask = self.target.tensors()
         if not self._counts_here:
+            return LocalView(None, None, 0, self.global_numel, self._rows_whole)
+        return self.local()
+
+    def local(self) -> LocalView:
+        values, mask = self.target.tensors()
+        if self._counter is None:  # this rank is not in the tensor's mesh: holds nothing
             return LocalView(None, None, 0, values.numel(), self._rows_whole)
         local = values.to_local().detach()  # type: ignore[attr-defined]
         if mask is not None:

@@ -78,6 +78,8 @@ CASES = [
     ("ddp", 2, "structured"),
     ("fsdp2", 3, "structured"),
     ("fsdp2", 4, "structured"),  # 4 ranks: the 5-row layer leaves one rank no rows
+    ("hsdp", 4, "global"),  # 2 replicas of 2 shards: ties across shards and replicas
+    ("hsdp", 4, "structured"),
 ]
 
 

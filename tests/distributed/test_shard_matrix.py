@@ -88,6 +88,7 @@ def _case(rank: int, world: int, strategy: str, optimizer_name: str) -> dict[str
         except NonFiniteError as error:
             refused = str(error)
     return {
+        "replicas": [not getattr(p, "sharded_only", True) for p in controller.placements],
         "refused": refused,
         "exported": exported,
         "penalty": (
@@ -110,12 +111,14 @@ def _case(rank: int, world: int, strategy: str, optimizer_name: str) -> dict[str
 # The proximal step (SGD) at 2, 3 and 4 ranks; LinBreg, which adds no layout of its own,
 # at 2. LinBreg over FSDP1 flat parameters is refused by design (tested below). LinBreg from
 # a magnitude cut after a dense warm-up where the cut must reach the tensors LinBreg steps:
-# DTensor shards, ZeRO-3 partitions (its fp32 copies), FSDP1 views.
+# DTensor shards, ZeRO-3 partitions (its fp32 copies), FSDP1 views. HSDP (FSDP2 on a 2 x 2
+# mesh: 2 replicas of 2 shards) at 4.
 CASES = (
     [("sgd", s, w) for s in STRATEGIES for w in (2, 3)]
-    + [("sgd", s, 4) for s in ("ddp", "fsdp2", "fsdp1_orig")]
+    + [("sgd", s, 4) for s in ("ddp", "fsdp2", "fsdp1_orig", "hsdp")]
     + [("linbreg", s, 2) for s in STRATEGIES if s != "fsdp1_flat"]
     + [("linbreg_cut", s, 2) for s in ("fsdp2", "zero3", "fsdp1_orig")]
+    + [("linbreg_cut", "hsdp", 4)]  # the cut masks every replica of every shard
 )
 
 
@@ -135,13 +138,15 @@ def test_counts_are_the_unsharded_truth_and_zeros_reach_the_full_weights(
         assert result["share"] == (1.0 if optimizer_name == "sgd" else None)
         assert all(agreed == (first["after"], first["lambda"]) for agreed in result["agree"])
     assert first["after"].nonzero < first["before"].nonzero  # new exact zeros that stuck
+    # HSDP: DTensors with a Replicate mesh dimension, counted at one replica only.
+    assert first["replicas"] == [strategy == "hsdp"] * 3
     if optimizer_name == "linbreg_cut":  # exactly the target's zeros, then LinBreg from them
         cut = first["cut"]
         assert all(result["cut"] == cut for result in results)
         assert cut.total - cut.nonzero == round(0.6 * cut.total)
         assert first["after"].sparsity > 0.5  # regrowth only: the dense weights stayed gone
     exported = first["exported"]  # rank 0's export of the model as wrapped for training
-    if strategy.startswith(("fsdp", "zero3")):  # sharded: refused
+    if strategy.startswith(("fsdp", "hsdp", "zero3")):  # sharded: refused
         assert "are measured but not whole tensors" in exported
     else:  # replicated (DDP, ZeRO-1/2): the plain model's keys, the weights as trained
         assert exported == (sorted(folded_state_dict(matrix_model())), True)

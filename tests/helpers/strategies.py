@@ -112,11 +112,15 @@ def wrap(
         def gathered() -> contextlib.AbstractContextManager[None]:
             return FSDP.summon_full_params(model, writeback=False)
 
-    elif strategy == "fsdp2":
+    elif strategy in ("fsdp2", "hsdp"):
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
 
-        mesh = init_device_mesh("cpu", (torch.distributed.get_world_size(),))
+        world = torch.distributed.get_world_size()
+        if strategy == "hsdp":  # 2-D mesh: replicas along dim 0, shards of 2 along dim 1
+            mesh = init_device_mesh("cpu", (world // 2, 2), mesh_dim_names=("replicate", "shard"))
+        else:
+            mesh = init_device_mesh("cpu", (world,))
         for layer in module:
             if isinstance(layer, nn.Linear):
                 fully_shard(layer, mesh=mesh)
