@@ -1,7 +1,8 @@
 """FSDP1 (``FullyShardedDataParallel``) flat parameters.
 
 FSDP1 flattens each wrapped unit's parameters into one ``FlatParameter``, pads it to a
-multiple of the world size and gives each rank one contiguous shard. Its metadata says,
+multiple of the world size and gives each rank one contiguous shard (``HYBRID_SHARD``: the
+shard group's size, each shard replicated across groups). Its metadata says,
 for every original parameter, where its elements sit in this rank's shard
 (``offset_in_shard``, ``numel_in_shard``) and which of its flattened indices they are
 (``intra_param_start_idx``): the first gives the values without padding, the second the
@@ -21,30 +22,33 @@ from dist_bregman.shards.base import LocalView, Placement
 from dist_bregman.targets import Target
 
 try:
+    import torch.distributed as dist
     from torch.distributed.fsdp import FullyShardedDataParallel, ShardingStrategy
+
+    HYBRID = (ShardingStrategy.HYBRID_SHARD, ShardingStrategy._HYBRID_SHARD_ZERO2)
 except ImportError:  # torch built without distributed support
     FullyShardedDataParallel = None  # type: ignore[assignment,misc]
 
 
 class FlatPlacement(Placement):
-    """One original parameter inside an FSDP1 flat parameter."""
+    """One original parameter inside an FSDP1 flat parameter. Under ``HYBRID_SHARD`` the
+    same shard sits on every shard group; the first group's copy is counted."""
 
     def __init__(self, target: Target, unit: Any, flat: Any, index: int) -> None:
         super().__init__(target)
         strategy = unit.sharding_strategy
-        if strategy not in (
-            ShardingStrategy.FULL_SHARD,
-            ShardingStrategy.SHARD_GRAD_OP,
-            ShardingStrategy.NO_SHARD,
-        ):
-            raise NotImplementedError(
-                f"{target.name}: FSDP sharding_strategy={strategy.name} is not supported; "
-                f"allowed: FULL_SHARD, SHARD_GRAD_OP, NO_SHARD (or FSDP2 with an HSDP mesh)"
-            )
         self.sharded = strategy != ShardingStrategy.NO_SHARD
         self.flat, self.index = flat, index
         self.use_orig_params: bool = unit._use_orig_params
         self.param_name: str = flat._param_infos[index].param_name
+        self._counter: int | None = None
+        """Under HYBRID_SHARD, the rank in this rank's replica group that counts the shard
+        this rank holds (the group's first); None: this rank counts its own shard."""
+        self._counts_here = True
+        if strategy in HYBRID:
+            replicas = unit._inter_node_pg
+            self._counter = dist.get_global_rank(replicas, 0)
+            self._counts_here = dist.get_rank(replicas) == 0
 
     @property
     def global_numel(self) -> int:
@@ -57,7 +61,15 @@ class FlatPlacement(Placement):
             return 0, 0, 0
         return info.offset_in_shard, info.numel_in_shard, info.intra_param_start_idx
 
+    def counting_rank(self, rank: int) -> int:
+        return rank if self._counter is None else self._counter
+
     def view(self) -> LocalView:
+        if not self._counts_here:
+            return LocalView(None, None, 0, self.global_numel, rows_whole=False)
+        return self.local()
+
+    def local(self) -> LocalView:
         offset, numel, start = self._range()
         if numel == 0:
             return LocalView(None, None, 0, self.global_numel, rows_whole=False)

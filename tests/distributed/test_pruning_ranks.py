@@ -80,6 +80,7 @@ CASES = [
     ("fsdp2", 4, "structured"),  # 4 ranks: the 5-row layer leaves one rank no rows
     ("hsdp", 4, "global"),  # 2 replicas of 2 shards: ties across shards and replicas
     ("hsdp", 4, "structured"),
+    ("fsdp1_hybrid", 4, "global"),
 ]
 
 

@@ -88,7 +88,7 @@ def _case(rank: int, world: int, strategy: str, optimizer_name: str) -> dict[str
         except NonFiniteError as error:
             refused = str(error)
     return {
-        "replicas": [not getattr(p, "sharded_only", True) for p in controller.placements],
+        "counted_by": [p.counting_rank(rank) for p in controller.placements],
         "refused": refused,
         "exported": exported,
         "penalty": (
@@ -111,14 +111,14 @@ def _case(rank: int, world: int, strategy: str, optimizer_name: str) -> dict[str
 # The proximal step (SGD) at 2, 3 and 4 ranks; LinBreg, which adds no layout of its own,
 # at 2. LinBreg over FSDP1 flat parameters is refused by design (tested below). LinBreg from
 # a magnitude cut after a dense warm-up where the cut must reach the tensors LinBreg steps:
-# DTensor shards, ZeRO-3 partitions (its fp32 copies), FSDP1 views. HSDP (FSDP2 on a 2 x 2
-# mesh: 2 replicas of 2 shards) at 4.
+# DTensor shards, ZeRO-3 partitions (its fp32 copies), FSDP1 views. The hybrids at 4 ranks
+# (2 replicas of 2 shards): HSDP (FSDP2 on a 2 x 2 mesh) and FSDP1's HYBRID_SHARD.
 CASES = (
     [("sgd", s, w) for s in STRATEGIES for w in (2, 3)]
-    + [("sgd", s, 4) for s in ("ddp", "fsdp2", "fsdp1_orig", "hsdp")]
+    + [("sgd", s, 4) for s in ("ddp", "fsdp2", "fsdp1_orig", "hsdp", "fsdp1_hybrid")]
     + [("linbreg", s, 2) for s in STRATEGIES if s != "fsdp1_flat"]
     + [("linbreg_cut", s, 2) for s in ("fsdp2", "zero3", "fsdp1_orig")]
-    + [("linbreg_cut", "hsdp", 4)]  # the cut masks every replica of every shard
+    + [("linbreg_cut", s, 4) for s in ("hsdp", "fsdp1_hybrid")]  # every replica masked
 )
 
 
@@ -138,8 +138,9 @@ def test_counts_are_the_unsharded_truth_and_zeros_reach_the_full_weights(
         assert result["share"] == (1.0 if optimizer_name == "sgd" else None)
         assert all(agreed == (first["after"], first["lambda"]) for agreed in result["agree"])
     assert first["after"].nonzero < first["before"].nonzero  # new exact zeros that stuck
-    # HSDP: DTensors with a Replicate mesh dimension, counted at one replica only.
-    assert first["replicas"] == [strategy == "hsdp"] * 3
+    for rank, result in enumerate(results):  # hybrids: a shard counted at its first replica
+        hybrid = strategy in ("hsdp", "fsdp1_hybrid")
+        assert result["counted_by"] == [rank % 2 if hybrid else rank] * 3
     if optimizer_name == "linbreg_cut":  # exactly the target's zeros, then LinBreg from them
         cut = first["cut"]
         assert all(result["cut"] == cut for result in results)

@@ -99,14 +99,24 @@ def wrap(
     if strategy == "ddp":
         model = nn.parallel.DistributedDataParallel(module)
     elif strategy.startswith("fsdp1"):
+        from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+        from torch.distributed.fsdp import ShardingStrategy
         from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 
+        hybrid: dict[str, Any] = {}
+        if strategy == "fsdp1_hybrid":  # HYBRID_SHARD: 2 replicas of 2 shards at 4 ranks
+            world = torch.distributed.get_world_size()
+            hybrid = {
+                "sharding_strategy": ShardingStrategy.HYBRID_SHARD,
+                "device_mesh": init_device_mesh("cpu", (world // 2, 2)),
+            }
         model = FSDP(
             module,
             device_id=torch.device("cpu"),
-            use_orig_params=strategy == "fsdp1_orig",
+            use_orig_params=strategy != "fsdp1_flat",
             auto_wrap_policy=ModuleWrapPolicy({nn.Linear}),
+            **hybrid,
         )
 
         def gathered() -> contextlib.AbstractContextManager[None]:
