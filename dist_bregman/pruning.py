@@ -40,7 +40,7 @@ from dist_bregman.shards import Placement, place
 from dist_bregman.shards.base import LocalView
 from dist_bregman.shards.dtensor import local_tensor
 from dist_bregman.shards.replicated import balanced_owners
-from dist_bregman.shards.zero import refresh_persistent
+from dist_bregman.shards.zero import refresh_copies
 from dist_bregman.sparsity import SparsityReport, reduce_counts
 from dist_bregman.targets import ParameterPairs, resolve
 
@@ -286,7 +286,8 @@ class MagnitudePruner:
     # ------------------------------------------------------------------ enforcement
     def enforce(self) -> None:
         """Zero the pruned elements in the weights and in the optimizers' own tensors (and
-        in the whole copies of persistent ZeRO-3 parameters: then a collective)."""
+        in the copies ZeRO-3 forwards read: persistent parameters, a collective then, and
+        hpZ's secondary partitions)."""
         with torch.no_grad():
             for placement, mask in zip(self.placements, self.masks, strict=True):
                 view = placement.local()
@@ -294,7 +295,7 @@ class MagnitudePruner:
                     view.values.masked_fill_(mask, 0)
             for holds in self._holdings:
                 self._zero_held(list(holds.tensors.values()), holds)
-            refresh_persistent(self.placements, self.group)
+            refresh_copies(self.placements, self.group)
 
     def _after_step(self, holds: Holding, optimizer: torch.optim.Optimizer, *_: Any) -> None:
         with torch.no_grad():

@@ -39,7 +39,9 @@ class ZeroPartition(Placement):
         if comm.get_world_size(group) != comm.get_world_size():
             raise NotImplementedError(
                 f"{target.name}: a ZeRO-3 partition group of {comm.get_world_size(group)} "
-                f"ranks in a world of {comm.get_world_size()} (hpZ / MiCS) is not supported"
+                f"ranks in a world of {comm.get_world_size()} (MiCS) is not supported; "
+                f"allowed: partitions over the whole world (plain ZeRO-3, or ZeRO++ hpZ, "
+                f"whose primary partitions span it)"
             )
 
     @property
@@ -80,17 +82,25 @@ def partitions(model: nn.Module) -> list[torch.Tensor]:
     return found
 
 
-def refresh_persistent(placements: Sequence[Placement], group: comm.ProcessGroup = None) -> None:
-    """Rebuild the whole copies of persistent ZeRO-3 parameters from their partitions.
+def refresh_copies(placements: Sequence[Placement], group: comm.ProcessGroup = None) -> None:
+    """Make the copies of ZeRO-3 parameters that forwards read agree with the partitions,
+    after a write into the partitions outside an optimizer step (a pruning event).
 
-    A parameter under ``stage3_param_persistence_threshold`` (DeepSpeed's default keeps
-    every small one) stays whole on every rank between forwards, and DeepSpeed refreshes
-    that copy from the partitions only after an optimizer step. Zeros written into the
-    partitions outside a step (a pruning event) would reach the next forward late, so the
-    copies are rebuilt here: every rank writes its valid partition into a zero buffer and
-    one all-reduce (float64: exact) sums them. A collective; nothing happens without a
-    persistent parameter (the same set on every rank: persistence depends on size only).
+    DeepSpeed refreshes both kinds only after a step, so the zeros would reach the next
+    forward late (measured: a forward right after a cut computed with the uncut weights):
+
+    * ZeRO++ hpZ (``zero_hpz_partition_size``) keeps a secondary partition per node group
+      for gathers: it is dropped, as DeepSpeed drops it after a step, and the next gather
+      reads the primary partitions and rebuilds it;
+    * a parameter under ``stage3_param_persistence_threshold`` (DeepSpeed's default keeps
+      every small one) stays whole on every rank between forwards: the copy is rebuilt
+      here, every rank writing its valid partition into a zero buffer and one all-reduce
+      (float64: exact) summing them. A collective; nothing happens without a persistent
+      parameter (the same set on every rank: persistence depends on size only).
     """
+    for placement in placements:
+        if getattr(placement.target.values, "ds_secondary_tensor", None) is not None:
+            placement.target.values.ds_secondary_tensor = None  # type: ignore[attr-defined]
     persistent = [
         p
         for p in placements

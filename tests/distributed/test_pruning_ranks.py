@@ -37,13 +37,20 @@ def _pattern(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {name: weight == 0 for name, weight in weights.items()}
 
 
+_PROBE = torch.randn(4, 13, generator=torch.Generator().manual_seed(1))
+
+
 def _prune_on_ranks(rank: int, world: int, strategy: str, kind: str) -> dict[str, Any]:
     os.environ.update(LOCAL_RANK=str(rank), RANK=str(rank), WORLD_SIZE=str(world))
     wrapped = wrap(strategy, _model(), lambda m: torch.optim.SGD(m.parameters(), lr=0.2))
+    with torch.no_grad():  # a forward before the event (ZeRO++ hpZ keeps copies for them)
+        wrapped.model(_PROBE)
     pruner = MagnitudePruner(wrapped.model, _config(kind))
     pruner.attach(wrapped.optimizer)
     event = pruner.prune(_config(kind).amount)
     pruned = _pattern(wrapped.full_effective())
+    with torch.no_grad():  # the next forward already computes with the pruned weights
+        output = wrapped.model(_PROBE)
     generator = torch.Generator().manual_seed(0)
     for _ in range(3):  # the masks must survive steps (and fp32 masters)
         wrapped.train_step(
@@ -51,6 +58,7 @@ def _prune_on_ranks(rank: int, world: int, strategy: str, kind: str) -> dict[str
         )
     after = _pattern(wrapped.full_effective())
     return {
+        "output": output,
         "pruned": pruned,
         "after": after,
         "report": event.report,
@@ -81,6 +89,7 @@ CASES = [
     ("hsdp", 4, "global"),  # 2 replicas of 2 shards: ties across shards and replicas
     ("hsdp", 4, "structured"),
     ("fsdp1_hybrid", 4, "global"),
+    ("zero3_hpz", 4, "global"),  # ZeRO++ hpZ: the masks reach the copies forwards read
 ]
 
 
@@ -92,9 +101,12 @@ def test_masks_equal_the_single_process_masks_on_every_rank(
     single = _model()
     MagnitudePruner(single, _config(kind)).prune(_config(kind).amount)
     expected = _pattern(effective_weights(single))
+    with torch.no_grad():
+        output = single(_PROBE)
     results = run_ranks(_prune_on_ranks, world, strategy, kind, timeout=200)
     for result in results:
         assert all(torch.equal(result["pruned"][n], expected[n]) for n in expected)
+        torch.testing.assert_close(result["output"], output, rtol=1e-5, atol=1e-6)
         for name, zero in expected.items():  # what was pruned is still zero after steps
             if kind == "structured":  # units are rows; zeros elsewhere may train back
                 rows = zero.all(dim=1)

@@ -115,7 +115,7 @@ def _case(rank: int, world: int, strategy: str, optimizer_name: str) -> dict[str
 # (2 replicas of 2 shards): HSDP (FSDP2 on a 2 x 2 mesh) and FSDP1's HYBRID_SHARD.
 CASES = (
     [("sgd", s, w) for s in STRATEGIES for w in (2, 3)]
-    + [("sgd", s, 4) for s in ("ddp", "fsdp2", "fsdp1_orig", "hsdp", "fsdp1_hybrid")]
+    + [("sgd", s, 4) for s in ("ddp", "fsdp2", "fsdp1_orig", "hsdp", "fsdp1_hybrid", "zero3_hpz")]
     + [("linbreg", s, 2) for s in STRATEGIES if s != "fsdp1_flat"]
     + [("linbreg_cut", s, 2) for s in ("fsdp2", "zero3", "fsdp1_orig")]
     + [("linbreg_cut", s, 4) for s in ("hsdp", "fsdp1_hybrid")]  # every replica masked

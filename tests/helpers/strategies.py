@@ -157,8 +157,10 @@ def _deepspeed(
 
     stage = int(strategy[4])
     zero: dict[str, Any] = {"stage": stage}
-    if strategy == "zero3":
+    if strategy in ("zero3", "zero3_hpz"):
         zero["stage3_param_persistence_threshold"] = 0  # every parameter partitioned
+    if strategy == "zero3_hpz":  # ZeRO++ hpZ: a secondary copy per group of 2 for forwards
+        zero["zero_hpz_partition_size"] = 2
     config = {
         "train_micro_batch_size_per_gpu": 4,
         "zero_optimization": zero,
