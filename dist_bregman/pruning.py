@@ -36,11 +36,10 @@ from dist_bregman import comm
 from dist_bregman.config import check_choice, check_int, check_number
 from dist_bregman.holders import Holding, holding
 from dist_bregman.selection import Cut, keys_of, radix_select, select_mask
-from dist_bregman.shards import Placement, place
+from dist_bregman.shards import Placement, place, refresh_copies
 from dist_bregman.shards.base import LocalView
 from dist_bregman.shards.dtensor import local_tensor
 from dist_bregman.shards.replicated import balanced_owners
-from dist_bregman.shards.zero import refresh_copies
 from dist_bregman.sparsity import SparsityReport, reduce_counts
 from dist_bregman.targets import ParameterPairs, resolve
 
@@ -285,9 +284,9 @@ class MagnitudePruner:
 
     # ------------------------------------------------------------------ enforcement
     def enforce(self) -> None:
-        """Zero the pruned elements in the weights and in the optimizers' own tensors (and
-        in the copies ZeRO-3 forwards read: persistent parameters, a collective then, and
-        hpZ's secondary partitions)."""
+        """Zero the pruned elements in the weights, in the optimizers' own tensors and in
+        the copies forwards read (:func:`~dist_bregman.shards.refresh_copies`: a collective
+        under ZeRO-3 with persistent parameters)."""
         with torch.no_grad():
             for placement, mask in zip(self.placements, self.masks, strict=True):
                 view = placement.local()

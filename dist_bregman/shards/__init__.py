@@ -8,27 +8,36 @@ which elements this rank holds and whether other ranks hold the same ones:
   each replica is counted by exactly one rank, spread over ranks by size;
 * FSDP2 ``DTensor``: the local shard, aligned with its global offset; replicas along
   ``Replicate`` mesh dimensions counted once (HSDP);
-* FSDP1 flat parameter: this rank's slice of the flat shard, without the padding;
+* FSDP1 flat parameter: this rank's slice of the flat shard, without the padding
+  (``HYBRID_SHARD``: a shard counted at its first replica);
 * DeepSpeed ZeRO-3: the valid part of ``ds_tensor``, without the tail padding.
 
 Prune masks (``weight_mask``) stay full buffers on every rank in all of these, so each
 placement slices the mask to match its local elements. This package reads layouts
-(placements, flat-parameter metadata, partition attributes); it never communicates.
+(placements, flat-parameter metadata, partition attributes); the one collective it makes
+is in :func:`refresh_copies` (through :mod:`dist_bregman.comm`), after a pruning write.
 """
 
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
 
+from dist_bregman import comm
 from dist_bregman.shards.base import LocalView, Placement
-from dist_bregman.shards.dtensor import DTensorPlacement, is_dtensor
-from dist_bregman.shards.fsdp import FlatParamIndex
+from dist_bregman.shards.dtensor import (
+    DTensorPlacement,
+    fsdp2_owners,
+    is_dtensor,
+    sharded_values,
+)
+from dist_bregman.shards.fsdp import FlatParamIndex, free_gathered
 from dist_bregman.shards.replicated import Replicated, balanced_owners
 from dist_bregman.shards.zero import ZeroPartition, is_zero3_param
+from dist_bregman.shards.zero import refresh_copies as refresh_zero_copies
 from dist_bregman.targets import ParameterPairs, Target, resolve_values, unwrap
 
 __all__ = [
@@ -39,12 +48,14 @@ __all__ = [
     "local_views",
     "locate",
     "place",
+    "refresh_copies",
 ]
 
 
 def place(model: nn.Module | None, targets: Sequence[Target]) -> list[Placement]:
-    """The placement of each target (``model`` gives FSDP1's flat-parameter metadata)."""
-    modules = model.modules() if model is not None else ()
+    """The placement of each target (``model`` gives FSDP1's flat-parameter metadata and
+    FSDP2's modules)."""
+    modules = list(model.modules()) if model is not None else []
     return _place(modules, [(target, target.values) for target in targets])
 
 
@@ -52,28 +63,42 @@ def locate(model: nn.Module, pairs: ParameterPairs | None = None) -> list[Placem
     """``place(model, resolve(model, pairs))`` over one walk of the module tree, reading
     each tensor once: what :func:`~dist_bregman.measure_sparsity` does on every call."""
     tree = list(unwrap(model).named_modules())
-    return _place((module for _, module in tree), resolve_values(model, pairs, tree=tree))
+    return _place([module for _, module in tree], resolve_values(model, pairs, tree=tree))
 
 
 def _place(
-    modules: Iterable[nn.Module], resolved: Sequence[tuple[Target, torch.Tensor]]
+    modules: Sequence[nn.Module], resolved: Sequence[tuple[Target, torch.Tensor]]
 ) -> list[Placement]:
     flat = FlatParamIndex.of(modules)
+    owners = fsdp2_owners(modules)
     # A ZeRO-3 parameter exists only once DeepSpeed is imported: without it, the two
     # attribute probes per tensor (a raised AttributeError each) are skipped.
     zero3 = "deepspeed" in sys.modules
     placements: list[Placement] = []
-    for target, values in resolved:
+    for target, read in resolved:
+        owner = owners.get(id(target.module)) if owners else None
+        values = read if owner is None else sharded_values(target, owner)
         entry = flat.find(target)
         if entry is not None:
             placements.append(entry)
         elif is_dtensor(values):
-            placements.append(DTensorPlacement(target))
+            placements.append(DTensorPlacement(target, owner))
         elif zero3 and is_zero3_param(values):
             placements.append(ZeroPartition(target))
         else:
             placements.append(Replicated(target))
     return placements
+
+
+def refresh_copies(placements: Sequence[Placement], group: comm.ProcessGroup = None) -> None:
+    """After a write into this rank's elements outside an optimizer step (a pruning
+    event), make the copies that forwards read agree with them: ZeRO-3's persistent
+    parameters and hpZ partitions (:func:`.zero.refresh_copies`, a collective when
+    persistent parameters exist) and FSDP1's gathered flat parameters
+    (:func:`.fsdp.free_gathered`). FSDP2 groups need nothing here: they are resharded
+    before any read (:mod:`.dtensor`)."""
+    free_gathered(placements)
+    refresh_zero_copies(placements, group)
 
 
 def local_views(placements: Sequence[Placement], rank: int, world_size: int) -> list[LocalView]:

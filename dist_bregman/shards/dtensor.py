@@ -1,17 +1,33 @@
-"""FSDP2 (``fully_shard``) and other DTensor parameters."""
+"""FSDP2 (``fully_shard``) and other DTensor parameters.
+
+FSDP2 registers a module's parameters as sharded DTensors between steps, but a forward
+without backward (``no_grad``, eval) leaves the groups that do not reshard after forward
+unsharded: by default the root module's group (what ``fully_shard(model)`` holds itself,
+e.g. embeddings and the output layer), and every group with
+``reshard_after_forward=False``. Their parameters are then plain full tensors, and FSDP2
+reshards them only at the next backward. Reading or writing those would miss the sharded
+parameters the optimizer steps, so such a group is resharded first
+(``FSDPModule.reshard()``: no communication, the full copies are freed).
+"""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 import torch
+from torch import nn
 
 from dist_bregman.shards.base import LocalView, Placement
 from dist_bregman.targets import Target
 
 try:
+    from torch.distributed.fsdp import FSDPModule
     from torch.distributed.tensor import DTensor, Replicate, Shard
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 except ImportError:  # torch built without distributed support
     DTensor = None  # type: ignore[assignment,misc]
+    FSDPModule = None  # type: ignore[assignment,misc]
 
 
 def is_dtensor(x: object) -> bool:
@@ -33,15 +49,41 @@ def local_parts(x: torch.Tensor) -> list[torch.Tensor]:
     return [local_tensor(x)]
 
 
+def fsdp2_owners(modules: Sequence[nn.Module]) -> dict[int, Any]:
+    """``id(module)`` to the FSDP2 module whose group holds its parameters: the nearest
+    ``fully_shard``-ed module at or above it. Empty without FSDP2."""
+    owners: dict[int, Any] = {}
+    if FSDPModule is None:
+        return owners
+    for module in modules:  # pre-order: an inner FSDP2 module overrides its outer one
+        if isinstance(module, FSDPModule):
+            for inner in module.modules():
+                owners[id(inner)] = module
+    return owners
+
+
+def sharded_values(target: Target, owner: Any) -> torch.Tensor:
+    """``target``'s values, resharding its FSDP2 group first if a forward left it unsharded
+    (see the module docstring)."""
+    values = target.values
+    if owner is not None and not is_dtensor(values):
+        owner.reshard()
+        values = target.values
+    return values
+
+
 class DTensorPlacement(Placement):
     """A DTensor: the local shard at its global offset. Uneven ``Shard(0)`` chunks (e.g.
     5 + 4 rows of 9) and empty shards are fine; replicas along ``Replicate`` mesh
-    dimensions (HSDP) are counted only at coordinate 0 of those dimensions."""
+    dimensions (HSDP) are counted only at coordinate 0 of those dimensions. ``owner``: the
+    FSDP2 module holding it, resharded when a forward left it unsharded (None: a DTensor
+    that FSDP2 does not manage)."""
 
     sharded = True
 
-    def __init__(self, target: Target) -> None:
+    def __init__(self, target: Target, owner: Any = None) -> None:
         super().__init__(target)
+        self.owner = owner
         values = target.values
         placements, mesh = values.placements, values.device_mesh  # type: ignore[attr-defined]
         coordinate = mesh.get_coordinate()
@@ -62,10 +104,13 @@ class DTensorPlacement(Placement):
 
     @property
     def global_numel(self) -> int:
-        return self.target.values.numel()
+        return self.target.values.numel()  # the same for FSDP2's full, unsharded copy
 
     def counting_rank(self, rank: int) -> int:
         return rank if self._counter is None else self._counter
+
+    def holder(self) -> tuple[torch.Tensor, slice | None]:
+        return sharded_values(self.target, self.owner), None
 
     def view(self) -> LocalView:
         if not self._counts_here:
@@ -73,7 +118,8 @@ class DTensorPlacement(Placement):
         return self.local()
 
     def local(self) -> LocalView:
-        values, mask = self.target.tensors()
+        values = sharded_values(self.target, self.owner)
+        mask = self.target.tensors()[1]
         if self._counter is None:  # this rank is not in the tensor's mesh: holds nothing
             return LocalView(None, None, 0, values.numel(), self._rows_whole)
         local = values.to_local().detach()  # type: ignore[attr-defined]

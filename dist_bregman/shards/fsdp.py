@@ -12,7 +12,7 @@ matching slice of a full mask buffer. With ``use_orig_params=True`` the optimize
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
@@ -38,7 +38,7 @@ class FlatPlacement(Placement):
         super().__init__(target)
         strategy = unit.sharding_strategy
         self.sharded = strategy != ShardingStrategy.NO_SHARD
-        self.flat, self.index = flat, index
+        self.flat, self.index, self.handle = flat, index, unit._handle
         self.use_orig_params: bool = unit._use_orig_params
         self.param_name: str = flat._param_infos[index].param_name
         self._counter: int | None = None
@@ -84,6 +84,25 @@ class FlatPlacement(Placement):
             return self.target.module._parameters[self.param_name], None  # type: ignore[return-value]
         offset, numel, _ = self._range()
         return self.flat, slice(offset, offset + numel)
+
+
+def free_gathered(placements: Sequence[Placement]) -> None:
+    """Free the gathered (unsharded) flat parameters FSDP1 keeps after a forward, after a
+    write into the shards outside an optimizer step (a pruning event).
+
+    A unit that does not reshard after forward (``SHARD_GRAD_OP``, ``_HYBRID_SHARD_ZERO2``,
+    and the root unit under ``FULL_SHARD``) keeps its gathered flat parameter until the
+    next backward, and the next forward uses it without gathering again: zeros written
+    into the shards after an eval forward would reach the weights the model computes with
+    only after a backward (measured: the gathered weights right after a cut were the uncut
+    ones). Freed, the next forward gathers the shards as written. No communication.
+    """
+    handles = {
+        id(p.handle): p.handle for p in placements if isinstance(p, FlatPlacement) and p.sharded
+    }
+    for handle in handles.values():
+        if not handle.needs_unshard():  # the gathered copy is allocated
+            handle.reshard(True)
 
 
 class FlatParamIndex:

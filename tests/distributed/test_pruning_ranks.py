@@ -89,7 +89,10 @@ CASES = [
     ("hsdp", 4, "global"),  # 2 replicas of 2 shards: ties across shards and replicas
     ("hsdp", 4, "structured"),
     ("fsdp1_hybrid", 4, "global"),
-    ("zero3_hpz", 4, "global"),  # ZeRO++ hpZ: the masks reach the copies forwards read
+    ("zero3_hpz", 4, "global"),
+    # Groups a forward leaves gathered: FSDP1 SHARD_GRAD_OP, FSDP2's root group.
+    ("fsdp1_gradop", 2, "global"),
+    ("fsdp2_root", 2, "global"),  # ZeRO++ hpZ: the masks reach the copies forwards read
 ]
 
 

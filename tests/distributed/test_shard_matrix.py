@@ -64,6 +64,8 @@ def _case(rank: int, world: int, strategy: str, optimizer_name: str) -> dict[str
         controller.update_if_due(step)
         if step == config.magnitude_start_at:
             cut = controller.measure()
+    with torch.no_grad():  # an eval forward (FSDP2 leaves the root's group unsharded)
+        wrapped.model(x)
     after = controller.measure()
     weights = wrapped.full_effective()
     gathered = counts(weights)
@@ -116,6 +118,7 @@ def _case(rank: int, world: int, strategy: str, optimizer_name: str) -> dict[str
 CASES = (
     [("sgd", s, w) for s in STRATEGIES for w in (2, 3)]
     + [("sgd", s, 4) for s in ("ddp", "fsdp2", "fsdp1_orig", "hsdp", "fsdp1_hybrid", "zero3_hpz")]
+    + [("sgd", s, 2) for s in ("fsdp2_root", "fsdp1_gradop")]  # kept gathered after forward
     + [("linbreg", s, 2) for s in STRATEGIES if s != "fsdp1_flat"]
     + [("linbreg_cut", s, 2) for s in ("fsdp2", "zero3", "fsdp1_orig")]
     + [("linbreg_cut", s, 4) for s in ("hsdp", "fsdp1_hybrid")]  # every replica masked

@@ -27,6 +27,11 @@ STRATEGIES = (
     "zero3",
     "zero3_persist",
 )
+"""The strategies every matrix test runs. ``wrap`` also knows variants that tests name
+where they matter: ``fsdp1_gradop`` (SHARD_GRAD_OP) and ``fsdp2_root`` (the last layer in
+the root's group), whose gathered weights outlive a forward; and, at 4 ranks, the hybrids
+``hsdp`` (FSDP2 on a 2 x 2 mesh) and ``fsdp1_hybrid`` (HYBRID_SHARD), and ``zero3_hpz``
+(ZeRO++ hpZ in groups of 2)."""
 
 
 def matrix_model(seed: int = 3) -> nn.Sequential:
@@ -104,10 +109,12 @@ def wrap(
         from torch.distributed.fsdp import ShardingStrategy
         from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 
-        hybrid: dict[str, Any] = {}
+        sharding: dict[str, Any] = {}
+        if strategy == "fsdp1_gradop":
+            sharding = {"sharding_strategy": ShardingStrategy.SHARD_GRAD_OP}
         if strategy == "fsdp1_hybrid":  # HYBRID_SHARD: 2 replicas of 2 shards at 4 ranks
             world = torch.distributed.get_world_size()
-            hybrid = {
+            sharding = {
                 "sharding_strategy": ShardingStrategy.HYBRID_SHARD,
                 "device_mesh": init_device_mesh("cpu", (world // 2, 2)),
             }
@@ -116,13 +123,13 @@ def wrap(
             device_id=torch.device("cpu"),
             use_orig_params=strategy != "fsdp1_flat",
             auto_wrap_policy=ModuleWrapPolicy({nn.Linear}),
-            **hybrid,
+            **sharding,
         )
 
         def gathered() -> contextlib.AbstractContextManager[None]:
             return FSDP.summon_full_params(model, writeback=False)
 
-    elif strategy in ("fsdp2", "hsdp"):
+    elif strategy in ("fsdp2", "fsdp2_root", "hsdp"):
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
 
@@ -131,7 +138,10 @@ def wrap(
             mesh = init_device_mesh("cpu", (world // 2, 2), mesh_dim_names=("replicate", "shard"))
         else:
             mesh = init_device_mesh("cpu", (world,))
-        for layer in module:
+        # fsdp2_root: the last layer left to the root's group, as an output layer usually
+        # is; FSDP2 keeps that group unsharded after a forward without backward.
+        inner = module[:-1] if strategy == "fsdp2_root" else module
+        for layer in inner:
             if isinstance(layer, nn.Linear):
                 fully_shard(layer, mesh=mesh)
         fully_shard(module, mesh=mesh)
