@@ -301,6 +301,43 @@ def _loss_mode_on_shards(rank: int, world: int, strategy: str) -> str:
     return "accepted"
 
 
+def _steps_with_the_loss_term(rank: int, world: int, add_term: bool) -> Any:
+    os.environ.update(LOCAL_RANK=str(rank), RANK=str(rank), WORLD_SIZE=str(world))
+    make = _optimizer("sgd")
+    wrapped = wrap("fsdp2_root", matrix_model(), make)
+    controller = SparsityController(wrapped.model, BregmanConfig(initial_lambda=0.01))
+    controller.attach(wrapped.optimizer)
+    generator = torch.Generator().manual_seed(0)
+    terms = []
+    for _ in range(3):
+        x, y = (
+            torch.randn(4, 13, generator=generator),
+            torch.randint(0, 5, (4,), generator=generator),
+        )
+        loss = torch.nn.functional.cross_entropy(wrapped.model(x), y)
+        if add_term:  # between forward and backward, where the root's group is gathered
+            term = controller.regularization_loss()
+            terms.append(float(term.detach()))
+            loss = loss + term
+        loss.backward()
+        wrapped.optimizer.step()
+        wrapped.optimizer.zero_grad()
+    return wrapped.full_effective(), terms
+
+
+@pytest.mark.timeout(120)
+def test_the_seed_loss_term_inside_a_step_with_weights_in_fsdp2_root_group() -> None:
+    """The seed's ``loss + get_regularization_loss()`` in training_step, under FSDP2 with
+    the output layer in the root's group (gathered from forward to backward): it raised
+    AttributeError; now it reports a value and leaves the steps exactly as without it."""
+    plain = run_ranks(_steps_with_the_loss_term, 2, False, timeout=100)
+    with_term = run_ranks(_steps_with_the_loss_term, 2, True, timeout=100)
+    for (weights, _), (weights_term, terms) in zip(plain, with_term, strict=True):
+        assert all(torch.equal(weights[name], weights_term[name]) for name in weights)
+        assert len(terms) == 3 and all(t > 0 for t in terms)
+    assert with_term[0][1] == with_term[1][1]  # the same value on both ranks
+
+
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize(
     ("strategy", "accepted"), [("fsdp2", False), ("zero3", False), ("zero2", True)]
