@@ -32,6 +32,7 @@ from dist_bregman.shards.dtensor import (
     DTensorPlacement,
     fsdp2_owners,
     is_dtensor,
+    reshard_gathered,
     sharded_values,
 )
 from dist_bregman.shards.fsdp import FlatParamIndex, free_gathered
@@ -95,9 +96,9 @@ def refresh_copies(placements: Sequence[Placement], group: comm.ProcessGroup = N
     event), make the copies that forwards read agree with them: ZeRO-3's persistent
     parameters and hpZ partitions (:func:`.zero.refresh_copies`, a collective when
     persistent parameters exist) and FSDP1's gathered flat parameters
-    (:func:`.fsdp.free_gathered`). FSDP2 groups need nothing here: they are resharded
-    before any read (:mod:`.dtensor`)."""
+    (:func:`.fsdp.free_gathered`) and FSDP2's (:func:`.dtensor.reshard_gathered`)."""
     free_gathered(placements)
+    reshard_gathered(placements)
     refresh_zero_copies(placements, group)
 
 

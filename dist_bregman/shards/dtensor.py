@@ -1,13 +1,14 @@
 """FSDP2 (``fully_shard``) and other DTensor parameters.
 
-FSDP2 registers a module's parameters as sharded DTensors between steps, but a forward
-without backward (``no_grad``, eval) leaves the groups that do not reshard after forward
-unsharded: by default the root module's group (what ``fully_shard(model)`` holds itself,
-e.g. embeddings and the output layer), and every group with
-``reshard_after_forward=False``. Their parameters are then plain full tensors, and FSDP2
-reshards them only at the next backward. Reading or writing those would miss the sharded
-parameters the optimizer steps, so such a group is resharded first
-(``FSDPModule.reshard()``: no communication, the full copies are freed).
+FSDP2 registers a module's parameters as sharded DTensors between steps, but keeps a
+group gathered from forward to backward when it does not reshard after forward (by
+default the root module's group: what ``fully_shard(model)`` holds itself, e.g.
+embeddings and the output layer; and every group with ``reshard_after_forward=False``),
+and a forward without backward (eval) leaves it gathered until the next backward. The
+module then holds plain full tensors. Reads take the sharded parameter FSDP2 keeps for
+each (:func:`sharded_values`: the one the optimizer steps, no communication), so the
+seed's loss term between forward and backward costs no extra gather; after a write into
+the shards outside a step the gathered copies are dropped (:func:`reshard_gathered`).
 """
 
 from __future__ import annotations
@@ -63,28 +64,56 @@ def fsdp2_owners(modules: Sequence[nn.Module]) -> dict[int, Any]:
 
 
 def sharded_values(target: Target, owner: Any) -> torch.Tensor:
-    """``target``'s values, resharding its FSDP2 group first if a forward left it unsharded
-    (see the module docstring)."""
+    """``target``'s values as the sharded DTensor, also while its FSDP2 group (``owner``)
+    is gathered (see the module docstring)."""
     values = target.values
-    if owner is not None and not is_dtensor(values):
+    if owner is None or is_dtensor(values):
+        return values
+    sharded = _sharded_param(owner, values)
+    if sharded is None:  # FSDP2's internals moved: reshard (public), then read
         owner.reshard()
-        values = target.values
-    return values
+        return target.values
+    return sharded
+
+
+def _sharded_param(owner: Any, gathered: torch.Tensor) -> torch.Tensor | None:
+    """The sharded parameter FSDP2 keeps beside the gathered ``gathered`` (private
+    attributes, hence the fallback in :func:`sharded_values`)."""
+    try:
+        state = owner._get_fsdp_state()
+        groups = getattr(state, "_fsdp_param_groups", None)
+        for group in [state._fsdp_param_group] if groups is None else groups:
+            for fsdp_param in group.fsdp_params:
+                if getattr(fsdp_param, "_unsharded_param", None) is gathered:
+                    return fsdp_param.sharded_param
+    except AttributeError:
+        pass
+    return None
+
+
+def reshard_gathered(placements: Sequence[Placement]) -> None:
+    """Drop the gathered copies of FSDP2 groups holding ``placements`` after a write into
+    their shards outside a step, so the next forward gathers the shards as written (the
+    group would otherwise compute with the copy until the next backward). No
+    communication."""
+    for placement in placements:
+        owner = getattr(placement, "owner", None)
+        if owner is not None and not is_dtensor(placement.target.values):
+            owner.reshard()
 
 
 class DTensorPlacement(Placement):
     """A DTensor: the local shard at its global offset. Uneven ``Shard(0)`` chunks (e.g.
     5 + 4 rows of 9) and empty shards are fine; replicas along ``Replicate`` mesh
     dimensions (HSDP) are counted only at coordinate 0 of those dimensions. ``owner``: the
-    FSDP2 module holding it, resharded when a forward left it unsharded (None: a DTensor
-    that FSDP2 does not manage)."""
+    FSDP2 module whose group holds it (None: a DTensor FSDP2 does not manage)."""
 
     sharded = True
 
     def __init__(self, target: Target, owner: Any = None) -> None:
         super().__init__(target)
         self.owner = owner
-        values = target.values
+        values = sharded_values(target, owner)
         placements, mesh = values.placements, values.device_mesh  # type: ignore[attr-defined]
         coordinate = mesh.get_coordinate()
         self._counter: int | None = None

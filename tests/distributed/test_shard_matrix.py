@@ -22,7 +22,7 @@ from dist_bregman import (
 from dist_bregman.errors import NonFiniteError
 from dist_bregman.export import export_sparse, folded_state_dict, load_sparse
 from dist_bregman.optim import LinBreg
-from dist_bregman.shards.dtensor import local_parts
+from dist_bregman.shards.dtensor import is_dtensor, local_parts
 from tests.distributed.test_ddp import CollectiveCounter
 from tests.helpers.dist import run_ranks
 from tests.helpers.strategies import STRATEGIES, counts, effective_weights, matrix_model, wrap
@@ -308,7 +308,7 @@ def _steps_with_the_loss_term(rank: int, world: int, add_term: bool) -> Any:
     controller = SparsityController(wrapped.model, BregmanConfig(initial_lambda=0.01))
     controller.attach(wrapped.optimizer)
     generator = torch.Generator().manual_seed(0)
-    terms = []
+    terms, gathered = [], []
     for _ in range(3):
         x, y = (
             torch.randn(4, 13, generator=generator),
@@ -319,10 +319,12 @@ def _steps_with_the_loss_term(rank: int, world: int, add_term: bool) -> Any:
             term = controller.regularization_loss()
             terms.append(float(term.detach()))
             loss = loss + term
+            # ...and stays gathered: the term read the shards, backward gathers nothing again
+            gathered.append(not is_dtensor(wrapped.module[4].weight))
         loss.backward()
         wrapped.optimizer.step()
         wrapped.optimizer.zero_grad()
-    return wrapped.full_effective(), terms
+    return wrapped.full_effective(), terms, gathered
 
 
 @pytest.mark.timeout(120)
@@ -332,9 +334,9 @@ def test_the_seed_loss_term_inside_a_step_with_weights_in_fsdp2_root_group() -> 
     AttributeError; now it reports a value and leaves the steps exactly as without it."""
     plain = run_ranks(_steps_with_the_loss_term, 2, False, timeout=100)
     with_term = run_ranks(_steps_with_the_loss_term, 2, True, timeout=100)
-    for (weights, _), (weights_term, terms) in zip(plain, with_term, strict=True):
+    for (weights, _, _), (weights_term, terms, gathered) in zip(plain, with_term, strict=True):
         assert all(torch.equal(weights[name], weights_term[name]) for name in weights)
-        assert len(terms) == 3 and all(t > 0 for t in terms)
+        assert len(terms) == 3 and all(t > 0 for t in terms) and gathered == [True] * 3
     assert with_term[0][1] == with_term[1][1]  # the same value on both ranks
 
 
