@@ -128,8 +128,6 @@ class DTensorPlacement(Placement):
             self._counter = int(mesh.mesh[tuple(at)])
             self._counts_here = at == list(coordinate)
         self._rows_whole = all(not isinstance(p, Shard) or p.dim == 0 for p in placements)
-        self.sharded_only = not any(isinstance(p, Replicate) for p in placements)
-        """No replicas along any mesh dimension (a plain FSDP2 mesh, not HSDP)."""
 
     @property
     def global_numel(self) -> int:
