@@ -44,7 +44,10 @@ class Model(pl.LightningModule):
             return
         from torch.distributed.fsdp import fully_shard
 
-        for layer in self.net:
+        # The last layer is left to the root's group, as an output layer usually is: FSDP2
+        # keeps that group gathered from forward to backward and after the validation
+        # forwards, where the pruner reads it (the loss term, the measurement at the end).
+        for layer in self.net[:-1]:
             if isinstance(layer, nn.Linear):
                 fully_shard(layer, mesh=self.device_mesh["data_parallel"])
         fully_shard(self.net, mesh=self.device_mesh["data_parallel"])
@@ -55,6 +58,10 @@ class Model(pl.LightningModule):
         if self.bregman_pruner is not None:
             loss = loss + self.bregman_pruner.get_regularization_loss(self)
         return loss
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        x, y = batch
+        self.log("val/loss", F.cross_entropy(self.net(x), y), sync_dist=True)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         if self.optimizer_name == "linbreg":
@@ -121,6 +128,7 @@ def fit(strategy: str, optimizer: str, out: Path) -> None:
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(256, 13, generator=generator)
     data = DataLoader(TensorDataset(x, x[:, :5].argmax(dim=1)), batch_size=16)
+    val = DataLoader(TensorDataset(x[:32], x[:32, :5].argmax(dim=1)), batch_size=16)
     pruner = BregmanPruner(
         target_sparsity=0.6,
         initial_lambda=0.02 if optimizer == "sgd" else 0.05,
@@ -140,7 +148,7 @@ def fit(strategy: str, optimizer: str, out: Path) -> None:
         enable_progress_bar=False,
         enable_model_summary=False,
     )
-    trainer.fit(model, data)
+    trainer.fit(model, data, val)
 
 
 def main() -> None:
