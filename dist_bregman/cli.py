@@ -4,9 +4,10 @@
     python -m dist_bregman fit --config configs/digits.yaml --trainer.max_epochs=5
 
 After ``fit`` it tests the final (sparse) weights, prints test accuracy, final sparsity and
-final lambda, and writes ``summary.json``, ``sparsity_lambda.png`` and (for an unsharded
-model) ``model_sparse.safetensors`` with its dense-vs-sparse byte report beside the
-logger's ``metrics.csv`` (``runs/<name>/version_N/`` with the default config). Sparsity is
+final lambda, and writes ``summary.json``, ``sparsity_lambda.png`` and
+``model_sparse.safetensors`` (a sharded model's whole weights gathered first) with its
+dense-vs-sparse byte report beside the logger's ``metrics.csv``
+(``runs/<name>/version_N/`` with the default config). Sparsity is
 measured over the BregmanPruner's set, else a SafeModelPruning's, else the discovered
 weights; lambda and its plot need a BregmanPruner.
 """
@@ -21,7 +22,7 @@ from lightning.pytorch.cli import LightningCLI
 from dist_bregman import comm
 from dist_bregman.callbacks.bregman import BregmanPruner
 from dist_bregman.callbacks.pruning import SafeModelPruning
-from dist_bregman.export import export_sparse
+from dist_bregman.export import export_sparse, gather_state_dict
 from dist_bregman.report import plot_sparsity_lambda, write_summary
 from dist_bregman.shards import locate
 from dist_bregman.sparsity import reduce_counts
@@ -74,16 +75,20 @@ class BregmanCLI(LightningCLI):
         if report.kernel_sparsity is not None:
             summary |= {"zero_kernels": report.zero_kernels, "kernels": report.kernels}
             line += f" | zero kernels {report.zero_kernels}/{report.kernels}"
-        # trainer.log_dir is itself a collective under DDP: every rank must read it.
+        # Collectives, so every rank runs them: trainer.log_dir under DDP, and the gathering
+        # of a sharded model's whole weights for the export.
         folder = Path(trainer.log_dir or trainer.default_root_dir)
+        whole = None
+        if any(p.sharded for p in placements):
+            whole = gather_state_dict(trainer.strategy.model or self.model)
         if not comm.is_rank_zero():
             return
         folder.mkdir(parents=True, exist_ok=True)
         summary["global_step"] = trainer.global_step
-        if not any(p.sharded for p in placements):
-            layers = export_sparse(self.model, folder / "model_sparse.safetensors")
-            summary["export_dense_bytes"] = sum(layer.dense_bytes for layer in layers)
-            summary["export_sparse_bytes"] = sum(layer.sparse_bytes for layer in layers)
+        path = folder / "model_sparse.safetensors"
+        layers = export_sparse(self.model, path, state_dict=whole)
+        summary["export_dense_bytes"] = sum(layer.dense_bytes for layer in layers)
+        summary["export_sparse_bytes"] = sum(layer.sparse_bytes for layer in layers)
         write_summary(folder, summary)
         metrics = folder / "metrics.csv"
         if metrics.exists() and pruner is not None:

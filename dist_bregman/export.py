@@ -5,15 +5,16 @@ every measured weight in CSR form (2-D: rows are dim 0, columns the rest flatten
 indices when they fit) and every other tensor dense, in a safetensors file (CSR parts as
 ``<name>::crow_indices`` / ``::col_indices`` / ``::values``, shapes in the metadata) or a
 ``torch.save`` file of plain tensors and lists (loadable with ``weights_only=True``).
-:func:`load_sparse` returns the dense state dict. Call it on an unsharded model (one process,
-DDP, ZeRO-1/2; any wrapper): gather FSDP/ZeRO-3 weights first (e.g. Lightning's consolidated
-checkpoint); a sharded model is refused.
+:func:`load_sparse` returns the dense state dict. An unsharded model (one process, DDP,
+ZeRO-1/2; any wrapper) is exported as it is; a sharded one (FSDP1/2, ZeRO-3) from the whole
+weights :func:`gather_state_dict` collects on rank 0 (a collective).
 """
 
 from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
@@ -22,7 +23,9 @@ import torch
 from torch import nn
 from torch.nn.utils import prune
 
+from dist_bregman import comm
 from dist_bregman.shards import locate
+from dist_bregman.shards.zero import is_zero3_param
 from dist_bregman.targets import ParameterPairs, clean_name, unwrap
 
 FORMAT = "dist_bregman.sparse/v1"
@@ -39,17 +42,21 @@ class LayerBytes:
     sparse_bytes: int
 
 
-def folded_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """``model.state_dict()`` with prune masks folded in: ``weight`` instead of
-    ``weight_orig`` and ``weight_mask`` (the model itself is left as it is)."""
-    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+def folded_state_dict(
+    model: nn.Module, state_dict: Mapping[str, torch.Tensor] | None = None
+) -> dict[str, torch.Tensor]:
+    """``model.state_dict()`` (or ``state_dict``, the same model's) with prune masks folded
+    in: ``weight`` instead of ``weight_orig`` and ``weight_mask``, keys without wrapper
+    segments (:func:`~dist_bregman.targets.clean_name`). The model is left as it is."""
+    if state_dict is None:
+        state_dict = model.state_dict()
+    state = {clean_name(k): v.detach().clone() for k, v in state_dict.items()}
     pruned = set()
     for module_name, module in model.named_modules():
         for hook in module._forward_pre_hooks.values():
             if isinstance(hook, prune.BasePruningMethod):
-                pruned.add(
-                    f"{module_name}.{hook._tensor_name}" if module_name else hook._tensor_name
-                )
+                name = clean_name(module_name)
+                pruned.add(f"{name}.{hook._tensor_name}" if name else hook._tensor_name)
     folded = {}
     for key, value in state.items():  # keep the order: the weight where weight_orig stood
         if key.endswith("_orig") and key[: -len("_orig")] in pruned:
@@ -60,12 +67,43 @@ def folded_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return folded
 
 
+def gather_state_dict(model: nn.Module) -> dict[str, torch.Tensor] | None:
+    """The whole state dict of a sharded model (FSDP1, FSDP2 with or without HSDP, ZeRO-3),
+    on CPU on rank 0 and ``None`` on the other ranks, keyed as the unwrapped model: what
+    :func:`export_sparse` takes as ``state_dict``. A collective: every rank calls it.
+
+    FSDP1 and FSDP2 through ``torch.distributed.checkpoint``'s full state dict (from an
+    accelerator offloaded to the CPU of rank 0 only); ZeRO-3 by gathering its partitions
+    for the read (``deepspeed.zero.GatheredParameters``), so each rank briefly holds the
+    whole model."""
+    inner = unwrap(model)
+    params = list(inner.parameters())
+    if any(is_zero3_param(p) for p in params):
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+            if not comm.is_rank_zero():
+                return None
+            return {clean_name(k): v.detach().cpu().clone() for k, v in inner.state_dict().items()}
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    # Offloaded, only rank 0 keeps the gathered tensors. Not for a model already on the CPU:
+    # there is nothing to offload, and FSDP1's offload of CPU tensors crashed (SIGSEGV).
+    offload = any(p.device.type != "cpu" for p in params)
+    options = StateDictOptions(full_state_dict=True, cpu_offload=offload)
+    state = get_model_state_dict(inner, options=options)
+    if not comm.is_rank_zero():
+        return None
+    return {clean_name(k): v for k, v in state.items() if isinstance(v, torch.Tensor)}
+
+
 def export_sparse(
     model: nn.Module,
     path: str | Path,
     *,
     parameters_to_prune: ParameterPairs | None = None,
     file_format: Literal["safetensors", "torch"] = "safetensors",
+    state_dict: Mapping[str, torch.Tensor] | None = None,
 ) -> list[LayerBytes]:
     """Write ``model`` with its measured weights in CSR form; return (and write beside the
     file as ``<stem>.report.md`` / ``.json``) dense vs sparse bytes per layer.
@@ -73,21 +111,25 @@ def export_sparse(
     Keys are the unwrapped model's (no ``module.`` of DDP/DataParallel/DeepSpeed, no
     ``_orig_mod.`` of ``torch.compile``), so the file loads into a fresh, plain model, and
     the measured weights are found under the names :func:`~dist_bregman.measure_sparsity`
-    reports them by. A sharded model (FSDP, ZeRO-3) is refused: its state dict holds
-    shards, and the file would not be the model."""
+    reports them by. A sharded model (FSDP, ZeRO-3) needs its whole weights: pass
+    ``state_dict=gather_state_dict(model)`` (called on every rank; export on rank 0).
+    Without it a sharded model is refused: its own state dict holds shards, and the file
+    would not be the model."""
     path = Path(path)
     placements = locate(model, parameters_to_prune)
     names = {p.target.name for p in placements}
     sharded = sorted(p.target.name for p in placements if p.sharded)
     state: dict[str, torch.Tensor] = {}
-    if not sharded:  # shards cannot be folded (a DTensor times a full mask)
-        state = {clean_name(k): v for k, v in folded_state_dict(unwrap(model)).items()}
-    missing = sharded or sorted(names - state.keys())
+    if state_dict is None and sharded:  # shards cannot be folded (a DTensor times a mask)
+        missing = sharded
+    else:
+        state = folded_state_dict(unwrap(model), state_dict)
+        missing = sorted(names - state.keys())
     if missing:
         raise ValueError(
             f"export_sparse: {missing[:3]} are measured but not whole tensors in the model's "
             f"state_dict (sharded, or not registered as parameters/buffers); allowed: an "
-            f"unsharded model, e.g. FSDP/ZeRO-3 weights gathered into a plain copy first"
+            f"unsharded model, or a sharded one with state_dict=gather_state_dict(model)"
         )
     dense: dict[str, torch.Tensor] = {}
     sparse: dict[str, dict[str, torch.Tensor]] = {}

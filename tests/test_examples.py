@@ -179,9 +179,16 @@ def test_launch_scripts_run_the_sharded_jobs(
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
     name = config.removesuffix(".yaml")
-    summary = json.loads((tmp_path / name / "version_0" / "summary.json").read_text())
+    folder = tmp_path / name / "version_0"
+    summary = json.loads((folder / "summary.json").read_text())
     assert summary["global_step"] == steps and summary["total"] == 50432
     assert 0.0 < summary["final_sparsity"] < 1.0
+    # The sharded model's whole weights, gathered and exported: a plain model loads them,
+    # with the zeros the run reported.
+    model = DigitsMLP(hidden=(256, 128))
+    model.load_state_dict(load_sparse(folder / "model_sparse.safetensors"))
+    weights = [model.net[i].weight for i in (0, 2, 4)]
+    assert sum(int((w != 0).sum()) for w in weights) == summary["nonzero"]
     assert (done.stdout + done.stderr).count(f"Step {steps}: Sparsity=") == 1  # rank 0 only
 
 

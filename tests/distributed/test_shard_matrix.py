@@ -20,7 +20,7 @@ from dist_bregman import (
     regularized_groups,
 )
 from dist_bregman.errors import NonFiniteError
-from dist_bregman.export import export_sparse, folded_state_dict, load_sparse
+from dist_bregman.export import export_sparse, folded_state_dict, gather_state_dict, load_sparse
 from dist_bregman.optim import LinBreg
 from dist_bregman.shards.dtensor import is_dtensor, local_parts
 from tests.distributed.test_ddp import CollectiveCounter
@@ -70,16 +70,23 @@ def _case(rank: int, world: int, strategy: str, optimizer_name: str) -> dict[str
     weights = wrapped.full_effective()
     gathered = counts(weights)
     penalty = controller.regularization_loss()  # a collective when sharded
+    sharded = any(p.sharded for p in controller.placements)
+    whole = gather_state_dict(wrapped.model) if sharded else None  # a collective
+    exported: Any = None
+    refused_export = None
     with tempfile.TemporaryDirectory() as folder:
-        try:
-            export_sparse(wrapped.model, Path(folder) / "m.safetensors")
+        if rank == 0 or not sharded:
+            export_sparse(wrapped.model, Path(folder) / "m.safetensors", state_dict=whole)
             state = load_sparse(Path(folder) / "m.safetensors")
-            exported: Any = (
+            exported = (
                 sorted(state),
                 all(torch.equal(state[name], w) for name, w in weights.items()),
             )
-        except ValueError as error:  # sharded: refused, not written as shards
-            exported = str(error)
+        if sharded:  # without the whole weights: refused, not written as shards
+            try:
+                export_sparse(wrapped.model, Path(folder) / "shards.safetensors")
+            except ValueError as error:
+                refused_export = str(error)
     refused = None
     if strategy.startswith("zero3"):  # NaN in one partition; state_dict() shows none of it
         if rank == world - 1:
@@ -93,6 +100,7 @@ def _case(rank: int, world: int, strategy: str, optimizer_name: str) -> dict[str
         "counted_by": [p.counting_rank(rank) for p in controller.placements],
         "refused": refused,
         "exported": exported,
+        "refused_export": refused_export,
         "penalty": (
             float(penalty),
             controller.lambda_ * float(sum(w.abs().sum() for w in weights.values())),
@@ -149,11 +157,11 @@ def test_counts_are_the_unsharded_truth_and_zeros_reach_the_full_weights(
         assert all(result["cut"] == cut for result in results)
         assert cut.total - cut.nonzero == round(0.6 * cut.total)
         assert first["after"].sparsity > 0.5  # regrowth only: the dense weights stayed gone
-    exported = first["exported"]  # rank 0's export of the model as wrapped for training
-    if strategy.startswith(("fsdp", "hsdp", "zero3")):  # sharded: refused
-        assert "are measured but not whole tensors" in exported
-    else:  # replicated (DDP, ZeRO-1/2): the plain model's keys, the weights as trained
-        assert exported == (sorted(folded_state_dict(matrix_model())), True)
+    # Rank 0's export of the model as wrapped for training: the plain model's keys and the
+    # weights as trained, sharded or not (sharded: from gather_state_dict's whole weights).
+    assert first["exported"] == (sorted(folded_state_dict(matrix_model())), True)
+    if strategy.startswith(("fsdp", "hsdp", "zero3")):  # without them a sharded one: refused
+        assert "are measured but not whole tensors" in first["refused_export"]
     if strategy.startswith("zero3"):  # every rank refuses the checkpoint, naming the rank
         assert {r["refused"] for r in results} == {
             f"refusing to save a checkpoint: NaN/Inf in the model state on rank(s) [{world - 1}]"
