@@ -74,17 +74,11 @@ def gather_state_dict(model: nn.Module) -> dict[str, torch.Tensor] | None:
 
     FSDP1 and FSDP2 through ``torch.distributed.checkpoint``'s full state dict (from an
     accelerator offloaded to the CPU of rank 0 only); ZeRO-3 by gathering its partitions
-    for the read (``deepspeed.zero.GatheredParameters``), so each rank briefly holds the
-    whole model."""
+    one module at a time (:func:`_gather_zero3`)."""
     inner = unwrap(model)
     params = list(inner.parameters())
     if any(is_zero3_param(p) for p in params):
-        import deepspeed
-
-        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-            if not comm.is_rank_zero():
-                return None
-            return {clean_name(k): v.detach().cpu().clone() for k, v in inner.state_dict().items()}
+        return _gather_zero3(inner)
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     # Offloaded, only rank 0 keeps the gathered tensors. Not for a model already on the CPU:
@@ -95,6 +89,24 @@ def gather_state_dict(model: nn.Module) -> dict[str, torch.Tensor] | None:
     if not comm.is_rank_zero():
         return None
     return {clean_name(k): v for k, v in state.items() if isinstance(v, torch.Tensor)}
+
+
+def _gather_zero3(model: nn.Module) -> dict[str, torch.Tensor] | None:
+    """ZeRO-3's whole state dict on rank 0's CPU. Each module's own parameters are gathered
+    (``deepspeed.zero.GatheredParameters``, a collective) and copied out before the next
+    module's, so a rank holds one module's weights at a time, not the model's: the job
+    that needed ZeRO-3 to fit would not fit them all at once."""
+    import deepspeed
+
+    state: dict[str, torch.Tensor] = {}
+    for name, module in model.named_modules():
+        own: dict[str, torch.Tensor] = {}
+        params = list(module.parameters(recurse=False))
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+            if comm.is_rank_zero():  # its own parameters and persistent buffers only
+                module._save_to_state_dict(own, f"{name}." if name else "", keep_vars=False)
+                state |= {clean_name(k): v.detach().cpu().clone() for k, v in own.items()}
+    return state if comm.is_rank_zero() else None
 
 
 def export_sparse(
