@@ -309,6 +309,37 @@ def _loss_mode_on_shards(rank: int, world: int, strategy: str) -> str:
     return "accepted"
 
 
+def _zero3_gather(rank: int, world: int) -> tuple[int, list[int]]:
+    os.environ.update(LOCAL_RANK=str(rank), RANK=str(rank), WORLD_SIZE=str(world))
+    import deepspeed
+
+    wrapped = wrap("zero3", matrix_model(), _optimizer("sgd"))
+    sizes: list[int] = []
+    original = deepspeed.zero.GatheredParameters
+
+    def recording(params: Any, *args: Any, **kwargs: Any) -> Any:
+        sizes.append(sum(int(p.ds_numel) for p in params))
+        return original(params, *args, **kwargs)
+
+    deepspeed.zero.GatheredParameters = recording
+    try:
+        state = gather_state_dict(wrapped.model)
+    finally:
+        deepspeed.zero.GatheredParameters = original
+    return (-1 if state is None else len(state)), sizes
+
+
+@pytest.mark.timeout(120)
+def test_zero3_export_gathers_one_module_at_a_time() -> None:
+    """The whole weights of a ZeRO-3 model for the export: rank 0 gets every tensor, and no
+    gather holds more than one layer's parameters (all at once would not fit the job that
+    needed ZeRO-3)."""
+    (count, sizes), (other, _) = run_ranks(_zero3_gather, 2, timeout=100)
+    assert count == len(matrix_model().state_dict()) and other == -1
+    assert max(sizes) == 13 * 17 + 17  # the largest layer, weight and bias
+    assert sum(sizes) == sum(p.numel() for p in matrix_model().parameters())
+
+
 def _steps_with_the_loss_term(rank: int, world: int, add_term: bool) -> Any:
     os.environ.update(LOCAL_RANK=str(rank), RANK=str(rank), WORLD_SIZE=str(world))
     make = _optimizer("sgd")
