@@ -32,6 +32,9 @@ class Placement(ABC):
 
     sharded: bool
     """True when ranks hold different elements (sum them); False for replicas."""
+    _counter: int | None = None
+    """The rank that counts the elements this rank holds, where that is another rank (a
+    shard's replicas under HSDP / HYBRID_SHARD); None: this rank itself."""
 
     def __init__(self, target: Target) -> None:
         self.target = target
@@ -58,7 +61,7 @@ class Placement(ABC):
         """For a sharded placement, the rank that counts the elements ``rank`` holds: itself,
         unless they replicate another rank's shard. (Whole-tensor replicas are spread over
         ranks by size instead: :func:`~dist_bregman.shards.balanced_owners`.)"""
-        return rank
+        return rank if self._counter is None else self._counter
 
     def trainable(self) -> bool:
         """Whether an optimizer is expected to update these elements."""

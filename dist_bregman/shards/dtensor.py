@@ -116,9 +116,8 @@ class DTensorPlacement(Placement):
         values = sharded_values(target, owner)
         placements, mesh = values.placements, values.device_mesh  # type: ignore[attr-defined]
         coordinate = mesh.get_coordinate()
-        self._counter: int | None = None
-        """The rank at this rank's coordinate with every ``Replicate`` dimension at 0: the
-        one that counts the shard this rank holds (None: this rank is not in the mesh)."""
+        # The counting rank: this rank's coordinate with every Replicate dimension at 0
+        # (left None when this rank is not in the mesh and holds nothing).
         self._counts_here = False
         if coordinate is not None:
             at = [
@@ -132,9 +131,6 @@ class DTensorPlacement(Placement):
     @property
     def global_numel(self) -> int:
         return self.target.values.numel()  # the same for FSDP2's full, unsharded copy
-
-    def counting_rank(self, rank: int) -> int:
-        return rank if self._counter is None else self._counter
 
     def holder(self) -> tuple[torch.Tensor, slice | None]:
         return sharded_values(self.target, self.owner), None

@@ -41,11 +41,8 @@ class FlatPlacement(Placement):
         self.flat, self.index, self.handle = flat, index, unit._handle
         self.use_orig_params: bool = unit._use_orig_params
         self.param_name: str = flat._param_infos[index].param_name
-        self._counter: int | None = None
-        """Under HYBRID_SHARD, the rank in this rank's replica group that counts the shard
-        this rank holds (the group's first); None: this rank counts its own shard."""
         self._counts_here = True
-        if strategy in HYBRID:
+        if strategy in HYBRID:  # counted by the first rank of this rank's replica group
             replicas = unit._inter_node_pg
             self._counter = dist.get_global_rank(replicas, 0)
             self._counts_here = dist.get_rank(replicas) == 0
@@ -60,9 +57,6 @@ class FlatPlacement(Placement):
         if not info.in_shard:
             return 0, 0, 0
         return info.offset_in_shard, info.numel_in_shard, info.intra_param_start_idx
-
-    def counting_rank(self, rank: int) -> int:
-        return rank if self._counter is None else self._counter
 
     def view(self) -> LocalView:
         if not self._counts_here:

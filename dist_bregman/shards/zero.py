@@ -99,7 +99,7 @@ def refresh_copies(placements: Sequence[Placement], group: comm.ProcessGroup = N
       parameter (the same set on every rank: persistence depends on size only).
     """
     for placement in placements:
-        if getattr(placement.target.values, "ds_secondary_tensor", None) is not None:
+        if isinstance(placement, ZeroPartition):
             placement.target.values.ds_secondary_tensor = None  # type: ignore[attr-defined]
     persistent = [
         p
