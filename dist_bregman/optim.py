@@ -219,7 +219,12 @@ class LinBreg(_DualBregman):
 
 
 class AdaBreg(_DualBregman):
-    """Bregman iterations driven by bias-corrected Adam moments (AdaBreg)."""
+    """Bregman iterations driven by bias-corrected Adam moments (AdaBreg).
+
+    A sparse gradient (``nn.Embedding(sparse=True)``) is made dense first: the moments are
+    dense and decay in every row at every step, so the update is the one a dense gradient
+    gives (``torch.optim.Adam`` refuses sparse gradients instead).
+    """
 
     def __init__(
         self,
@@ -263,7 +268,7 @@ class AdaBreg(_DualBregman):
             duals.append(v)
             firsts.append(state["exp_avg"])
             seconds.append(state["exp_avg_sq"])
-            grads.append(local_tensor(_grad(p)).to(v.dtype))
+            grads.append(_dense(local_tensor(_grad(p))).to(v.dtype))
             roots.append(math.sqrt(1 - beta2 ** state["step"]))
             steps.append(-lr / (1 - beta1 ** state["step"]))
         # m <- b1 m + (1 - b1) g;  s <- b2 s + (1 - b2) g^2;
@@ -340,6 +345,11 @@ def _check_settings(settings: dict[str, Any], where: str) -> None:
 def _grad(p: torch.Tensor) -> torch.Tensor:
     assert p.grad is not None  # _update only receives parameters that have one
     return p.grad
+
+
+def _dense(grad: torch.Tensor) -> torch.Tensor:
+    """A sparse gradient as a dense tensor (the elementwise moment updates need one)."""
+    return grad if grad.layout == torch.strided else grad.to_dense()
 
 
 def _state_dtype(p: torch.Tensor) -> torch.dtype:

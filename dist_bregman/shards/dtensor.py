@@ -44,9 +44,15 @@ def local_tensor(x: torch.Tensor) -> torch.Tensor:
 def local_parts(x: torch.Tensor) -> list[torch.Tensor]:
     """This rank's elements of a tensor from a state dict, as plain tensors: a DTensor's
     local shard, the local shards of a ``ShardedTensor`` (FSDP1's sharded state dict; its
-    torch ops raise, so it is recognised by its ``local_shards``), else the tensor."""
+    torch ops raise, so it is recognised by its ``local_shards``), the stored values of a
+    sparse tensor (an ``Embedding(sparse=True)`` gradient: reductions such as ``amax`` do
+    not run on its layout, and the elements not stored are zeros), else the tensor."""
     if hasattr(x, "local_shards"):
         return [shard.tensor for shard in x.local_shards()]
+    if x.layout == torch.sparse_coo:
+        return [x._values()]  # uncoalesced is fine: every stored entry is read
+    if x.layout != torch.strided:  # CSR, CSC, BSR, BSC
+        return [x.values()]
     return [local_tensor(x)]
 
 

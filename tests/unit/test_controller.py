@@ -212,6 +212,25 @@ def test_a_non_finite_loss_is_remembered_across_checks_of_kept_losses() -> None:
     assert not controller.update(2).skipped
 
 
+def test_the_step_guard_reads_sparse_embedding_gradients(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """``nn.Embedding(sparse=True)`` gives COO gradients, on which ``amax`` does not run:
+    guard_steps raised NotImplementedError at the first step. A NaN among the stored
+    values must drop the step; finite ones must not."""
+    model = nn.Sequential(nn.Embedding(10, 4, sparse=True), nn.Linear(4, 2))
+    controller = SparsityController(model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    model(torch.tensor([1, 2, 2])).sum().backward()
+    grad = model[0].weight.grad
+    assert grad is not None and grad.is_sparse
+    assert controller.gradients_finite([optimizer], 1)
+    grad._values()[-1, 0] = float("nan")  # an uncoalesced entry: row 2 is listed twice
+    with caplog.at_level(logging.WARNING, logger="dist_bregman"):
+        assert not controller.gradients_finite([optimizer], 2)
+    assert "Step 2: non-finite gradient on rank(s) [0]" in caplog.text
+
+
 def test_state_round_trip_and_corrupt_lambda_is_refused() -> None:
     controller = SparsityController(
         _model(), BregmanConfig(update_frequency=1, lambda_update_rate=0.5)

@@ -174,6 +174,38 @@ def test_foreach_path_equals_the_loop(make) -> None:
         torch.testing.assert_close(pa, pb, rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda ps: LinBreg(ps, lr=0.1, lambda_=0.02),
+        lambda ps: LinBreg(ps, lr=0.1, lambda_=0.02, momentum=0.9),
+        lambda ps: LinBreg(ps, lr=0.1, lambda_=0.02, momentum=0.9, foreach=True),
+        lambda ps: AdaBreg(ps, lr=0.01, lambda_=0.02),
+        lambda ps: AdaBreg(ps, lr=0.01, lambda_=0.02, foreach=True),
+        lambda ps: ProxSGD(ps, lr=0.1, lambda_=0.02, momentum=0.9),
+    ],
+)
+def test_sparse_embedding_gradients_take_the_dense_gradients_steps(make) -> None:
+    """``nn.Embedding(sparse=True)`` gives COO gradients (AdaBreg raised on them): every
+    optimizer must step as it does on the same gradients made dense."""
+    torch.manual_seed(0)
+    sparse = nn.Embedding(20, 6, sparse=True)
+    with torch.no_grad():
+        sparse.weight.mul_(0.1)  # small weights, so the steps below zero some of them
+    dense = nn.Embedding(20, 6)
+    dense.load_state_dict(sparse.state_dict())
+    optimizers = [make(sparse.parameters()), make(dense.parameters())]
+    for step in range(4):
+        rows = torch.randint(0, 20, (5,), generator=torch.Generator().manual_seed(step))
+        for embedding, optimizer in zip((sparse, dense), optimizers, strict=True):
+            optimizer.zero_grad()
+            embedding(rows).sum().backward()
+            optimizer.step()
+        assert sparse.weight.grad is not None and sparse.weight.grad.is_sparse
+    assert (dense.weight == 0).any() and (dense.weight != 0).any()  # the prox acted
+    torch.testing.assert_close(sparse.weight, dense.weight, rtol=1e-6, atol=1e-7)
+
+
 def test_bf16_parameters_keep_fp32_state_and_are_written_in_place() -> None:
     model = _model(dtype=torch.bfloat16)
     addresses = [p.data_ptr() for p in model.parameters()]
