@@ -27,6 +27,7 @@ from dist_bregman.regularizers import resolve as resolve_regularizer
 from dist_bregman.shards import Placement
 from dist_bregman.shards.dtensor import local_tensor
 from dist_bregman.shards.fsdp import FlatPlacement
+from dist_bregman.targets import parametrization
 
 
 class Attachment:
@@ -68,6 +69,10 @@ class Attachment:
                 self._hook(client, holds)
             else:
                 self.regularized |= holds.held.keys()
+        if self.mode == "loss":
+            computed = self._computed_held(optimizers)
+            held |= computed
+            self.regularized |= computed
         missing = [
             p.target.name for i, p in enumerate(self.placements) if p.trainable() and i not in held
         ]
@@ -76,6 +81,24 @@ class Attachment:
                 f"parameters_to_prune: {missing} are trainable but no optimizer holds them; "
                 f"allowed: parameters passed to the optimizer, or frozen (requires_grad=False)"
             )
+
+    def _computed_held(self, optimizers: Sequence[Any]) -> set[int]:
+        """Indices of the targets a parametrization computes (weight_norm, spectral_norm)
+        whose originals some optimizer holds: the loss penalty on the computed weight
+        reaches them through autograd, so loss mode regularizes them (the controller has
+        refused such targets in the modes that write into the weight)."""
+        stepped = {
+            id(tensor)
+            for optimizer in optimizers
+            for group in getattr(optimizer, "param_groups", ())
+            for tensor in group["params"]
+        }
+        found = set()
+        for index, placement in enumerate(self.placements):
+            chain = parametrization(placement.target)
+            if chain is not None and any(id(t) in stepped for t in chain.parameters()):
+                found.add(index)
+        return found
 
     def _drive(self, client: BregmanOptimizer, holds: Holding) -> None:
         if self.mode == "loss":

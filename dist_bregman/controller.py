@@ -43,7 +43,7 @@ from dist_bregman.shards import Placement, local_views, place
 from dist_bregman.shards.dtensor import local_parts
 from dist_bregman.shards.zero import partitions
 from dist_bregman.sparsity import SparsityReport, reduce_counts
-from dist_bregman.targets import ParameterPairs, Target, resolve
+from dist_bregman.targets import ParameterPairs, Target, check_writable, resolve
 
 STATE_VERSION = 1
 
@@ -66,6 +66,14 @@ class SparsityController:
     ) -> None:
         self.config = config if config is not None else BregmanConfig()
         self.targets: list[Target] = resolve(model, parameters_to_prune)
+        if self.config.mode == "prox":
+            check_writable(
+                self.targets,
+                "the proximal step or a Bregman optimizer's update",
+                also="mode='loss' (its penalty reaches the originals through autograd), ",
+            )
+        elif self.config.freeze_support_at or self.config.magnitude_start_at:
+            check_writable(self.targets, "the mask of freeze_support_at or magnitude_start_at")
         chosen = resolve_regularizer(
             regularizer if regularizer is not None else self.config.regularizer
         )

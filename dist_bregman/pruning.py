@@ -41,7 +41,7 @@ from dist_bregman.shards.base import LocalView
 from dist_bregman.shards.dtensor import local_tensor
 from dist_bregman.shards.replicated import balanced_owners
 from dist_bregman.sparsity import SparsityReport, reduce_counts
-from dist_bregman.targets import ParameterPairs, resolve
+from dist_bregman.targets import ParameterPairs, check_writable, resolve
 
 Schedule = Literal["linear", "cubic"]
 
@@ -140,6 +140,7 @@ class MagnitudePruner:
     ) -> None:
         self.config = config if config is not None else PruningConfig()
         self.targets = resolve(model, parameters_to_prune)
+        check_writable(self.targets, "a pruning mask")
         self.group = group
         self.masks: list[torch.Tensor | None] = []
         """Per placement, the local elements that are pruned (True), or None."""

@@ -17,7 +17,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 from torch.nn.modules.conv import _ConvNd
-from torch.nn.utils import prune
+from torch.nn.utils import parametrize, prune
 
 PRUNABLE_MODULES: tuple[type[nn.Module], ...] = (nn.Linear, _ConvNd, nn.Embedding)
 """Module types whose ``weight`` is discovered when no explicit list is given."""
@@ -65,6 +65,44 @@ class Target(NamedTuple):
         """The weight the forward pass uses: ``values * mask`` (differentiable)."""
         values, mask = self.tensors()
         return values if mask is None else values * mask
+
+
+def parametrization(target: Target) -> nn.ModuleList | None:
+    """The chain of ``torch.nn.utils.parametrize`` steps (``weight_norm``,
+    ``spectral_norm``, ``orthogonal``) that computes ``target`` from the chain's own
+    parameters (its *originals*), or None for a tensor of its own.
+
+    Such a weight is measured as the forward computes it, but a write into it (a mask, the
+    proximal step, a Bregman optimizer's update) lands in a temporary and is lost.
+    """
+    if not parametrize.is_parametrized(target.module, target.attr):
+        return None
+    chains = target.module.parametrizations
+    assert isinstance(chains, nn.ModuleDict)
+    chain = chains[target.attr]
+    assert isinstance(chain, nn.ModuleList)
+    return chain
+
+
+def check_writable(targets: Sequence[Target], write: str, also: str = "") -> None:
+    """Raise ``ValueError`` for a target a parametrization computes (see
+    :func:`parametrization`): ``write`` says what would be lost, ``also`` names a further
+    allowed choice."""
+    for target in targets:
+        chain = parametrization(target)
+        if chain is None:
+            continue
+        prefix = f"{target.name[: -len(target.attr)]}parametrizations.{target.attr}."
+        originals = [prefix + name for name, _ in chain.named_parameters(recurse=False)]
+        kinds = ", ".join(type(step).__name__ for step in chain)
+        raise ValueError(
+            f"parameters_to_prune: {target.name} is computed by a parametrization ({kinds}) "
+            f"from {originals}, so {write} would land in a temporary and be lost; allowed: "
+            f"{also}an original tensor whose zeros are the weight's zeros in "
+            f"parameters_to_prune (weight_norm: (module.parametrizations.{target.attr}, "
+            f"'original1'); spectral_norm: 'original'), or the parametrization removed first "
+            f"(torch.nn.utils.parametrize.remove_parametrizations)"
+        )
 
 
 def discover(model: nn.Module) -> list[tuple[nn.Module, str]]:

@@ -152,6 +152,26 @@ def test_attach_rejects_trainable_targets_no_optimizer_holds_and_skips_frozen() 
     assert list(reachable.regularized_names()) == ["0.weight"]
 
 
+def test_a_parametrized_weight_is_refused_where_writes_are_lost_and_loss_mode_reaches_it() -> None:
+    model = _model()
+    nn.utils.parametrizations.weight_norm(model[0])
+    for config in (BregmanConfig(), BregmanConfig(mode="loss", freeze_support_at=10)):
+        with pytest.raises(ValueError, match=r"0\.weight is computed by a parametrization"):
+            SparsityController(model, config)
+    controller = SparsityController(model, BregmanConfig(initial_lambda=0.25, mode="loss"))
+    with pytest.raises(ValueError, match=r"\['0.weight'\] are trainable but no optimizer holds"):
+        controller.attach(torch.optim.SGD(model[2].parameters(), lr=0.1))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    controller.attach(optimizer)
+    assert list(controller.regularized_names()) == ["0.weight", "2.weight"]
+    controller.regularization_loss().backward()
+    direction = model[0].parametrizations.weight.original1
+    assert direction.grad is not None and direction.grad.abs().sum() > 0
+    with torch.no_grad():  # zeros in the direction are zeros of the computed weight
+        direction[:, :2] = 0.0
+    assert controller.measure().per_parameter["0.weight"][0] == 16 * 6 - 16 * 2
+
+
 def test_detach_removes_the_hook() -> None:
     model = _model()
     controller = SparsityController(model, BregmanConfig(initial_lambda=1.0))

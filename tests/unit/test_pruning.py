@@ -133,3 +133,26 @@ def test_masks_hold_through_optimizer_steps_and_can_be_rederived() -> None:
 def test_bad_pruning_settings_name_the_setting(kwargs: dict, error: type, pattern: str) -> None:
     with pytest.raises(error, match=pattern):
         PruningConfig(**kwargs)
+
+
+def test_a_parametrized_weight_is_refused_and_its_original_prunes_exactly() -> None:
+    model = _model()
+    nn.utils.parametrizations.weight_norm(model[2])
+    with pytest.raises(
+        ValueError,
+        match=r"2\.weight is computed by a parametrization "
+        r"\(_WeightNorm\) from \['2\.parametrizations\.weight\.original0', "
+        r"'2\.parametrizations\.weight\.original1'\], so a pruning mask",
+    ):
+        MagnitudePruner(model, PruningConfig(amount=0.5))
+    pairs = [
+        (model[0], "weight"),
+        (model[2].parametrizations.weight, "original1"),
+        (model[4], "weight"),
+    ]
+    event = MagnitudePruner(model, parameters_to_prune=pairs).prune(0.5)
+    total = sum(w.numel() for w in _weights(model))
+    assert event.report.total - event.report.nonzero == round(0.5 * total)
+    # the forward's weight (g * v / |v|) has the original's zeros
+    zeros = sum(int((w == 0).sum()) for w in _weights(model))
+    assert zeros == round(0.5 * total)
