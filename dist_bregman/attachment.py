@@ -27,7 +27,7 @@ from dist_bregman.regularizers import resolve as resolve_regularizer
 from dist_bregman.shards import Placement
 from dist_bregman.shards.dtensor import local_tensor
 from dist_bregman.shards.fsdp import FlatPlacement
-from dist_bregman.targets import parametrization
+from dist_bregman.targets import computed_by
 
 
 class Attachment:
@@ -83,10 +83,11 @@ class Attachment:
             )
 
     def _computed_held(self, optimizers: Sequence[Any]) -> set[int]:
-        """Indices of the targets a parametrization computes (weight_norm, spectral_norm)
-        whose originals some optimizer holds: the loss penalty on the computed weight
-        reaches them through autograd, so loss mode regularizes them (the controller has
-        refused such targets in the modes that write into the weight)."""
+        """Indices of the targets computed from other tensors (weight_norm, spectral_norm;
+        see :func:`~dist_bregman.targets.computed_by`) whose originals some optimizer
+        holds: the loss penalty on the computed weight reaches them through autograd, so
+        loss mode regularizes them (the controller has refused such targets in the modes
+        that write into the weight)."""
         stepped = {
             id(tensor)
             for optimizer in optimizers
@@ -95,8 +96,10 @@ class Attachment:
         }
         found = set()
         for index, placement in enumerate(self.placements):
-            chain = parametrization(placement.target)
-            if chain is not None and any(id(t) in stepped for t in chain.parameters()):
+            computed = computed_by(placement.target)
+            if computed is not None and any(
+                id(tensor) in stepped for tensor in computed.originals.values()
+            ):
                 found.add(index)
         return found
 

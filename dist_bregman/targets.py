@@ -18,6 +18,8 @@ import torch
 from torch import nn
 from torch.nn.modules.conv import _ConvNd
 from torch.nn.utils import parametrize, prune
+from torch.nn.utils.spectral_norm import SpectralNorm
+from torch.nn.utils.weight_norm import WeightNorm
 
 PRUNABLE_MODULES: tuple[type[nn.Module], ...] = (nn.Linear, _ConvNd, nn.Embedding)
 """Module types whose ``weight`` is discovered when no explicit list is given."""
@@ -28,8 +30,22 @@ ParameterPairs = Sequence[tuple[nn.Module, str]]
 
 def pruning_method(module: nn.Module, name: str) -> prune.BasePruningMethod | None:
     """The ``torch.nn.utils.prune`` method (or container) attached to ``module.name``."""
+    hook = recomputing_hook(module, name)
+    return hook if isinstance(hook, prune.BasePruningMethod) else None
+
+
+RecomputingHook = prune.BasePruningMethod | WeightNorm | SpectralNorm
+
+
+def recomputing_hook(module: nn.Module, name: str) -> RecomputingHook | None:
+    """The forward pre-hook that sets ``module.name`` as a plain attribute, stale after
+    every optimizer step: a ``torch.nn.utils.prune`` method, or the deprecated
+    ``torch.nn.utils.weight_norm`` / ``spectral_norm``."""
     for hook in module._forward_pre_hooks.values():
-        if isinstance(hook, prune.BasePruningMethod) and hook._tensor_name == name:
+        if isinstance(hook, prune.BasePruningMethod):
+            if hook._tensor_name == name:
+                return hook
+        elif isinstance(hook, (WeightNorm, SpectralNorm)) and hook.name == name:
             return hook
     return None
 
@@ -49,11 +65,19 @@ class Target(NamedTuple):
 
         ``values`` is the object the optimizer holds (``weight_orig`` under pruning; the
         same ``Parameter`` object before, during and after ``prune.remove``), so it is also
-        what the proximal step must change.
+        what the proximal step must change. A weight computed from other tensors is read as
+        the forward computes it now, a temporary that cannot be written (see
+        :func:`computed_by`).
         """
         module, attr = self.module, self.attr
-        if module._forward_pre_hooks and pruning_method(module, attr) is not None:
-            return _read(module, attr + "_orig"), _read(module, attr + "_mask")
+        if module._forward_pre_hooks:
+            hook = recomputing_hook(module, attr)
+            if isinstance(hook, prune.BasePruningMethod):
+                return _read(module, attr + "_orig"), _read(module, attr + "_mask")
+            if isinstance(hook, SpectralNorm):  # without a power iteration: no side effect
+                return hook.compute_weight(module, do_power_iteration=False), None
+            if hook is not None:
+                return hook.compute_weight(module), None
         return _read(module, attr), None
 
     @property
@@ -67,41 +91,70 @@ class Target(NamedTuple):
         return values if mask is None else values * mask
 
 
-def parametrization(target: Target) -> nn.ModuleList | None:
-    """The chain of ``torch.nn.utils.parametrize`` steps (``weight_norm``,
-    ``spectral_norm``, ``orthogonal``) that computes ``target`` from the chain's own
-    parameters (its *originals*), or None for a tensor of its own.
+class Computed(NamedTuple):
+    """How a target's weight is computed from other tensors (see :func:`computed_by`)."""
+
+    by: str
+    """What computes it, for messages."""
+    originals: dict[str, torch.Tensor]
+    """The tensors it is computed from (what the optimizer steps), by qualified name."""
+    undo: str
+    """How to stop computing it, for messages."""
+
+
+def computed_by(target: Target) -> Computed | None:
+    """How ``target`` is computed from other tensors, or None for a tensor of its own:
+    a ``torch.nn.utils.parametrize`` chain (``parametrizations.weight_norm``,
+    ``spectral_norm``, ``orthogonal``) or the deprecated ``torch.nn.utils.weight_norm`` /
+    ``spectral_norm`` hooks.
 
     Such a weight is measured as the forward computes it, but a write into it (a mask, the
     proximal step, a Bregman optimizer's update) lands in a temporary and is lost.
     """
-    if not parametrize.is_parametrized(target.module, target.attr):
+    module, attr = target.module, target.attr
+    prefix = target.name[: -len(attr)]
+    if parametrize.is_parametrized(module, attr):
+        chains = module.parametrizations
+        assert isinstance(chains, nn.ModuleDict)
+        chain = chains[attr]
+        assert isinstance(chain, nn.ModuleList)
+        return Computed(
+            f"a parametrization ({', '.join(type(step).__name__ for step in chain)})",
+            {
+                f"{prefix}parametrizations.{attr}.{name}": tensor
+                for name, tensor in chain.named_parameters(recurse=False)
+            },
+            "the parametrization removed first "
+            "(torch.nn.utils.parametrize.remove_parametrizations)",
+        )
+    hook = recomputing_hook(module, attr) if module._forward_pre_hooks else None
+    if hook is None or isinstance(hook, prune.BasePruningMethod):
         return None
-    chains = target.module.parametrizations
-    assert isinstance(chains, nn.ModuleDict)
-    chain = chains[target.attr]
-    assert isinstance(chain, nn.ModuleList)
-    return chain
+    kind = "weight_norm" if isinstance(hook, WeightNorm) else "spectral_norm"
+    suffixes = ("_g", "_v") if kind == "weight_norm" else ("_orig",)
+    return Computed(
+        f"the deprecated torch.nn.utils.{kind}",
+        {prefix + attr + suffix: _read(module, attr + suffix) for suffix in suffixes},
+        f"torch.nn.utils.parametrizations.{kind} in its place, or "
+        f"torch.nn.utils.remove_{kind} first",
+    )
 
 
 def check_writable(targets: Sequence[Target], write: str, also: str = "") -> None:
-    """Raise ``ValueError`` for a target a parametrization computes (see
-    :func:`parametrization`): ``write`` says what would be lost, ``also`` names a further
+    """Raise ``ValueError`` for a target computed from other tensors (see
+    :func:`computed_by`): ``write`` says what would be lost, ``also`` names a further
     allowed choice."""
     for target in targets:
-        chain = parametrization(target)
-        if chain is None:
+        computed = computed_by(target)
+        if computed is None:
             continue
-        prefix = f"{target.name[: -len(target.attr)]}parametrizations.{target.attr}."
-        originals = [prefix + name for name, _ in chain.named_parameters(recurse=False)]
-        kinds = ", ".join(type(step).__name__ for step in chain)
         raise ValueError(
-            f"parameters_to_prune: {target.name} is computed by a parametrization ({kinds}) "
-            f"from {originals}, so {write} would land in a temporary and be lost; allowed: "
-            f"{also}an original tensor whose zeros are the weight's zeros in "
-            f"parameters_to_prune (weight_norm: (module.parametrizations.{target.attr}, "
-            f"'original1'); spectral_norm: 'original'), or the parametrization removed first "
-            f"(torch.nn.utils.parametrize.remove_parametrizations)"
+            f"parameters_to_prune: {target.name} is computed by {computed.by} from "
+            f"{list(computed.originals)}, so {write} would land in a temporary and be lost; "
+            f"allowed: {also}an original tensor whose zeros are the weight's zeros in "
+            f"parameters_to_prune (torch.nn.utils.parametrizations.weight_norm: "
+            f"(module.parametrizations.{target.attr}, 'original1'); spectral_norm: "
+            f"'original'), or {computed.undo}"
         )
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
+import warnings
 
 import pytest
 import torch
@@ -152,11 +153,41 @@ def test_attach_rejects_trainable_targets_no_optimizer_holds_and_skips_frozen() 
     assert list(reachable.regularized_names()) == ["0.weight"]
 
 
-def test_a_parametrized_weight_is_refused_where_writes_are_lost_and_loss_mode_reaches_it() -> None:
+COMPUTED_WEIGHTS = {  # how the weight is computed, and the original that carries its zeros
+    "weight_norm": (
+        nn.utils.parametrizations.weight_norm,
+        lambda m: m.parametrizations.weight.original1,
+        "a parametrization",
+    ),
+    "spectral_norm": (
+        nn.utils.parametrizations.spectral_norm,
+        lambda m: m.parametrizations.weight.original,
+        "a parametrization",
+    ),
+    "legacy weight_norm": (
+        nn.utils.weight_norm,
+        lambda m: m.weight_v,
+        "the deprecated torch.nn.utils.weight_norm",
+    ),
+    "legacy spectral_norm": (
+        nn.utils.spectral_norm,
+        lambda m: m.weight_orig,
+        "the deprecated torch.nn.utils.spectral_norm",
+    ),
+}
+
+
+@pytest.mark.parametrize("kind", list(COMPUTED_WEIGHTS))
+def test_a_computed_weight_is_read_fresh_refused_where_writes_are_lost_and_regularized_in_loss_mode(
+    kind: str,
+) -> None:
+    apply, carrier, by = COMPUTED_WEIGHTS[kind]
     model = _model()
-    nn.utils.parametrizations.weight_norm(model[0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # the deprecated functions say so
+        apply(model[0])
     for config in (BregmanConfig(), BregmanConfig(mode="loss", freeze_support_at=10)):
-        with pytest.raises(ValueError, match=r"0\.weight is computed by a parametrization"):
+        with pytest.raises(ValueError, match=rf"0\.weight is computed by {by}"):
             SparsityController(model, config)
     controller = SparsityController(model, BregmanConfig(initial_lambda=0.25, mode="loss"))
     with pytest.raises(ValueError, match=r"\['0.weight'\] are trainable but no optimizer holds"):
@@ -165,10 +196,10 @@ def test_a_parametrized_weight_is_refused_where_writes_are_lost_and_loss_mode_re
     controller.attach(optimizer)
     assert list(controller.regularized_names()) == ["0.weight", "2.weight"]
     controller.regularization_loss().backward()
-    direction = model[0].parametrizations.weight.original1
-    assert direction.grad is not None and direction.grad.abs().sum() > 0
-    with torch.no_grad():  # zeros in the direction are zeros of the computed weight
-        direction[:, :2] = 0.0
+    original = carrier(model[0])
+    assert original.grad is not None and original.grad.abs().sum() > 0
+    with torch.no_grad():  # its zeros are zeros of the computed weight, with no forward run
+        original[:, :2] = 0.0
     assert controller.measure().per_parameter["0.weight"][0] == 16 * 6 - 16 * 2
 
 
