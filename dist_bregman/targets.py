@@ -6,6 +6,8 @@ is a plain attribute recomputed only in the forward pre-hook (stale after every 
 step), the trainable tensor is ``weight_orig`` and the mask is the buffer ``weight_mask``.
 The effective weight is ``weight_orig * weight_mask``. :meth:`Target.tensors` returns that
 pair (or the plain parameter and no mask) and nothing else in the project reads a target.
+A weight computed from other tensors (weight_norm, spectral_norm) is read as computed now
+and cannot be written: :func:`computed_by` names what it is computed from.
 """
 
 from __future__ import annotations
