@@ -340,12 +340,20 @@ def _count_with_torch(
     for i in one_by_one:
         values, mask = views[i].values, views[i].mask
         assert values is not None
+        values = _countable(values)
         flags = nonzero_flags(values, mask, zero_tolerance)
         counts[i] = comm.to_device(_sum_flags(flags), device)
         bads.append(comm.to_device(_count_nonfinite(values), device))
         if structure:
             structures[i] = comm.to_device(zero_structures(flags), device)
     return torch.stack(counts), torch.stack(bads).sum(), torch.stack(structures)
+
+
+def _countable(values: torch.Tensor) -> torch.Tensor:
+    """``values`` in a dtype torch can reduce: float8 (one byte) has no sum or abs
+    kernels, and float16 holds every float8 value exactly (zeros, NaN and Inf included),
+    so the counts are those of the float8 tensor."""
+    return values.to(torch.float16) if values.element_size() == 1 else values
 
 
 def _count_nonfinite(values: torch.Tensor) -> torch.Tensor:
@@ -375,6 +383,7 @@ def _count_together(
     as a difference of two entries. Tensors, rows and kernels are such slices; their
     bounds are computed on the host and reach the device in one copy.
     """
+    values = [_countable(v) for v in values]
     groups: dict[tuple[object, ...], list[int]] = {}
     for k, (v, m) in enumerate(zip(values, masks, strict=True)):
         key = (v.device, v.dtype, None if m is None else m.dtype)
