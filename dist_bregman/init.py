@@ -36,8 +36,9 @@ def sparse_init_(
     ``U(0, bias_scale / sqrt(fan_in))`` so that sparse ReLU layers start alive.
 
     The weights are those ``BregmanPruner`` measures (``parameters_to_prune``, default: every
-    Linear, ConvNd and Embedding weight). Draws are made on ``generator``'s device (CPU
-    without one), so a seeded run keeps its pattern whatever device the model is on.
+    Linear, ConvNd and Embedding weight and MultiheadAttention input projection). Draws are
+    made on ``generator``'s device (CPU without one), so a seeded run keeps its pattern
+    whatever device the model is on.
     """
     check_number("rate", rate, low=0.0, high=1.0)
     if rate == 0.0:

@@ -24,7 +24,8 @@ from torch.nn.utils.spectral_norm import SpectralNorm
 from torch.nn.utils.weight_norm import WeightNorm
 
 PRUNABLE_MODULES: tuple[type[nn.Module], ...] = (nn.Linear, _ConvNd, nn.Embedding)
-"""Module types whose ``weight`` is discovered when no explicit list is given."""
+"""Module types whose ``weight`` is discovered when no explicit list is given (with
+:data:`ATTENTION_WEIGHTS`)."""
 
 ParameterPairs = Sequence[tuple[nn.Module, str]]
 """The ``parameters_to_prune`` format shared with ``torch.nn.utils.prune`` and Lightning."""
@@ -160,14 +161,21 @@ def check_writable(targets: Sequence[Target], write: str, also: str = "") -> Non
         )
 
 
-def discover(model: nn.Module) -> list[tuple[nn.Module, str]]:
-    """The default set: ``weight`` of every Linear, ConvNd and Embedding module."""
-    return [(module, "weight") for module in model.modules() if _prunable(module)]
+ATTENTION_WEIGHTS = ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")
+"""``nn.MultiheadAttention``'s input projections (packed, or separate when ``kdim`` or
+``vdim`` differ): the default set holds them, for they are three quarters of the attention
+weights of ``nn.Transformer`` layers and not ``nn.Linear`` modules."""
 
 
-def _prunable(module: nn.Module) -> bool:
-    """In the default set: a Linear, ConvNd or Embedding that holds a ``weight``."""
-    return isinstance(module, PRUNABLE_MODULES) and _has_tensor(module, "weight")
+def _discovered(module: nn.Module) -> tuple[str, ...]:
+    """The attributes of ``module`` in the default set: ``weight`` of a Linear, ConvNd or
+    Embedding, the input projections of a MultiheadAttention (its output projection is a
+    Linear of its own)."""
+    if isinstance(module, PRUNABLE_MODULES):
+        return ("weight",) if _has_tensor(module, "weight") else ()
+    if isinstance(module, nn.MultiheadAttention):
+        return tuple(name for name in ATTENTION_WEIGHTS if _has_tensor(module, name))
+    return ()
 
 
 def validate_pairs(
@@ -181,7 +189,8 @@ def validate_pairs(
     if isinstance(pairs, (str, bytes)) or not isinstance(pairs, Iterable):
         raise TypeError(
             f"{argname}={pairs!r}: expected a list of (module, name) tuples, "
-            f"e.g. [(model.fc1, 'weight')], or None to discover Linear/Conv/Embedding weights"
+            f"e.g. [(model.fc1, 'weight')], or None to discover the Linear, ConvNd, Embedding "
+            f"and attention weights"
         )
     checked: list[tuple[nn.Module, str]] = []
     seen: set[tuple[int, str]] = set()
@@ -240,10 +249,11 @@ def resolve_values(
     named: list[tuple[str, nn.Module, str]] = []  # (module name, module, attribute)
     if pairs is None:
         # One walk of the tree both discovers and names (valid and distinct by construction).
-        named = [(name, module, "weight") for name, module in tree if _prunable(module)]
+        named = [(name, module, attr) for name, module in tree for attr in _discovered(module)]
         if not named:
             raise ValueError(
-                f"parameters_to_prune=None found no Linear, ConvNd or Embedding weight in "
+                f"parameters_to_prune=None found no Linear, ConvNd, Embedding or "
+                f"MultiheadAttention weight in "
                 f"{type(model).__name__}; pass a list of (module, name) tuples"
             )
     else:

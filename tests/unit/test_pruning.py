@@ -156,3 +156,14 @@ def test_a_parametrized_weight_is_refused_and_its_original_prunes_exactly() -> N
     # the forward's weight (g * v / |v|) has the original's zeros
     zeros = sum(int((w == 0).sum()) for w in _weights(model))
     assert zeros == round(0.5 * total)
+
+
+def test_attention_input_projections_are_pruned_with_the_rest() -> None:
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(16, 4, 32, batch_first=True)
+    event = MagnitudePruner(layer, PruningConfig(amount=0.5)).prune(0.5)
+    assert event.report.total == 3 * 16 * 16 + 16 * 16 + 2 * 16 * 32
+    assert event.report.total - event.report.nonzero == event.report.total // 2
+    zeros = int((layer.self_attn.in_proj_weight == 0).sum())
+    assert event.report.per_parameter["self_attn.in_proj_weight"] == (3 * 16 * 16 - zeros, 768)
+    assert 0 < zeros < 3 * 16 * 16

@@ -86,9 +86,23 @@ def test_regression_seed_bug_zero_vs_99_765_percent_for_the_same_model() -> None
     assert readings == {"99.765%"}
 
 
-def test_default_set_is_linear_conv_embedding_weights_only() -> None:
+def test_default_set_is_linear_conv_embedding_and_attention_weights_only() -> None:
     names = [t.name for t in resolve(ConvNet())]
     assert names == ["embed.weight", "conv.weight", "fc1.weight", "fc2.weight"]
+    layer = nn.TransformerEncoderLayer(16, 4, 32)
+    assert [t.name for t in resolve(layer)] == [
+        "self_attn.in_proj_weight",
+        "self_attn.out_proj.weight",
+        "linear1.weight",
+        "linear2.weight",
+    ]
+    separate = nn.MultiheadAttention(16, 4, kdim=8, vdim=12)
+    assert [t.name for t in resolve(separate)] == [
+        "q_proj_weight",
+        "k_proj_weight",
+        "v_proj_weight",
+        "out_proj.weight",
+    ]
 
 
 def test_explicit_pairs_limit_the_set_and_keep_qualified_names() -> None:
