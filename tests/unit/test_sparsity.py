@@ -162,7 +162,9 @@ def test_module_outside_the_model_and_duplicates_are_rejected() -> None:
         measure_sparsity(model, [(stranger, "weight")])
     with pytest.raises(ValueError, match="listed twice"):
         measure_sparsity(model, [(model.fc1, "weight"), (model.fc1, "weight")])
-    with pytest.raises(ValueError, match=r"None found no Linear, ConvNd or Embedding weight"):
+    with pytest.raises(
+        ValueError, match=r"None found no Linear, ConvNd, Embedding or MultiheadAttention weight"
+    ):
         measure_sparsity(nn.Sequential(nn.ReLU()))
     with pytest.raises(ValueError, match="zero_tolerance"):
         measure_sparsity(model, zero_tolerance=-1.0)
