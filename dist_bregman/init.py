@@ -36,7 +36,7 @@ def sparse_init_(
     ``U(0, bias_scale / sqrt(fan_in))`` so that sparse ReLU layers start alive.
 
     The weights are those ``BregmanPruner`` measures (``parameters_to_prune``, default: every
-    Linear, ConvNd and Embedding weight and MultiheadAttention input projection). Draws are
+    Linear, ConvNd, Embedding, attention input projection and RNN weight). Draws are
     made on ``generator``'s device (CPU without one), so a seeded run keeps its pattern
     whatever device the model is on.
     """

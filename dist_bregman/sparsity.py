@@ -207,10 +207,10 @@ def measure_sparsity(
     """The sparsity of ``model``'s prunable weights, the same number on every rank.
 
     ``parameters_to_prune=None`` measures what :class:`~dist_bregman.BregmanPruner`
-    discovers: the ``weight`` of every Linear, ConvNd and Embedding module and the input
-    projections of every MultiheadAttention. ``model`` may be wrapped (DDP, FSDP1, FSDP2,
-    a DeepSpeed engine's module). Under a process group this is a collective (every rank of
-    ``group`` must call it), unless ``sync=False``.
+    discovers: the ``weight`` of every Linear, ConvNd and Embedding module, the input
+    projections of every MultiheadAttention and the weight matrices of every RNN. ``model``
+    may be wrapped (DDP, FSDP1, FSDP2, a DeepSpeed engine's module). Under a process group
+    this is a collective (every rank of ``group`` must call it), unless ``sync=False``.
     """
     if zero_tolerance < 0 or zero_tolerance != zero_tolerance:
         raise ValueError(f"zero_tolerance={zero_tolerance!r}: expected a number >= 0")

@@ -170,12 +170,17 @@ weights of ``nn.Transformer`` layers and not ``nn.Linear`` modules."""
 def _discovered(module: nn.Module) -> tuple[str, ...]:
     """The attributes of ``module`` in the default set: ``weight`` of a Linear, ConvNd or
     Embedding, the input projections of a MultiheadAttention (its output projection is a
-    Linear of its own)."""
+    Linear of its own), the weight matrices of an RNN, LSTM or GRU (``weight_ih_l0``, ...;
+    not the biases)."""
     if isinstance(module, PRUNABLE_MODULES):
-        return ("weight",) if _has_tensor(module, "weight") else ()
-    if isinstance(module, nn.MultiheadAttention):
-        return tuple(name for name in ATTENTION_WEIGHTS if _has_tensor(module, name))
-    return ()
+        names: Iterable[str] = ("weight",)
+    elif isinstance(module, nn.MultiheadAttention):
+        names = ATTENTION_WEIGHTS
+    elif isinstance(module, nn.RNNBase):
+        names = [name for name in module._flat_weights_names if name.startswith("weight")]
+    else:
+        return ()
+    return tuple(name for name in names if _has_tensor(module, name))
 
 
 def validate_pairs(
@@ -189,8 +194,8 @@ def validate_pairs(
     if isinstance(pairs, (str, bytes)) or not isinstance(pairs, Iterable):
         raise TypeError(
             f"{argname}={pairs!r}: expected a list of (module, name) tuples, "
-            f"e.g. [(model.fc1, 'weight')], or None to discover the Linear, ConvNd, Embedding "
-            f"and attention weights"
+            f"e.g. [(model.fc1, 'weight')], or None to discover the Linear, ConvNd, Embedding, "
+            f"attention and RNN weights"
         )
     checked: list[tuple[nn.Module, str]] = []
     seen: set[tuple[int, str]] = set()
@@ -252,8 +257,8 @@ def resolve_values(
         named = [(name, module, attr) for name, module in tree for attr in _discovered(module)]
         if not named:
             raise ValueError(
-                f"parameters_to_prune=None found no Linear, ConvNd, Embedding or "
-                f"MultiheadAttention weight in "
+                f"parameters_to_prune=None found no Linear, ConvNd, Embedding, "
+                f"MultiheadAttention or RNN weight in "
                 f"{type(model).__name__}; pass a list of (module, name) tuples"
             )
     else:

@@ -86,7 +86,7 @@ def test_regression_seed_bug_zero_vs_99_765_percent_for_the_same_model() -> None
     assert readings == {"99.765%"}
 
 
-def test_default_set_is_linear_conv_embedding_and_attention_weights_only() -> None:
+def test_default_set_is_linear_conv_embedding_attention_and_rnn_weights_only() -> None:
     names = [t.name for t in resolve(ConvNet())]
     assert names == ["embed.weight", "conv.weight", "fc1.weight", "fc2.weight"]
     layer = nn.TransformerEncoderLayer(16, 4, 32)
@@ -102,6 +102,10 @@ def test_default_set_is_linear_conv_embedding_and_attention_weights_only() -> No
         "k_proj_weight",
         "v_proj_weight",
         "out_proj.weight",
+    ]
+    lstm = nn.LSTM(6, 8, num_layers=2, proj_size=4)  # weight matrices, not the biases
+    assert [t.name for t in resolve(lstm)] == [
+        f"weight_{kind}_l{layer}" for layer in (0, 1) for kind in ("ih", "hh", "hr")
     ]
 
 
@@ -163,7 +167,8 @@ def test_module_outside_the_model_and_duplicates_are_rejected() -> None:
     with pytest.raises(ValueError, match="listed twice"):
         measure_sparsity(model, [(model.fc1, "weight"), (model.fc1, "weight")])
     with pytest.raises(
-        ValueError, match=r"None found no Linear, ConvNd, Embedding or MultiheadAttention weight"
+        ValueError,
+        match=r"None found no Linear, ConvNd, Embedding, MultiheadAttention or RNN weight",
     ):
         measure_sparsity(nn.Sequential(nn.ReLU()))
     with pytest.raises(ValueError, match="zero_tolerance"):
