@@ -23,7 +23,7 @@ from torch.nn.utils import parametrize, prune
 from torch.nn.utils.spectral_norm import SpectralNorm
 from torch.nn.utils.weight_norm import WeightNorm
 
-PRUNABLE_MODULES: tuple[type[nn.Module], ...] = (nn.Linear, _ConvNd, nn.Embedding)
+PRUNABLE_MODULES: tuple[type[nn.Module], ...] = (nn.Linear, _ConvNd, nn.Embedding, nn.EmbeddingBag)
 """Module types whose ``weight`` is discovered when no explicit list is given (with
 :data:`ATTENTION_WEIGHTS`)."""
 
@@ -168,10 +168,10 @@ weights of ``nn.Transformer`` layers and not ``nn.Linear`` modules."""
 
 
 def _discovered(module: nn.Module) -> tuple[str, ...]:
-    """The attributes of ``module`` in the default set: ``weight`` of a Linear, ConvNd or
-    Embedding, the input projections of a MultiheadAttention (its output projection is a
-    Linear of its own), the weight matrices of an RNN, LSTM or GRU (``weight_ih_l0``, ...;
-    not the biases)."""
+    """The attributes of ``module`` in the default set: ``weight`` of a Linear, ConvNd,
+    Embedding or EmbeddingBag, the input projections of a MultiheadAttention (its output
+    projection is a Linear of its own), the weight matrices of an RNN, LSTM or GRU
+    (``weight_ih_l0``, ...; not the biases)."""
     if isinstance(module, PRUNABLE_MODULES):
         names: Iterable[str] = ("weight",)
     elif isinstance(module, nn.MultiheadAttention):
