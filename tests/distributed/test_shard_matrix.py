@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 import torch
+from torch import nn
 
 from dist_bregman import (
     BregmanConfig,
@@ -435,3 +436,39 @@ def test_group_sparsity_rows_are_counted_and_shrunk_whole_under_row_layouts(
         assert result["after"].zero_rows == result["dead_rows"]
     assert first["after"].rows == 17 + 11 + 5
     assert first["dead_rows"] > 4  # layer 2's four zero rows, and rows the prox removed
+
+
+def _attention_and_rnn(rank: int, world: int) -> list[bool]:
+    """FSDP1 flat parameters and FSDP2 DTensor shards of a Transformer layer (packed
+    attention input projection) and an LSTM: the counts are the unsharded model's."""
+    from torch.distributed.fsdp import FullyShardedDataParallel, fully_shard
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+    def model() -> nn.Sequential:
+        torch.manual_seed(0)
+        layers = nn.Sequential(
+            nn.TransformerEncoderLayer(12, 3, 20, batch_first=True), nn.LSTM(12, 7)
+        )
+        with torch.no_grad():
+            layers[0].self_attn.in_proj_weight[::5] = 0.0
+            layers[0].linear1.weight[:, 3] = 0.0
+            layers[1].weight_hh_l0[2] = 0.0
+        return layers
+
+    expected = measure_sparsity(model(), sync=False).per_parameter
+    assert "0.self_attn.in_proj_weight" in expected and "1.weight_hh_l0" in expected
+    flat = FullyShardedDataParallel(
+        model(),
+        device_id=torch.device("cpu"),
+        use_orig_params=False,
+        auto_wrap_policy=ModuleWrapPolicy({nn.TransformerEncoderLayer}),
+    )
+    dtensors = model()
+    fully_shard(dtensors[0])
+    fully_shard(dtensors)
+    return [measure_sparsity(m).per_parameter == expected for m in (flat, dtensors)]
+
+
+@pytest.mark.timeout(120)
+def test_attention_and_rnn_weights_sum_their_shards_to_the_unsharded_counts() -> None:
+    assert run_ranks(_attention_and_rnn, 3, timeout=100) == [[True, True]] * 3
