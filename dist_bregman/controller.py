@@ -43,7 +43,7 @@ from dist_bregman.shards import Placement, local_views, place
 from dist_bregman.shards.dtensor import local_parts
 from dist_bregman.shards.zero import partitions
 from dist_bregman.sparsity import SparsityReport, reduce_counts
-from dist_bregman.targets import ParameterPairs, Target, check_writable, resolve
+from dist_bregman.targets import ParameterPairs, Target, check_writable, left_out, resolve
 
 STATE_VERSION = 1
 
@@ -66,6 +66,8 @@ class SparsityController:
     ) -> None:
         self.config = config if config is not None else BregmanConfig()
         self.targets: list[Target] = resolve(model, parameters_to_prune)
+        if parameters_to_prune is None and (missed := left_out(model, self.targets)):
+            logs.warn0(missed)
         if self.config.mode == "prox":
             check_writable(
                 self.targets,

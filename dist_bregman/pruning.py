@@ -32,7 +32,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from dist_bregman import comm
+from dist_bregman import comm, logs
 from dist_bregman.config import check_choice, check_int, check_number
 from dist_bregman.holders import Holding, holding
 from dist_bregman.selection import Cut, keys_of, radix_select, select_mask
@@ -41,7 +41,7 @@ from dist_bregman.shards.base import LocalView
 from dist_bregman.shards.dtensor import local_tensor
 from dist_bregman.shards.replicated import balanced_owners
 from dist_bregman.sparsity import SparsityReport, reduce_counts
-from dist_bregman.targets import ParameterPairs, check_writable, resolve
+from dist_bregman.targets import ParameterPairs, check_writable, left_out, resolve
 
 Schedule = Literal["linear", "cubic"]
 
@@ -140,6 +140,8 @@ class MagnitudePruner:
     ) -> None:
         self.config = config if config is not None else PruningConfig()
         self.targets = resolve(model, parameters_to_prune)
+        if parameters_to_prune is None and (missed := left_out(model, self.targets)):
+            logs.warn0(missed)
         check_writable(self.targets, "a pruning mask")
         self.group = group
         self.masks: list[torch.Tensor | None] = []

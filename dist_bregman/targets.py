@@ -183,6 +183,41 @@ def _discovered(module: nn.Module) -> tuple[str, ...]:
     return tuple(name for name in names if _has_tensor(module, name))
 
 
+def left_out(model: nn.Module, targets: Sequence[Target]) -> str | None:
+    """A warning naming the weight matrices the default set leaves out, or None.
+
+    Discovery knows module types (see :func:`_discovered`); a parameter named ``*weight``
+    with ``ndim >= 2`` in a module of another type (Hugging Face GPT-2's ``Conv1D``,
+    ``nn.Bilinear``, a custom layer) is neither measured nor regularized, and a sparsity
+    reported over the rest would read as the model's. Called once, at construction, when
+    ``parameters_to_prune`` is None. Best effort: sharded layouts that hide the shapes (a
+    ZeRO-3 partition, an FSDP1 flat parameter) are not seen.
+    """
+    taken = {id(target.values) for target in targets}
+    missed = []
+    for name, module in unwrap(model).named_modules():
+        for attr, tensor in module._parameters.items():
+            if (
+                attr.endswith("weight")
+                and tensor is not None
+                and tensor.ndim >= 2
+                and id(tensor) not in taken
+            ):
+                prefix = clean_name(name)
+                qualified = f"{prefix}.{attr}" if prefix else attr
+                missed.append(f"{qualified} ({type(module).__name__})")
+                taken.add(id(tensor))
+    if not missed:
+        return None
+    shown = ", ".join(missed[:5]) + (f" and {len(missed) - 5} more" if len(missed) > 5 else "")
+    matrices = "matrix" if len(missed) == 1 else "matrices"
+    return (
+        f"parameters_to_prune=None: {len(missed)} weight {matrices} in module types the "
+        f"default set does not know, neither measured nor regularized: {shown}; to include them, "
+        f"pass parameters_to_prune=[(module, 'weight'), ...] with every tensor to prune"
+    )
+
+
 def validate_pairs(
     pairs: object, argname: str = "parameters_to_prune"
 ) -> list[tuple[nn.Module, str]]:

@@ -13,7 +13,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.nn.utils import prune
 
-from dist_bregman import BregmanConfig, SparsityController
+from dist_bregman import BregmanConfig, MagnitudePruner, SparsityController
 from dist_bregman.controller import LOSS_FOLD
 from dist_bregman.optim import LinBreg
 
@@ -318,6 +318,38 @@ def test_attach_warns_when_shrinkage_alone_zeroes_most_weights_before_lambda_can
         SparsityController(model).attach(optimizer)  # the seed's defaults: lambda 1.0
     assert "lambda=1: before the first lambda update (update_frequency=100 steps)" in caplog.text
     assert "would zero 100.0% of the regularized weights" in caplog.text
+
+
+class _TransposedLinear(nn.Module):
+    """Hugging Face GPT-2's ``Conv1D`` layout: a weight matrix in a module type that the
+    default set does not know."""
+
+    def __init__(self, n_in: int, n_out: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(n_in, n_out))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.weight
+
+
+def test_construction_warns_of_weight_matrices_the_default_set_leaves_out(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    model = nn.Sequential(nn.Linear(6, 8), _TransposedLinear(8, 8), nn.LayerNorm(8))
+    with caplog.at_level(logging.WARNING, logger="dist_bregman"):
+        SparsityController(_model())
+        MagnitudePruner(_model())
+        assert caplog.text == ""  # nothing left out: no word
+        SparsityController(model)
+        MagnitudePruner(model)
+        SparsityController(model, parameters_to_prune=[(model[0], "weight")])  # chosen
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 2  # the controller and the pruner, not for an explicit list
+    assert all(
+        "1 weight matrix in module types" in line and "1.weight (_TransposedLinear)" in line
+        for line in lines
+    )
+    assert "2.weight" not in caplog.text  # a norm's vector is no matrix
 
 
 def test_unreachable_target_is_refused_at_attach_with_the_bound() -> None:
