@@ -81,6 +81,8 @@ class Target(NamedTuple):
                 return hook.compute_weight(module, do_power_iteration=False), None
             if hook is not None:
                 return hook.compute_weight(module), None
+        if _parametrized(module, attr):
+            return _computed_quietly(module, attr), None
         return _read(module, attr), None
 
     @property
@@ -361,6 +363,30 @@ def clean_name(name: str) -> str:
 def _has_tensor(module: nn.Module, name: str) -> bool:
     if module._parameters.get(name) is not None:  # the common case, without __getattr__
         return True
-    if pruning_method(module, name) is not None:
-        return True
+    if pruning_method(module, name) is not None or _parametrized(module, name):
+        return True  # (a parametrized weight is not computed to find out)
     return isinstance(getattr(module, name, None), torch.Tensor)
+
+
+def _parametrized(module: nn.Module, name: str) -> bool:
+    """:func:`torch.nn.utils.parametrize.is_parametrized` as two dict lookups: it runs for
+    every target of every measurement."""
+    chains = module._modules.get("parametrizations")
+    return chains is not None and name in chains._modules
+
+
+def _computed_quietly(module: nn.Module, name: str) -> torch.Tensor:
+    """A parametrized weight as the forward computes it, with the steps in eval mode:
+    in training mode ``spectral_norm`` runs a power iteration at every read, and a
+    measurement would move its ``u``, ``v`` buffers (on the counting rank only, under DDP)."""
+    chains = module._modules["parametrizations"]
+    chain = chains._modules[name] if chains is not None else None
+    assert chain is not None
+    steps = [step for step in chain.modules() if step.training]
+    for step in steps:
+        step.training = False
+    try:
+        return getattr(module, name)
+    finally:
+        for step in steps:
+            step.training = True

@@ -200,7 +200,11 @@ def test_a_computed_weight_is_read_fresh_refused_where_writes_are_lost_and_regul
     assert original.grad is not None and original.grad.abs().sum() > 0
     with torch.no_grad():  # its zeros are zeros of the computed weight, with no forward run
         original[:, :2] = 0.0
-    assert controller.measure().per_parameter["0.weight"][0] == 16 * 6 - 16 * 2
+    buffers = {name: b.clone() for name, b in model.named_buffers()}
+    assert model.training and controller.measure().per_parameter["0.weight"][0] == 16 * 6 - 16 * 2
+    # Reading leaves the model as it was: spectral_norm's power iteration (training mode)
+    # moved its u, v buffers at every measurement.
+    assert all(torch.equal(b, buffers[name]) for name, b in model.named_buffers())
 
 
 def test_detach_removes_the_hook() -> None:
