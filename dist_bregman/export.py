@@ -1,6 +1,7 @@
 """Write a sparse model for deployment, and say what the sparsity saves.
 
-:func:`export_sparse` folds any ``torch.nn.utils.prune`` masks into plain weights, stores
+:func:`export_sparse` folds any ``torch.nn.utils.prune`` masks into plain weights (and
+weight_norm / spectral_norm into the weights they compute), stores
 every measured weight in CSR form (2-D: rows are dim 0, columns the rest flattened; int32
 indices when they fit) and every other tensor dense, in a safetensors file (CSR parts as
 ``<name>::crow_indices`` / ``::col_indices`` / ``::values``, shapes in the metadata) or a
@@ -21,7 +22,9 @@ from typing import Literal
 
 import torch
 from torch import nn
-from torch.nn.utils import prune
+from torch.nn.utils import parametrize, prune
+from torch.nn.utils.spectral_norm import SpectralNorm
+from torch.nn.utils.weight_norm import WeightNorm
 
 from dist_bregman import comm
 from dist_bregman.shards import locate
@@ -45,9 +48,19 @@ class LayerBytes:
 def folded_state_dict(
     model: nn.Module, state_dict: Mapping[str, torch.Tensor] | None = None
 ) -> dict[str, torch.Tensor]:
-    """``model.state_dict()`` (or ``state_dict``, the same model's) with prune masks folded
-    in: ``weight`` instead of ``weight_orig`` and ``weight_mask``, keys without wrapper
-    segments (:func:`~dist_bregman.targets.clean_name`). The model is left as it is."""
+    """``model.state_dict()`` (or ``state_dict``, the same model's) as a plain model's: prune
+    masks folded in (``weight`` instead of ``weight_orig`` and ``weight_mask``), weights
+    computed by weight_norm / spectral_norm (parametrizations or the deprecated hooks)
+    stored as computed instead of their originals, keys without wrapper segments
+    (:func:`~dist_bregman.targets.clean_name`). The model is left as it is."""
+    return _fold(model, state_dict)[0]
+
+
+def _fold(
+    model: nn.Module, state_dict: Mapping[str, torch.Tensor] | None
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """:func:`folded_state_dict`, and which original's key became which weight's (an
+    original measured in place of its weight is exported as the weight)."""
     if state_dict is None:
         state_dict = model.state_dict()
     state = {clean_name(k): v.detach().clone() for k, v in state_dict.items()}
@@ -64,7 +77,76 @@ def folded_state_dict(
             folded[name] = value * state[name + "_mask"]
         elif not (key.endswith("_mask") and key[: -len("_mask")] in pruned):
             folded[key] = value
-    return folded
+    return _fold_computed(model, folded)
+
+
+def _fold_computed(
+    model: nn.Module, state: dict[str, torch.Tensor]
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Each computed weight (see :func:`~dist_bregman.targets.computed_by`) evaluated from
+    the originals in ``state``, in their place; its originals (and spectral_norm's u, v)
+    dropped. Evaluated in eval mode: no power iteration moves the model's buffers."""
+    computed: dict[str, tuple[torch.Tensor, list[str]]] = {}  # weight: (value, keys it replaces)
+    with torch.no_grad():
+        for module_name, module in model.named_modules():
+            prefix = clean_name(module_name)
+            prefix = f"{prefix}." if prefix else ""
+            chains = module._modules.get("parametrizations")
+            for attr, chain in chains.items() if isinstance(chains, nn.ModuleDict) else ():
+                base = f"{prefix}parametrizations.{attr}."
+                keys = [k for k in state if k.startswith(base)]
+                assert isinstance(chain, parametrize.ParametrizationList)
+                names = (
+                    ["original"]
+                    if chain.is_tensor
+                    else [f"original{i}" for i in range(chain.ntensors)]
+                )
+                originals = [state[base + name] for name in names]
+                computed[prefix + attr] = (_evaluate(chain, originals), keys)
+            for hook in module._forward_pre_hooks.values():
+                if isinstance(hook, (WeightNorm, SpectralNorm)):
+                    name = prefix + hook.name
+                    suffixes = (
+                        ("_g", "_v") if isinstance(hook, WeightNorm) else ("_orig", "_u", "_v")
+                    )
+                    keys = [name + suffix for suffix in suffixes]
+                    holder = nn.Module()  # the hook reads its tensors as attributes of a module
+                    for suffix, key in zip(suffixes, keys, strict=True):
+                        object.__setattr__(holder, hook.name + suffix, state[key])
+                    if isinstance(hook, SpectralNorm):
+                        value = hook.compute_weight(holder, do_power_iteration=False)
+                    else:
+                        value = hook.compute_weight(holder)
+                    computed[name] = (value, keys)
+    if not computed:
+        return state, {}
+    first = {keys[0]: name for name, (_, keys) in computed.items()}
+    replaced = {key: name for name, (_, keys) in computed.items() for key in keys}
+    out = {}
+    for key, value in state.items():  # the weight where its first original stood
+        if key in first:
+            out[first[key]] = computed[first[key]][0]
+        elif key not in replaced:
+            out[key] = value
+    return out, replaced
+
+
+def _evaluate(
+    chain: parametrize.ParametrizationList, originals: list[torch.Tensor]
+) -> torch.Tensor:
+    """What ``ParametrizationList`` computes, from given originals, with its steps in eval
+    mode (restored after)."""
+    steps = [step for step in chain.modules() if step.training]
+    for step in steps:
+        step.training = False
+    try:
+        value = chain[0](*originals)
+        for step in list(chain)[1:]:
+            value = step(value)
+        return value
+    finally:
+        for step in steps:
+            step.training = True
 
 
 def gather_state_dict(model: nn.Module) -> dict[str, torch.Tensor] | None:
@@ -135,7 +217,8 @@ def export_sparse(
     if state_dict is None and sharded:  # shards cannot be folded (a DTensor times a mask)
         missing = sharded
     else:
-        state = folded_state_dict(unwrap(model), state_dict)
+        state, renamed = _fold(unwrap(model), state_dict)
+        names = {renamed.get(name, name) for name in names}
         missing = sorted(names - state.keys())
     if missing:
         raise ValueError(

@@ -69,3 +69,56 @@ def test_export_refuses_a_measured_weight_missing_from_the_state_dict(tmp_path: 
     model[0].weight = weight  # a plain attribute, as FSDP1 leaves it: measured, not saved
     with pytest.raises(ValueError, match=r"\['0.weight'\] are measured but not whole tensors"):
         export_sparse(model, tmp_path / "m.safetensors")
+
+
+COMPUTED = {
+    "weight_norm": nn.utils.parametrizations.weight_norm,
+    "spectral_norm": nn.utils.parametrizations.spectral_norm,
+    "legacy weight_norm": nn.utils.weight_norm,
+    "legacy spectral_norm": nn.utils.spectral_norm,
+}
+
+
+@pytest.mark.parametrize("kind", list(COMPUTED))
+def test_a_computed_weight_is_exported_as_the_plain_weight_the_forward_uses(
+    tmp_path: Path, kind: str
+) -> None:
+    """The file holds ``0.weight`` as computed (eval mode: no power iteration), not its
+    originals: export raised 'not whole tensors in the state_dict'. The model's own buffers
+    are left as they were."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # the deprecated functions say so
+        COMPUTED[kind](model[0])
+    x = torch.randn(4, 6)
+    for _ in range(3):  # spectral_norm's u, v move in training-mode forwards
+        model(x)
+    with torch.no_grad():
+        model[2].weight[:, :3] = 0.0
+    model.eval()
+    expected = model(x)
+    buffers = {name: b.clone() for name, b in model.named_buffers()}
+    report = export_sparse(model, tmp_path / "m.safetensors")
+    assert [(r.name, r.nonzero) for r in report] == [("0.weight", 48), ("2.weight", 15)]
+    plain = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+    plain.load_state_dict(load_sparse(tmp_path / "m.safetensors"))  # strict: plain keys only
+    assert torch.allclose(plain(x), expected, atol=1e-6)
+    assert all(torch.equal(b, buffers[name]) for name, b in model.named_buffers())
+
+
+def test_a_pruned_original_is_exported_as_the_sparse_weight_it_computes(tmp_path: Path) -> None:
+    """Pruning weight_norm's direction (what the pruners ask for in place of the computed
+    weight) exports the computed weight in CSR form, its zeros those of the mask."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+    nn.utils.parametrizations.weight_norm(model[0])
+    pairs = [(model[0].parametrizations.weight, "original1"), (model[2], "weight")]
+    prune.l1_unstructured(model[0].parametrizations.weight, "original1", amount=0.5)
+    x = torch.randn(4, 6)
+    expected = model(x)
+    report = export_sparse(model, tmp_path / "m.pt", parameters_to_prune=pairs, file_format="torch")
+    assert [(r.name, r.nonzero) for r in report] == [("0.weight", 24), ("2.weight", 24)]
+    plain = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+    plain.load_state_dict(load_sparse(tmp_path / "m.pt"))
+    assert torch.allclose(plain(x), expected, atol=1e-6)
