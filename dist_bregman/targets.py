@@ -173,13 +173,16 @@ def _discovered(module: nn.Module) -> tuple[str, ...]:
     """The attributes of ``module`` in the default set: ``weight`` of a Linear, ConvNd,
     Embedding or EmbeddingBag, the input projections of a MultiheadAttention (its output
     projection is a Linear of its own), the weight matrices of an RNN, LSTM or GRU
-    (``weight_ih_l0``, ...; not the biases)."""
+    (``weight_ih_l0``, ...; not the biases) and of their cells (``weight_ih``,
+    ``weight_hh``)."""
     if isinstance(module, PRUNABLE_MODULES):
         names: Iterable[str] = ("weight",)
     elif isinstance(module, nn.MultiheadAttention):
         names = ATTENTION_WEIGHTS
     elif isinstance(module, nn.RNNBase):
         names = [name for name in module._flat_weights_names if name.startswith("weight")]
+    elif isinstance(module, nn.RNNCellBase):
+        names = ("weight_ih", "weight_hh")
     else:
         return ()
     return tuple(name for name in names if _has_tensor(module, name))

@@ -104,6 +104,7 @@ def test_default_set_is_linear_conv_embedding_attention_and_rnn_weights_only() -
         "out_proj.weight",
     ]
     assert [t.name for t in resolve(nn.EmbeddingBag(10, 4))] == ["weight"]
+    assert [t.name for t in resolve(nn.LSTMCell(6, 8))] == ["weight_ih", "weight_hh"]
     lstm = nn.LSTM(6, 8, num_layers=2, proj_size=4)  # weight matrices, not the biases
     assert [t.name for t in resolve(lstm)] == [
         f"weight_{kind}_l{layer}" for layer in (0, 1) for kind in ("ih", "hh", "hr")
