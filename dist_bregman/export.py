@@ -29,7 +29,7 @@ from torch.nn.utils.weight_norm import WeightNorm
 from dist_bregman import comm
 from dist_bregman.shards import locate
 from dist_bregman.shards.zero import is_zero3_param
-from dist_bregman.targets import ParameterPairs, clean_name, unwrap
+from dist_bregman.targets import ParameterPairs, clean_name, evaluating, hook_weight, unwrap
 
 FORMAT = "dist_bregman.sparse/v1"
 
@@ -113,11 +113,7 @@ def _fold_computed(
                     holder = nn.Module()  # the hook reads its tensors as attributes of a module
                     for suffix, key in zip(suffixes, keys, strict=True):
                         object.__setattr__(holder, hook.name + suffix, state[key])
-                    if isinstance(hook, SpectralNorm):
-                        value = hook.compute_weight(holder, do_power_iteration=False)
-                    else:
-                        value = hook.compute_weight(holder)
-                    computed[name] = (value, keys)
+                    computed[name] = (hook_weight(hook, holder), keys)
     if not computed:
         return state, {}
     first = {keys[0]: name for name, (_, keys) in computed.items()}
@@ -134,19 +130,13 @@ def _fold_computed(
 def _evaluate(
     chain: parametrize.ParametrizationList, originals: list[torch.Tensor]
 ) -> torch.Tensor:
-    """What ``ParametrizationList`` computes, from given originals, with its steps in eval
-    mode (restored after)."""
-    steps = [step for step in chain.modules() if step.training]
-    for step in steps:
-        step.training = False
-    try:
+    """What ``ParametrizationList`` computes, from given originals (see
+    :func:`~dist_bregman.targets.evaluating`)."""
+    with evaluating(chain):
         value = chain[0](*originals)
         for step in list(chain)[1:]:
             value = step(value)
         return value
-    finally:
-        for step in steps:
-            step.training = True
 
 
 def gather_state_dict(model: nn.Module) -> dict[str, torch.Tensor] | None:

@@ -12,8 +12,9 @@ and cannot be written: :func:`computed_by` names what it is computed from.
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import NamedTuple
 
 import torch
@@ -77,12 +78,12 @@ class Target(NamedTuple):
             hook = recomputing_hook(module, attr)
             if isinstance(hook, prune.BasePruningMethod):
                 return _read(module, attr + "_orig"), _read(module, attr + "_mask")
-            if isinstance(hook, SpectralNorm):  # without a power iteration: no side effect
-                return hook.compute_weight(module, do_power_iteration=False), None
             if hook is not None:
-                return hook.compute_weight(module), None
-        if _parametrized(module, attr):
-            return _computed_quietly(module, attr), None
+                return hook_weight(hook, module), None
+        chain = parametrization(module, attr)
+        if chain is not None:
+            with evaluating(chain):  # see evaluating: no power iteration
+                return getattr(module, attr), None
         return _read(module, attr), None
 
     @property
@@ -118,11 +119,8 @@ def computed_by(target: Target) -> Computed | None:
     """
     module, attr = target.module, target.attr
     prefix = target.name[: -len(attr)]
-    if parametrize.is_parametrized(module, attr):
-        chains = module.parametrizations
-        assert isinstance(chains, nn.ModuleDict)
-        chain = chains[attr]
-        assert isinstance(chain, nn.ModuleList)
+    chain = parametrization(module, attr)
+    if chain is not None:
         return Computed(
             f"a parametrization ({', '.join(type(step).__name__ for step in chain)})",
             {
@@ -366,30 +364,39 @@ def clean_name(name: str) -> str:
 def _has_tensor(module: nn.Module, name: str) -> bool:
     if module._parameters.get(name) is not None:  # the common case, without __getattr__
         return True
-    if pruning_method(module, name) is not None or _parametrized(module, name):
+    if pruning_method(module, name) is not None or parametrization(module, name) is not None:
         return True  # (a parametrized weight is not computed to find out)
     return isinstance(getattr(module, name, None), torch.Tensor)
 
 
-def _parametrized(module: nn.Module, name: str) -> bool:
-    """:func:`torch.nn.utils.parametrize.is_parametrized` as two dict lookups: it runs for
-    every target of every measurement."""
+def parametrization(module: nn.Module, name: str) -> parametrize.ParametrizationList | None:
+    """The ``torch.nn.utils.parametrize`` chain that computes ``module.name``, or None.
+    (Two dict lookups, not ``is_parametrized``: it runs for every target of every
+    measurement.)"""
     chains = module._modules.get("parametrizations")
-    return chains is not None and name in chains._modules
+    chain = None if chains is None else chains._modules.get(name)
+    return chain if isinstance(chain, parametrize.ParametrizationList) else None
 
 
-def _computed_quietly(module: nn.Module, name: str) -> torch.Tensor:
-    """A parametrized weight as the forward computes it, with the steps in eval mode:
-    in training mode ``spectral_norm`` runs a power iteration at every read, and a
-    measurement would move its ``u``, ``v`` buffers (on the counting rank only, under DDP)."""
-    chains = module._modules["parametrizations"]
-    chain = chains._modules[name] if chains is not None else None
-    assert chain is not None
+@contextlib.contextmanager
+def evaluating(chain: nn.Module) -> Iterator[None]:
+    """``chain``'s modules in eval mode inside the block, as they were after it. A
+    parametrized weight is read so: in training mode ``spectral_norm`` runs a power
+    iteration at every read, and a measurement or an export would move its ``u``, ``v``
+    buffers (on the counting rank only, under DDP)."""
     steps = [step for step in chain.modules() if step.training]
     for step in steps:
         step.training = False
     try:
-        return getattr(module, name)
+        yield
     finally:
         for step in steps:
             step.training = True
+
+
+def hook_weight(hook: WeightNorm | SpectralNorm, module: nn.Module) -> torch.Tensor:
+    """The weight a deprecated weight_norm / spectral_norm hook computes from ``module``'s
+    tensors now; spectral_norm without a power iteration (no side effect)."""
+    if isinstance(hook, SpectralNorm):
+        return hook.compute_weight(module, do_power_iteration=False)
+    return hook.compute_weight(module)
