@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Callable
+
 import torch
 from torch import nn
 from torch.nn.utils import prune
@@ -57,3 +60,39 @@ def reference_counts(model: nn.Module) -> dict[str, tuple[int, int]]:
         weight = weight.detach()
         counts[f"{name}.weight"] = (int((weight != 0).sum()), weight.numel())
     return counts
+
+
+COMPUTED_WEIGHTS: dict[
+    str, tuple[Callable[..., object], Callable[[nn.Module], torch.Tensor], str]
+] = {
+    # kind: (how the weight is computed, the original that carries its zeros, how the
+    # library's messages name what computes it)
+    "weight_norm": (
+        nn.utils.parametrizations.weight_norm,
+        lambda m: m.parametrizations.weight.original1,
+        "a parametrization",
+    ),
+    "spectral_norm": (
+        nn.utils.parametrizations.spectral_norm,
+        lambda m: m.parametrizations.weight.original,
+        "a parametrization",
+    ),
+    "legacy weight_norm": (
+        nn.utils.weight_norm,
+        lambda m: m.weight_v,
+        "the deprecated torch.nn.utils.weight_norm",
+    ),
+    "legacy spectral_norm": (
+        nn.utils.spectral_norm,
+        lambda m: m.weight_orig,
+        "the deprecated torch.nn.utils.spectral_norm",
+    ),
+}
+"""The four ways torch computes ``module.weight`` from other tensors."""
+
+
+def compute_weight(module: nn.Module, kind: str) -> None:
+    """Make ``module.weight`` computed, the ``COMPUTED_WEIGHTS`` way ``kind``."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # the deprecated functions say so
+        COMPUTED_WEIGHTS[kind][0](module)

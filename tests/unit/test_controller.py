@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
-import warnings
 
 import pytest
 import torch
@@ -16,6 +15,7 @@ from torch.nn.utils import prune
 from dist_bregman import BregmanConfig, MagnitudePruner, SparsityController
 from dist_bregman.controller import LOSS_FOLD
 from dist_bregman.optim import LinBreg
+from tests.helpers.models import COMPUTED_WEIGHTS, compute_weight
 
 
 def _model(seed: int = 0) -> nn.Sequential:
@@ -153,39 +153,13 @@ def test_attach_rejects_trainable_targets_no_optimizer_holds_and_skips_frozen() 
     assert list(reachable.regularized_names()) == ["0.weight"]
 
 
-COMPUTED_WEIGHTS = {  # how the weight is computed, and the original that carries its zeros
-    "weight_norm": (
-        nn.utils.parametrizations.weight_norm,
-        lambda m: m.parametrizations.weight.original1,
-        "a parametrization",
-    ),
-    "spectral_norm": (
-        nn.utils.parametrizations.spectral_norm,
-        lambda m: m.parametrizations.weight.original,
-        "a parametrization",
-    ),
-    "legacy weight_norm": (
-        nn.utils.weight_norm,
-        lambda m: m.weight_v,
-        "the deprecated torch.nn.utils.weight_norm",
-    ),
-    "legacy spectral_norm": (
-        nn.utils.spectral_norm,
-        lambda m: m.weight_orig,
-        "the deprecated torch.nn.utils.spectral_norm",
-    ),
-}
-
-
 @pytest.mark.parametrize("kind", list(COMPUTED_WEIGHTS))
 def test_a_computed_weight_is_read_fresh_refused_where_writes_are_lost_and_regularized_in_loss_mode(
     kind: str,
 ) -> None:
-    apply, carrier, by = COMPUTED_WEIGHTS[kind]
+    _, carrier, by = COMPUTED_WEIGHTS[kind]
     model = _model()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # the deprecated functions say so
-        apply(model[0])
+    compute_weight(model[0], kind)
     for config in (BregmanConfig(), BregmanConfig(mode="loss", freeze_support_at=10)):
         with pytest.raises(ValueError, match=rf"0\.weight is computed by {by}"):
             SparsityController(model, config)

@@ -13,6 +13,7 @@ from torch import nn
 from torch.nn.utils import prune
 
 from dist_bregman.export import _csr, _from_csr, export_sparse, load_sparse
+from tests.helpers.models import COMPUTED_WEIGHTS, compute_weight
 
 
 @pytest.mark.parametrize("shape", [(), (7,), (1, 1), (6, 9), (4, 3, 2, 2)])
@@ -71,15 +72,7 @@ def test_export_refuses_a_measured_weight_missing_from_the_state_dict(tmp_path: 
         export_sparse(model, tmp_path / "m.safetensors")
 
 
-COMPUTED = {
-    "weight_norm": nn.utils.parametrizations.weight_norm,
-    "spectral_norm": nn.utils.parametrizations.spectral_norm,
-    "legacy weight_norm": nn.utils.weight_norm,
-    "legacy spectral_norm": nn.utils.spectral_norm,
-}
-
-
-@pytest.mark.parametrize("kind", list(COMPUTED))
+@pytest.mark.parametrize("kind", list(COMPUTED_WEIGHTS))
 def test_a_computed_weight_is_exported_as_the_plain_weight_the_forward_uses(
     tmp_path: Path, kind: str
 ) -> None:
@@ -88,9 +81,7 @@ def test_a_computed_weight_is_exported_as_the_plain_weight_the_forward_uses(
     are left as they were."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # the deprecated functions say so
-        COMPUTED[kind](model[0])
+    compute_weight(model[0], kind)
     x = torch.randn(4, 6)
     for _ in range(3):  # spectral_norm's u, v move in training-mode forwards
         model(x)
