@@ -20,6 +20,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 from torch.nn.modules.conv import _ConvNd
+from torch.nn.parameter import is_lazy
 from torch.nn.utils import parametrize, prune
 from torch.nn.utils.spectral_norm import SpectralNorm
 from torch.nn.utils.weight_norm import WeightNorm
@@ -315,6 +316,13 @@ def resolve_values(
         prefix = clean_name(name)
         target = Target(f"{prefix}.{attr}" if prefix else attr, module, attr)
         values = target.tensors()[0]
+        if is_lazy(values):
+            raise ValueError(
+                f"{target.name}: an uninitialized lazy parameter ({type(module).__name__} "
+                f"learns its shape at its first call), so it has nothing to count or "
+                f"regularize yet; allowed: a materialized weight: run one forward pass on a "
+                f"sample batch first (in a LightningModule: at the end of __init__)"
+            )
         if not values.is_floating_point():
             raise TypeError(
                 f"{target.name}: dtype {values.dtype}: expected a floating-point tensor"

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torch.nn.utils import prune
 
-from dist_bregman import SparsityReport, kernels, measure_sparsity, sparsity
+from dist_bregman import SparsityController, SparsityReport, kernels, measure_sparsity, sparsity
 from dist_bregman.shards import balanced_owners, place
 from dist_bregman.sparsity import count_nonzero, reduce_counts
 from dist_bregman.targets import resolve
@@ -175,6 +175,17 @@ def test_module_outside_the_model_and_duplicates_are_rejected() -> None:
         measure_sparsity(nn.Sequential(nn.ReLU()))
     with pytest.raises(ValueError, match="zero_tolerance"):
         measure_sparsity(model, zero_tolerance=-1.0)
+
+
+def test_lazy_weights_are_refused_by_name_until_a_forward_materializes_them() -> None:
+    model = nn.Sequential(nn.Linear(4, 3), nn.LazyLinear(2))
+    for pairs in (None, [(model[1], "weight")]):
+        with pytest.raises(ValueError, match=r"1\.weight: an uninitialized lazy parameter"):
+            measure_sparsity(model, pairs)
+    with pytest.raises(ValueError, match=r"1\.weight: .*one forward pass"):
+        SparsityController(model)
+    model(torch.zeros(1, 4))
+    assert measure_sparsity(model).total == 4 * 3 + 3 * 2
 
 
 def test_report_of_empty_total_is_nan_not_zero() -> None:
