@@ -63,7 +63,8 @@ class PruningConfig:
     """``"linear"``, or ``"cubic"``: Zhu & Gupta (2017), ``s_t = s_f + (s_i - s_f)(1 - t/n)^3``,
     which prunes fast early, while the network can still recover, and gently late."""
     structured: bool = False
-    """Prune whole slices along ``dim`` (rows/filters for ``dim=0``) ranked by Ln norm."""
+    """Prune whole slices along ``dim`` (rows/filters for ``dim=0``) ranked by Ln norm;
+    ``amount`` stays a share of the elements (slices until their elements reach it)."""
     dim: int = 0
     """The dimension whose slices are units when ``structured``."""
     norm: float = 1.0
@@ -206,14 +207,20 @@ class MagnitudePruner:
             [list(range(len(keys)))] if self.config.use_global else [[i] for i in range(len(keys))]
         )
         sizes = [self._units(p) for p in self.placements]
-        ks = [round(amount * sum(sizes[i] for i in group)) for group in groups]
+        weights = [self._weight(p, units) for p, units in zip(self.placements, sizes, strict=True)]
+        ks = [round(amount * sum(sizes[i] * weights[i] for i in group)) for group in groups]
         cuts = radix_select(
-            [[keys[i] for i in group if counted[i]] for group in groups], ks, self._reduce
+            [[keys[i] for i in group if counted[i]] for group in groups],
+            ks,
+            self._reduce,
+            [[weights[i] for i in group if counted[i]] for group in groups],
         )
         cut_of = {i: cuts[g] for g, group in enumerate(groups) for i in group}
-        ties_before = self._ties_before(keys, counted, groups, cut_of, counter, rank, world)
+        ties_before = self._ties_before(
+            keys, weights, counted, groups, cut_of, counter, rank, world
+        )
         for i, view in enumerate(data):
-            units = select_mask(keys[i], cut_of[i], ties_before[i])
+            units = select_mask(keys[i], cut_of[i], ties_before[i], weights[i])
             self.masks[i] = self._expand(units, view)
         self.enforce()
         report, _ = reduce_counts(self.placements, group=self.group)
@@ -224,6 +231,16 @@ class MagnitudePruner:
         if not self.config.structured:
             return placement.global_numel
         return int(placement.target.values.shape[self.config.dim])
+
+    def _weight(self, placement: Placement, units: int) -> int:
+        """What one unit counts toward a global structured amount: its elements, so that
+        ``amount`` is the share of the set's elements, whatever the slice lengths (ranked
+        by slice count, pruning the long rows first could overshoot it by far). Units
+        count one otherwise, as ``torch.nn.utils.prune``'s per-tensor amounts do (there,
+        per tensor, a share of its slices is the same share of its elements)."""
+        if not (self.config.structured and self.config.use_global) or units == 0:
+            return 1
+        return placement.global_numel // units
 
     def _scores(self, view: LocalView) -> torch.Tensor:
         """Per-unit magnitudes of the local effective weights (0 where a prune mask is 0)."""
@@ -247,6 +264,7 @@ class MagnitudePruner:
     def _ties_before(
         self,
         keys: list[torch.Tensor],
+        weights: list[int],
         counted: list[bool],
         groups: list[list[int]],
         cut_of: dict[int, Cut],
@@ -254,14 +272,14 @@ class MagnitudePruner:
         rank: int,
         world: int,
     ) -> list[int]:
-        """For each tensor, how many selected ties precede its local elements in global
+        """For each tensor, the weight of the ties that precede its local units in global
         order (tensors in order; within a tensor, shards in the order of the ranks that
         count them; a replica takes the place of the copy that is counted). One collective."""
         n = len(keys)
         mine = torch.zeros(world, n, dtype=torch.int64)
         for i in range(n):
             if counted[i] and cut_of[i].threshold >= 0:
-                mine[rank, i] = int((keys[i] == cut_of[i].threshold).sum())
+                mine[rank, i] = int((keys[i] == cut_of[i].threshold).sum()) * weights[i]
         table = self._reduce(mine)
         totals = table.sum(dim=0).tolist()
         before = [0] * n

@@ -12,6 +12,10 @@ threshold gives each rank (and each strategy) a slightly different mask. Instead
   so the pruned set is a function of the values alone: with one more all-reduce of each
   rank's tie counts, every rank knows how many of its ties come first.
 
+A key may weigh more than one (a row of a matrix stands for its elements): then ``k`` is a
+weight, and the selection is the shortest run of keys in (key, global order) whose weights
+reach it. The keys of one tensor weigh the same, which keeps the tie rule a count.
+
 ``reduce`` sums an int64 tensor over ranks (the identity in one process). Pure torch
 otherwise; :mod:`dist_bregman.comm` supplies the collective.
 """
@@ -40,16 +44,22 @@ class Cut:
     threshold: int
     """The k-th smallest key (-1 when k == 0: nothing is selected)."""
     below: int
-    """Keys strictly smaller than ``threshold`` (all selected)."""
+    """Weight of the keys strictly smaller than ``threshold`` (all selected)."""
     ties: int
-    """Keys equal to ``threshold`` that are selected too (the first ones in order)."""
+    """Weight still to select among the keys equal to ``threshold``, the first ones in
+    order (with unit weights: how many of them are selected)."""
 
 
 def radix_select(
-    keys: Sequence[Sequence[torch.Tensor]], ks: Sequence[int], reduce: Reduce
+    keys: Sequence[Sequence[torch.Tensor]],
+    ks: Sequence[int],
+    reduce: Reduce,
+    weights: Sequence[Sequence[int]] | None = None,
 ) -> list[Cut]:
     """For each group ``g`` (a list of local key tensors), where its ``ks[g]`` smallest keys
-    over all ranks end. Every rank must call this with the same group structure."""
+    over all ranks end; with ``weights`` (one per local tensor, for each of its keys), where
+    the smallest keys whose weights sum to ``ks[g]`` or more end. Every rank must call this
+    with the same group structure."""
     groups = len(keys)
     device = next((t.device for group in keys for t in group), torch.device("cpu"))
     prefix = [0] * groups
@@ -60,13 +70,14 @@ def radix_select(
         for g, group in enumerate(keys):
             if need[g] <= 0:
                 continue
-            for local in group:
+            for t, local in enumerate(group):
                 if shift < 64 - DIGIT_BITS:
                     local = local[
                         (local >> (shift + DIGIT_BITS)) == (prefix[g] >> (shift + DIGIT_BITS))
                     ]
                 digits = (local >> shift) & (BINS - 1)
-                histogram[g] += torch.bincount(digits, minlength=BINS)
+                weight = 1 if weights is None else weights[g][t]
+                histogram[g] += torch.bincount(digits, minlength=BINS) * weight
         counts = reduce(histogram).tolist()
         for g in range(groups):
             if need[g] <= 0:
@@ -84,13 +95,15 @@ def radix_select(
     ]
 
 
-def select_mask(keys: torch.Tensor, cut: Cut, ties_before: int) -> torch.Tensor:
-    """Which of ``keys`` (local, in global order) are among the selected: those below the
-    threshold, and the ties whose global position is within the cut's quota."""
+def select_mask(keys: torch.Tensor, cut: Cut, ties_before: int, weight: int = 1) -> torch.Tensor:
+    """Which of ``keys`` (local, in global order, each weighing ``weight``) are among the
+    selected: those below the threshold, and each tie whose predecessors among the ties
+    (``ties_before``: their weight on earlier tensors and ranks) leave the cut's quota
+    unfilled."""
     if cut.threshold < 0:
         return torch.zeros_like(keys, dtype=torch.bool)
     chosen = keys < cut.threshold
-    allowed = cut.ties - ties_before
+    allowed = -((ties_before - cut.ties) // weight)  # ceil((ties - before) / weight)
     if allowed > 0:
         equal = keys == cut.threshold
         chosen |= equal & (torch.cumsum(equal.to(torch.int64), 0) <= allowed)

@@ -29,7 +29,9 @@ def _config(kind: str) -> PruningConfig:
     return {
         "global": PruningConfig(amount=0.55),
         "per_tensor": PruningConfig(amount=0.55, use_global=False),
-        "structured": PruningConfig(amount=0.4, structured=True, norm=2.0),
+        # 0.36 of the elements: the cut falls inside a tie of two rows of the first layer
+        # (13 elements each), and 6 elements short of the amount take the first of them.
+        "structured": PruningConfig(amount=0.36, structured=True, norm=2.0),
     }[kind]
 
 

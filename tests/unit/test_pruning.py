@@ -73,10 +73,42 @@ def test_each_event_reaches_the_exact_fraction(use_global: bool, structured: boo
         else:
             dead = [int((w == 0).sum()) for w in weights]
             units = [w.numel() for w in weights]
-        if use_global:
+        if use_global and structured:  # the amount is a share of elements: rows reach it
+            lengths = [w.shape[1] for w in weights]
+            pruned = sum(d * n for d, n in zip(dead, lengths, strict=True))
+            k = round(amount * sum(w.numel() for w in weights))
+            assert k <= pruned < k + max(lengths)
+        elif use_global:
             assert sum(dead) == round(amount * sum(units))
         else:
             assert dead == [round(amount * u) for u in units]
+
+
+@pytest.mark.parametrize("amount", [0.05, 0.2, 0.35, 0.5, 0.65, 0.8, 0.95])
+def test_global_structured_prunes_the_lowest_rows_until_their_elements_reach_the_amount(
+    amount: float,
+) -> None:
+    model = _model(quantized=True)
+    with torch.no_grad():  # rows that tie across layers of different row lengths
+        for index, layer in enumerate(WEIGHTS):
+            model[int(layer)].weight[index : index + 3] = 0.5
+            model[int(layer)].weight[4] = 0.0
+    weights = [w.clone() for w in _weights(model)]
+    MagnitudePruner(model, PruningConfig(structured=True, norm=2.0)).prune(amount)
+    rows = [  # (score, layer, row, elements), ranked as the pruner ranks them
+        (float(row.double().pow(2).sum().sqrt() / row.numel() ** 0.5), t, r, row.numel())
+        for t, weight in enumerate(weights)
+        for r, row in enumerate(weight)
+    ]
+    k, pruned = round(amount * sum(w.numel() for w in weights)), 0
+    expected = [torch.zeros(w.shape[0], dtype=torch.bool) for w in weights]
+    for _, t, r, elements in sorted(rows):
+        if pruned >= k:
+            break
+        expected[t][r], pruned = True, pruned + elements
+    for before, after, chosen in zip(weights, _weights(model), expected, strict=True):
+        zero_before = (before == 0).all(dim=1)  # natural zero rows rank first, and stay
+        assert torch.equal((after == 0).all(dim=1), chosen | zero_before)
 
 
 def test_natural_zeros_count_toward_the_amount() -> None:
