@@ -95,11 +95,10 @@ def test_global_structured_prunes_the_lowest_rows_until_their_elements_reach_the
             model[int(layer)].weight[4] = 0.0
     weights = [w.clone() for w in _weights(model)]
     MagnitudePruner(model, PruningConfig(structured=True, norm=2.0)).prune(amount)
-    rows = [  # (score, layer, row, elements), ranked as the pruner ranks them
-        (float(row.double().pow(2).sum().sqrt() / row.numel() ** 0.5), t, r, row.numel())
-        for t, weight in enumerate(weights)
-        for r, row in enumerate(weight)
-    ]
+    rows = []  # (score, layer, row, elements), scored as the pruner does: L2 / length^(1/2)
+    for t, weight in enumerate(weights):
+        scores = weight.double().pow(2).sum(dim=1).pow(0.5) / weight.shape[1] ** 0.5
+        rows += [(float(score), t, r, weight.shape[1]) for r, score in enumerate(scores)]
     k, pruned = round(amount * sum(w.numel() for w in weights)), 0
     expected = [torch.zeros(w.shape[0], dtype=torch.bool) for w in weights]
     for _, t, r, elements in sorted(rows):
