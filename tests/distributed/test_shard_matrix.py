@@ -472,3 +472,27 @@ def _attention_and_rnn(rank: int, world: int) -> list[bool]:
 @pytest.mark.timeout(120)
 def test_attention_and_rnn_weights_sum_their_shards_to_the_unsharded_counts() -> None:
     assert run_ranks(_attention_and_rnn, 3, timeout=100) == [[True, True]] * 3
+
+
+def _tiny_zero3(rank: int, world: int) -> tuple[bool, int]:
+    """A ZeRO-3 weight of 5 elements at 4 ranks: ``ceil(5 / 4) = 2`` per partition, so the
+    last rank's partition starts at element 6, past the end, and holds padding only."""
+    os.environ.update(LOCAL_RANK=str(rank), RANK=str(rank), WORLD_SIZE=str(world))
+    torch.manual_seed(0)
+    module = nn.Sequential(nn.Linear(3, 5), nn.ReLU(), nn.Linear(5, 1))
+    with torch.no_grad():
+        module[2].weight[0, 1] = 0.0
+    expected = measure_sparsity(module, sync=False).per_parameter
+    wrapped = wrap("zero3", module, _optimizer("sgd"))
+    wrapped.train_step(torch.randn(4, 3), torch.zeros(4, dtype=torch.long))
+    if rank == world - 1:  # padding only: NaN there must never be read
+        with torch.no_grad():
+            module[2].weight.ds_tensor.fill_(float("nan"))  # type: ignore[attr-defined]
+    report = measure_sparsity(wrapped.model)
+    totals = {name: total for name, (_, total) in report.per_parameter.items()}
+    return totals == {name: total for name, (_, total) in expected.items()}, report.nonfinite
+
+
+@pytest.mark.timeout(120)
+def test_a_zero3_partition_past_the_end_of_a_small_weight_counts_nothing() -> None:
+    assert run_ranks(_tiny_zero3, 4, timeout=100) == [(True, 0)] * 4
