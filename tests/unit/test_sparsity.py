@@ -228,6 +228,9 @@ def test_structure_counts_rows_and_kernels_in_the_same_buffer(
     assert extra == [7]
     plain, _ = reduce_counts(place(model, resolve(model)))
     assert plain.node_sparsity is None and plain.nonzero == report.nonzero
+    pairs = [(model[0], "weight"), (model[0], "bias"), (model[1], "weight")]
+    biased, _ = reduce_counts(place(model, resolve(model, pairs)), structure=True)
+    assert (biased.zero_rows, biased.rows, biased.zero_kernels, biased.kernels) == (3, 9, 3, 6)
 
 
 @pytest.mark.parametrize("zero_tolerance", [0.0, 0.3])
@@ -239,6 +242,7 @@ def test_counting_together_equals_counting_one_by_one(zero_tolerance: float) -> 
     shapes = [(3, 4), (1,), (7, 2, 3), (5,), (), (6, 3, 2, 2), (4, 5)]
     values = [torch.randn(shape, generator=generator) for shape in shapes]
     values.append(torch.randn(3, 2, generator=generator).to(torch.bfloat16))
+    values += [torch.randn(1, 5, generator=generator), torch.randn(1, 1, 3, generator=generator)]
     for v in values:
         v[v.abs() < 0.5] = 0.0
     values[0][1] = 0.0  # zero rows and kernels, some of them under a mask only
@@ -247,6 +251,8 @@ def test_counting_together_equals_counting_one_by_one(zero_tolerance: float) -> 
     values[5][::2, 1] = 0.0
     values[6][2] = 0.0
     values[7][0] = 0.0
+    values[8][0] = torch.tensor([0.0, 0.0, 0.0, 0.7, 0.9])  # one row: alive, by its end
+    values[9][0, 0] = torch.tensor([0.0, 0.0, 2.0])  # one kernel: the same
     values[2][0, 0, 0] = float("nan")
     values[7][1, 1] = float("inf")
     masks = [None] * len(values)
