@@ -159,6 +159,10 @@ def test_proxsgd_is_a_gradient_step_then_soft_thresholding() -> None:
     [
         lambda ps: LinBreg(ps, lr=0.1, lambda_=0.02, momentum=0.9),
         lambda ps: AdaBreg(ps, lr=0.01, lambda_=0.02),
+        # delta != 1 and a group regularizer: theta in the multi-tensor kernels (with
+        # delta 1 and L1 it is shrunk straight into each parameter on both paths)
+        lambda ps: LinBreg(ps, lr=0.1, lambda_=0.02, momentum=0.9, delta=0.7),
+        lambda ps: AdaBreg(ps, lr=0.01, lambda_=0.02, reg="group_l1"),
     ],
 )
 def test_foreach_path_equals_the_loop(make) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from dist_bregman import regularizers
 from dist_bregman.regularizers import L1, GroupL1, Regularizer, resolve
 
 
@@ -86,6 +87,30 @@ def test_group_prox_rows_against_the_block_soft_threshold_formula() -> None:
     GroupL1("rows").prox_(out, t)
     torch.testing.assert_close(out, expected, rtol=0, atol=1e-15)
     assert int((out.abs().sum(dim=1) == 0).sum()) == int((x.norm(dim=1) <= 0.9).sum())
+
+
+def test_group_prox_of_a_vector_is_soft_thresholding_groups_of_one() -> None:
+    x = torch.tensor([0.5, -0.2, 0.05, -1.0, 0.0], dtype=torch.float64)
+    group, plain = x.clone(), x.clone()
+    GroupL1("rows").prox_(group, 0.1)
+    L1().prox_(plain, 0.1)
+    torch.testing.assert_close(group, plain, rtol=0, atol=1e-15)
+
+
+def test_multi_tensor_prox_equals_the_prox_of_each_tensor(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The multi-tensor kernels (small accelerator tensors) give each tensor its prox; run
+    here on CPU tensors by taking that path for every tensor."""
+    monkeypatch.setattr(regularizers, "multi_tensor", lambda x: True)
+    torch.manual_seed(4)
+    tensors = [torch.randn(shape) for shape in [(3, 4), (5,), (2, 3, 3)]]
+    tensors[0][0, 0] = float("nan")
+    together = [t.clone() for t in tensors]
+    L1().prox_all_(together, 0.4)
+    for t, z in zip(tensors, together, strict=True):
+        torch.testing.assert_close(z, L1().prox_(t.clone(), 0.4), rtol=0, atol=0, equal_nan=True)
+    assert sum(int((z == 0).sum()) for z in together) > 0
 
 
 def test_group_prox_is_the_minimiser_of_its_problem() -> None:
