@@ -225,6 +225,17 @@ def test_non_finite_loss_skips_the_update_and_warns(caplog: pytest.LogCaptureFix
     assert not controller.update(2).skipped and controller.lambda_ > 1.0
 
 
+def test_a_non_finite_loss_with_on_nonfinite_stop_asks_the_loop_to_stop() -> None:
+    for on_nonfinite, stops in (("skip", False), ("stop", True)):
+        controller = SparsityController(
+            _model(), BregmanConfig(update_frequency=1, on_nonfinite=on_nonfinite)
+        )
+        controller.observe_loss(torch.tensor(1.0))
+        assert not controller.update(1).skipped and not controller.stop_requested
+        controller.observe_loss(torch.tensor(float("nan")))
+        assert controller.update(2).skipped and controller.stop_requested is stops
+
+
 def test_a_non_finite_loss_is_remembered_across_checks_of_kept_losses() -> None:
     """Losses are checked in batches of LOSS_FOLD: an Inf early in a long interval still
     skips the update at its end; the next interval starts clean."""
@@ -474,6 +485,18 @@ def test_the_freeze_holds_exactly_the_target_then_steps_are_plain_sgd_on_the_sup
     assert controller.lambda_ == frozen_lambda
     report = controller.measure()  # shrinkage had reached ~40%; the freeze held the target
     assert report.total - report.nonzero == round(0.8 * report.total)
+
+
+def test_the_freeze_happens_at_the_first_step_past_it_when_a_loop_skips_steps() -> None:
+    """A loop that calls update_if_due every few steps (or resumes past the step) still
+    freezes, at the first call at or after freeze_support_at."""
+    controller = SparsityController(
+        _model(), BregmanConfig(initial_lambda=0.5, update_frequency=4, freeze_support_at=6)
+    )
+    controller.update_if_due(4)
+    assert not controller.frozen
+    controller.update_if_due(8)
+    assert controller.frozen and controller.last_update_step == 8
 
 
 def test_a_frozen_support_survives_a_checkpoint_and_holds_zeros_on_resume() -> None:
