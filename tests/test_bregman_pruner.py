@@ -185,6 +185,22 @@ def test_seed_snippet_in_a_real_trainer_makes_exact_zeros_and_logs_metrics(tmp_p
     assert "bregman/lambda" in header and "bregman/sparsity" in header
 
 
+def test_a_second_fit_measures_the_model_as_it_is_now_and_keeps_lambda(tmp_path: Path) -> None:
+    """Surgery between two fits (a layer replaced): the second fit resolves the targets
+    afresh, so it measures and shrinks the new layer, and lambda carries over."""
+    pruner = BregmanPruner(initial_lambda=0.02, lambda_update_rate=0.01, update_frequency=4)
+    model, _ = _fit(tmp_path / "a", pruner, max_epochs=1)
+    lambda_after_first = pruner.current_lambda
+    model.net[2] = nn.Linear(32, 4)
+    trainer = make_trainer(tmp_path / "b", [pruner], max_epochs=1)
+    trainer.fit(model, seed_loader())
+    assert pruner.controller is not None
+    measured = {t.name: t.module for t in pruner.controller.targets}
+    assert measured["net.2.weight"] is model.net[2]
+    assert pruner.controller.last_update_step == 16  # its own steps, lambda carried over
+    assert pruner.current_lambda != lambda_after_first
+
+
 def test_state_dict_round_trip(tmp_path: Path) -> None:
     pruner = BregmanPruner(initial_lambda=0.01, lambda_update_rate=0.1, update_frequency=4)
     _fit(tmp_path, pruner, max_epochs=1)

@@ -107,8 +107,9 @@ class BregmanPruner(Callback):
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         # A new fit resolves the targets afresh (the model may be new, or pruned since the
-        # last fit); lambda and the step of the last update carry over. validate/test keep
-        # the controller (and what attach learned) unless the model changed.
+        # last fit); lambda and the step of the last update carry over (see
+        # on_train_start). validate/test keep the controller (and what attach learned)
+        # unless the model changed.
         stale = self.controller is not None and self._model is not pl_module
         if self.controller is not None and (stage == "fit" or stale):
             self._pending_state = self.controller.state_dict()
@@ -122,6 +123,16 @@ class BregmanPruner(Callback):
         # the layouts from the wrapper, and act through the optimizers it built.
         controller.bind(trainer.strategy.model or pl_module)
         controller.attach(*trainer.optimizers)
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # A new Trainer counts steps from 0 again, while the last update's step (carried
+        # over from an earlier fit) belongs to the old count: kept, no update would run until
+        # the new count passed it. (Here, not in on_fit_start: a resumed run's step is
+        # restored from its checkpoint only after that hook.)
+        controller = self._controller(pl_module)
+        if trainer.global_step < controller.last_update_step:
+            controller.last_update_step = trainer.global_step
 
     @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
