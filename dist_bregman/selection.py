@@ -42,7 +42,8 @@ class Cut:
     """Where one group's k smallest keys end."""
 
     threshold: int
-    """The k-th smallest key (-1 when k == 0: nothing is selected)."""
+    """The key where the selection ends: the k-th smallest with unit weights (-1 when
+    k == 0: nothing is selected)."""
     below: int
     """Weight of the keys strictly smaller than ``threshold`` (all selected)."""
     ties: int
