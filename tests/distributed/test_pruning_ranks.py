@@ -47,12 +47,22 @@ def _prune_on_ranks(rank: int, world: int, strategy: str, kind: str) -> dict[str
     wrapped = wrap(strategy, _model(), lambda m: torch.optim.SGD(m.parameters(), lr=0.2))
     with torch.no_grad():  # a forward before the event (ZeRO++ hpZ keeps copies for them)
         wrapped.model(_PROBE)
+    if strategy == "zero3_persist":
+        # A training step leaves DeepSpeed's persistent (small) parameters whole on every
+        # rank (an eval forward releases them): the copies the event must rebuild. At lr 0
+        # the weights stay those the single process prunes.
+        for group in wrapped.optimizer.param_groups:
+            group["lr"] = 0.0
+        wrapped.train_step(_PROBE, torch.zeros(4, dtype=torch.long))
+        for group in wrapped.optimizer.param_groups:
+            group["lr"] = 0.2
+        assert all(p.numel() == p.ds_numel for p in wrapped.module.parameters())
     pruner = MagnitudePruner(wrapped.model, _config(kind))
     pruner.attach(wrapped.optimizer)
     event = pruner.prune(_config(kind).amount)
-    pruned = _pattern(wrapped.full_effective())
     with torch.no_grad():  # the next forward already computes with the pruned weights
-        output = wrapped.model(_PROBE)
+        output = wrapped.model(_PROBE)  # (before a gather below could refresh stale copies)
+    pruned = _pattern(wrapped.full_effective())
     generator = torch.Generator().manual_seed(0)
     for _ in range(3):  # the masks must survive steps (and fp32 masters)
         wrapped.train_step(
