@@ -496,3 +496,46 @@ def _tiny_zero3(rank: int, world: int) -> tuple[bool, int]:
 @pytest.mark.timeout(120)
 def test_a_zero3_partition_past_the_end_of_a_small_weight_counts_nothing() -> None:
     assert run_ranks(_tiny_zero3, 4, timeout=100) == [(True, 0)] * 4
+
+
+def _two_lrs(model: nn.Module) -> torch.optim.SGD:
+    """Biases first at one lr, the weights second at another: the proximal threshold is
+    each group's lr times lambda, so a weight mapped to the wrong group shrinks wrongly."""
+    named = list(model.named_parameters())
+    biases = [p for name, p in named if name.endswith("bias")]
+    weights = [p for name, p in named if not name.endswith("bias")]
+    return torch.optim.SGD([{"params": biases, "lr": 0.3}, {"params": weights, "lr": 0.1}])
+
+
+def _grouped_trajectory(rank: int, world: int, strategy: str, batches: list) -> dict[str, Any]:
+    os.environ.update(LOCAL_RANK=str(rank), RANK=str(rank), WORLD_SIZE=str(world))
+    wrapped = wrap(strategy, matrix_model(), _two_lrs)
+    return _run_trajectory(
+        wrapped.model, wrapped.optimizer, wrapped.train_step, batches, rank, world, 0
+    ) | {"weights": wrapped.full_effective()}
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("strategy", ["zero2", "zero3"])
+def test_deepspeed_partitions_take_the_proximal_step_at_their_own_groups_lr(strategy: str) -> None:
+    """DeepSpeed steps flat partitions per param group (ZeRO-3: per sub-group): the
+    proximal step must find each measured weight's group, here the second one."""
+    generator = torch.Generator().manual_seed(1)
+    batches = [
+        (torch.randn(8, 13, generator=generator), torch.randint(0, 5, (8,), generator=generator))
+        for _ in range(6)
+    ]
+    single = matrix_model()
+    optimizer = _two_lrs(single)
+
+    def step(x: torch.Tensor, y: torch.Tensor) -> None:
+        torch.nn.functional.cross_entropy(single(x), y).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+    reference = _run_trajectory(single, optimizer, step, batches, 0, 1, 0)
+    weights = effective_weights(single)
+    for result in run_ranks(_grouped_trajectory, 2, strategy, batches, timeout=100):
+        assert result["points"] == reference["points"]
+        for name, weight in weights.items():
+            torch.testing.assert_close(result["weights"][name], weight, rtol=1e-5, atol=1e-6)
