@@ -10,7 +10,7 @@ from torch import nn
 from torch.nn.utils import prune
 
 from dist_bregman import SparsityController, SparsityReport, kernels, measure_sparsity, sparsity
-from dist_bregman.shards import balanced_owners, place
+from dist_bregman.shards import LocalView, Replicated, balanced_owners, place
 from dist_bregman.sparsity import count_nonzero, reduce_counts
 from dist_bregman.targets import resolve
 from tests.helpers.models import ConvNet, mixed_state_model, reference_counts, sample_inputs
@@ -186,6 +186,24 @@ def test_lazy_weights_are_refused_by_name_until_a_forward_materializes_them() ->
         SparsityController(model)
     model(torch.zeros(1, 4))
     assert measure_sparsity(model).total == 4 * 3 + 3 * 2
+
+
+def test_a_placement_that_loses_elements_is_an_error_not_a_number() -> None:
+    """The guard behind every strategy: counted totals must equal the tensor's size (a
+    layout read wrongly, e.g. padding or a lost shard, fails loudly)."""
+
+    class Lossy(Replicated):
+        def view(self) -> LocalView:
+            view = super().view()
+            assert view.values is not None
+            return view._replace(values=view.values.reshape(-1)[1:], numel=view.numel - 1)
+
+    model = ConvNet()
+    placements = [Lossy(p.target) for p in place(model, resolve(model))]
+    with pytest.raises(
+        RuntimeError, match=r"embed\.weight: ranks counted 76 elements, but .* has 77"
+    ):
+        reduce_counts(placements)
 
 
 def test_report_of_empty_total_is_nan_not_zero() -> None:
