@@ -78,6 +78,22 @@ def test_resume_mid_schedule_gives_the_uninterrupted_run(tmp_path: Path) -> None
     assert pruning.current_amount == pytest.approx(0.7)
 
 
+def test_a_second_fit_with_a_new_trainer_never_loosens_what_the_schedule_reached(
+    tmp_path: Path,
+) -> None:
+    """Fine-tuning a pruned model with a new Trainer (epochs count from 0 again): the
+    schedule's first amount would free most of the zeros; the reached amount is held."""
+    pruning = _pruning()
+    model = SeedModel()
+    make_trainer(tmp_path / "a", [pruning], max_epochs=5).fit(model, seed_loader())
+    reached = pruning.current_amount
+    assert reached == pytest.approx(0.7)
+    make_trainer(tmp_path / "b", [pruning], max_epochs=2).fit(model, seed_loader())
+    assert pruning.current_amount == pytest.approx(reached)
+    report = measure_sparsity(model)
+    assert report.total - report.nonzero >= round(0.7 * report.total)
+
+
 def test_a_pruned_checkpoint_loads_into_a_fresh_unpruned_model(tmp_path: Path) -> None:
     checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True)
     model = SeedModel()

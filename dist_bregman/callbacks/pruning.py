@@ -148,6 +148,11 @@ class SafeModelPruning(Callback):
     # ------------------------------------------------------------------ internals
     def _event(self, unit: int, pl_module: pl.LightningModule) -> None:
         amount = scheduled_amount(unit, self.config)
+        if self._amount is not None:
+            # The schedule only rises, so this changes nothing within one run or on a
+            # resume; a new Trainer counts epochs and steps from 0 again, and its first
+            # amounts would free zeros the schedule had already reached.
+            amount = max(amount, self._amount)
         event = self._pruner().prune(amount)
         self.last, self.last_event, self._amount = event, unit, amount
         report, config = event.report, self.config
