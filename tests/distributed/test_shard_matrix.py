@@ -234,13 +234,49 @@ def test_linbreg_over_fsdp1_flat_parameters_is_refused(grouping: str, message: s
         assert message in error
 
 
-def _trajectory(rank: int, world: int, strategy: str, batches: list, freeze: int) -> dict[str, Any]:
+def _trajectory(
+    rank: int, world: int, strategy: str, batches: list, freeze: int, make: Any
+) -> dict[str, Any]:
     os.environ.update(LOCAL_RANK=str(rank), RANK=str(rank), WORLD_SIZE=str(world))
-    module = matrix_model()
-    wrapped = wrap(strategy, module, lambda m: torch.optim.SGD(m.parameters(), lr=0.1))
+    wrapped = wrap(strategy, matrix_model(), make)
     return _run_trajectory(
         wrapped.model, wrapped.optimizer, wrapped.train_step, batches, rank, world, freeze
     ) | {"weights": wrapped.full_effective()}
+
+
+def _one_process(batches: list, freeze: int, make: Any) -> tuple[dict[str, Any], Any]:
+    """The trajectory and final weights of the same training in one process."""
+    single = matrix_model()
+    optimizer = make(single)
+
+    def step(x: torch.Tensor, y: torch.Tensor) -> None:
+        torch.nn.functional.cross_entropy(single(x), y).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+    reference = _run_trajectory(single, optimizer, step, batches, 0, 1, freeze)
+    return reference, effective_weights(single)
+
+
+def _batches(count: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    generator = torch.Generator().manual_seed(1)
+    return [
+        (torch.randn(8, 13, generator=generator), torch.randint(0, 5, (8,), generator=generator))
+        for _ in range(count)
+    ]
+
+
+def _assert_two_ranks_follow(
+    strategy: str, batches: list, freeze: int, make: Any, timeout: int
+) -> dict[str, Any]:
+    """Two ranks under ``strategy`` give the one-process counts and lambdas exactly, and
+    its weights; returns the one-process trajectory."""
+    reference, weights = _one_process(batches, freeze, make)
+    for result in run_ranks(_trajectory, 2, strategy, batches, freeze, make, timeout=timeout):
+        assert result["points"] == reference["points"]  # counts and lambda, exactly
+        for name, weight in weights.items():
+            torch.testing.assert_close(result["weights"][name], weight, rtol=1e-5, atol=1e-6)
+    return reference
 
 
 def _run_trajectory(
@@ -274,30 +310,12 @@ def _run_trajectory(
 @pytest.mark.parametrize("freeze", [0, 5], ids=["shrinking", "support_frozen_at_5"])
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_two_ranks_follow_the_one_process_trajectory(strategy: str, freeze: int) -> None:
-    generator = torch.Generator().manual_seed(1)
-    batches = [
-        (torch.randn(8, 13, generator=generator), torch.randint(0, 5, (8,), generator=generator))
-        for _ in range(8)
-    ]
-    single = matrix_model()
-    optimizer = torch.optim.SGD(single.parameters(), lr=0.1)
-
-    def step(x: torch.Tensor, y: torch.Tensor) -> None:
-        torch.nn.functional.cross_entropy(single(x), y).backward()
-        optimizer.step()
-        optimizer.zero_grad()
-
-    reference = _run_trajectory(single, optimizer, step, batches, 0, 1, freeze)
-    reference_weights = effective_weights(single)
+    reference = _assert_two_ranks_follow(strategy, _batches(8), freeze, _optimizer("sgd"), 200)
     points = reference["points"]
     counts_moved = {nonzero for _, nonzero, _ in points[: 2 if freeze else 4]}
     assert len(points) == 4 and len(counts_moved) == len(points[: 2 if freeze else 4])
     if freeze:  # after step 5: the same zeros (held, none new) and the same lambda
         assert points[2][1:] == points[3][1:] and points[2][1] < points[1][1]
-    for result in run_ranks(_trajectory, 2, strategy, batches, freeze, timeout=200):
-        assert result["points"] == reference["points"]  # counts and lambda, exactly
-        for name, weight in reference_weights.items():
-            torch.testing.assert_close(result["weights"][name], weight, rtol=1e-5, atol=1e-6)
 
 
 def _loss_mode_on_shards(rank: int, world: int, strategy: str) -> str:
@@ -507,35 +525,9 @@ def _two_lrs(model: nn.Module) -> torch.optim.SGD:
     return torch.optim.SGD([{"params": biases, "lr": 0.3}, {"params": weights, "lr": 0.1}])
 
 
-def _grouped_trajectory(rank: int, world: int, strategy: str, batches: list) -> dict[str, Any]:
-    os.environ.update(LOCAL_RANK=str(rank), RANK=str(rank), WORLD_SIZE=str(world))
-    wrapped = wrap(strategy, matrix_model(), _two_lrs)
-    return _run_trajectory(
-        wrapped.model, wrapped.optimizer, wrapped.train_step, batches, rank, world, 0
-    ) | {"weights": wrapped.full_effective()}
-
-
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("strategy", ["zero2", "zero3"])
 def test_deepspeed_partitions_take_the_proximal_step_at_their_own_groups_lr(strategy: str) -> None:
     """DeepSpeed steps flat partitions per param group (ZeRO-3: per sub-group): the
     proximal step must find each measured weight's group, here the second one."""
-    generator = torch.Generator().manual_seed(1)
-    batches = [
-        (torch.randn(8, 13, generator=generator), torch.randint(0, 5, (8,), generator=generator))
-        for _ in range(6)
-    ]
-    single = matrix_model()
-    optimizer = _two_lrs(single)
-
-    def step(x: torch.Tensor, y: torch.Tensor) -> None:
-        torch.nn.functional.cross_entropy(single(x), y).backward()
-        optimizer.step()
-        optimizer.zero_grad()
-
-    reference = _run_trajectory(single, optimizer, step, batches, 0, 1, 0)
-    weights = effective_weights(single)
-    for result in run_ranks(_grouped_trajectory, 2, strategy, batches, timeout=100):
-        assert result["points"] == reference["points"]
-        for name, weight in weights.items():
-            torch.testing.assert_close(result["weights"][name], weight, rtol=1e-5, atol=1e-6)
+    _assert_two_ranks_follow(strategy, _batches(6), 0, _two_lrs, 100)
