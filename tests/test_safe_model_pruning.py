@@ -119,6 +119,60 @@ def test_step_unit_and_permanent_end(tmp_path: Path) -> None:
     assert measure_sparsity(model).sparsity >= 0.3 - 1 / 448  # ...with the zeros in
 
 
+def _event_units(caplog: pytest.LogCaptureFixture) -> list[str]:
+    """The "step N" of each verbose event line captured."""
+    lines = [r.getMessage() for r in caplog.records]
+    return [line.split(":")[1].strip() for line in lines if "pruned to" in line]
+
+
+def test_a_second_fit_with_a_new_trainer_prunes_at_every_step_event_again(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Steps count from 0 again in a new Trainer: the event at the step where the first fit
+    pruned last is this fit's event too, not a repeat of that one."""
+    pruning = SafeModelPruning(amount=0.3, prune_every=5, prune_unit="step", verbose=1)
+    model = SeedModel()
+    make_trainer(tmp_path / "a", [pruning], max_steps=7).fit(model, seed_loader())
+    assert pruning.last_event == 5
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="dist_bregman"):
+        make_trainer(tmp_path / "b", [pruning], max_epochs=1).fit(model, seed_loader())
+    assert _event_units(caplog) == ["step 5", "step 10", "step 15"]
+    assert pruning.last_event == 15
+
+
+def test_step_events_with_gradient_accumulation_prune_once_per_optimizer_step(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """global_step stays put over the micro-batches of one optimizer step."""
+    pruning = SafeModelPruning(amount=0.3, prune_every=2, prune_unit="step", verbose=1)
+    with caplog.at_level(logging.INFO, logger="dist_bregman"):
+        make_trainer(tmp_path, [pruning], max_epochs=1, accumulate_grad_batches=4).fit(
+            SeedModel(), seed_loader()
+        )
+    assert _event_units(caplog) == ["step 2", "step 4"]  # 16 batches: 4 optimizer steps
+
+
+def test_a_resume_at_an_event_step_with_accumulation_does_not_prune_there_again(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The restored step is the last event's: its remaining micro-batches are not due."""
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    options = {"accumulate_grad_batches": 4, "enable_checkpointing": True}
+    pruning = SafeModelPruning(amount=0.3, prune_every=2, prune_unit="step", verbose=1)
+    make_trainer(tmp_path, [pruning, checkpoint], max_steps=2, **options).fit(
+        SeedModel(), seed_loader()
+    )
+    assert pruning.last_event == 2
+    resumed = SafeModelPruning(amount=0.3, prune_every=2, prune_unit="step", verbose=1)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="dist_bregman"):
+        make_trainer(tmp_path, [resumed], max_steps=4, **options).fit(
+            SeedModel(), seed_loader(), ckpt_path=str(tmp_path / "last.ckpt")
+        )
+    assert _event_units(caplog) == ["step 4"]
+
+
 def test_bad_arguments_raise_at_construction() -> None:
     with pytest.raises(ValueError, match=r"final_amount=None with scheduled_pruning=True"):
         SafeModelPruning(amount=0.2, scheduled_pruning=True)

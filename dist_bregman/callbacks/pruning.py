@@ -78,6 +78,9 @@ class SafeModelPruning(Callback):
         self.last: PruningEvent | None = None
         """The last pruning event of this process (None before it, also after a resume)."""
         self._amount: float | None = None
+        self._pruned_at_step: int | None = None
+        """The step this fit last pruned at: ``global_step`` stays put over the micro-batches
+        of one optimizer step (gradient accumulation), and one event is due per step."""
 
     @property
     def current_amount(self) -> float | None:
@@ -102,6 +105,12 @@ class SafeModelPruning(Callback):
         # Resuming mid-schedule: the weights are restored by now, their zeros are the masks.
         if self.last_event is not None:
             self._pruner().derive_masks()
+        # A resume continues the step count (an event at the restored step was made); a new
+        # Trainer counts from 0 again, and its event at the last event's step is a new one.
+        resumed_at_event = (
+            self.config.prune_unit == "step" and trainer.global_step == self.last_event
+        )
+        self._pruned_at_step = self.last_event if resumed_at_event else None
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -121,9 +130,10 @@ class SafeModelPruning(Callback):
         batch_idx: int,
     ) -> None:
         step = trainer.global_step
-        due = step > 0 and step % self.config.prune_every == 0 and step != self.last_event
+        due = step > 0 and step % self.config.prune_every == 0 and step != self._pruned_at_step
         if self.config.prune_unit == "step" and due:
             self._event(step, pl_module)
+            self._pruned_at_step = step
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
