@@ -10,6 +10,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import pytest
+import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from torch import nn
@@ -199,6 +200,40 @@ def test_a_second_fit_measures_the_model_as_it_is_now_and_keeps_lambda(tmp_path:
     assert measured["net.2.weight"] is model.net[2]
     assert pruner.controller.last_update_step == 16  # its own steps, lambda carried over
     assert pruner.current_lambda != lambda_after_first
+
+
+class _ValidatedModel(SeedModel):
+    """Reports the regularization term in validation_step, as a user monitoring it would."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.penalties: list[float] = []
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        assert self.bregman_pruner is not None
+        self.penalties.append(float(self.bregman_pruner.get_regularization_loss(self)))
+
+
+def test_validate_after_fit_regularizes_the_model_it_is_given(tmp_path: Path) -> None:
+    """validate(model) keeps the fitted controller; validate(other) measures other's weights
+    (not the fitted model's) with the same lambda."""
+    pruner = BregmanPruner(initial_lambda=0.02, lambda_update_rate=0.01, update_frequency=4)
+    model, trainer = _fit(tmp_path, pruner, max_epochs=1, model=_ValidatedModel())
+    fitted, lam = pruner.controller, pruner.current_lambda
+
+    def l1(m: SeedModel) -> float:
+        return float(m.net[0].weight.abs().sum() + m.net[2].weight.abs().sum())
+
+    trainer.validate(model, seed_loader(n=16))
+    assert pruner.controller is fitted
+    assert model.penalties == [pytest.approx(lam * l1(model), rel=1e-5)]
+    other = _ValidatedModel()
+    other.bregman_pruner = pruner
+    with torch.no_grad():
+        other.net[0].weight.mul_(3.0)
+    trainer.validate(other, seed_loader(n=16))
+    assert other.penalties == [pytest.approx(lam * l1(other), rel=1e-5)]
+    assert l1(other) > 2 * l1(model) and pruner.current_lambda == lam
 
 
 def test_state_dict_round_trip(tmp_path: Path) -> None:
