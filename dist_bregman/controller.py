@@ -554,13 +554,18 @@ class SparsityController:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore lambda and the step of the last update; refuses a corrupt lambda."""
-        lam = check_number(
-            "checkpoint lambda",
-            state.get("lambda", self.config.initial_lambda),
-            low=self.config.min_lambda,
-            high=self.config.max_lambda,
-        )
+        """Restore lambda and the step of the last update; refuses a corrupt lambda
+        (non-finite, negative, not a number) and clamps one outside this run's
+        ``[min_lambda, max_lambda]`` into it, with a warning: resuming with new bounds is
+        a user's decision, as the clamp at every update is."""
+        config = self.config
+        saved = check_number("checkpoint lambda", state.get("lambda", config.initial_lambda), low=0)
+        lam = min(max(saved, config.min_lambda), config.max_lambda)
+        if lam != saved:
+            logs.warn0(
+                f"checkpoint lambda {saved:.8f} is outside this run's [min_lambda, max_lambda] "
+                f"= [{config.min_lambda:g}, {config.max_lambda:g}]: resuming at {lam:.8f}"
+            )
         self.lambda_ = lam  # reaches the optimizers below, once the phase is restored
         self.last_update_step = int(state.get("last_update_step", 0))
         self.started = bool(state.get("started", True))  # older checkpoints: no warm-up

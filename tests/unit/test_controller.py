@@ -271,7 +271,9 @@ def test_the_step_guard_reads_sparse_embedding_gradients(
     assert "Step 2: non-finite gradient on rank(s) [0]" in caplog.text
 
 
-def test_state_round_trip_and_corrupt_lambda_is_refused() -> None:
+def test_state_round_trip_and_corrupt_lambda_is_refused(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     controller = SparsityController(
         _model(), BregmanConfig(update_frequency=1, lambda_update_rate=0.5)
     )
@@ -292,8 +294,15 @@ def test_state_round_trip_and_corrupt_lambda_is_refused() -> None:
     assert torch.load(buffer, weights_only=True) == state
     with pytest.raises(ValueError, match="checkpoint lambda=nan"):
         restored.load_state_dict({"lambda": float("nan")})
-    with pytest.raises(ValueError, match="checkpoint lambda=500"):
+    with pytest.raises(ValueError, match="checkpoint lambda=-0.5: expected a number >= 0"):
+        restored.load_state_dict({"lambda": -0.5})
+    assert restored.lambda_ == controller.lambda_  # a refused state changes nothing
+    # Resumed with bounds changed since the save: clamped into this run's, and said.
+    with caplog.at_level(logging.WARNING, logger="dist_bregman"):
         restored.load_state_dict({"lambda": 500.0})
+    assert restored.lambda_ == restored.config.max_lambda == 100.0
+    assert "checkpoint lambda 500.00000000 is outside this run's" in caplog.text
+    assert "[min_lambda, max_lambda] = [0, 100]: resuming at 100.00000000" in caplog.text
 
 
 def test_attach_warns_when_shrinkage_alone_zeroes_most_weights_before_lambda_can_react(
