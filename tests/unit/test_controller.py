@@ -294,7 +294,7 @@ def test_state_round_trip_and_corrupt_lambda_is_refused(
     assert torch.load(buffer, weights_only=True) == state
     with pytest.raises(ValueError, match="checkpoint lambda=nan"):
         restored.load_state_dict({"lambda": float("nan")})
-    with pytest.raises(ValueError, match="checkpoint lambda=-0.5: expected a number >= 0"):
+    with pytest.raises(ValueError, match=r"checkpoint lambda=-0\.5: expected a number >= 0"):
         restored.load_state_dict({"lambda": -0.5})
     assert restored.lambda_ == controller.lambda_  # a refused state changes nothing
     # Resumed with bounds changed since the save: clamped into this run's, and said.
