@@ -16,7 +16,10 @@ from __future__ import annotations
 
 import gc
 from pathlib import Path
+from typing import Any
 
+import lightning.pytorch as pl
+from lightning.fabric.plugins.environments import ClusterEnvironment
 from lightning.pytorch.cli import LightningCLI
 
 from dist_bregman import comm
@@ -26,10 +29,22 @@ from dist_bregman.export import export_sparse, gather_state_dict
 from dist_bregman.report import plot_sparsity_lambda, write_summary
 from dist_bregman.shards import locate
 from dist_bregman.sparsity import reduce_counts
+from dist_bregman.strategies import DeepSpeedLauncherEnvironment
 
 
 class BregmanCLI(LightningCLI):
     """LightningCLI whose ``fit`` ends with a test of the sparse model and a report."""
+
+    def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:
+        """The Trainer, reading its ranks from the ``deepspeed`` launcher when it started
+        this process (unless the config names a cluster environment)."""
+        if DeepSpeedLauncherEnvironment.detect():
+            configured = self._get(self.config_init, "trainer", default={}).get("plugins")
+            plugins = configured if isinstance(configured, list) else [configured]
+            plugins = [p for p in plugins if p is not None]
+            if not any(isinstance(p, ClusterEnvironment) for p in plugins):
+                kwargs["plugins"] = [*plugins, DeepSpeedLauncherEnvironment()]
+        return super().instantiate_trainer(**kwargs)
 
     def after_fit(self) -> None:
         trainer = self.trainer

@@ -1,4 +1,4 @@
-"""Lightning's DeepSpeed strategy, also on CPU.
+"""Lightning's DeepSpeed strategy, also on CPU; the ranks the ``deepspeed`` launcher gives.
 
 Lightning's ``DeepSpeedStrategy`` refuses anything but CUDA. DeepSpeed itself runs ZeRO
 stages 1-3 on CPU with gloo; three things stand in the way, and this subclass changes only
@@ -14,14 +14,19 @@ both):
                       strategy=DeepSpeedStrategy(stage=3, config=...))
 
 For tests and for users without GPUs; it is not a performance path.
+
+:class:`DeepSpeedLauncherEnvironment` reads the ranks the ``deepspeed`` launcher set, so a
+job it starts on several nodes forms one world (``dist-bregman`` picks it by itself).
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator
 from typing import Any
 
+from lightning.fabric.plugins.environments import ClusterEnvironment
 from lightning.fabric.utilities.seed import reset_seed
 from lightning.pytorch.accelerators.cuda import CUDAAccelerator
 from lightning.pytorch.strategies import DDPStrategy
@@ -104,3 +109,64 @@ class DeepSpeedStrategy(LightningDeepSpeedStrategy):
             yield
         finally:
             deepspeed.initialize = original
+
+
+class DeepSpeedLauncherEnvironment(ClusterEnvironment):
+    """The ranks the ``deepspeed`` launcher gave this process.
+
+    The launcher sets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` and
+    ``MASTER_PORT``, and the node's rank as ``CROSS_RANK``. Lightning recognises none of
+    its launchers there and reads a node rank only from ``NODE_RANK`` or ``GROUP_RANK``, so
+    on several nodes every node took itself for node 0: two processes of global rank 0,
+    one failing with EADDRINUSE while the other waited. Pass it to the Trainer
+    (``plugins=[DeepSpeedLauncherEnvironment()]``) when the launcher starts your script;
+    ``dist-bregman`` adds it by itself (:meth:`detect`).
+    """
+
+    @property
+    def creates_processes_externally(self) -> bool:
+        return True
+
+    @property
+    def main_address(self) -> str:
+        return os.environ["MASTER_ADDR"]
+
+    @property
+    def main_port(self) -> int:
+        return int(os.environ["MASTER_PORT"])
+
+    @staticmethod
+    def detect() -> bool:
+        """Started by the ``deepspeed`` launcher (it alone sets ``CROSS_RANK`` beside the
+        ranks)."""
+        keys = ("CROSS_RANK", "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+        return all(key in os.environ for key in keys)
+
+    def world_size(self) -> int:
+        return int(os.environ["WORLD_SIZE"])
+
+    def set_world_size(self, size: int) -> None:
+        """The launcher decided it (Lightning's value is checked in :meth:`validate_settings`)."""
+
+    def global_rank(self) -> int:
+        return int(os.environ["RANK"])
+
+    def set_global_rank(self, rank: int) -> None:
+        """The launcher decided it."""
+
+    def local_rank(self) -> int:
+        return int(os.environ["LOCAL_RANK"])
+
+    def node_rank(self) -> int:
+        return int(os.environ["CROSS_RANK"])
+
+    def validate_settings(self, num_devices: int, num_nodes: int) -> None:
+        # Lightning shards the data by devices * num_nodes: it must be the launcher's world.
+        if num_devices * num_nodes != self.world_size():
+            raise ValueError(
+                f"Trainer devices={num_devices} x num_nodes={num_nodes} = "
+                f"{num_devices * num_nodes} processes, but the deepspeed launcher started "
+                f"WORLD_SIZE={self.world_size()}; allowed: devices = processes per node "
+                f"(the launcher's --num_gpus) and num_nodes = the hosts it runs on "
+                f"(launch/deepspeed.sh passes both)"
+            )

@@ -9,6 +9,8 @@
 # The launcher starts one process per GPU, or only one on CPU unless told --num_gpus: NPROC
 # sets it either way. It defaults to port 29500, so a free port is chosen unless
 # MASTER_PORT is set. --no_local_rank: Lightning reads LOCAL_RANK from the environment.
+# With a hostfile, NNODES (default: every host listed) goes to the launcher and to the
+# Trainer's num_nodes; dist-bregman reads each node's rank from the launcher (CROSS_RANK).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -23,8 +25,13 @@ if [ "$ACCELERATOR" = cpu ]; then
   export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$PWD/build/torch_extensions}
 fi
 hosts=()
-[ -n "${HOSTFILE:-}" ] && hosts=(--hostfile "$HOSTFILE")
+if [ -n "${HOSTFILE:-}" ]; then
+  NNODES=${NNODES:-$(grep -cvE '^[[:space:]]*(#|$)' "$HOSTFILE")}
+  hosts=(--hostfile "$HOSTFILE" --num_nodes "$NNODES")
+else
+  NNODES=1
+fi
 
 exec "$DEEPSPEED" "${hosts[@]}" --num_gpus "$NPROC" --master_port "$MASTER_PORT" --no_local_rank \
   --module dist_bregman fit --config "$CONFIG" \
-  --trainer.accelerator="$ACCELERATOR" --trainer.devices="$NPROC" "$@"
+  --trainer.accelerator="$ACCELERATOR" --trainer.devices="$NPROC" --trainer.num_nodes="$NNODES" "$@"

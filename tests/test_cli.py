@@ -9,11 +9,13 @@ import sys
 from pathlib import Path
 from unittest.mock import patch
 
+import lightning.pytorch as pl
 import pytest
 import yaml
 
-from dist_bregman.cli import main
+from dist_bregman.cli import BregmanCLI, main
 from dist_bregman.export import load_sparse
+from dist_bregman.strategies import DeepSpeedLauncherEnvironment
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -125,3 +127,42 @@ def test_python_dash_m_entry_point_and_config_errors(capsys: pytest.CaptureFixtu
     )
     assert bad.returncode != 0
     assert "target_sparsity=1.5" in bad.stderr
+
+
+LAUNCHER_ENV = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29555", "LOCAL_RANK": "0"}
+
+
+def _trainer_under_the_deepspeed_launcher(
+    monkeypatch: pytest.MonkeyPatch, folder: Path, env: dict[str, str], *args: str
+) -> pl.Trainer:
+    for key, value in (LAUNCHER_ENV | env).items():
+        monkeypatch.setenv(key, value)
+    config = str(ROOT / "configs" / "digits_zero1.yaml")
+    root = f"--trainer.default_root_dir={folder}"
+    return BregmanCLI(args=["--config", config, root, *args], run=False).trainer
+
+
+def test_under_the_deepspeed_launcher_the_trainer_takes_its_ranks(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The launcher's node rank is CROSS_RANK, which Lightning does not read: every node
+    took itself for node 0. The CLI builds the Trainer with the launcher's ranks."""
+    env = {"CROSS_RANK": "1", "RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1"}
+    trainer = _trainer_under_the_deepspeed_launcher(
+        monkeypatch, tmp_path, env, "--trainer.devices=2", "--trainer.num_nodes=2"
+    )
+    environment = trainer.strategy.cluster_environment  # type: ignore[attr-defined]
+    assert isinstance(environment, DeepSpeedLauncherEnvironment)
+    assert (trainer.node_rank, trainer.global_rank, trainer.local_rank) == (1, 3, 1)
+    assert trainer.world_size == 4
+    # Lightning's own rule (node rank from NODE_RANK/GROUP_RANK) would say node 0, rank 1.
+    # At fit, before any process group: a Trainer that disagrees with the launcher's world.
+    trainer = _trainer_under_the_deepspeed_launcher(
+        monkeypatch, tmp_path, env, "--trainer.devices=2"
+    )
+    with pytest.raises(
+        ValueError,
+        match=r"devices=2 x num_nodes=1 = 2 processes, but the "
+        r"deepspeed launcher started WORLD_SIZE=4",
+    ):
+        trainer.strategy.launcher.launch(lambda: None)  # type: ignore[attr-defined]

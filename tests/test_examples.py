@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import subprocess
 import sys
@@ -190,6 +191,57 @@ def test_launch_scripts_run_the_sharded_jobs(
     weights = [model.net[i].weight for i in (0, 2, 4)]
     assert sum(int((w != 0).sum()) for w in weights) == summary["nonzero"]
     assert (done.stdout + done.stderr).count(f"Step {steps}: Sparsity=") == 1  # rank 0 only
+
+
+@pytest.mark.timeout(200)
+def test_the_deepspeed_launcher_on_two_nodes_forms_one_world(tmp_path: Path) -> None:
+    """What `deepspeed --hostfile` runs on each host (over pdsh): the per-node launcher
+    with that host's --node_rank. Two one-process "nodes" here must train as ranks 0 and 1
+    of one world (before: both took rank 0; one failed with EADDRINUSE, one waited)."""
+    hosts = base64.urlsafe_b64encode(json.dumps({"node0": [0], "node1": [0]}).encode())
+    port = _free_port()
+    env = child_env() | {"DS_ACCELERATOR": "cpu"}
+    nodes = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "deepspeed.launcher.launch",
+                f"--world_info={hosts.decode()}",
+                f"--node_rank={node}",
+                "--master_addr=127.0.0.1",
+                f"--master_port={port}",
+                "--no_local_rank",
+                "--module",
+                "dist_bregman",
+                "fit",
+                "--config",
+                "configs/digits_zero1.yaml",
+                "--trainer.devices=1",
+                "--trainer.num_nodes=2",
+                "--trainer.max_epochs=1",
+                "--trainer.enable_progress_bar=false",
+                f"--trainer.logger.init_args.save_dir={tmp_path}",
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for node in (0, 1)
+    ]
+    try:
+        outputs = [node.communicate(timeout=180)[0] for node in nodes]
+    finally:
+        for node in nodes:
+            node.kill()
+    assert [node.returncode for node in nodes] == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
+    assert "GLOBAL_RANK: 0, MEMBER: 1/2" in outputs[0]
+    assert "GLOBAL_RANK: 1, MEMBER: 2/2" in outputs[1]
+    summary = json.loads((tmp_path / "digits_zero1" / "version_0" / "summary.json").read_text())
+    assert summary["global_step"] == 40  # 1257 samples split in two, 16 a step (alone: 79)
+    assert ["== dist-bregman summary ==" in out for out in outputs] == [True, False]
 
 
 def _resilient(out: Path, *extra: str) -> subprocess.CompletedProcess[str]:
