@@ -12,6 +12,7 @@ from unittest.mock import patch
 import lightning.pytorch as pl
 import pytest
 import yaml
+from lightning.fabric.plugins.environments import LightningEnvironment
 
 from dist_bregman.cli import BregmanCLI, main
 from dist_bregman.export import load_sparse
@@ -166,3 +167,7 @@ def test_under_the_deepspeed_launcher_the_trainer_takes_its_ranks(
         r"deepspeed launcher started WORLD_SIZE=4",
     ):
         trainer.strategy.launcher.launch(lambda: None)  # type: ignore[attr-defined]
+    # A cluster environment the config names is the user's choice, kept.
+    named = "--trainer.plugins=lightning.fabric.plugins.environments.LightningEnvironment"
+    trainer = _trainer_under_the_deepspeed_launcher(monkeypatch, tmp_path, env, named)
+    assert type(trainer.strategy.cluster_environment) is LightningEnvironment  # type: ignore[attr-defined]
