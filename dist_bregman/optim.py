@@ -17,9 +17,11 @@ Regularizer), ``lambda``, ``delta``; the constructor keywords give the defaults.
 given without ``reg`` is split: tensors with ``ndim >= 2`` (weights) get the default, the
 rest (biases, norm scales) get ``None``. Parameters are written in place (``copy_``); ``v``
 and the moments are fp32 for bf16/fp16 parameters. Each rank updates its local elements
-only (a DTensor's local shard; state is kept per rank, so resuming needs the same
-sharding), so the optimizers run unchanged on replicas, on FSDP shards and as DeepSpeed
-client optimizers over fp32 partitions (elementwise J; group J needs whole rows).
+only (a DTensor's local shard), so the optimizers run unchanged on replicas, on FSDP
+shards and as DeepSpeed client optimizers over fp32 partitions (elementwise J; group J
+needs whole rows). State tensors are laid out as their parameter: a DTensor parameter's
+``v`` and moments are DTensors of its placements, so a distributed checkpoint saves and
+loads every rank's part (resuming needs the same sharding only for plain shards).
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from torch.optim import Optimizer
 
 from dist_bregman.config import check_number
 from dist_bregman.regularizers import L1, Regularizer, multi_tensor, resolve
-from dist_bregman.shards.dtensor import local_tensor
+from dist_bregman.shards.dtensor import local_tensor, shaped_like
 
 Params = Iterable[torch.Tensor] | Iterable[dict[str, Any]]
 
@@ -87,6 +89,14 @@ class BregmanOptimizer(Optimizer):
     def _update(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
         raise NotImplementedError
 
+    def _state_tensor(self, p: torch.Tensor, key: str, first: torch.Tensor) -> torch.Tensor:
+        """This rank's part of ``state[key]`` of ``p``, set to ``first`` (this rank's part)
+        on first use and kept laid out as ``p`` is (:func:`.shards.dtensor.shaped_like`)."""
+        state = self.state[p]
+        if key not in state:
+            state[key] = shaped_like(p, first)
+        return local_tensor(state[key])
+
     def restart(self) -> None:
         """Forget all state (``v``, moments, step counts): the next step starts from the
         parameters as they are then, as a freshly built optimizer would. For weights changed
@@ -131,15 +141,17 @@ class _DualBregman(BregmanOptimizer):
             v = theta / delta
             if reg is not None and lam > 0:
                 v.add_(reg.subgradient(theta), alpha=lam)
-            state["v"], state["lambda"] = v, lam
-        elif state.get("lambda", lam) != lam:
-            v, old = state["v"], state["lambda"]
+            state["lambda"] = lam
+            return self._state_tensor(p, "v", v)
+        v = local_tensor(state["v"])
+        if state.get("lambda", lam) != lam:
+            old = state["lambda"]
             if reg is not None:
                 if old > 0:
                     reg.prox_(v, old)  # v is now theta / delta
                 v.add_(reg.subgradient(v), alpha=lam)
             state["lambda"] = lam
-        return state["v"]
+        return v
 
     def _write_primal(
         self,
@@ -208,7 +220,7 @@ class LinBreg(_DualBregman):
         lr, beta = group["lr"], group["momentum"]
         if beta > 0:
             bufs = [
-                self.state[p].setdefault("momentum", torch.zeros_like(v))
+                self._state_tensor(p, "momentum", torch.zeros_like(v))
                 for p, v in zip(params, duals, strict=True)
             ]
             _scale_add_(bufs, beta, grads, (1 - beta) * lr, foreach)
@@ -260,14 +272,10 @@ class AdaBreg(_DualBregman):
         for p in params:
             v = self._dual(p, group)
             state = self.state[p]
-            if "exp_avg" not in state:
-                state["step"] = 0
-                state["exp_avg"] = torch.zeros_like(v)
-                state["exp_avg_sq"] = torch.zeros_like(v)
-            state["step"] += 1
+            state["step"] = state.get("step", 0) + 1
             duals.append(v)
-            firsts.append(state["exp_avg"])
-            seconds.append(state["exp_avg_sq"])
+            firsts.append(self._state_tensor(p, "exp_avg", torch.zeros_like(v)))
+            seconds.append(self._state_tensor(p, "exp_avg_sq", torch.zeros_like(v)))
             grads.append(_dense(local_tensor(_grad(p))).to(v.dtype))
             roots.append(math.sqrt(1 - beta2 ** state["step"]))
             steps.append(-lr / (1 - beta1 ** state["step"]))
@@ -312,12 +320,10 @@ class ProxSGD(BregmanOptimizer):
         for p in params:
             direction = local_tensor(_grad(p))
             if beta > 0:
-                state = self.state[p]
-                if "momentum" not in state:
-                    state["momentum"] = direction.detach().clone()
+                if "momentum" in self.state[p]:
+                    direction = local_tensor(self.state[p]["momentum"]).mul_(beta).add_(direction)
                 else:
-                    state["momentum"].mul_(beta).add_(direction)
-                direction = state["momentum"]
+                    direction = self._state_tensor(p, "momentum", direction.detach().clone())
             weights = local_tensor(p)
             weights.add_(direction, alpha=-lr)
             if reg is not None and lam > 0:

@@ -41,6 +41,26 @@ def local_tensor(x: torch.Tensor) -> torch.Tensor:
     return x.to_local() if is_dtensor(x) else x  # type: ignore[attr-defined]
 
 
+def shaped_like(param: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
+    """``local``, this rank's part of a tensor laid out as ``param`` (an optimizer's state
+    for it), as a DTensor with ``param``'s mesh, placements and global shape when
+    ``param`` is one; else ``local`` itself. No communication; the DTensor shares
+    ``local``'s storage. A distributed checkpoint (DCP, as Lightning's FSDP2 strategy
+    saves) stores a DTensor's parts at their offsets from every rank, while a plain tensor
+    is taken for a replica and stored from one rank only: every other rank's state lost,
+    and loaded into every rank."""
+    if not is_dtensor(param):
+        return local
+    return DTensor.from_local(
+        local,
+        param.device_mesh,  # type: ignore[attr-defined]
+        param.placements,  # type: ignore[attr-defined]
+        run_check=False,
+        shape=param.shape,
+        stride=param.stride(),
+    )
+
+
 def local_parts(x: torch.Tensor) -> list[torch.Tensor]:
     """This rank's elements of a tensor from a state dict, as plain tensors: a DTensor's
     local shard, the local shards of a ``ShardedTensor`` (FSDP1's sharded state dict; its

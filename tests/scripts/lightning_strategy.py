@@ -1,6 +1,7 @@
 """Lightning, 2 CPU processes, one strategy after another: what every rank's BregmanPruner saw.
 
     python tests/scripts/lightning_strategy.py --runs ddp:sgd zero3:sgd --out /tmp/results
+    python tests/scripts/lightning_strategy.py --resume --runs fsdp2:linbreg --out /tmp/results
 
 Lightning re-runs this script for rank 1 at the first fit; the later fits find the
 processes and the process group in place (``LOCAL_RANK`` is set from then on), so every
@@ -72,6 +73,7 @@ class Model(pl.LightningModule):
 class Probe(pl.Callback):
     def __init__(self, pruner: BregmanPruner, out: Path) -> None:
         self.pruner, self.out, self.points = pruner, out, []
+        self.record: dict[str, Any] = {}
 
     def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
         controller = self.pruner.controller
@@ -92,7 +94,7 @@ class Probe(pl.Callback):
             gathered = counts(effective_weights(pl_module.net))
         controller = self.pruner.controller
         assert controller is not None
-        record = {
+        record = self.record = {
             "points": self.points,
             "report": controller.measure(),
             "gathered": gathered,
@@ -123,7 +125,14 @@ def strategy_for(name: str) -> Any:
     )
 
 
-def fit(strategy: str, optimizer: str, out: Path) -> None:
+def fit(
+    strategy: str,
+    optimizer: str,
+    out: Path,
+    epochs: int = 2,
+    ckpt_path: Path | None = None,
+    save: Path | None = None,
+) -> Probe:
     torch.manual_seed(0)
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(256, 13, generator=generator)
@@ -137,28 +146,46 @@ def fit(strategy: str, optimizer: str, out: Path) -> None:
     )
     model = Model(optimizer)
     model.bregman_pruner = pruner
+    probe = Probe(pruner, out / f"{strategy}-{optimizer}.pkl")
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=2,
         strategy=strategy_for(strategy),
-        max_epochs=2,
-        callbacks=[pruner, Probe(pruner, out / f"{strategy}-{optimizer}.pkl")],
+        max_epochs=epochs,
+        callbacks=[pruner, probe],
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
     )
-    trainer.fit(model, data, val)
+    trainer.fit(model, data, val, ckpt_path=ckpt_path)
+    if save is not None:
+        trainer.save_checkpoint(save)
+    return probe
+
+
+def resume(strategy: str, optimizer: str, out: Path) -> None:
+    """4 epochs at once; 2 epochs saved by the strategy's own checkpointing, then resumed
+    to 4: rank 0 writes both runs' (step, nonzero, lambda) points after epoch 2 and final
+    reports to ``<strategy>-<optimizer>-resume.pkl``."""
+    whole = fit(strategy, optimizer, out, epochs=4)
+    checkpoint = out / f"{strategy}-{optimizer}.ckpt"
+    fit(strategy, optimizer, out, epochs=2, save=checkpoint)
+    resumed = fit(strategy, optimizer, out, epochs=4, ckpt_path=checkpoint)
+    runs = [(probe.points, probe.record["report"]) for probe in (whole, resumed)]
+    if comm.is_rank_zero():
+        (out / f"{strategy}-{optimizer}-resume.pkl").write_bytes(pickle.dumps(runs))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--runs", nargs="+", required=True, help="strategy:optimizer ...")
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--resume", action="store_true", help="resume runs instead (above)")
     args = parser.parse_args()
     for run in args.runs:
         strategy, optimizer = run.split(":")
-        fit(strategy, optimizer, args.out)
+        (resume if args.resume else fit)(strategy, optimizer, args.out)
     comm.shutdown()
 
 
