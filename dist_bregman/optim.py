@@ -89,6 +89,20 @@ class BregmanOptimizer(Optimizer):
     def _update(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
         raise NotImplementedError
 
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """As torch's, but the fp32 state of bf16/fp16 parameters stays fp32: torch casts
+        every floating state tensor to its parameter's dtype, and a resumed run then went on
+        with a bf16 ``v``, in which steps smaller than its rounding are lost."""
+        super().load_state_dict(state_dict)
+        saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
+        params = [p for group in self.param_groups for p in group["params"]]
+        for index, p in zip(saved_ids, params, strict=True):
+            state = self.state[p]
+            for key, value in state_dict["state"].get(index, {}).items():
+                wanted = isinstance(value, torch.Tensor) and value.dtype == _state_dtype(p)
+                if wanted and state[key].dtype != value.dtype:
+                    state[key] = value.to(device=p.device, copy=True)
+
     def _state_tensor(self, p: torch.Tensor, key: str, first: torch.Tensor) -> torch.Tensor:
         """This rank's part of ``state[key]`` of ``p``, set to ``first`` (this rank's part)
         on first use and kept laid out as ``p`` is (:func:`.shards.dtensor.shaped_like`)."""

@@ -244,18 +244,26 @@ def test_closure_is_called_and_its_loss_returned() -> None:
         lambda ps: ProxSGD(ps, lr=0.1, lambda_=0.02, momentum=0.9),
     ],
 )
-def test_state_dict_round_trip_continues_bit_identically(make, tmp_path) -> None:
-    model = _model()
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_state_dict_round_trip_continues_bit_identically(make, dtype, tmp_path) -> None:
+    """bf16 parameters: torch's load_state_dict casts every floating state tensor to the
+    parameter's dtype; ``v`` and the moments must come back in fp32 as they were saved."""
+    model = _model(dtype=dtype)
     optimizer = make(model.parameters())
     _run(model, optimizer, 3)
     torch.save({"model": model.state_dict(), "opt": optimizer.state_dict()}, tmp_path / "c.pt")
     _run(model, optimizer, 3, start=3)
 
     saved = torch.load(tmp_path / "c.pt", weights_only=True)
-    fresh = _model(seed=99)
+    fresh = _model(seed=99, dtype=dtype)
     fresh.load_state_dict(saved["model"])
     fresh_optimizer = make(fresh.parameters())
     fresh_optimizer.load_state_dict(saved["opt"])
+    for p, q in zip(model.parameters(), fresh.parameters(), strict=True):
+        kept, loaded = optimizer.state[p], fresh_optimizer.state[q]
+        assert {k: getattr(v, "dtype", None) for k, v in loaded.items()} == {
+            k: getattr(v, "dtype", None) for k, v in kept.items()
+        }
     _run(fresh, fresh_optimizer, 3, start=3)
     for p, q in zip(model.parameters(), fresh.parameters(), strict=True):
         assert torch.equal(p, q)
