@@ -307,10 +307,33 @@ def test_unguarded_nan_stops_with_the_step_and_rank_and_lambda_untouched(
     assert "Step 8:" in caplog.text and "rank(s) [0]" in caplog.text
     assert pruner.current_lambda == pruner.controller.lambda_  # type: ignore[union-attr]
     assert math.isfinite(pruner.current_lambda)
-    # A checkpoint of the corrupt weights is refused, not written.
+    # A checkpoint of the corrupt weights is refused, not written; weights-only too (there
+    # Lightning calls no callback's on_save_checkpoint).
+    for weights_only in (False, True):
+        with pytest.raises(NonFiniteError, match="refusing to save a checkpoint"):
+            trainer.save_checkpoint(tmp_path / "bad.ckpt", weights_only=weights_only)
+        assert not (tmp_path / "bad.ckpt").exists()
+
+
+def test_a_weights_only_model_checkpoint_refuses_nan_weights_between_measurements(
+    tmp_path: Path,
+) -> None:
+    """ModelCheckpoint(save_weights_only=True) saving every step: the NaN loss of step 5
+    makes the weights NaN; the next measurement is at step 8, the next save at step 6."""
+    pruner = BregmanPruner(initial_lambda=0.01, lambda_update_rate=0.5, update_frequency=4)
+    model = SeedModel(nan_at_step=5)
+    model.bregman_pruner = pruner
+    checkpoint = ModelCheckpoint(
+        dirpath=tmp_path / "ckpt", save_weights_only=True, every_n_train_steps=1, save_top_k=-1
+    )
+    trainer = make_trainer(
+        tmp_path, [pruner, checkpoint], max_epochs=1, enable_checkpointing=True
+    )
     with pytest.raises(NonFiniteError, match="refusing to save a checkpoint"):
-        trainer.save_checkpoint(tmp_path / "bad.ckpt")
-    assert not (tmp_path / "bad.ckpt").exists()
+        trainer.fit(model, seed_loader())
+    assert trainer.global_step == 6
+    saved = sorted(path.name for path in (tmp_path / "ckpt").iterdir())
+    assert saved == [f"epoch=0-step={step}.ckpt" for step in range(1, 6)]
 
 
 def _guarded_fit(tmp_path: Path, on_nonfinite: str) -> tuple[BregmanPruner, SeedModel, Any]:

@@ -10,6 +10,7 @@ and carry the state in checkpoints.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from itertools import chain
 from pathlib import Path
 from typing import Any
 
@@ -123,6 +124,7 @@ class BregmanPruner(Callback):
         # the layouts from the wrapper, and act through the optimizers it built.
         controller.bind(trainer.strategy.model or pl_module)
         controller.attach(*trainer.optimizers)
+        self._guard_weights_only_saves(trainer)
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -179,6 +181,31 @@ class BregmanPruner(Callback):
     ) -> None:
         # Every rank dumps the checkpoint; refuse (on all of them) to save NaN/Inf weights.
         self._controller(pl_module).check_finite_state(checkpoint.get("state_dict", {}))
+
+    def _guard_weights_only_saves(self, trainer: pl.Trainer) -> None:
+        """Refuse weights-only checkpoints of NaN/Inf weights too.
+
+        For those (``ModelCheckpoint(save_weights_only=True)``,
+        ``save_checkpoint(weights_only=True)``) Lightning calls no callback's
+        ``on_save_checkpoint``: between two measurements such a checkpoint was written from
+        NaN weights. This Trainer's ``save_checkpoint`` (every rank calls it) checks the
+        model's parameters and buffers first, as they are on each rank (a local pass and
+        one all-reduce; no gathering of sharded weights).
+        """
+        if "save_checkpoint" in vars(trainer):  # guarded at an earlier fit
+            return
+        save = trainer.save_checkpoint
+
+        def save_checkpoint(
+            filepath: Any, weights_only: bool | None = None, storage_options: Any = None
+        ) -> None:
+            if weights_only:
+                module = trainer.lightning_module
+                tensors = chain(module.named_parameters(), module.named_buffers())
+                self._controller(module).check_finite_state(dict(tensors))
+            save(filepath, weights_only, storage_options)
+
+        trainer.save_checkpoint = save_checkpoint  # type: ignore[method-assign]
 
     def _stop(self, trainer: pl.Trainer, controller: SparsityController) -> None:
         """``on_nonfinite="stop"``: the bad step never reached the weights (dropped by the
