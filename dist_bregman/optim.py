@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
+from functools import partial
 from typing import Any, overload
 
 import torch
@@ -103,12 +104,15 @@ class BregmanOptimizer(Optimizer):
                 if wanted and state[key].dtype != value.dtype:
                     state[key] = value.to(device=p.device, copy=True)
 
-    def _state_tensor(self, p: torch.Tensor, key: str, first: torch.Tensor) -> torch.Tensor:
-        """This rank's part of ``state[key]`` of ``p``, set to ``first`` (this rank's part)
-        on first use and kept laid out as ``p`` is (:func:`.shards.dtensor.shaped_like`)."""
+    def _state_tensor(
+        self, p: torch.Tensor, key: str, first: Callable[[], torch.Tensor]
+    ) -> torch.Tensor:
+        """This rank's part of ``state[key]`` of ``p``, made by ``first()`` (this rank's
+        part) on first use and kept laid out as ``p`` is
+        (:func:`.shards.dtensor.shaped_like`)."""
         state = self.state[p]
         if key not in state:
-            state[key] = shaped_like(p, first)
+            state[key] = shaped_like(p, first())
         return local_tensor(state[key])
 
     def restart(self) -> None:
@@ -156,7 +160,7 @@ class _DualBregman(BregmanOptimizer):
             if reg is not None and lam > 0:
                 v.add_(reg.subgradient(theta), alpha=lam)
             state["lambda"] = lam
-            return self._state_tensor(p, "v", v)
+            return self._state_tensor(p, "v", lambda: v)
         v = local_tensor(state["v"])
         if state.get("lambda", lam) != lam:
             old = state["lambda"]
@@ -234,7 +238,7 @@ class LinBreg(_DualBregman):
         lr, beta = group["lr"], group["momentum"]
         if beta > 0:
             bufs = [
-                self._state_tensor(p, "momentum", torch.zeros_like(v))
+                self._state_tensor(p, "momentum", partial(torch.zeros_like, v))
                 for p, v in zip(params, duals, strict=True)
             ]
             _scale_add_(bufs, beta, grads, (1 - beta) * lr, foreach)
@@ -288,8 +292,8 @@ class AdaBreg(_DualBregman):
             state = self.state[p]
             state["step"] = state.get("step", 0) + 1
             duals.append(v)
-            firsts.append(self._state_tensor(p, "exp_avg", torch.zeros_like(v)))
-            seconds.append(self._state_tensor(p, "exp_avg_sq", torch.zeros_like(v)))
+            firsts.append(self._state_tensor(p, "exp_avg", partial(torch.zeros_like, v)))
+            seconds.append(self._state_tensor(p, "exp_avg_sq", partial(torch.zeros_like, v)))
             grads.append(_dense(local_tensor(_grad(p))).to(v.dtype))
             roots.append(math.sqrt(1 - beta2 ** state["step"]))
             steps.append(-lr / (1 - beta1 ** state["step"]))
@@ -337,7 +341,7 @@ class ProxSGD(BregmanOptimizer):
                 if "momentum" in self.state[p]:
                     direction = local_tensor(self.state[p]["momentum"]).mul_(beta).add_(direction)
                 else:
-                    direction = self._state_tensor(p, "momentum", direction.detach().clone())
+                    direction = self._state_tensor(p, "momentum", direction.detach().clone)
             weights = local_tensor(p)
             weights.add_(direction, alpha=-lr)
             if reg is not None and lam > 0:
