@@ -326,9 +326,7 @@ def test_a_weights_only_model_checkpoint_refuses_nan_weights_between_measurement
     checkpoint = ModelCheckpoint(
         dirpath=tmp_path / "ckpt", save_weights_only=True, every_n_train_steps=1, save_top_k=-1
     )
-    trainer = make_trainer(
-        tmp_path, [pruner, checkpoint], max_epochs=1, enable_checkpointing=True
-    )
+    trainer = make_trainer(tmp_path, [pruner, checkpoint], max_epochs=1, enable_checkpointing=True)
     with pytest.raises(NonFiniteError, match="refusing to save a checkpoint"):
         trainer.fit(model, seed_loader())
     assert trainer.global_step == 6
