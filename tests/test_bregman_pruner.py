@@ -15,7 +15,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 
-from dist_bregman import BregmanPruner, measure_sparsity
+from dist_bregman import BregmanPruner, SafeModelPruning, measure_sparsity
 from tests.helpers.lightning import SeedModel, make_trainer, seed_loader
 
 STAMP = r"^\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}\] "
@@ -234,6 +234,38 @@ def test_validate_after_fit_regularizes_the_model_it_is_given(tmp_path: Path) ->
     trainer.validate(other, seed_loader(n=16))
     assert other.penalties == [pytest.approx(lam * l1(other), rel=1e-5)]
     assert l1(other) > 2 * l1(model) and pruner.current_lambda == lam
+
+
+class _LayersInConfigureModel(SeedModel):
+    """Lightning's pattern for large models: the layers are made in configure_model (FSDP2
+    and DeepSpeed ZeRO-3 then create them sharded), after the callbacks' setup."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        del self.net
+
+    def configure_model(self) -> None:
+        if not hasattr(self, "net"):
+            torch.manual_seed(0)
+            self.net = nn.Sequential(nn.Linear(10, 32), nn.ReLU(), nn.Linear(32, 4))
+
+
+@pytest.mark.parametrize("callback", ["bregman", "safe"])
+def test_layers_made_in_configure_model_are_measured_and_pruned(
+    callback: str, tmp_path: Path
+) -> None:
+    """Both callbacks resolved their weights at setup, before configure_model: "found no
+    Linear, ConvNd, ... weight" and the fit stopped."""
+    model = _LayersInConfigureModel()
+    if callback == "bregman":
+        pruner: pl.Callback = BregmanPruner(initial_lambda=0.02, update_frequency=4)
+        model.bregman_pruner = pruner  # type: ignore[assignment]
+    else:
+        pruner = SafeModelPruning(amount=0.5)
+    make_trainer(tmp_path, [pruner], max_epochs=1).fit(model, seed_loader())
+    report = measure_sparsity(model)
+    assert set(report.per_parameter) == {"net.0.weight", "net.2.weight"}
+    assert report.sparsity >= (0.5 if callback == "safe" else 0.01)
 
 
 def test_state_dict_round_trip(tmp_path: Path) -> None:

@@ -108,20 +108,21 @@ class BregmanPruner(Callback):
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         # A new fit resolves the targets afresh (the model may be new, or pruned since the
-        # last fit); lambda and the step of the last update carry over (see
+        # last fit) at on_fit_start; lambda and the step of the last update carry over (see
         # on_train_start). validate/test keep the controller (and what attach learned)
         # unless the model changed.
         stale = self.controller is not None and self._model is not pl_module
         if self.controller is not None and (stage == "fit" or stale):
             self._pending_state = self.controller.state_dict()
             self.controller = None
-        self._controller(pl_module)
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Resolved here, not at setup: configure_model, where Lightning's pattern for large
+        # models makes the layers, runs after setup. The strategy has wrapped the model by
+        # now (DDP, FSDP, a DeepSpeed engine): read the layouts from the wrapper, and act
+        # through the optimizers it built.
         controller = self._controller(pl_module)
-        # The strategy has wrapped the model by now (DDP, FSDP, a DeepSpeed engine): read
-        # the layouts from the wrapper, and act through the optimizers it built.
         controller.bind(trainer.strategy.model or pl_module)
         controller.attach(*trainer.optimizers)
         self._guard_weights_only_saves(trainer)

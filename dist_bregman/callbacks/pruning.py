@@ -90,13 +90,10 @@ class SafeModelPruning(Callback):
 
     # ------------------------------------------------------------------ Lightning hooks
     @override
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage == "fit" or self.pruner is None:
-            self.pruner = MagnitudePruner(pl_module, self.config, self.parameters_to_prune)
-
-    @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        pruner = self._pruner()
+        # Resolved at each fit, here: after configure_model (where Lightning's pattern for
+        # large models makes the layers) and the strategy's wrapping.
+        pruner = self.pruner = MagnitudePruner(pl_module, self.config, self.parameters_to_prune)
         pruner.bind(trainer.strategy.model or pl_module)
         pruner.attach(*trainer.optimizers)
 

@@ -115,3 +115,27 @@ def test_a_run_resumed_from_the_strategys_checkpoint_follows_the_uninterrupted_r
         assert [point[0] for point in resumed] == [20, 24, 28, 32], run
         assert resumed == [point for point in whole if point[0] > 16], run
         assert resumed_report == whole_report, run
+
+
+LATE = ("ddp", "fsdp2", "zero2", "zero3")
+
+
+@pytest.mark.timeout(300)
+def test_layers_made_in_configure_model_are_measured_alike_under_every_strategy(
+    tmp_path: Path,
+) -> None:
+    """Lightning's pattern for large models makes the layers in configure_model, after the
+    callbacks' setup (ZeRO-3 under zero.Init, partitioned from the start; FSDP2 sharded
+    there). Both callbacks resolved their weights at setup and stopped the fit ("found no
+    Linear ... weight"). Now every rank measures what the gathered weights hold, and every
+    strategy ends where DDP does."""
+    run_script("lightning_late_layers.py", "--strategies", *LATE, "--out", str(tmp_path))
+    results = {name: pickle.loads((tmp_path / f"{name}.pkl").read_bytes()) for name in LATE}
+    for name, ranks in results.items():
+        assert ranks[0] == ranks[1], name
+        measured, whole, _ = ranks[0]
+        assert {k: nonzero for k, (nonzero, _) in measured.items()} == whole, name
+        assert ranks[0] == results["ddp"][0], name
+    measured = results["ddp"][0][0]
+    nonzero, total = map(sum, zip(*measured.values(), strict=True))
+    assert total == 221 + 187 + 55 and nonzero <= 0.7 * total  # SafeModelPruning's 30% held
