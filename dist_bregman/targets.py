@@ -321,7 +321,7 @@ def resolve_values(
                 f"{target.name}: an uninitialized lazy parameter ({type(module).__name__} "
                 f"learns its shape at its first call), so it has nothing to count or "
                 f"regularize yet; allowed: a materialized weight: run one forward pass on a "
-                f"sample batch first (in a LightningModule: at the end of __init__)"
+                f"sample batch first (in a LightningModule: in __init__, setup or configure_model)"
             )
         if not values.is_floating_point():
             raise TypeError(

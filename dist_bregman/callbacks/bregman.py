@@ -1,10 +1,11 @@
 """``BregmanPruner``: the seed's Lightning callback, as an adapter over the core.
 
 All decisions live in :class:`~dist_bregman.controller.SparsityController`; this class only
-maps Lightning's hooks onto it: build it at ``setup``, hook the proximal step onto the
-optimizers Lightning built, measure at each epoch start, update lambda every
-``update_frequency`` optimizer steps (``trainer.global_step``), log to every Lightning logger,
-and carry the state in checkpoints.
+maps Lightning's hooks onto it: build it at ``on_fit_start`` (after ``configure_model`` and
+the strategy's wrapping), hook the proximal step onto the optimizers Lightning built,
+measure at each epoch start, update lambda every ``update_frequency`` optimizer steps
+(``trainer.global_step``), log to every Lightning logger, and carry the state in
+checkpoints.
 """
 
 from __future__ import annotations
