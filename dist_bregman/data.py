@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import lightning.pytorch as pl
 import numpy as np
@@ -88,6 +89,19 @@ class DigitsDataModule(pl.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         assert self.splits is not None
         return DataLoader(self.splits.train, batch_size=self.batch_size, shuffle=True)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The global torch RNG, from which the training loader draws each epoch's order in
+        one process (under DDP the DistributedSampler's order is a function of the epoch).
+        Lightning keeps a datamodule's state in checkpoints and not the RNG: a resumed job
+        shuffled its next epoch unlike the uninterrupted one (the digits job, 3 epochs:
+        53.040% sparsity resumed after 2, 49.574% uninterrupted)."""
+        return {"torch_rng": torch.get_rng_state()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        rng = state_dict.get("torch_rng")
+        if rng is not None:
+            torch.set_rng_state(rng)
 
     def val_dataloader(self) -> DataLoader:
         assert self.splits is not None
