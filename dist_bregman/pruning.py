@@ -106,7 +106,9 @@ class PruningConfig:
 
 
 def scheduled_amount(t: int, config: PruningConfig) -> float:
-    """The amount for the event at unit ``t`` (0 for the first): constant, or the ramp."""
+    """The amount for the event at unit ``t``: constant, or the ramp. ``t`` is the event's
+    epoch index (``current_epoch``: 0 at the end of the first epoch) or its optimizer step,
+    so with ``prune_every > 1`` or in steps the first event is already up the ramp."""
     if not config.scheduled_pruning:
         return config.amount
     assert config.final_amount is not None
