@@ -29,14 +29,21 @@ OPTIMIZERS = {
 Run = tuple[nn.Module, torch.optim.Optimizer]
 
 
-def _build(name: str, rows: int) -> Run:
+def _build(name: str, rows: int, hsdp: bool = False) -> Run:
+    """FSDP2 over all ranks, or HSDP: shards of 2, replicated across the pairs."""
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
+    world = torch.distributed.get_world_size()
+    if hsdp:
+        mesh = init_device_mesh("cpu", (world // 2, 2), mesh_dim_names=("replicate", "shard"))
+    else:
+        mesh = init_device_mesh("cpu", (world,))
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(12, rows), nn.ReLU(), nn.Linear(rows, 4))
     for layer in (model[0], model[2]):
-        fully_shard(layer)
-    fully_shard(model)
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
     return model, OPTIMIZERS[name](model.parameters())
 
 
@@ -74,13 +81,15 @@ def _full_state(run: Run) -> list[torch.Tensor]:
     return [v.full_tensor() if isinstance(v, torch.Tensor) else torch.tensor(v) for v in values]
 
 
-def _resume(rank: int, world: int, folder: str, name: str, rows: int) -> dict[str, Any]:
-    whole = _build(name, rows)
+def _resume(
+    rank: int, world: int, folder: str, name: str, rows: int, hsdp: bool = False
+) -> dict[str, Any]:
+    whole = _build(name, rows, hsdp)
     _train(whole, range(12), rank)
-    first = _build(name, rows)
+    first = _build(name, rows, hsdp)
     _train(first, range(6), rank)
     _save(first, f"{folder}/ckpt")
-    resumed = _build(name, rows)
+    resumed = _build(name, rows, hsdp)
     _load(resumed, f"{folder}/ckpt")
     _train(resumed, range(6, 12), rank)
     return {
@@ -109,6 +118,16 @@ def test_a_dcp_checkpoint_resumes_the_uninterrupted_run(
         assert all(result["same"]), result["same"]
         assert "Tensor" not in result["state_kinds"]  # every state tensor a DTensor
     assert sum(result["zeros"] for result in results) > 0  # the L1 steps made zeros
+
+
+@pytest.mark.timeout(120)
+def test_a_dcp_checkpoint_under_hsdp_resumes_the_uninterrupted_run(tmp_path: Path) -> None:
+    """4 ranks, shards of 2 replicated twice (``Replicate``, ``Shard(0)``): each replica
+    pair holds the same state, which DCP saves once and loads into both."""
+    results = run_ranks(_resume, 4, str(tmp_path), "linbreg", 9, True, timeout=100)
+    for result in results:
+        assert all(result["same"]), result["same"]
+        assert "Tensor" not in result["state_kinds"]
 
 
 def _saved_state(rank: int, world: int, folder: str, name: str) -> list[torch.Tensor]:
