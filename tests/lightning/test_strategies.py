@@ -131,11 +131,16 @@ def test_layers_made_in_configure_model_are_measured_alike_under_every_strategy(
     strategy ends where DDP does."""
     run_script("lightning_late_layers.py", "--strategies", *LATE, "--out", str(tmp_path))
     results = {name: pickle.loads((tmp_path / f"{name}.pkl").read_bytes()) for name in LATE}
+    alike = ("points", "report", "lambda", "gathered")  # not the optimizer's wrapper
+
+    def seen(record: dict) -> dict:
+        return {key: record[key] for key in alike}
+
     for name, ranks in results.items():
         assert ranks[0] == ranks[1], name
-        measured, whole, _ = ranks[0]
-        assert {k: nonzero for k, (nonzero, _) in measured.items()} == whole, name
-        assert ranks[0] == results["ddp"][0], name
-    measured = results["ddp"][0][0]
-    nonzero, total = map(sum, zip(*measured.values(), strict=True))
-    assert total == 221 + 187 + 55 and nonzero <= 0.7 * total  # SafeModelPruning's 30% held
+        counted = {k.removeprefix("net."): v for k, v in ranks[0]["report"].per_parameter.items()}
+        assert counted == ranks[0]["gathered"], name
+        assert seen(ranks[0]) == seen(results["ddp"][0]), name
+    report = results["ddp"][0]["report"]
+    assert report.total == 221 + 187 + 55  # and SafeModelPruning's 30% held:
+    assert report.nonzero <= 0.7 * report.total and len(results["ddp"][0]["points"]) == 4

@@ -4,15 +4,13 @@ under ``zero.Init``, FSDP2 shards them there), with BregmanPruner and SafeModelP
 
     python tests/scripts/lightning_late_layers.py --strategies ddp zero3 --out /tmp/late
 
-Rank 0 writes ``<strategy>.pkl``: per rank, the measured per-parameter counts, the nonzeros
-of the weights gathered whole, and lambda.
+Rank 0 writes ``<strategy>.pkl``: per rank, what ``lightning_strategy.Probe`` records (the
+lambda updates, the final report, the counts of the weights gathered whole).
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import pickle
 import sys
 from pathlib import Path
 from typing import Any
@@ -26,7 +24,7 @@ from torch.utils.data import DataLoader, TensorDataset
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from lightning_strategy import strategy_for
+from lightning_strategy import Probe, strategy_for
 
 from dist_bregman import BregmanPruner, SafeModelPruning, comm
 
@@ -61,32 +59,6 @@ class LateModel(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
-class Record(pl.Callback):
-    def __init__(self, pruner: BregmanPruner, out: Path) -> None:
-        self.pruner, self.out = pruner, out
-
-    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        gather: Any = contextlib.nullcontext()
-        if getattr(trainer.strategy, "zero_stage_3", False):
-            import deepspeed
-
-            gather = deepspeed.zero.GatheredParameters(
-                list(pl_module.parameters()), modifier_rank=None
-            )
-        controller = self.pruner.controller
-        assert controller is not None
-        report = controller.measure()
-        with gather:
-            weights = {f"net.{i}.weight": pl_module.net[i].weight for i in (0, 2, 4)}
-            whole = {
-                name: int((w.full_tensor() if hasattr(w, "full_tensor") else w).ne(0).sum())
-                for name, w in weights.items()
-            }
-        everyone = comm.all_gather_object((report.per_parameter, whole, controller.lambda_))
-        if trainer.is_global_zero:
-            self.out.write_bytes(pickle.dumps(everyone))
-
-
 def fit(strategy: str, out: Path) -> None:
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(256, 13, generator=generator)
@@ -101,7 +73,7 @@ def fit(strategy: str, out: Path) -> None:
         devices=2,
         strategy=strategy_for(strategy),
         max_epochs=2,
-        callbacks=[SafeModelPruning(amount=0.3), pruner, Record(pruner, out / f"{strategy}.pkl")],
+        callbacks=[SafeModelPruning(amount=0.3), pruner, Probe(pruner, out / f"{strategy}.pkl")],
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
