@@ -14,70 +14,55 @@ from typing import Any
 import pytest
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from dist_bregman.optim import AdaBreg, LinBreg, ProxSGD
 from tests.helpers.dist import run_ranks
+from tests.helpers.strategies import Wrapped, wrap
 
-OPTIMIZERS = {
-    "linbreg": lambda params: LinBreg(params, lr=0.1, lambda_=0.05, momentum=0.9),
-    "adabreg": lambda params: AdaBreg(params, lr=0.01, lambda_=0.05),
-    "proxsgd": lambda params: ProxSGD(params, lr=0.1, lambda_=0.05, momentum=0.9),
+OPTIMIZERS = {  # for tests.helpers.strategies.wrap: from the model, after wrapping
+    "linbreg": lambda m: LinBreg(m.parameters(), lr=0.1, lambda_=0.05, momentum=0.9),
+    "adabreg": lambda m: AdaBreg(m.parameters(), lr=0.01, lambda_=0.05),
+    "proxsgd": lambda m: ProxSGD(m.parameters(), lr=0.1, lambda_=0.05, momentum=0.9),
 }
 
 
-Run = tuple[nn.Module, torch.optim.Optimizer]
-
-
-def _build(name: str, rows: int, hsdp: bool = False) -> Run:
+def _build(name: str, rows: int, hsdp: bool = False) -> Wrapped:
     """FSDP2 over all ranks, or HSDP: shards of 2, replicated across the pairs."""
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
-
-    world = torch.distributed.get_world_size()
-    if hsdp:
-        mesh = init_device_mesh("cpu", (world // 2, 2), mesh_dim_names=("replicate", "shard"))
-    else:
-        mesh = init_device_mesh("cpu", (world,))
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(12, rows), nn.ReLU(), nn.Linear(rows, 4))
-    for layer in (model[0], model[2]):
-        fully_shard(layer, mesh=mesh)
-    fully_shard(model, mesh=mesh)
-    return model, OPTIMIZERS[name](model.parameters())
+    module = nn.Sequential(nn.Linear(12, rows), nn.ReLU(), nn.Linear(rows, 4))
+    return wrap("hsdp" if hsdp else "fsdp2", module, OPTIMIZERS[name])
 
 
-def _train(run: Run, steps: range, rank: int) -> None:
-    model, optimizer = run
+def _train(run: Wrapped, steps: range, rank: int) -> None:
     for step in steps:
         generator = torch.Generator().manual_seed(1000 * step + rank)  # per rank data
         x = torch.randn(8, 12, generator=generator)
-        F.cross_entropy(model(x), x[:, :4].argmax(dim=1)).backward()
-        optimizer.step()
-        optimizer.zero_grad()
+        run.train_step(x, x[:, :4].argmax(dim=1))
 
 
-def _save(run: Run, checkpoint: str) -> None:
+def _save(run: Wrapped, checkpoint: str) -> None:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
-    model_state, optim_state = get_state_dict(*run)
+    model_state, optim_state = get_state_dict(run.model, run.optimizer)
     dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=checkpoint)
 
 
-def _load(run: Run, checkpoint: str) -> None:
+def _load(run: Wrapped, checkpoint: str) -> None:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-    model_state, optim_state = get_state_dict(*run)
+    model_state, optim_state = get_state_dict(run.model, run.optimizer)
     state = {"model": model_state, "optim": optim_state}
     dcp.load(state, checkpoint_id=checkpoint)
-    set_state_dict(*run, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    set_state_dict(
+        run.model, run.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"]
+    )
 
 
-def _full_state(run: Run) -> list[torch.Tensor]:
+def _full_state(run: Wrapped) -> list[torch.Tensor]:
     """Every state value (tensors gathered whole: a collective), in a fixed order."""
-    values = [s[key] for s in run[1].state.values() for key in sorted(s)]
+    values = [s[key] for s in run.optimizer.state.values() for key in sorted(s)]
     return [v.full_tensor() if isinstance(v, torch.Tensor) else torch.tensor(v) for v in values]
 
 
@@ -95,11 +80,11 @@ def _resume(
     return {
         "same": [
             torch.equal(a.to_local(), b.to_local())  # type: ignore[attr-defined]
-            for a, b in zip(whole[0].parameters(), resumed[0].parameters(), strict=True)
+            for a, b in zip(whole.model.parameters(), resumed.model.parameters(), strict=True)
         ],
-        "zeros": sum(int((p.to_local() == 0).sum()) for p in resumed[0].parameters()),  # type: ignore[attr-defined]
+        "zeros": sum(int((p.to_local() == 0).sum()) for p in resumed.model.parameters()),  # type: ignore[attr-defined]
         "state_kinds": sorted(
-            {type(v).__name__ for s in resumed[1].state.values() for v in s.values()}
+            {type(v).__name__ for s in resumed.optimizer.state.values() for v in s.values()}
         ),
     }
 
