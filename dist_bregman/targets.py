@@ -75,7 +75,14 @@ class Target(NamedTuple):
         :func:`computed_by`).
         """
         module, attr = self.module, self.attr
-        if module._forward_pre_hooks:
+        if not module._forward_pre_hooks:
+            # The common case in two lookups. A registered parameter is never computed:
+            # parametrize, prune, weight_norm and spectral_norm all move it out of
+            # ``_parameters`` (and the last three add a pre-hook).
+            value = module._parameters.get(attr)
+            if value is not None:
+                return value, None
+        else:
             hook = recomputing_hook(module, attr)
             if isinstance(hook, prune.BasePruningMethod):
                 return _read(module, attr + "_orig"), _read(module, attr + "_mask")
@@ -174,17 +181,37 @@ def _discovered(module: nn.Module) -> tuple[str, ...]:
     projection is a Linear of its own), the weight matrices of an RNN, LSTM or GRU
     (``weight_ih_l0``, ...; not the biases) and of their cells (``weight_ih``,
     ``weight_hh``)."""
-    if isinstance(module, PRUNABLE_MODULES):
-        names: Iterable[str] = ("weight",)
-    elif isinstance(module, nn.MultiheadAttention):
-        names = ATTENTION_WEIGHTS
-    elif isinstance(module, nn.RNNBase):
+    kind = _kind(type(module))  # type: ignore[arg-type]  # (a class is hashable)
+    if kind == "weight":  # the common case, without building a tuple
+        return _WEIGHT if _has_tensor(module, "weight") else ()
+    if kind == "attention":
+        names: Iterable[str] = ATTENTION_WEIGHTS
+    elif kind == "rnn":
+        assert isinstance(module, nn.RNNBase)
         names = [name for name in module._flat_weights_names if name.startswith("weight")]
-    elif isinstance(module, nn.RNNCellBase):
+    elif kind == "cell":
         names = ("weight_ih", "weight_hh")
     else:
         return ()
     return tuple(name for name in names if _has_tensor(module, name))
+
+
+_WEIGHT = ("weight",)
+
+
+@functools.lru_cache(maxsize=4096)
+def _kind(cls: type) -> str:
+    """What :func:`_discovered` looks for in a module of class ``cls``. (Cached: a class's
+    bases never change, and discovery asks this of every module at every measurement.)"""
+    if issubclass(cls, PRUNABLE_MODULES):
+        return "weight"
+    if issubclass(cls, nn.MultiheadAttention):
+        return "attention"
+    if issubclass(cls, nn.RNNBase):
+        return "rnn"
+    if issubclass(cls, nn.RNNCellBase):
+        return "cell"
+    return ""
 
 
 def left_out(model: nn.Module, targets: Sequence[Target]) -> str | None:
@@ -316,7 +343,7 @@ def resolve_values(
         prefix = clean_name(name)
         target = Target(f"{prefix}.{attr}" if prefix else attr, module, attr)
         values = target.tensors()[0]
-        if is_lazy(values):
+        if type(values) is not nn.Parameter and is_lazy(values):  # (a call saved per tensor)
             raise ValueError(
                 f"{target.name}: an uninitialized lazy parameter ({type(module).__name__} "
                 f"learns its shape at its first call), so it has nothing to count or "
@@ -370,8 +397,9 @@ def clean_name(name: str) -> str:
 
 
 def _has_tensor(module: nn.Module, name: str) -> bool:
-    if module._parameters.get(name) is not None:  # the common case, without __getattr__
-        return True
+    parameters = module._parameters
+    if name in parameters:  # the common case, without __getattr__: a registered name is
+        return parameters[name] is not None  # neither pruned nor parametrized (both move it)
     if pruning_method(module, name) is not None or parametrization(module, name) is not None:
         return True  # (a parametrized weight is not computed to find out)
     return isinstance(getattr(module, name, None), torch.Tensor)

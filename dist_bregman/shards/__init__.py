@@ -82,6 +82,8 @@ def _place(
         entry = flat.find(target)
         if entry is not None:
             placements.append(entry)
+        elif type(values) is nn.Parameter and not zero3:  # the common case, in one test
+            placements.append(Replicated(target))
         elif is_dtensor(values):
             placements.append(DTensorPlacement(target, owner))
         elif zero3 and is_zero3_param(values):
