@@ -8,6 +8,7 @@ no-op hours into a multi-node job.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from typing import Literal
 
@@ -87,6 +88,11 @@ class BregmanConfig:
     """Debug: every N lambda updates, check that all ranks hold the same lambda and the
     same measured parameter set, raising :class:`~dist_bregman.errors.RankDisagreementError`
     naming the ranks that differ (one ``all_gather_object``); 0 turns it off."""
+    name: str | None = None
+    """Names this controller where several drive one model (each its own weights and
+    target, e.g. the encoder at 90% and the head at 50%): ``[name]`` starts its log lines,
+    and :class:`~dist_bregman.BregmanPruner` keys its checkpoint state and logged metrics by
+    it. None: the seed's unnamed lines and keys."""
 
     def __post_init__(self) -> None:
         check_number("target_sparsity", self.target_sparsity, low=0.0, high=1.0)
@@ -117,6 +123,7 @@ class BregmanConfig:
         check_int("check_agreement_every", self.check_agreement_every, low=0)
         check_int("freeze_support_at", self.freeze_support_at, low=0)
         check_int("magnitude_start_at", self.magnitude_start_at, low=0)
+        check_name("name", self.name)
         if self.freeze_support_at and self.magnitude_start_at >= self.freeze_support_at:
             raise ValueError(
                 f"magnitude_start_at={self.magnitude_start_at!r} with freeze_support_at="
@@ -146,6 +153,23 @@ def check_int(name: str, value: object, *, low: int) -> int:
     if value < low:
         raise ValueError(f"{name}={value!r}: expected an integer >= {low}")
     return value
+
+
+NAME = re.compile(r"[A-Za-z0-9_.-]+")
+
+
+def check_name(name: str, value: object) -> None:
+    """None, or a name made of letters, digits, ``_``, ``.`` and ``-`` (it becomes part of
+    metric keys such as ``bregman/<name>/lambda`` and of checkpoint keys)."""
+    if value is None:
+        return
+    if not isinstance(value, str):
+        raise TypeError(f"{name}={value!r}: expected None or a str, got {type(value).__name__}")
+    if NAME.fullmatch(value) is None:
+        raise ValueError(
+            f"{name}={value!r}: expected None or a non-empty str of letters, digits, '_', '.' "
+            f"and '-'"
+        )
 
 
 def check_choice(name: str, value: object, allowed: tuple[object, ...]) -> None:

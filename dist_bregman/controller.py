@@ -67,7 +67,7 @@ class SparsityController:
         self.config = config if config is not None else BregmanConfig()
         self.targets: list[Target] = resolve(model, parameters_to_prune)
         if parameters_to_prune is None and (missed := left_out(model, self.targets)):
-            logs.warn0(missed)
+            self._warn(missed)
         if self.config.mode == "prox":
             check_writable(
                 self.targets,
@@ -157,7 +157,7 @@ class SparsityController:
         """Measure and log ``Epoch N: Sparsity of pruned modules = ...`` (verbose >= 1)."""
         report = self.measure()
         if self.config.verbose >= 1:
-            logs.info0(logs.epoch_line(epoch, report.sparsity))
+            self._info(logs.epoch_line(epoch, report.sparsity))
         self._log_details(report)
         return report
 
@@ -225,7 +225,7 @@ class SparsityController:
                 f"learning rate, or (without DeepSpeed) set guard_steps=True to drop bad steps "
                 f"before they land"
             )
-            logs.warn0(message)
+            self._warn(message)
             raise NonFiniteError(message)
         self.last_report, self.sparsity = report, report.sparsity
         self.updates += 1
@@ -251,12 +251,12 @@ class SparsityController:
         self._set_lambda(decision.new)
         self.last_update_step = step
         if decision.skipped and (loss_bits or not self.frozen):
-            logs.warn0(
+            self._warn(
                 f"Step {step}: lambda update {decision.reason}; lambda stays {decision.new:.8f}"
             )
         if config.verbose >= 1:
-            logs.info0(logs.decision_line(decision))
-            logs.info0(logs.step_line(step, report.sparsity, decision.new))
+            self._info(logs.decision_line(decision))
+            self._info(logs.step_line(step, report.sparsity, decision.new))
         self._log_details(report)
         return decision
 
@@ -275,7 +275,7 @@ class SparsityController:
         self.started = True
         self.attachment.set_lambda(self._lambda())
         self.last_report, self.sparsity = report, report.sparsity
-        logs.info0(
+        self._info(
             f"Step {step}: dense warm-up over: cut by magnitude to sparsity "
             f"{100 * report.sparsity:.3f}% (target {100 * self.config.target_sparsity:.1f}%); "
             f"shrinkage on at lambda {self.lambda_:.8f}"
@@ -303,7 +303,7 @@ class SparsityController:
         target = self.config.target_sparsity
         self._hold().prune(target)
         held = round(target * report.total)  # what prune selects: exactly this many
-        logs.info0(
+        self._info(
             f"Step {step}: support frozen: shrinkage found sparsity {100 * found:.3f}%; "
             f"{held} of {report.total} weights ({100 * held / report.total:.3f}%, target "
             f"{100 * target:.1f}%) held at zero from here, others free; shrinkage off, "
@@ -348,7 +348,7 @@ class SparsityController:
             return True
         self.skipped_steps += 1
         self.stop_requested |= self.config.on_nonfinite == "stop"
-        logs.warn0(
+        self._warn(
             f"Step {step}: non-finite gradient on rank(s) {ranks}: optimizer step dropped on "
             f"every rank (on_nonfinite={self.config.on_nonfinite!r}); lambda stays "
             f"{self.lambda_:.8f}"
@@ -374,7 +374,7 @@ class SparsityController:
             message = (
                 f"refusing to save a checkpoint: NaN/Inf in the model state on rank(s) {ranks}"
             )
-            logs.warn0(message)
+            self._warn(message)
             raise NonFiniteError(message)
 
     def _ranks_with_nonfinite(self, tensors: Iterable[torch.Tensor]) -> list[int | str]:
@@ -498,7 +498,7 @@ class SparsityController:
             else None
         )
         if share is not None and share > 0.5:
-            logs.warn0(
+            self._warn(
                 f"lambda={self.lambda_:g}: before the first lambda update "
                 f"(update_frequency={self.config.update_frequency} steps) the proximal steps "
                 f"alone, each shrinking by lr * lambda, would zero {100 * share:.1f}% of the "
@@ -562,7 +562,7 @@ class SparsityController:
         saved = check_number("checkpoint lambda", state.get("lambda", config.initial_lambda), low=0)
         lam = min(max(saved, config.min_lambda), config.max_lambda)
         if lam != saved:
-            logs.warn0(
+            self._warn(
                 f"checkpoint lambda {saved:.8f} is outside this run's [min_lambda, max_lambda] "
                 f"= [{config.min_lambda:g}, {config.max_lambda:g}]: resuming at {lam:.8f}"
             )
@@ -583,10 +583,21 @@ class SparsityController:
 
     def _log_details(self, report: SparsityReport) -> None:
         if self.config.verbose >= 1 and report.rows:
-            logs.info0(logs.structure_line(report))
+            self._info(logs.structure_line(report))
         if self.config.verbose >= 2:
             for line in logs.parameter_lines(report):
-                logs.info0(line)
+                self._info(line)
+
+    def _info(self, message: str) -> None:
+        logs.info0(self.labelled(message))
+
+    def _warn(self, message: str) -> None:
+        logs.warn0(self.labelled(message))
+
+    def labelled(self, message: str) -> str:
+        """``message`` as this controller's log line: ``[name] message`` when it has a
+        name (see :attr:`~dist_bregman.config.BregmanConfig.name`)."""
+        return message if self.config.name is None else f"[{self.config.name}] {message}"
 
     def regularized_names(self) -> Iterable[str]:
         """Names of the targets some optimizer regularizes (after :meth:`attach`)."""

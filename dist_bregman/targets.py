@@ -249,6 +249,14 @@ def left_out(model: nn.Module, targets: Sequence[Target]) -> str | None:
     )
 
 
+def shared_targets(targets: Sequence[Target], others: Sequence[Target]) -> list[str]:
+    """Names of ``targets`` that ``others`` hold too: the same ``(module, attribute)``, or
+    the same tensor under another name (tied weights)."""
+    pairs = {(id(t.module), t.attr) for t in others}
+    tensors = {id(t.values) for t in others}
+    return [t.name for t in targets if (id(t.module), t.attr) in pairs or id(t.values) in tensors]
+
+
 def validate_pairs(
     pairs: object, argname: str = "parameters_to_prune"
 ) -> list[tuple[nn.Module, str]]:

@@ -16,6 +16,7 @@ from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 
 from dist_bregman import BregmanPruner, SafeModelPruning, measure_sparsity
+from dist_bregman.optim import LinBreg
 from tests.helpers.lightning import SeedModel, make_trainer, seed_loader
 
 STAMP = r"^\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}\] "
@@ -109,6 +110,9 @@ def test_seed_signature_names_order_and_defaults() -> None:
         ),
         ({"parameters_to_prune": []}, ValueError, r"parameters_to_prune=\[\]"),
         ({"parameters_to_prune": [nn.Linear(2, 2)]}, TypeError, r"parameters_to_prune\[0\]=Linear"),
+        ({"name": "enc/dec"}, ValueError, r"name='enc/dec': expected None or a non-empty str"),
+        ({"name": ""}, ValueError, r"name='': expected None"),
+        ({"name": 3}, TypeError, r"name=3: expected None or a str, got int"),
     ],
 )
 def test_bad_arguments_raise_at_construction_naming_parameter_and_value(
@@ -315,3 +319,114 @@ def test_resume_from_lightning_checkpoint_continues_the_lambda_trajectory(tmp_pa
     assert resumed_trace.points[0][0] == 33  # resumed after 2 epochs of 16 steps
     assert resumed_trace.points == [p for p in whole_trace.points if p[0] > 32]
     assert resumed.current_lambda == whole.current_lambda
+
+
+# ---------------------------------------------------------------------------- several pruners
+class _TwoPruners(SeedModel):
+    """The seed's pattern with two pruners: each adds its own loss term."""
+
+    def __init__(self, optimizer: str = "sgd") -> None:
+        super().__init__()
+        self.optimizer = optimizer
+        self.pruners: list[BregmanPruner] = []
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        loss = self.compute_loss(batch)
+        for pruner in self.pruners:
+            loss = loss + pruner.get_regularization_loss(self)
+        return loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        if self.optimizer == "linbreg":
+            return LinBreg(self.parameters(), lr=0.1, lambda_=0.01)
+        return super().configure_optimizers()
+
+
+def _two_pruners(model: _TwoPruners, body: str = "body", head: str = "head") -> list[BregmanPruner]:
+    """The first layer to 50% and the last to 90%, on their own lambdas."""
+    model.pruners = [
+        BregmanPruner(0.5, 0.02, 0.05, 4, [(model.net[0], "weight")], verbose=1, name=body),
+        BregmanPruner(0.9, 0.05, 0.2, 4, [(model.net[2], "weight")], verbose=1, name=head),
+    ]
+    return model.pruners
+
+
+class _Lambdas(pl.Callback):
+    def __init__(self, pruners: list[BregmanPruner]) -> None:
+        self.pruners, self.points = pruners, []
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+        lambdas = tuple(pruner.current_lambda for pruner in self.pruners)
+        self.points.append((trainer.global_step, *lambdas))
+
+
+def test_two_named_pruners_keep_their_own_weights_lambda_logs_metrics_and_checkpoint_state(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    model = _TwoPruners()
+    body, head = _two_pruners(model)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    with caplog.at_level(logging.INFO, logger="dist_bregman"):
+        trainer = make_trainer(
+            tmp_path, [body, head, checkpoint], max_epochs=2, enable_checkpointing=True
+        )
+        trainer.fit(model, seed_loader())
+    for pruner, weight in ((body, "net.0.weight"), (head, "net.2.weight")):
+        assert pruner.controller is not None and pruner.controller.last_report is not None
+        assert list(pruner.controller.last_report.per_parameter) == [weight]
+        name = pruner.config.name
+        assert trainer.callback_metrics[f"bregman/{name}/lambda"] == pytest.approx(
+            pruner.current_lambda
+        )
+    assert body.current_lambda != head.current_lambda
+    assert "bregman/lambda" not in trainer.callback_metrics
+    state = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)["callbacks"]
+    assert state["BregmanPruner{'name': 'body'}"]["lambda"] == body.current_lambda
+    assert state["BregmanPruner{'name': 'head'}"]["lambda"] == head.current_lambda
+    lines = _records(caplog)
+    assert any("] [body] Sparsity " in line and "target 50.0%" in line for line in lines)
+    assert any("] [head] Sparsity " in line and "target 90.0%" in line for line in lines)
+    assert all(re.search(STAMP + r"\[(body|head)\] ", line) for line in lines)
+
+
+def test_two_named_pruners_resume_each_from_its_own_state(tmp_path: Path) -> None:
+    whole = _TwoPruners()
+    pruners = _two_pruners(whole)
+    trace = _Lambdas(pruners)
+    make_trainer(tmp_path / "a", [*pruners, trace], max_epochs=4).fit(whole, seed_loader())
+
+    first = _TwoPruners()
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    callbacks = [*_two_pruners(first), checkpoint]
+    make_trainer(tmp_path / "b", callbacks, 2, enable_checkpointing=True).fit(first, seed_loader())
+
+    resumed = _TwoPruners()
+    pruners = _two_pruners(resumed)
+    resumed_trace = _Lambdas(pruners)
+    trainer = make_trainer(tmp_path / "c", [*pruners, resumed_trace], max_epochs=4)
+    trainer.fit(resumed, seed_loader(), ckpt_path=tmp_path / "ckpt" / "last.ckpt")
+    assert resumed_trace.points[0][0] == 33
+    assert resumed_trace.points == [p for p in trace.points if p[0] > 32]
+
+
+def test_an_unnamed_pruner_keeps_lightnings_default_state_key() -> None:
+    # Checkpoints written before names existed store the state under the class name.
+    assert BregmanPruner().state_key == "BregmanPruner"
+    assert BregmanPruner(name="a").state_key != BregmanPruner(name="b").state_key
+
+
+def test_two_pruners_on_one_weight_are_refused_at_fit(tmp_path: Path) -> None:
+    model = _TwoPruners()
+    model.pruners = [
+        BregmanPruner(parameters_to_prune=[(model.net[0], "weight")], name="a"),
+        BregmanPruner(name="b"),  # discovers net.0.weight too
+    ]
+    with pytest.raises(ValueError, match=r"name='b'\) and BregmanPruner\(name='a'\) both measure"):
+        make_trainer(tmp_path, model.pruners, max_epochs=1).fit(model, seed_loader())
+
+
+def test_two_pruners_driving_one_bregman_optimizer_are_refused_at_fit(tmp_path: Path) -> None:
+    model = _TwoPruners("linbreg")
+    pruners = _two_pruners(model)
+    with pytest.raises(ValueError, match=r"both drive one LinBreg, which holds one lambda"):
+        make_trainer(tmp_path, pruners, max_epochs=1).fit(model, seed_loader())

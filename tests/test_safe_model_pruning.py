@@ -221,3 +221,70 @@ def test_a_pruning_event_over_non_finite_weights_is_reported(
         caplog.text
     )
     assert model.net[0].weight[0, :3].isfinite().sum() == 0  # kept, not zeroed
+
+
+# ---------------------------------------------------------------------------- several callbacks
+def _filters_and_elements(model: SeedModel) -> list[SafeModelPruning]:
+    """Whole rows (neurons) of the first layer, elements of the last on a schedule: what
+    two Lightning ModelPruning callbacks would do, each on its own weights."""
+    return [
+        SafeModelPruning(
+            0.25, structured=True, parameters_to_prune=[(model.net[0], "weight")], name="rows"
+        ),
+        SafeModelPruning(
+            0.1,
+            scheduled_pruning=True,
+            final_amount=0.7,
+            epochs_to_ramp=4,
+            schedule="linear",
+            parameters_to_prune=[(model.net[2], "weight")],
+            verbose=1,
+            name="elements",
+        ),
+    ]
+
+
+def test_two_named_callbacks_prune_their_own_weights_and_resume_from_their_own_state(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    model, whole = SeedModel(), Trace()
+    callbacks = _filters_and_elements(model)
+    with caplog.at_level(logging.INFO, logger="dist_bregman"):
+        trainer = make_trainer(tmp_path / "a", [*callbacks, whole], max_epochs=5)
+        trainer.fit(model, seed_loader())
+    first, last = model.net[0].weight.detach(), model.net[2].weight.detach()
+    assert int((first.abs().sum(dim=1) == 0).sum()) == 8  # 25% of 320 elements: 8 rows of 10
+    assert int((last == 0).sum()) >= round(0.7 * last.numel())
+    assert trainer.callback_metrics["pruning/rows/amount"].item() == pytest.approx(0.25)
+    assert trainer.callback_metrics["pruning/elements/amount"].item() == pytest.approx(0.7)
+    assert "pruning/amount" not in trainer.callback_metrics
+    lines = [r.getMessage() for r in caplog.records if "pruned to" in r.getMessage()]
+    assert len(lines) == 5 and all(
+        line.startswith("[elements] SafeModelPruning: ") for line in lines
+    )
+    assert lines[0].startswith("[elements] SafeModelPruning: epoch 0: pruned to 10.000% (global")
+
+    model = SeedModel()
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    callbacks = [*_filters_and_elements(model), checkpoint]
+    make_trainer(tmp_path / "b", callbacks, 2, enable_checkpointing=True).fit(model, seed_loader())
+    saved = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)["callbacks"]
+    assert saved["SafeModelPruning{'name': 'rows'}"]["amount"] == pytest.approx(0.25)
+    assert saved["SafeModelPruning{'name': 'elements'}"]["amount"] == pytest.approx(0.1 + 0.15)
+    model, resumed = SeedModel(), Trace()
+    trainer = make_trainer(tmp_path / "c", [*_filters_and_elements(model), resumed], max_epochs=5)
+    trainer.fit(model, seed_loader(), ckpt_path=tmp_path / "ckpt" / "last.ckpt")
+    assert resumed.points == whole.points[2:]
+
+
+def test_two_callbacks_pruning_one_weight_are_refused_at_fit(tmp_path: Path) -> None:
+    model = SeedModel()
+    callbacks = [
+        SafeModelPruning(0.3, parameters_to_prune=[(model.net[2], "weight")], name="head"),
+        SafeModelPruning(0.5, name="all"),  # discovers net.2.weight too
+    ]
+    with pytest.raises(ValueError, match=r"name='all'\) and SafeModelPruning\(name='head'\) both"):
+        make_trainer(tmp_path, callbacks, max_epochs=1).fit(model, seed_loader())
+    assert SafeModelPruning().state_key == "SafeModelPruning"  # unnamed: Lightning's default
+    with pytest.raises(ValueError, match=r"name='a b': expected None or a non-empty str"):
+        SafeModelPruning(name="a b")

@@ -23,7 +23,7 @@ from typing_extensions import override
 from dist_bregman import logs
 from dist_bregman.config import BregmanConfig, LambdaRule, Mode, OnNonFinite
 from dist_bregman.controller import SparsityController
-from dist_bregman.targets import ParameterPairs, validate_pairs
+from dist_bregman.targets import ParameterPairs, shared_targets, validate_pairs
 
 
 class BregmanPruner(Callback):
@@ -60,6 +60,7 @@ class BregmanPruner(Callback):
         check_agreement_every: int = 0,
         freeze_support_at: int = 0,
         magnitude_start_at: int = 0,
+        name: str | None = None,
     ) -> None:
         self.config = BregmanConfig(
             target_sparsity=target_sparsity,
@@ -78,7 +79,9 @@ class BregmanPruner(Callback):
             check_agreement_every=check_agreement_every,
             freeze_support_at=freeze_support_at,
             magnitude_start_at=magnitude_start_at,
+            name=name,
         )
+        self._metrics = "bregman/" if name is None else f"bregman/{name}/"
         self.parameters_to_prune = (
             None if parameters_to_prune is None else validate_pairs(parameters_to_prune)
         )
@@ -87,6 +90,16 @@ class BregmanPruner(Callback):
         self._pending_state: dict[str, Any] | None = None
 
     # ------------------------------------------------------------------ public surface
+    @property
+    @override
+    def state_key(self) -> str:
+        """Where a checkpoint keeps this callback's state: the class name as Lightning's
+        default (so unnamed checkpoints load), with the ``name`` of a named one: two
+        pruners in one Trainer need two keys."""
+        if self.config.name is None:
+            return super().state_key
+        return self._generate_state_key(name=self.config.name)
+
     @property
     def current_lambda(self) -> float:
         """Lambda now: identical on every rank."""
@@ -126,6 +139,9 @@ class BregmanPruner(Callback):
         controller = self._controller(pl_module)
         controller.bind(trainer.strategy.model or pl_module)
         controller.attach(*trainer.optimizers)
+        for other in trainer.callbacks:  # type: ignore[attr-defined]
+            if isinstance(other, BregmanPruner) and other is not self and other.controller:
+                _check_apart(self.config.name, controller, other.config.name, other.controller)
         self._guard_weights_only_saves(trainer)
 
     @override
@@ -158,14 +174,15 @@ class BregmanPruner(Callback):
         controller.update_if_due(trainer.global_step)
         if controller.stop_requested:
             self._stop(trainer, controller)
-        pl_module.log("bregman/lambda", controller.lambda_, prog_bar=True, batch_size=1)
+        key = self._metrics
+        pl_module.log(key + "lambda", controller.lambda_, prog_bar=True, batch_size=1)
         if controller.sparsity is not None:
-            pl_module.log("bregman/sparsity", controller.sparsity, prog_bar=True, batch_size=1)
+            pl_module.log(key + "sparsity", controller.sparsity, prog_bar=True, batch_size=1)
         report = controller.last_report
         if report is not None and report.node_sparsity is not None:
-            pl_module.log("bregman/node_sparsity", report.node_sparsity, batch_size=1)
+            pl_module.log(key + "node_sparsity", report.node_sparsity, batch_size=1)
         if report is not None and report.kernel_sparsity is not None:
-            pl_module.log("bregman/kernel_sparsity", report.kernel_sparsity, batch_size=1)
+            pl_module.log(key + "kernel_sparsity", report.kernel_sparsity, batch_size=1)
 
     @override
     def on_before_optimizer_step(
@@ -215,7 +232,7 @@ class BregmanPruner(Callback):
         controller.stop_requested = False
         path = Path(trainer.default_root_dir) / f"bregman-stop-step{trainer.global_step}.ckpt"
         trainer.save_checkpoint(path)
-        logs.warn0(f"on_nonfinite='stop': saved {path} and stopping the run")
+        logs.warn0(controller.labelled(f"on_nonfinite='stop': saved {path} and stopping the run"))
         trainer.should_stop = True
 
     @override
@@ -254,3 +271,29 @@ def _grad_scaler(trainer: pl.Trainer) -> object | None:
     those steps to it, or each overflow would count as a bad step and, with
     ``on_nonfinite="stop"``, end the run. A NaN loss is still caught at the lambda update."""
     return getattr(trainer.precision_plugin, "scaler", None)
+
+
+def _check_apart(
+    name: str | None,
+    controller: SparsityController,
+    other_name: str | None,
+    other: SparsityController,
+) -> None:
+    """Refuse two pruners on one weight (two lambdas would shrink it, each steering it to
+    its own target) or driving one Bregman optimizer (it holds one lambda for all its
+    regularized groups: each pruner's update would overwrite the other's)."""
+    names = f"BregmanPruner(name={name!r}) and BregmanPruner(name={other_name!r})"
+    shared = shared_targets(controller.targets, other.targets)
+    if shared:
+        raise ValueError(
+            f"parameters_to_prune: {names} both measure and shrink {shared[:5]}; allowed: "
+            f"each weight in one pruner's parameters_to_prune"
+        )
+    driven = {id(o) for o in other.attachment.driven}
+    both = [type(o).__name__ for o in controller.attachment.driven if id(o) in driven]
+    if both:
+        raise ValueError(
+            f"{names} both drive one {both[0]}, which holds one lambda for all its "
+            f"regularized groups; allowed: one BregmanPruner per Bregman optimizer, or a plain "
+            f"optimizer (each pruner's proximal step acts on its own weights)"
+        )

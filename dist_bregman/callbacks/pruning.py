@@ -18,6 +18,7 @@ from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
 from dist_bregman import logs
+from dist_bregman.config import check_name
 from dist_bregman.pruning import (
     MagnitudePruner,
     PruningConfig,
@@ -25,7 +26,7 @@ from dist_bregman.pruning import (
     Schedule,
     scheduled_amount,
 )
-from dist_bregman.targets import ParameterPairs, validate_pairs
+from dist_bregman.targets import ParameterPairs, shared_targets, validate_pairs
 
 
 class SafeModelPruning(Callback):
@@ -53,6 +54,7 @@ class SafeModelPruning(Callback):
         prune_unit: Literal["epoch", "step"] = "epoch",
         make_permanent_at_end: bool = True,
         verbose: int = 0,
+        name: str | None = None,
     ) -> None:
         self.config = PruningConfig(
             amount=amount,
@@ -72,6 +74,12 @@ class SafeModelPruning(Callback):
         self.parameters_to_prune = (
             None if parameters_to_prune is None else validate_pairs(parameters_to_prune)
         )
+        check_name("name", name)
+        self.name = name
+        """Names this callback where several prune one model (each its own weights, e.g.
+        filters of the convolutions and elements of the linear layers): ``[name]`` starts
+        its log lines and it keys the checkpoint state and logged metrics."""
+        self._metrics = "pruning/" if name is None else f"pruning/{name}/"
         self.pruner: MagnitudePruner | None = None
         self.last_event: int | None = None
         """The epoch (or step) of the last pruning event."""
@@ -88,6 +96,15 @@ class SafeModelPruning(Callback):
         before the first."""
         return self._amount
 
+    @property
+    @override
+    def state_key(self) -> str:
+        """The class name as Lightning's default (unnamed checkpoints load), with the
+        ``name`` of a named one: two callbacks in one Trainer need two keys."""
+        if self.name is None:
+            return super().state_key
+        return self._generate_state_key(name=self.name)
+
     # ------------------------------------------------------------------ Lightning hooks
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -96,6 +113,15 @@ class SafeModelPruning(Callback):
         pruner = self.pruner = MagnitudePruner(pl_module, self.config, self.parameters_to_prune)
         pruner.bind(trainer.strategy.model or pl_module)
         pruner.attach(*trainer.optimizers)
+        for other in trainer.callbacks:  # type: ignore[attr-defined]
+            if isinstance(other, SafeModelPruning) and other is not self and other.pruner:
+                shared = shared_targets(pruner.targets, other.pruner.targets)
+                if shared:
+                    raise ValueError(
+                        f"parameters_to_prune: SafeModelPruning(name={self.name!r}) and "
+                        f"SafeModelPruning(name={other.name!r}) both prune {shared[:5]}; "
+                        f"allowed: each weight in one of their parameters_to_prune"
+                    )
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -163,9 +189,10 @@ class SafeModelPruning(Callback):
         event = self._pruner().prune(amount)
         self.last, self.last_event, self._amount = event, unit, amount
         report, config = event.report, self.config
+        label = "" if self.name is None else f"[{self.name}] "
         if report.nonfinite:  # NaN/Inf sort above every magnitude: they are never pruned
             logs.warn0(
-                f"SafeModelPruning: {config.prune_unit} {unit}: {report.nonfinite} "
+                f"{label}SafeModelPruning: {config.prune_unit} {unit}: {report.nonfinite} "
                 f"non-finite (NaN/Inf) weight elements on rank(s) {list(report.nonfinite_ranks)}"
                 f"; they are kept, not pruned (lower the learning rate, or clip gradients)"
             )
@@ -173,12 +200,13 @@ class SafeModelPruning(Callback):
             scope = "global" if config.use_global else "per tensor"
             kind = "structured" if config.structured else "unstructured"
             zeros = f"{report.total - report.nonzero}/{report.total} zero"
+            sparsity = logs.percent(report.sparsity)
             logs.info0(
-                f"SafeModelPruning: {config.prune_unit} {unit}: pruned to {100 * amount:.3f}% "
-                f"({scope}, {kind}); sparsity {logs.percent(report.sparsity)} ({zeros})"
+                f"{label}SafeModelPruning: {config.prune_unit} {unit}: pruned to "
+                f"{100 * amount:.3f}% ({scope}, {kind}); sparsity {sparsity} ({zeros})"
             )
-        pl_module.log("pruning/amount", amount, batch_size=1)
-        pl_module.log("pruning/sparsity", report.sparsity, batch_size=1)
+        pl_module.log(self._metrics + "amount", amount, batch_size=1)
+        pl_module.log(self._metrics + "sparsity", report.sparsity, batch_size=1)
 
     def _pruner(self) -> MagnitudePruner:
         if self.pruner is None:
