@@ -11,8 +11,9 @@ from typing import Any
 import lightning.pytorch as pl
 import pytest
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import LearningRateFinder, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.tuner import Tuner
 from torch import nn
 
 from dist_bregman import BregmanPruner, SafeModelPruning, measure_sparsity
@@ -430,3 +431,47 @@ def test_two_pruners_driving_one_bregman_optimizer_are_refused_at_fit(tmp_path: 
     pruners = _two_pruners(model)
     with pytest.raises(ValueError, match=r"both drive one LinBreg, which holds one lambda"):
         make_trainer(tmp_path, pruners, max_epochs=1).fit(model, seed_loader())
+
+
+# ---------------------------------------------------------------------------- learning-rate finder
+class _LinBregModel(SeedModel):
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return LinBreg(self.parameters(), lr=self.lr, lambda_=0.01)
+
+
+@pytest.mark.parametrize(
+    ("how", "model_class"), [("tuner", SeedModel), ("callback", _LinBregModel)]
+)
+def test_lr_find_before_fit_leaves_the_fit_as_without_it(
+    tmp_path: Path, how: str, model_class: type[SeedModel]
+) -> None:
+    """Lightning's learning-rate finder trains a few trial steps and restores the weights,
+    optimizer and callback states from a checkpoint it took before them; the fit that
+    follows (``Tuner.lr_find`` then ``fit``, or a ``LearningRateFinder`` callback at the
+    start of ``fit``) must be the fit at that learning rate without a finder: the same
+    lambda at every step, the same final sparsity and weights."""
+
+    def run(find: bool, lr: float) -> tuple[list[Any], dict[str, torch.Tensor], float]:
+        model = model_class(lr=lr)
+        pruner = BregmanPruner(0.6, 0.02, 0.05, 5)
+        model.bregman_pruner = pruner
+        trace = _Lambdas([pruner])
+        callbacks: list[pl.Callback] = [pruner, trace]
+        if find and how == "callback":
+            # After the pruner: its on_fit_start has attached to the optimizer when the
+            # finder's trial steps run (the Tuner puts its finder first).
+            callbacks.append(LearningRateFinder(min_lr=1e-3, max_lr=0.5, num_training_steps=24))
+        trainer = make_trainer(tmp_path / str(find), callbacks, max_epochs=2)
+        if find and how == "tuner":
+            Tuner(trainer).lr_find(model, seed_loader(), min_lr=1e-3, max_lr=0.5, num_training=24)
+            assert pruner.current_lambda == 0.02 and pruner.controller is not None
+            assert pruner.controller.updates == 0
+        trainer.fit(model, seed_loader())
+        weights = {k: v.clone() for k, v in model.state_dict().items()}
+        return [*trace.points, pruner.current_sparsity], weights, model.lr
+
+    found, weights, lr = run(True, 0.1)
+    assert lr != 0.1  # the finder set it
+    plain, plain_weights, _ = run(False, lr)
+    assert found == plain
+    assert all(torch.equal(weights[k], plain_weights[k]) for k in plain_weights)
