@@ -5,6 +5,7 @@ without padding, one all-reduce), lambda decided on rank 0 and broadcast, and pr
 that make exact zeros in the tensors the optimizer holds.
 """
 
+from dist_bregman.averaging import KeepSupport
 from dist_bregman.callbacks.bregman import BregmanPruner
 from dist_bregman.callbacks.pruning import SafeModelPruning
 from dist_bregman.config import BregmanConfig
@@ -19,6 +20,7 @@ __all__ = [
     "L1",
     "BregmanConfig",
     "BregmanPruner",
+    "KeepSupport",
     "LambdaDecision",
     "MagnitudePruner",
     "PruningConfig",

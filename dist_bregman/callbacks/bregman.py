@@ -21,6 +21,7 @@ from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
 from dist_bregman import logs
+from dist_bregman.callbacks.averaging import check_averaging
 from dist_bregman.config import BregmanConfig, LambdaRule, Mode, OnNonFinite
 from dist_bregman.controller import SparsityController
 from dist_bregman.targets import ParameterPairs, shared_targets, validate_pairs
@@ -88,6 +89,8 @@ class BregmanPruner(Callback):
         self.controller: SparsityController | None = None
         self._model: torch.nn.Module | None = None
         self._pending_state: dict[str, Any] | None = None
+        self._averaging: list[str] = []
+        """The Trainer's weight-averaging callbacks (all keeping the zeros)."""
 
     # ------------------------------------------------------------------ public surface
     @property
@@ -136,6 +139,7 @@ class BregmanPruner(Callback):
         # models makes the layers, runs after setup. The strategy has wrapped the model by
         # now (DDP, FSDP, a DeepSpeed engine): read the layouts from the wrapper, and act
         # through the optimizers it built.
+        self._averaging = check_averaging(trainer, "BregmanPruner")
         controller = self._controller(pl_module)
         controller.bind(trainer.strategy.model or pl_module)
         controller.attach(*trainer.optimizers)
@@ -234,6 +238,17 @@ class BregmanPruner(Callback):
         trainer.save_checkpoint(path)
         logs.warn0(controller.labelled(f"on_nonfinite='stop': saved {path} and stopping the run"))
         trainer.should_stop = True
+
+    @override
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # A weight-averaging callback has copied its average into the model by now: measure
+        # the model the fit hands back, so that current_sparsity is its sparsity.
+        if self._averaging and self.controller is not None:
+            report = self.controller.measure()
+            if self.config.verbose >= 1:
+                held = " and ".join(self._averaging)
+                line = f"Fit end: the model holds the {held} average: sparsity "
+                logs.info0(self.controller.labelled(line + logs.percent(report.sparsity)))
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:

@@ -18,6 +18,7 @@ from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
 from dist_bregman import logs
+from dist_bregman.callbacks.averaging import check_averaging
 from dist_bregman.config import check_name
 from dist_bregman.pruning import (
     MagnitudePruner,
@@ -86,6 +87,8 @@ class SafeModelPruning(Callback):
         self.last: PruningEvent | None = None
         """The last pruning event of this process (None before it, also after a resume)."""
         self._amount: float | None = None
+        self._averaging: list[str] = []
+        """The Trainer's weight-averaging callbacks (all keeping the zeros)."""
         self._pruned_at_step: int | None = None
         """The step this fit last pruned at: ``global_step`` stays put over the micro-batches
         of one optimizer step (gradient accumulation), and one event is due per step."""
@@ -110,6 +113,7 @@ class SafeModelPruning(Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Resolved at each fit, here: after configure_model (where Lightning's pattern for
         # large models makes the layers) and the strategy's wrapping.
+        self._averaging = check_averaging(trainer, "SafeModelPruning")
         pruner = self.pruner = MagnitudePruner(pl_module, self.config, self.parameters_to_prune)
         pruner.bind(trainer.strategy.model or pl_module)
         pruner.attach(*trainer.optimizers)
@@ -160,6 +164,11 @@ class SafeModelPruning(Callback):
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # A weight-averaging callback has copied its average into the model by now: one
+        # made before the last event (SWA averages at epoch starts, EMA after each step,
+        # events come at epoch ends) lacks its zeros. Make them again.
+        if self._averaging and self.pruner is not None and self.pruner.active:
+            self.pruner.enforce()
         if self.config.make_permanent_at_end and self.pruner is not None:
             self.pruner.release()
 
