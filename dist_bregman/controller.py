@@ -35,7 +35,7 @@ from dist_bregman.attachment import Attachment
 from dist_bregman.config import BregmanConfig, check_number
 from dist_bregman.control import LambdaDecision, decide
 from dist_bregman.errors import NonFiniteError, RankDisagreementError
-from dist_bregman.holders import deepspeed_wrapper
+from dist_bregman.holders import deepspeed_wrapper, groups_key
 from dist_bregman.pruning import MagnitudePruner, PruningConfig
 from dist_bregman.regularizers import GroupL1, Regularizer
 from dist_bregman.regularizers import resolve as resolve_regularizer
@@ -106,6 +106,11 @@ class SparsityController:
         self._held: MagnitudePruner | None = None
         self._model: nn.Module = model
         self._optimizers: tuple[Any, ...] = ()
+        self._groups: tuple[tuple[int, int], ...] = ()
+        self.out_of_reach: str | None = None
+        """Why ``target_sparsity`` cannot be reached by the regularized tensors now (set
+        by ``attach(strict=False)``): lambda updates are skipped meanwhile, or the integral
+        rule would wind lambda up against weights it cannot reach."""
         self.placements: list[Placement] = []
         self.attachment = Attachment([], self.regularizer, self.config.mode, self._lambda)
         self.bind(model)
@@ -233,6 +238,8 @@ class SparsityController:
         if every and self.updates % every == 0:
             self.check_agreement()  # before the broadcast, which would hide a divergence
         skip = "support frozen" if self.frozen else None
+        if self.out_of_reach is not None and skip is None:
+            skip = "target out of reach of the regularized tensors"
         if loss_bits:
             ranks = comm.ranks_from_bits(loss_bits, self.group)
             skip = f"non-finite loss on rank(s) {ranks} since step {self.last_update_step}"
@@ -250,7 +257,7 @@ class SparsityController:
         )
         self._set_lambda(decision.new)
         self.last_update_step = step
-        if decision.skipped and (loss_bits or not self.frozen):
+        if decision.skipped and (loss_bits or not (self.frozen or self.out_of_reach)):
             self._warn(
                 f"Step {step}: lambda update {decision.reason}; lambda stays {decision.new:.8f}"
             )
@@ -465,7 +472,7 @@ class SparsityController:
         return comm.all_reduce_sum(local.reshape(1), self.group)[0]
 
     # ------------------------------------------------------------------ the optimizers
-    def attach(self, *optimizers: Any) -> None:
+    def attach(self, *optimizers: Any, strict: bool = True) -> None:
         """Make these optimizers apply the regularizer with this controller's lambda.
 
         Plain torch optimizers get the proximal step after every ``step()``; LinBreg,
@@ -474,7 +481,8 @@ class SparsityController:
         the fp32 tensors they step. See :mod:`dist_bregman.attachment`. Every trainable
         target must be held by one of them; targets left unregularized (frozen, or
         ``reg=None``) are measured only, and the target must be reachable without them:
-        checked here, with a collective.
+        checked here, with a collective. ``strict=False`` (layers frozen now and unfrozen
+        later, see :meth:`follow_groups`) warns instead and holds lambda until it is.
         """
         wrapped = [type(o).__name__ for o in optimizers if deepspeed_wrapper(o) is not None]
         if self.config.guard_steps and wrapped:
@@ -488,8 +496,13 @@ class SparsityController:
             )
         self.detach()
         self._optimizers = optimizers
+        self._groups = groups_key(optimizers)
         self.attachment.attach(optimizers)
-        self._check_reachable()
+        self.out_of_reach = self._check_reachable()
+        if self.out_of_reach is not None:
+            if strict:
+                raise ValueError(self.out_of_reach)
+            self._warn(f"{self.out_of_reach}: lambda is held until it is reachable")
         if self.frozen:  # resumed after the freeze: the zeros in the weights are the support
             self._hold().derive_masks()
         share = (
@@ -506,27 +519,39 @@ class SparsityController:
                 f"weight_decay); values around 1e-5 to 1e-2 are typical: lower initial_lambda"
             )
 
-    def _check_reachable(self) -> None:
-        """Raise if ``target_sparsity`` needs zeros in tensors nothing regularizes."""
+    def follow_groups(self) -> bool:
+        """Attach again (non-strictly) if the optimizers' param groups changed since
+        :meth:`attach`: a finetuning callback unfreezing layers adds their parameters as a
+        new group, which would otherwise get no proximal step (and no held zeros). Returns
+        whether it did; a collective then, on every rank alike (the groups change on all).
+        """
+        if not self._optimizers or groups_key(self._optimizers) == self._groups:
+            return False
+        self.attach(*self._optimizers, strict=False)
+        return True
+
+    def _check_reachable(self) -> str | None:
+        """Why ``target_sparsity`` needs zeros in tensors nothing regularizes, or None."""
         report = self.measure()
         regularized = self.attachment.regularized
         unregularized = [p for i, p in enumerate(self.placements) if i not in regularized]
         if not unregularized:
-            return
+            return None
         fixed, _ = reduce_counts(
             unregularized, zero_tolerance=self.config.zero_tolerance, group=self.group
         )
         reachable = 1.0 - fixed.nonzero / report.total
-        if self.config.target_sparsity > reachable:
-            names = [p.target.name for p in unregularized]
-            shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
-            raise ValueError(
-                f"target_sparsity={self.config.target_sparsity!r} is unreachable: {shown} "
-                f"({100 * fixed.total / report.total:.1f}% of the measured elements) are not "
-                f"regularized (frozen, or reg=None in the optimizer) and hold "
-                f"{fixed.nonzero} nonzeros; allowed: target_sparsity <= {reachable:.6f}, or "
-                f"regularize those tensors"
-            )
+        if self.config.target_sparsity <= reachable:
+            return None
+        names = [p.target.name for p in unregularized]
+        shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+        return (
+            f"target_sparsity={self.config.target_sparsity!r} is unreachable: {shown} "
+            f"({100 * fixed.total / report.total:.1f}% of the measured elements) are not "
+            f"regularized (frozen, or reg=None in the optimizer) and hold {fixed.nonzero} "
+            f"nonzeros; allowed: target_sparsity <= {reachable:.6f}, or regularize those "
+            f"tensors"
+        )
 
     def detach(self) -> None:
         """Forget the optimizers: remove the proximal-step hooks, stop driving lambda, stop

@@ -79,6 +79,13 @@ def deepspeed_wrapper(optimizer: Any) -> str | None:
     return None
 
 
+def groups_key(optimizers: Sequence[Any]) -> tuple[tuple[int, int], ...]:
+    """Each param group of ``optimizers`` as ``(id, size)``: changes when a group is added
+    (Lightning's ``BaseFinetuning`` unfreezing layers), its list grows, or the groups are
+    replaced (that callback restoring them on a resume). Cheap enough to ask every step."""
+    return tuple((id(g), len(g["params"])) for o in optimizers for g in o.param_groups)
+
+
 def holding(optimizer: Any, placements: Sequence[Placement]) -> Holding:
     """Map ``optimizer`` (a torch optimizer or a DeepSpeed wrapper) onto ``placements``."""
     wrapper = deepspeed_wrapper(optimizer)

@@ -34,7 +34,7 @@ from torch.utils.hooks import RemovableHandle
 
 from dist_bregman import comm, logs
 from dist_bregman.config import check_choice, check_int, check_number
-from dist_bregman.holders import Holding, holding
+from dist_bregman.holders import Holding, groups_key, holding
 from dist_bregman.selection import Cut, keys_of, radix_select, select_mask
 from dist_bregman.shards import Placement, place, refresh_copies
 from dist_bregman.shards.base import LocalView
@@ -152,6 +152,8 @@ class MagnitudePruner:
         self.placements: list[Placement] = []
         self._holdings: list[Holding] = []
         self._handles: list[RemovableHandle] = []
+        self._optimizers: tuple[Any, ...] = ()
+        self._groups: tuple[tuple[int, int], ...] = ()
         self.bind(model)
 
     # ------------------------------------------------------------------ set-up
@@ -177,12 +179,22 @@ class MagnitudePruner:
     def attach(self, *optimizers: Any) -> None:
         """Re-apply the masks after every step of these optimizers, in the tensors they step."""
         self.detach()
+        self._optimizers, self._groups = optimizers, groups_key(optimizers)
         for optimizer in optimizers:
             holds = holding(optimizer, self.placements)
             if holds.held:
                 self._holdings.append(holds)
                 hook = partial(self._after_step, holds)
                 self._handles.append(holds.optimizer.register_step_post_hook(hook))
+
+    def follow_groups(self) -> bool:
+        """Attach again if the optimizers' param groups changed since :meth:`attach` (a
+        finetuning callback unfreezing layers adds a group): without it the pruned weights
+        of those layers grew back at their first steps. Returns whether it did."""
+        if not self._optimizers or groups_key(self._optimizers) == self._groups:
+            return False
+        self.attach(*self._optimizers)
+        return True
 
     def detach(self) -> None:
         for handle in self._handles:

@@ -17,7 +17,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import BaseFinetuning, Callback
 from typing_extensions import override
 
 from dist_bregman import logs
@@ -142,7 +142,10 @@ class BregmanPruner(Callback):
         self._averaging = check_averaging(trainer, "BregmanPruner")
         controller = self._controller(pl_module)
         controller.bind(trainer.strategy.model or pl_module)
-        controller.attach(*trainer.optimizers)
+        # A finetuning callback unfreezes frozen layers later (and the controller follows
+        # the optimizer's new groups): a target out of reach now holds lambda, not the fit.
+        finetuning = any(isinstance(c, BaseFinetuning) for c in trainer.callbacks)  # type: ignore[attr-defined]
+        controller.attach(*trainer.optimizers, strict=not finetuning)
         for other in trainer.callbacks:  # type: ignore[attr-defined]
             if isinstance(other, BregmanPruner) and other is not self and other.controller:
                 _check_apart(self.config.name, controller, other.config.name, other.controller)
@@ -192,9 +195,10 @@ class BregmanPruner(Callback):
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
+        controller = self._controller(pl_module)
+        controller.follow_groups()  # layers unfrozen since the last step get shrunk too
         if not self.config.guard_steps or _grad_scaler(trainer) is not None:
             return
-        controller = self._controller(pl_module)
         if not controller.gradients_finite([optimizer], trainer.global_step + 1):
             controller.drop_step([optimizer])
 

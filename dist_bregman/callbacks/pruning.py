@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
@@ -161,6 +162,13 @@ class SafeModelPruning(Callback):
         if self.config.prune_unit == "step" and due:
             self._event(step, pl_module)
             self._pruned_at_step = step
+
+    @override
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        if self.pruner is not None:
+            self.pruner.follow_groups()  # layers unfrozen since the last step keep their zeros
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -368,6 +368,33 @@ def test_unreachable_target_is_refused_at_attach_with_the_bound() -> None:
     )
 
 
+def test_out_of_reach_at_a_lenient_attach_holds_lambda_until_a_new_group_brings_it_in(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """``attach(strict=False)``: a warning, no update moves lambda; once the optimizer
+    gains the frozen layer as a group (a finetuning callback's unfreeze),
+    :meth:`follow_groups` attaches again and the proximal step reaches the layer."""
+    model = _model()
+    model[2].weight.requires_grad_(False)
+    config = BregmanConfig(target_sparsity=0.8, initial_lambda=0.5, update_frequency=1)
+    controller = SparsityController(model, config)
+    optimizer = torch.optim.SGD([model[0].weight], lr=0.1)
+    with caplog.at_level(logging.WARNING, logger="dist_bregman"):
+        controller.attach(optimizer, strict=False)
+    assert "is unreachable: 2.weight" in caplog.text and "lambda is held" in caplog.text
+    assert not controller.follow_groups()  # nothing changed: no second attach
+    decision = controller.update(1)
+    assert decision.skipped and "out of reach" in decision.reason and controller.lambda_ == 0.5
+    before = model[2].weight.detach().clone()
+    model[2].weight.requires_grad_(True)
+    optimizer.add_param_group({"params": [model[2].weight]})
+    assert controller.follow_groups() and controller.out_of_reach is None
+    optimizer.step()  # no gradients: the proximal step alone, lr * lambda = 0.05
+    shrunk = torch.sign(before) * (before.abs() - 0.05).clamp(min=0)
+    torch.testing.assert_close(model[2].weight.detach(), shrunk)
+    assert not controller.update(2).skipped
+
+
 def test_a_bregman_optimizer_is_driven_not_hooked() -> None:
     model = _model()
     optimizer = LinBreg(model.parameters(), lr=0.1, lambda_=0.5)
