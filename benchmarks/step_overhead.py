@@ -27,12 +27,12 @@ Variants (``BregmanPruner`` calls exactly these controller methods from its hook
   momentum and Adam respectively.
 
 On CPU each row with a pruner also reports the time spent inside its calls
-(``observe_loss`` + ``update_if_due``, measurement and lambda update included) as a share of
-that row's own step time: a direct reading of what the callback costs, which the ratio to
-another model copy can only bound to within the control row's noise. (The proximal step and
-the Bregman optimizers' work happen inside ``optimizer.step()``: they show in the ratio only.
-On CUDA the calls would also wait for the step's queued kernels at each measurement, so the
-share is not reported there.)
+(``follow_groups`` + ``observe_loss`` + ``update_if_due``, measurement and lambda update
+included) as a share of that row's own step time: a direct reading of what the callback
+costs, which the ratio to another model copy can only bound to within the control row's
+noise. (The proximal step and the Bregman optimizers' work happen inside
+``optimizer.step()``: they show in the ratio only. On CUDA the calls would also wait for the
+step's queued kernels at each measurement, so the share is not reported there.)
 """
 
 from __future__ import annotations
@@ -91,6 +91,10 @@ class Variant:
             x, y = next(self.batches)
             loss = F.cross_entropy(self.model(x), y)
             loss.backward()
+            if self.controller is not None:  # before each step, as BregmanPruner does
+                start = time.perf_counter()
+                self.controller.follow_groups()
+                self.in_pruner += time.perf_counter() - start
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             self.step += 1
