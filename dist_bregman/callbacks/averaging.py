@@ -38,8 +38,7 @@ def check_averaging(trainer: pl.Trainer, who: str) -> list[str]:
                 f"checkpoints) loses the zeros (EMAWeightAveraging beside a 60% "
                 f"SafeModelPruning ended with none); allowed: average with "
                 f"dist_bregman.KeepSupport as its avg_fn, which keeps the model's zeros at each "
-                f"update: "
-                f"WeightAveraging(avg_fn=KeepSupport(decay=0.999)) or "
+                f"update: WeightAveraging(avg_fn=KeepSupport(decay=0.999)) or "
                 f"StochasticWeightAveraging(swa_lrs, avg_fn=KeepSupport())"
             )
         names.append(name)

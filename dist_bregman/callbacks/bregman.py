@@ -144,9 +144,10 @@ class BregmanPruner(Callback):
         controller.bind(trainer.strategy.model or pl_module)
         # A finetuning callback unfreezes frozen layers later (and the controller follows
         # the optimizer's new groups): a target out of reach now holds lambda, not the fit.
-        finetuning = any(isinstance(c, BaseFinetuning) for c in trainer.callbacks)  # type: ignore[attr-defined]
+        callbacks = trainer.callbacks  # type: ignore[attr-defined]
+        finetuning = any(isinstance(c, BaseFinetuning) for c in callbacks)
         controller.attach(*trainer.optimizers, strict=not finetuning)
-        for other in trainer.callbacks:  # type: ignore[attr-defined]
+        for other in callbacks:
             if isinstance(other, BregmanPruner) and other is not self and other.controller:
                 _check_apart(self.config.name, controller, other.config.name, other.controller)
         self._guard_weights_only_saves(trainer)

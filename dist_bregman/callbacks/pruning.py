@@ -172,9 +172,9 @@ class SafeModelPruning(Callback):
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # A weight-averaging callback has copied its average into the model by now: one
-        # made before the last event (SWA averages at epoch starts, EMA after each step,
-        # events come at epoch ends) lacks its zeros. Make them again.
+        # A weight-averaging callback has copied its average into the model by now, and an
+        # average last updated before the last pruning event (SWA updates at epoch starts,
+        # EMA after each step; epoch events come at epoch ends) lacks its zeros: make them.
         if self._averaging and self.pruner is not None and self.pruner.active:
             self.pruner.enforce()
         if self.config.make_permanent_at_end and self.pruner is not None:
