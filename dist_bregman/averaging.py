@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+from torch.optim.swa_utils import get_ema_avg_fn, get_swa_avg_fn
 
 from dist_bregman.config import check_number
 
@@ -50,19 +51,14 @@ class KeepSupport:
             )
         self.decay = decay
         self.avg_fn = avg_fn
+        self._rule: AvgFn = avg_fn or (get_swa_avg_fn() if decay is None else get_ema_avg_fn(decay))
 
     def __call__(
         self, averaged: torch.Tensor, current: torch.Tensor, num_averaged: torch.Tensor
     ) -> torch.Tensor:
         if not current.is_floating_point():  # a counter (BatchNorm's num_batches_tracked,
             return current.clone()  # averaged with use_buffers=True): the model's own
-        if self.avg_fn is not None:
-            new = self.avg_fn(averaged, current, num_averaged)
-        elif self.decay is not None:
-            new = torch.lerp(current, averaged, self.decay)  # decay * averaged + rest * current
-        else:
-            new = averaged + (current - averaged) / (num_averaged + 1)
-        return new.masked_fill(current == 0, 0)
+        return self._rule(averaged, current, num_averaged).masked_fill(current == 0, 0)
 
     def __repr__(self) -> str:
         if self.decay is not None:
