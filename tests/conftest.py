@@ -32,10 +32,11 @@ def _clean_distributed_env() -> Iterator[None]:
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:
-    """Fail a grouped test if ``--dist loadgroup`` did not group it. The tests that bind TCP
-    ports share the ``tcp_ports`` xdist group so they never run at the same time; pytest 9.2
-    broke grouping silently (xdist renames node ids to group them, which pytest 9.2 no
-    longer reads: pytest-dev/pytest-xdist#1386), and launches then raced for ports."""
+    """Fail a grouped test if ``--dist loadgroup`` did not group it. Tests that share one
+    launch (a session fixture) share an xdist group so one worker runs them and launches
+    once; pytest 9.2 broke grouping silently (xdist renames node ids to group them, which
+    pytest 9.2 no longer reads: pytest-dev/pytest-xdist#1386) and the launch then ran on
+    both workers."""
     grouped = item.get_closest_marker("xdist_group") is not None
     if grouped and getattr(item.config.option, "loadgroup", False) and "@" not in item.nodeid:
         pytest.fail(

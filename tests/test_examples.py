@@ -15,11 +15,7 @@ from dist_bregman.data import digits_splits
 from dist_bregman.export import load_sparse
 from dist_bregman.models import DigitsMLP
 from tests.helpers.dist import child_env
-
-# These start processes that rendezvous over TCP ports; the xdist group keeps them from
-# running at the same time as each other (a free port can be taken between check and bind).
-pytestmark = pytest.mark.xdist_group("tcp_ports")
-
+from tests.helpers.ports import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -94,14 +90,6 @@ def test_launch_torchrun_script_runs_the_ddp_job(tmp_path: Path) -> None:
     assert done.stderr.count("Step 120: Sparsity=") == 1  # logged by rank 0 only
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.mark.timeout(200)
 def test_raw_deepspeed_engine_under_the_deepspeed_launcher(tmp_path: Path) -> None:
     deepspeed = Path(sys.executable).parent / "deepspeed"
@@ -110,7 +98,7 @@ def test_raw_deepspeed_engine_under_the_deepspeed_launcher(tmp_path: Path) -> No
         "--num_gpus",
         "2",
         "--master_port",
-        str(_free_port()),
+        str(free_port()),
         str(ROOT / "examples" / "raw_deepspeed.py"),
         "--stage",
         "3",
@@ -177,6 +165,8 @@ def test_launch_scripts_run_the_sharded_jobs(
         f"--trainer.logger.init_args.save_dir={tmp_path}",
     ]
     env = child_env() | {"PYTHON": sys.executable, "CONFIG": f"configs/{config}"}
+    if script == "deepspeed.sh":  # torchrun.sh's --standalone binds port 0 and keeps it
+        env["MASTER_PORT"] = str(free_port())
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
     name = config.removesuffix(".yaml")
@@ -199,7 +189,7 @@ def test_the_deepspeed_launcher_on_two_nodes_forms_one_world(tmp_path: Path) -> 
     with that host's --node_rank. Two one-process "nodes" here must train as ranks 0 and 1
     of one world (before: both took rank 0; one failed with EADDRINUSE, one waited)."""
     hosts = base64.urlsafe_b64encode(json.dumps({"node0": [0], "node1": [0]}).encode())
-    port = _free_port()
+    port = free_port()
     env = child_env() | {"DS_ACCELERATOR": "cpu"}
     nodes = [
         subprocess.Popen(

@@ -13,10 +13,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from dist_bregman import BregmanPruner, comm, measure_sparsity
 from tests.helpers.lightning import SeedModel, make_trainer, seed_loader
-
-# These start processes that rendezvous over TCP ports; the xdist group keeps them from
-# running at the same time as each other (a free port can be taken between check and bind).
-pytestmark = pytest.mark.xdist_group("tcp_ports")
+from tests.helpers.ports import free_port
 
 
 class Probe(pl.Callback):
@@ -51,7 +48,10 @@ def _pruner() -> BregmanPruner:
 
 
 @pytest.mark.timeout(180)
-def test_ddp_spawn_ranks_agree_with_each_other_and_with_one_process(tmp_path: Path) -> None:
+def test_ddp_spawn_ranks_agree_with_each_other_and_with_one_process(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))  # Lightning would bind port 0, close it
     # Under DDP Lightning gives the training loader DistributedSampler(shuffle=True, seed=0):
     # rank r takes perm[r::2] of each epoch's permutation. The same sampler with one replica
     # yields that permutation in order, so one process with batches of 16 sees, at every

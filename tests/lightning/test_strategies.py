@@ -12,11 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers.dist import child_env
-
-# These start processes that rendezvous over TCP ports; the xdist group keeps them from
-# running at the same time as each other (a free port can be taken between check and bind).
-pytestmark = pytest.mark.xdist_group("tcp_ports")
-
+from tests.helpers.ports import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPTS = ROOT / "tests" / "scripts"
@@ -26,7 +22,7 @@ def run_script(script: str, *args: str, timeout: int = 240) -> subprocess.Comple
     done = subprocess.run(
         [sys.executable, str(SCRIPTS / script), *args],
         cwd=ROOT,
-        env=child_env(),
+        env=child_env() | {"MASTER_PORT": str(free_port())},  # Lightning launches the ranks
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -48,9 +44,9 @@ RUNS = (
 @pytest.fixture(scope="session")
 def strategy_results(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """All six fits in one 2-process launch (~25 s of start-up each when launched apart;
-    checked to give the same pickles either way). Session-scoped: xdist runs this file's
-    tests between others of the same group, and a module-scoped fixture is torn down and
-    launched again each time the worker comes back to the module."""
+    checked to give the same pickles either way). Its tests share an xdist group, so one
+    worker runs them all and launches once; session-scoped, since a module-scoped fixture
+    is torn down and launched again whenever the worker comes back to the module."""
     out = tmp_path_factory.mktemp("strategies")
     runs = [f"{strategy}:{optimizer}" for strategy, optimizer, _ in RUNS]
     run_script("lightning_strategy.py", "--runs", *runs, "--out", str(out))
@@ -58,6 +54,7 @@ def strategy_results(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.mark.timeout(300)  # covers the shared launch, paid by whichever test runs first
+@pytest.mark.xdist_group("strategy_results")  # on one worker: the launch happens once
 @pytest.mark.parametrize(("strategy", "optimizer", "wrapper"), RUNS)
 def test_every_rank_sees_the_same_numbers_and_the_zeros_are_in_the_weights(
     strategy: str, optimizer: str, wrapper: str, strategy_results: Path
