@@ -173,19 +173,20 @@ def reduce_counts(
     structured = [0, 0, 0, 0]
     if structure:
         structured = [sum(numbers[2 * n + slot :: 4][:n]) for slot in range(4)]
-    per_parameter = {}
-    for index, (placement, view) in enumerate(zip(placements, views, strict=True)):
-        nonzero, total = numbers[index], numbers[n + index]
-        if (distributed or world == 1) and total != view.global_numel:
+    nonzeros, totals = numbers[:n], numbers[n : 2 * n]
+    if distributed or world == 1:  # (whole lists compared: this runs at every measurement)
+        expected = [view.global_numel for view in views]
+        if totals != expected:
+            i = next(i for i in range(n) if totals[i] != expected[i])
             raise RuntimeError(
-                f"{placement.target.name}: ranks counted {total} elements, but the tensor "
-                f"has {view.global_numel}: shards or replicas were lost or counted twice"
+                f"{placements[i].target.name}: ranks counted {totals[i]} elements, but the "
+                f"tensor has {expected[i]}: shards or replicas were lost or counted twice"
             )
-        per_parameter[placement.target.name] = (nonzero, total)
+    names = [placement.target.name for placement in placements]
     report = SparsityReport(
-        nonzero=sum(numbers[:n]),
-        total=sum(numbers[n : 2 * n]),
-        per_parameter=per_parameter,
+        nonzero=sum(nonzeros),
+        total=sum(totals),
+        per_parameter=dict(zip(names, zip(nonzeros, totals, strict=True), strict=True)),
         zero_rows=structured[0],
         rows=structured[1],
         zero_kernels=structured[2],
@@ -244,37 +245,28 @@ def _count_buffer(
     copy through :func:`~dist_bregman.comm.to_device`.
     """
     n = len(views)
-    owned = [i for i, view in enumerate(views) if view.values is not None]
-    fast = [
-        i
-        for i in owned
-        if kernels.eligible(views[i].values, views[i].mask, zero_tolerance)  # type: ignore[arg-type]
-        and not (structure and views[i].values.numel() == 0)  # type: ignore[union-attr]
-    ]
-    counted = None
-    if fast:
-        counted = kernels.count_nonzero_many(
-            [views[i].values for i in fast],  # type: ignore[misc]
-            [views[i].mask for i in fast],
-            zero_tolerance,
-            structure,
-        )
+    values = [view.values for view in views]
+    counted = kernels.count_nonzero_many(
+        values, [view.mask for view in views], zero_tolerance, structure
+    )
+    done = [0] * n if counted is None else counted[4].tolist()
+    rest = [i for i in range(n) if not done[i] and values[i] is not None]
     sizes = [[view.numel for view in views]]
     if structure:
-        shapes = [() if view.values is None else view.values.shape for view in views]
+        shapes = [() if v is None else v.shape for v in values]
         sizes += [list(column) for column in zip(*map(structure_sizes, shapes), strict=True)]
     known = comm.to_device(torch.tensor(sizes, dtype=torch.int64), device)
-    if counted is not None and len(fast) == n:  # the common CPU case: every tensor local
+    if counted is not None and any(done):  # its columns are zero where it did not count
         nonzero = comm.to_device(counted[0], device)
         bad = comm.to_device(counted[1].sum(), device)
-        zeros = comm.to_device(counted[2:].t(), device)
-    else:
-        nonzero, bad, zeros = _count_with_torch(
-            views, owned, fast, counted, zero_tolerance, device, structure
-        )
+        zeros = comm.to_device(counted[2:4].t(), device)
+        if rest:  # accelerator tensors beside CPU ones
+            more = _count_with_torch(views, rest, zero_tolerance, device, structure)
+            nonzero, bad, zeros = nonzero + more[0], bad + more[1], zeros + more[2]
+    else:  # accelerator tensors, no kernel, or nothing held here (all zero then)
+        nonzero, bad, zeros = _count_with_torch(views, rest, zero_tolerance, device, structure)
     parts = [nonzero, known[0]]
     if structure:
-        assert zeros is not None
         parts.append(torch.stack([zeros[:, 0], known[1], zeros[:, 1], known[2]], dim=1).flatten())
     parts.append(torch.stack([bad, comm.rank_bit(bad > 0, group)]))
     if extra:
@@ -290,33 +282,20 @@ larger ones one by one, where a launch is small beside the bytes read."""
 
 def _count_with_torch(
     views: Sequence[LocalView],
-    owned: Sequence[int],
-    fast: Sequence[int],
-    counted: torch.Tensor | None,
+    rest: Sequence[int],
     zero_tolerance: float,
     device: torch.device,
     structure: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-view nonzeros ``[n]``, the non-finite total (0-d) and zero rows/kernels
-    ``[n, 2]`` for the views the kernel did not count (accelerator tensors, no kernel),
-    merged with the kernel's counts for ``fast``; views this rank does not own
-    count zero. Built from 0-d device tensors and stacked: indexing a CUDA tensor with
-    host indices would copy them, and wait."""
+    ``[n, 2]`` of the views ``rest``, which the kernel did not count (accelerator tensors,
+    no kernel); the other views count zero. Built from 0-d device tensors and stacked:
+    indexing a CUDA tensor with host indices would copy them, and wait."""
     n = len(views)
     zero = torch.zeros((), dtype=torch.int64, device=device)
     counts = [zero] * n
     structures = [torch.zeros(2, dtype=torch.int64, device=device)] * n
     bads = [zero]
-    if counted is None:
-        fast = ()
-    else:
-        on_device = comm.to_device(counted, device)
-        counts_fast, structures_fast = on_device[0].unbind(), on_device[2:].t().unbind()
-        for k, i in enumerate(fast):
-            counts[i], structures[i] = counts_fast[k], structures_fast[k]
-        bads.append(on_device[1].sum())
-    counted_fast = set(fast)
-    rest = [i for i in owned if i not in counted_fast]
     together = [
         i
         for i in rest

@@ -16,6 +16,7 @@
 #include <atomic>
 #include <cstdint>
 #include <mutex>
+#include <optional>
 #include <utility>
 #include <vector>
 
@@ -75,7 +76,7 @@ void tally_span(const torch::Tensor& values, const torch::Tensor& mask, int64_t 
                 int64_t end, int64_t row, int64_t kernel, Word magnitude, int64_t tolerance,
                 int64_t infinity, Tally& tally) {
   const Word* v = static_cast<const Word*>(values.data_ptr());
-  const Word* m = mask.numel() ? static_cast<const Word*>(mask.data_ptr()) : nullptr;
+  const Word* m = mask.defined() ? static_cast<const Word*>(mask.data_ptr()) : nullptr;
   const Word t = static_cast<Word>(tolerance), inf = static_cast<Word>(infinity);
   auto count = [&](int64_t at, int64_t n) {
     return count_words<Word>(v + at, m == nullptr ? nullptr : m + at, n, magnitude, t, inf);
@@ -138,54 +139,95 @@ void tally_tensor(const torch::Tensor& values, const torch::Tensor& mask, int64_
   }
 }
 
+// Index of a floating dtype the kernel reads as raw words (float16, bfloat16, float32,
+// float64), or -1.
+int float_index(at::ScalarType type) {
+  switch (type) {
+    case at::kHalf:
+      return 0;
+    case at::kBFloat16:
+      return 1;
+    case at::kFloat:
+      return 2;
+    case at::kDouble:
+      return 3;
+    default:
+      return -1;
+  }
+}
+
+constexpr int64_t kInfinityBits[4] = {0x7C00, 0x7F80, 0x7F800000, 0x7FF0000000000000};
+
+// Whether the kernel counts this tensor: on the CPU, contiguous, of a float type with exact
+// tolerance bits (tolerance_bits[type] >= 0), its mask absent or a contiguous CPU float
+// tensor of the same element width and size; with structure, not empty. The caller counts
+// the rest with torch ops (accelerator tensors, views, float8, ...).
+bool countable(const std::optional<torch::Tensor>& values,
+               const std::optional<torch::Tensor>& mask,
+               const std::vector<int64_t>& tolerance_bits, bool structure) {
+  if (!values.has_value()) return false;
+  const torch::Tensor& v = *values;
+  const int type = float_index(v.scalar_type());
+  if (type < 0 || tolerance_bits[type] < 0 || !v.device().is_cpu() || !v.is_contiguous()) {
+    return false;
+  }
+  if (structure && v.numel() == 0) return false;
+  if (!mask.has_value()) return true;
+  const torch::Tensor& m = *mask;
+  return m.device().is_cpu() && m.is_contiguous() && float_index(m.scalar_type()) >= 0 &&
+         m.element_size() == v.element_size() && m.numel() == v.numel();
+}
+
 }  // namespace
 
-// values[i]: contiguous CPU tensors of 2, 4 or 8-byte floats; masks[i]: the same size and
-// element width, or empty; tolerance_bits[i] / infinity_bits[i]: bits of the tolerance and
-// of +inf in values[i]'s type. row_lengths / kernel_lengths: empty (no structure), or per
-// tensor the elements of one dim-0 row (0: no rows, ndim < 2) and of one (out, in) kernel
-// (0: no kernels, ndim < 3). Returns int64 [4, n]: nonzeros, non-finite elements, all-zero
-// rows, all-zero kernels (the last two 0 without structure).
+// values[i]: any tensor, or None (nothing to count here); masks[i]: its prune mask, or None.
+// tolerance_bits: for float16, bfloat16, float32 and float64, the bits of the tolerance in
+// that type (-1: no exact bits, such tensors are left to the caller). With structure, all-zero
+// dim-0 rows (tensors with ndim >= 2) and (out, in) kernels (ndim >= 3) are counted too.
+// Returns int64 [5, n]: nonzeros, non-finite elements, all-zero rows, all-zero kernels, and
+// 1 where the tensor was counted (see countable; 0 and zero counts where not).
 //
-// The threads split the concatenation of all tensors by elements, not by tensor or chunk
-// count: a model's few large matrices and many small tensors would otherwise leave one
+// The threads split the concatenation of the counted tensors by elements, not by tensor or
+// chunk count: a model's few large matrices and many small tensors would otherwise leave one
 // thread with most of the bytes. A row belongs to the thread whose range holds its start.
-torch::Tensor count_nonzero_many(const std::vector<torch::Tensor>& values,
-                                 const std::vector<torch::Tensor>& masks,
-                                 const std::vector<int64_t>& tolerance_bits,
-                                 const std::vector<int64_t>& infinity_bits,
-                                 const std::vector<int64_t>& row_lengths,
-                                 const std::vector<int64_t>& kernel_lengths) {
+torch::Tensor count_nonzero_many(const std::vector<std::optional<torch::Tensor>>& values,
+                                 const std::vector<std::optional<torch::Tensor>>& masks,
+                                 const std::vector<int64_t>& tolerance_bits, bool structure) {
   const int64_t n = static_cast<int64_t>(values.size());
-  const bool structure = !row_lengths.empty();
-  TORCH_CHECK(masks.size() == values.size() && tolerance_bits.size() == values.size() &&
-                  infinity_bits.size() == values.size(),
-              "count_nonzero_many: values, masks and bit patterns differ in length");
-  TORCH_CHECK(!structure || (row_lengths.size() == values.size() &&
-                             kernel_lengths.size() == values.size()),
-              "count_nonzero_many: row and kernel lengths differ in length from values");
-  for (int64_t t = 0; structure && t < n; ++t) {
-    const int64_t row = row_lengths[t], kernel = kernel_lengths[t];
-    TORCH_CHECK(row >= 0 && (row == 0 || values[t].numel() % row == 0) && kernel >= 0 &&
-                    (kernel == 0 || (row > 0 && row % kernel == 0)),
-                "count_nonzero_many: tensor ", t, " of ", values[t].numel(),
-                " elements cannot have rows of ", row, " and kernels of ", kernel);
-  }
-  std::vector<int64_t> starts(n + 1, 0);  // where each tensor begins in the concatenation
-  for (int64_t t = 0; t < n; ++t) starts[t + 1] = starts[t] + values[t].numel();
-  torch::Tensor out = torch::zeros({4, n}, torch::kInt64);
+  TORCH_CHECK(masks.size() == values.size(), "count_nonzero_many: ", n, " values but ",
+              masks.size(), " masks");
+  TORCH_CHECK(tolerance_bits.size() == 4,
+              "count_nonzero_many: tolerance_bits needs one entry per float type (4)");
+  torch::Tensor out = torch::zeros({5, n}, torch::kInt64);
   int64_t* result = out.data_ptr<int64_t>();
+  // The counted tensors, with the elements of one row and of one kernel (0: none) and where
+  // each begins in their concatenation.
+  std::vector<int64_t> index, rows, kernels, tolerance, infinity, starts{0};
+  for (int64_t t = 0; t < n; ++t) {
+    if (!countable(values[t], masks[t], tolerance_bits, structure)) continue;
+    const torch::Tensor& v = *values[t];
+    const int64_t numel = v.numel(), dims = v.dim();
+    const int type = float_index(v.scalar_type());
+    result[4 * n + t] = 1;
+    index.push_back(t);
+    rows.push_back(structure && dims >= 2 ? numel / v.size(0) : 0);
+    kernels.push_back(structure && dims >= 3 ? numel / (v.size(0) * v.size(1)) : 0);
+    tolerance.push_back(tolerance_bits[type]);
+    infinity.push_back(kInfinityBits[type]);
+    starts.push_back(starts.back() + numel);
+  }
+  const torch::Tensor none;
   std::mutex merge;
-  at::parallel_for(0, starts[n], kChunk, [&](int64_t begin, int64_t end) {
-    std::vector<std::pair<int64_t, Tally>> found;  // (tensor, tally) for this range
-    int64_t t = std::upper_bound(starts.begin(), starts.end(), begin) - starts.begin() - 1;
-    for (int64_t pos = begin; pos < end; ++t) {
-      while (starts[t + 1] <= pos) ++t;  // skip empty tensors
-      const int64_t stop = std::min(end, starts[t + 1]);
+  at::parallel_for(0, starts.back(), kChunk, [&](int64_t begin, int64_t end) {
+    std::vector<std::pair<int64_t, Tally>> found;  // (counted tensor, tally) for this range
+    size_t k = std::upper_bound(starts.begin(), starts.end(), begin) - starts.begin() - 1;
+    for (int64_t pos = begin; pos < end; ++k) {
+      while (starts[k + 1] <= pos) ++k;  // skip empty tensors
+      const int64_t stop = std::min(end, starts[k + 1]);
+      const int64_t t = index[k];
       Tally tally;
-      tally_tensor(values[t], masks[t], pos - starts[t], stop - starts[t],
-                   structure ? row_lengths[t] : 0, structure ? kernel_lengths[t] : 0,
-                   tolerance_bits[t], infinity_bits[t], tally);
+      tally_tensor(*values[t], masks[t].has_value() ? *masks[t] : none, pos - starts[k],
+                   stop - starts[k], rows[k], kernels[k], tolerance[k], infinity[k], tally);
       found.emplace_back(t, tally);
       pos = stop;
     }
