@@ -120,9 +120,13 @@ def rank_bit(flag: torch.Tensor, group: ProcessGroup = None) -> torch.Tensor:
     """``flag`` (0-d bool) as an int64 that names this rank: summed over the ranks of
     ``group`` (in a buffer that is all-reduced anyway), :func:`ranks_from_bits` says which
     ranks raised the flag."""
+    return flag.to(torch.int64) * own_bit(group)
+
+
+def own_bit(group: ProcessGroup = None) -> int:
+    """The value by which :func:`rank_bit` names this rank of ``group``."""
     rank = get_rank(group) if is_distributed() else 0  # RANK before init: not a group's
-    bit = 1 << min(rank, named_ranks(get_world_size(group)))
-    return flag.to(torch.int64) * bit
+    return 1 << min(rank, named_ranks(get_world_size(group)))
 
 
 def ranks_from_bits(bits: int, group: ProcessGroup = None) -> list[int | str]:

@@ -249,14 +249,27 @@ def _count_buffer(
     counted = kernels.count_nonzero_many(
         values, [view.mask for view in views], zero_tolerance, structure
     )
-    done = [0] * n if counted is None else counted[4].tolist()
-    rest = [i for i in range(n) if not done[i] and values[i] is not None]
+    host = [[0] * n] * 5 if counted is None else counted.tolist()
+    rest = [i for i in range(n) if not host[4][i] and values[i] is not None]
     sizes = [[view.numel for view in views]]
     if structure:
         shapes = [() if v is None else v.shape for v in values]
         sizes += [list(column) for column in zip(*map(structure_sizes, shapes), strict=True)]
+    if not rest and device.type == "cpu":
+        # All counts are host integers already (the kernel's, or none held here): the
+        # buffer is laid out as a list and made a tensor once. The torch ops below, a
+        # dozen on tiny tensors, took twice as long (measured at 150 tensors, the
+        # kernel's own time aside: 0.23 against 0.12 ms).
+        numbers = host[0] + sizes[0]
+        if structure:
+            per_view = zip(host[2], sizes[1], host[3], sizes[2], strict=True)
+            numbers += [number for view in per_view for number in view]
+        bad = sum(host[1])
+        numbers += [bad, comm.own_bit(group) if bad else 0]
+        numbers += [int(flag) for flag in extra]
+        return torch.tensor(numbers, dtype=torch.int64)
     known = comm.to_device(torch.tensor(sizes, dtype=torch.int64), device)
-    if counted is not None and any(done):  # its columns are zero where it did not count
+    if counted is not None and any(host[4]):  # its columns are zero where it did not count
         nonzero = comm.to_device(counted[0], device)
         bad = comm.to_device(counted[1].sum(), device)
         zeros = comm.to_device(counted[2:4].t(), device)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import pytest
@@ -196,7 +197,9 @@ def test_a_placement_that_loses_elements_is_an_error_not_a_number() -> None:
         def view(self) -> LocalView:
             view = super().view()
             assert view.values is not None
-            return view._replace(values=view.values.reshape(-1)[1:], numel=view.numel - 1)
+            return dataclasses.replace(
+                view, values=view.values.reshape(-1)[1:], numel=view.numel - 1
+            )
 
     model = ConvNet()
     placements = [Lossy(p.target) for p in place(model, resolve(model))]
