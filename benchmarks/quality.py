@@ -53,7 +53,7 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 from dist_bregman import BregmanPruner, SafeModelPruning, measure_sparsity
-from dist_bregman.data import digits_splits
+from dist_bregman.digits import digits_splits
 from dist_bregman.models import DigitsCNN, DigitsMLP, OptimizerSettings
 from dist_bregman.pruning import PruningConfig, scheduled_amount
 from dist_bregman.targets import resolve

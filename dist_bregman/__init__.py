@@ -5,9 +5,12 @@ without padding, one all-reduce), lambda decided on rank 0 and broadcast, and pr
 that make exact zeros in the tensors the optimizer holds.
 """
 
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
 from dist_bregman.averaging import KeepSupport
-from dist_bregman.callbacks.bregman import BregmanPruner
-from dist_bregman.callbacks.pruning import SafeModelPruning
 from dist_bregman.config import BregmanConfig
 from dist_bregman.control import LambdaDecision, next_lambda
 from dist_bregman.controller import SparsityController
@@ -15,6 +18,28 @@ from dist_bregman.param_groups import regularized_groups
 from dist_bregman.pruning import MagnitudePruner, PruningConfig
 from dist_bregman.regularizers import L1, Regularizer
 from dist_bregman.sparsity import SparsityReport, measure_sparsity
+
+if TYPE_CHECKING:
+    from dist_bregman.callbacks.bregman import BregmanPruner
+    from dist_bregman.callbacks.pruning import SafeModelPruning
+
+_LIGHTNING = {
+    "BregmanPruner": "dist_bregman.callbacks.bregman",
+    "SafeModelPruning": "dist_bregman.callbacks.pruning",
+}
+"""The Lightning callbacks, imported on first use: the core (the controller, counting,
+regularizers, optimizers) imports without Lightning, so a raw torchrun or DeepSpeed loop
+neither needs it installed nor pays for importing it (about 5 s a process on 2 cores)."""
+
+
+def __getattr__(name: str) -> object:
+    module = _LIGHTNING.get(name)
+    if module is None:
+        raise AttributeError(f"module 'dist_bregman' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
 
 __all__ = [
     "L1",

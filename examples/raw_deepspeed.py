@@ -22,7 +22,7 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, DistributedSampler
 
 from dist_bregman import BregmanConfig, SparsityController, comm, regularized_groups
-from dist_bregman.data import digits_splits
+from dist_bregman.digits import digits_splits
 from dist_bregman.init import sparse_init_
 from dist_bregman.optim import LinBreg
 

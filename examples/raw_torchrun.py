@@ -24,7 +24,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
 from dist_bregman import BregmanConfig, SparsityController, comm
-from dist_bregman.data import digits_splits
+from dist_bregman.digits import digits_splits
 
 
 def main() -> None:

@@ -31,7 +31,7 @@ from torch.nn import functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from dist_bregman import BregmanConfig, SparsityController, comm
-from dist_bregman.data import digits_splits
+from dist_bregman.digits import digits_splits
 
 
 def batch(step: int, rank: int, world: int, size: int, data: Any) -> tuple[Any, Any]:

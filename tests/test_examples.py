@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dist_bregman.data import digits_splits
+from dist_bregman.digits import digits_splits
 from dist_bregman.export import load_sparse
 from dist_bregman.models import DigitsMLP
 from tests.helpers.dist import child_env
