@@ -15,7 +15,7 @@ import torch
 import yaml
 from lightning.fabric.plugins.environments import LightningEnvironment
 
-from dist_bregman import BregmanPruner
+from dist_bregman import BregmanPruner, SparseWeightAveraging
 from dist_bregman.cli import BregmanCLI, main
 from dist_bregman.export import load_sparse
 from dist_bregman.strategies import DeepSpeedLauncherEnvironment
@@ -103,6 +103,37 @@ def test_a_job_with_safe_model_pruning_alone_reports_and_exports_its_sparsity(
     assert summary["export_sparse_bytes"] < summary["export_dense_bytes"]
     printed = capsys.readouterr().out
     assert f"final sparsity {100 * summary['final_sparsity']:.3f}% (target 80.0%)" in printed
+
+
+@pytest.mark.timeout(120)
+def test_a_yaml_job_averages_its_weights_and_hands_back_a_sparse_model(tmp_path: Path) -> None:
+    """Lightning's averaging callbacks take their rule as an object jsonargparse cannot build
+    from YAML, and the pruners refuse an average without KeepSupport:
+    SparseWeightAveraging is what a config file can give."""
+    config = yaml.safe_load((ROOT / "configs" / "digits.yaml").read_text())
+    config["trainer"] |= {"max_epochs": 6, "enable_progress_bar": False}
+    config["trainer"]["logger"]["init_args"] |= {"save_dir": str(tmp_path), "name": "ema"}
+    del config["trainer"]["callbacks"][0]["init_args"]["freeze_support_at"]
+    config["trainer"]["callbacks"].append(
+        {
+            "class_path": "dist_bregman.SparseWeightAveraging",
+            "init_args": {"decay": 0.99, "update_starting_at_step": 100},
+        }
+    )
+    path = tmp_path / "ema.yaml"
+    path.write_text(yaml.safe_dump(config))
+    trainer = BregmanCLI(args=["--config", str(path)], run=False).trainer
+    averaging = [c for c in trainer.callbacks if isinstance(c, SparseWeightAveraging)]  # type: ignore[attr-defined]
+    assert len(averaging) == 1 and averaging[0].update_starting_at_step == 100
+    assert repr(averaging[0]._kwargs["avg_fn"]) == "KeepSupport(decay=0.99)"
+    main(["fit", "--config", str(path)])
+    folder = tmp_path / "ema" / "version_0"
+    summary = json.loads((folder / "summary.json").read_text())
+    total = 64 * 256 + 256 * 128 + 128 * 10
+    assert summary["final_sparsity"] > 0.5
+    weights = load_sparse(folder / "model_sparse.safetensors")  # the average, handed back
+    zeros = sum(int((weights[f"net.{i}.weight"] == 0).sum()) for i in (0, 2, 4))
+    assert zeros == total - summary["nonzero"]
 
 
 @pytest.mark.timeout(200)

@@ -18,7 +18,13 @@ from lightning.pytorch.callbacks import (
 )
 from torch.optim.swa_utils import AveragedModel, get_ema_avg_fn, get_ema_multi_avg_fn
 
-from dist_bregman import BregmanPruner, KeepSupport, SafeModelPruning, measure_sparsity
+from dist_bregman import (
+    BregmanPruner,
+    KeepSupport,
+    SafeModelPruning,
+    SparseWeightAveraging,
+    measure_sparsity,
+)
 from tests.helpers.lightning import SeedModel, make_trainer, seed_loader
 
 
@@ -65,6 +71,20 @@ def test_keep_support_refuses_bad_arguments() -> None:
         KeepSupport(0.9, get_ema_avg_fn(0.9))
 
 
+def test_sparse_weight_averaging_updates_on_its_schedule_and_checks_its_arguments() -> None:
+    averaging = SparseWeightAveraging(update_every_n_steps=3, update_starting_at_step=2)
+    assert [k for k in range(12) if averaging.should_update(step_idx=k)] == [2, 5, 8, 11]
+    assert not averaging.should_update(epoch_idx=0)
+    assert repr(averaging._kwargs["avg_fn"]) == "KeepSupport(decay=0.999)"
+    assert repr(SparseWeightAveraging(decay=None)._kwargs["avg_fn"]) == "KeepSupport()"
+    with pytest.raises(ValueError, match=r"update_every_n_steps=0: expected an integer >= 1"):
+        SparseWeightAveraging(update_every_n_steps=0)
+    with pytest.raises(ValueError, match=r"update_starting_at_step=-1: expected an integer >= 0"):
+        SparseWeightAveraging(update_starting_at_step=-1)
+    with pytest.raises(ValueError, match=r"decay=1.5: expected a number in \[0.0, 1.0\]"):
+        SparseWeightAveraging(decay=1.5)
+
+
 def _model_and_pruner(kind: str) -> tuple[SeedModel, pl.Callback]:
     model = SeedModel(lr=0.05)
     if kind == "bregman":
@@ -106,13 +126,21 @@ class _Live(pl.Callback):
         self.weights = {k: v.clone() for k, v in pl_module.state_dict().items()}
 
 
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: WeightAveraging(avg_fn=KeepSupport(decay=0.9)),
+        lambda: SparseWeightAveraging(decay=0.9),  # the same, as YAML can give it
+    ],
+    ids=["WeightAveraging", "SparseWeightAveraging"],
+)
 def test_ema_keeping_the_support_hands_back_an_averaged_model_with_the_last_steps_zeros(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, make: Any
 ) -> None:
     model, pruner = _model_and_pruner("bregman")
     assert isinstance(pruner, BregmanPruner)
     live = _Live()
-    ema = WeightAveraging(avg_fn=KeepSupport(decay=0.9))
+    ema = make()
     checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
     callbacks = [pruner, ema, live, checkpoint]
     with caplog.at_level(logging.INFO, logger="dist_bregman"):
@@ -124,7 +152,7 @@ def test_ema_keeping_the_support_hands_back_an_averaged_model_with_the_last_step
     assert not all(torch.equal(final[k], live.weights[k]) for k in weights)  # averaged
     sparsity = measure_sparsity(model).sparsity
     assert 0.5 < sparsity == pruner.current_sparsity
-    line = "Fit end: the model holds the WeightAveraging average: sparsity "
+    line = f"Fit end: the model holds the {type(ema).__name__} average: sparsity "
     assert any(line + f"{100 * sparsity:.3f}%" in r.getMessage() for r in caplog.records)
     saved = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)["state_dict"]
     assert all(torch.equal(saved[k], final[k]) for k in weights)  # the average, as sparse
