@@ -24,7 +24,7 @@ from dist_bregman.targets import Target
 
 try:
     from torch.distributed.fsdp import FSDPModule
-    from torch.distributed.tensor import DTensor, Replicate, Shard
+    from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 except ImportError:  # torch built without distributed support
     DTensor = None  # type: ignore[assignment,misc]
@@ -173,13 +173,27 @@ class DTensorPlacement(Placement):
             return LocalView(None, None, 0, values.numel(), self._rows_whole)
         local = values.to_local().detach()  # type: ignore[attr-defined]
         if mask is not None:
-            if is_dtensor(mask):
-                mask = mask.to_local()  # type: ignore[attr-defined]
-            else:
-                shape, offset = compute_local_shape_and_global_offset(
-                    values.shape,
-                    values.device_mesh,  # type: ignore[attr-defined]
-                    values.placements,  # type: ignore[attr-defined]
-                )
-                mask = mask[tuple(slice(o, o + s) for o, s in zip(offset, shape, strict=True))]
+            mask = local_part(mask, values)
         return LocalView(local, mask, local.numel(), values.numel(), self._rows_whole)
+
+
+def local_part(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a prune mask ``full`` as the DTensor ``like`` lays its elements
+    out: the local shard of a DTensor mask; of a plain one (FSDP2 leaves buffers unsharded:
+    the whole mask, the same on every rank) the elements matching ``like``'s.
+
+    Under ``Shard`` and ``Replicate`` placements that part is one box of ``full``: a view.
+    A ``_StridedShard`` (what FSDP2 over tensor parallelism lays out, and what
+    redistributing such a tensor can leave) need not be one box: under
+    ``_StridedShard(0, split_factor=2)`` on 2 ranks each rank holds every other pair of
+    rows, and the box at its first offset took the wrong mask rows (8 rows, rows 2, 3 and
+    7 pruned: 16 nonzeros counted of 20). Such a part is split as DTensor splits, locally
+    (no communication): a copy, which is only read."""
+    if is_dtensor(full):
+        return full.to_local()  # type: ignore[attr-defined]
+    placements = like.placements  # type: ignore[attr-defined]
+    mesh = like.device_mesh  # type: ignore[attr-defined]
+    if all(type(p) in (Shard, Replicate) for p in placements):
+        shape, offset = compute_local_shape_and_global_offset(like.shape, mesh, placements)
+        return full[tuple(slice(o, o + s) for o, s in zip(offset, shape, strict=True))]
+    return distribute_tensor(full, mesh, placements, src_data_rank=None).to_local()

@@ -531,3 +531,52 @@ def test_deepspeed_partitions_take_the_proximal_step_at_their_own_groups_lr(stra
     """DeepSpeed steps flat partitions per param group (ZeRO-3: per sub-group): the
     proximal step must find each measured weight's group, here the second one."""
     _assert_two_ranks_follow(strategy, _batches(6), 0, _two_lrs, 100)
+
+
+def _strided_masks(rank: int, world: int, mesh_shape: tuple[int, ...]) -> tuple[Any, ...]:
+    """A pruned weight (plain full mask, as FSDP2 leaves buffers) whose values are
+    ``_StridedShard`` DTensors: on one mesh dimension each rank holds every other pair of
+    rows; on two (FSDP2 over tensor parallelism) each rank's rows are one box of the TP
+    shard."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+    from torch.distributed.tensor.placement_types import _StridedShard
+    from torch.nn.utils import prune
+
+    from dist_bregman.shards import locate
+    from dist_bregman.sparsity import reduce_counts
+
+    mesh = init_device_mesh("cpu", mesh_shape)
+    placements: list[Any] = [_StridedShard(0, split_factor=2)]
+    if len(mesh_shape) == 2:  # FSDP2 (outer) over TP (inner), as fully_shard lays it out
+        placements.append(Shard(0))
+    generator = torch.Generator().manual_seed(0)
+    full = torch.randn(12, 5, generator=generator)
+    mask = (torch.rand(12, 5, generator=generator) < 0.6).float()
+    mask[[2, 3, 9]] = 0  # whole rows pruned: rows of different ranks
+    module = nn.Linear(5, 12, bias=False)
+    del module.weight
+    module.register_parameter("weight", nn.Parameter(distribute_tensor(full, mesh, placements)))
+    prune.identity(module, "weight")  # weight_orig stays the DTensor; the mask a DTensor too
+    module.weight_mask = mask  # the plain full buffer
+    model = nn.Sequential(module)
+    report, _ = reduce_counts(locate(model), structure=True)
+    return report.nonzero, report.total, report.zero_rows, report.rows
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("mesh_shape", [(2,), (2, 2)], ids=["strided", "fsdp2_over_tp"])
+def test_a_full_mask_over_strided_shards_counts_the_rows_each_rank_holds(
+    mesh_shape: tuple[int, ...],
+) -> None:
+    """The mask's part was the box at the first local offset, which a _StridedShard's rows
+    need not be: on one mesh dimension 30 nonzeros were counted of 32 here (the FSDP2 over
+    TP layout was right, and stays so)."""
+    generator = torch.Generator().manual_seed(0)
+    full = torch.randn(12, 5, generator=generator)
+    mask = (torch.rand(12, 5, generator=generator) < 0.6).float()
+    mask[[2, 3, 9]] = 0
+    effective = full * mask
+    truth = (int((effective != 0).sum()), 60, int((effective == 0).all(dim=1).sum()), 12)
+    results = run_ranks(_strided_masks, math.prod(mesh_shape), mesh_shape, timeout=100)
+    assert results == [truth] * len(results)
