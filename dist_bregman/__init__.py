@@ -22,11 +22,15 @@ from dist_bregman.sparsity import SparsityReport, measure_sparsity
 if TYPE_CHECKING:
     from dist_bregman.callbacks.bregman import BregmanPruner
     from dist_bregman.callbacks.pruning import SafeModelPruning
-    from dist_bregman.callbacks.sparse_averaging import SparseWeightAveraging
+    from dist_bregman.callbacks.sparse_averaging import (
+        SparseStochasticWeightAveraging,
+        SparseWeightAveraging,
+    )
 
 _LIGHTNING = {
     "BregmanPruner": "dist_bregman.callbacks.bregman",
     "SafeModelPruning": "dist_bregman.callbacks.pruning",
+    "SparseStochasticWeightAveraging": "dist_bregman.callbacks.sparse_averaging",
     "SparseWeightAveraging": "dist_bregman.callbacks.sparse_averaging",
 }
 """The Lightning callbacks, imported on first use: the core (the controller, counting,
@@ -54,6 +58,7 @@ __all__ = [
     "PruningConfig",
     "Regularizer",
     "SafeModelPruning",
+    "SparseStochasticWeightAveraging",
     "SparseWeightAveraging",
     "SparsityController",
     "SparsityReport",

@@ -106,28 +106,36 @@ def test_a_job_with_safe_model_pruning_alone_reports_and_exports_its_sparsity(
 
 
 @pytest.mark.timeout(120)
-def test_a_yaml_job_averages_its_weights_and_hands_back_a_sparse_model(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("name", "init_args", "rule"),
+    [
+        ("SparseWeightAveraging", {"decay": 0.99, "update_starting_at_step": 100}, "decay=0.99"),
+        ("SparseStochasticWeightAveraging", {"swa_lrs": 0.01, "swa_epoch_start": 3}, ""),
+    ],
+)
+def test_a_yaml_job_averages_its_weights_and_hands_back_a_sparse_model(
+    tmp_path: Path, name: str, init_args: dict[str, object], rule: str
+) -> None:
     """Lightning's averaging callbacks take their rule as an object jsonargparse cannot build
-    from YAML, and the pruners refuse an average without KeepSupport:
-    SparseWeightAveraging is what a config file can give."""
+    from YAML, and the pruners refuse an average without KeepSupport: these are what a
+    config file can give."""
     config = yaml.safe_load((ROOT / "configs" / "digits.yaml").read_text())
     config["trainer"] |= {"max_epochs": 6, "enable_progress_bar": False}
-    config["trainer"]["logger"]["init_args"] |= {"save_dir": str(tmp_path), "name": "ema"}
+    config["trainer"]["logger"]["init_args"] |= {"save_dir": str(tmp_path), "name": "avg"}
     del config["trainer"]["callbacks"][0]["init_args"]["freeze_support_at"]
     config["trainer"]["callbacks"].append(
-        {
-            "class_path": "dist_bregman.SparseWeightAveraging",
-            "init_args": {"decay": 0.99, "update_starting_at_step": 100},
-        }
+        {"class_path": f"dist_bregman.{name}", "init_args": init_args}
     )
-    path = tmp_path / "ema.yaml"
+    path = tmp_path / "avg.yaml"
     path.write_text(yaml.safe_dump(config))
     trainer = BregmanCLI(args=["--config", str(path)], run=False).trainer
-    averaging = [c for c in trainer.callbacks if isinstance(c, SparseWeightAveraging)]  # type: ignore[attr-defined]
-    assert len(averaging) == 1 and averaging[0].update_starting_at_step == 100
-    assert repr(averaging[0]._kwargs["avg_fn"]) == "KeepSupport(decay=0.99)"
+    averaging = [c for c in trainer.callbacks if type(c).__name__ == name]  # type: ignore[attr-defined]
+    assert len(averaging) == 1
+    built = averaging[0]
+    avg_fn = built._kwargs["avg_fn"] if isinstance(built, SparseWeightAveraging) else built._avg_fn
+    assert repr(avg_fn) == f"KeepSupport({rule})"
     main(["fit", "--config", str(path)])
-    folder = tmp_path / "ema" / "version_0"
+    folder = tmp_path / "avg" / "version_0"
     summary = json.loads((folder / "summary.json").read_text())
     total = 64 * 256 + 256 * 128 + 128 * 10
     assert summary["final_sparsity"] > 0.5

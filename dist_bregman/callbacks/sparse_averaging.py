@@ -1,17 +1,21 @@
 """Weight averaging beside the pruners, configurable from the CLI's YAML.
 
 Lightning's ``WeightAveraging`` takes its averaging rule through ``**kwargs``, which
-jsonargparse cannot fill, and ``EMAWeightAveraging`` fixes its own rule: neither can be
-given :class:`~dist_bregman.averaging.KeepSupport` from a config file, so a YAML job could
-not average beside a pruner (both pruners refuse an average that loses the zeros).
-:class:`SparseWeightAveraging` has ``KeepSupport`` built in and every argument typed.
-(Lightning 2.6 or later: earlier versions have no ``WeightAveraging``.)
+jsonargparse cannot fill, ``EMAWeightAveraging`` fixes its own rule, and jsonargparse
+builds no object for ``StochasticWeightAveraging``'s ``avg_fn`` (a ``Callable``): none can
+be given :class:`~dist_bregman.averaging.KeepSupport` from a config file, so a YAML job
+could not average beside a pruner (both pruners refuse an average that loses the zeros).
+:class:`SparseWeightAveraging` and :class:`SparseStochasticWeightAveraging` have
+``KeepSupport`` built in and every argument typed. (Lightning 2.6 or later: earlier
+versions have no ``WeightAveraging``.)
 """
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
-from lightning.pytorch.callbacks import WeightAveraging
+from lightning.pytorch.callbacks import StochasticWeightAveraging, WeightAveraging
 from typing_extensions import override
 
 from dist_bregman.averaging import KeepSupport
@@ -54,4 +58,34 @@ class SparseWeightAveraging(WeightAveraging):
             step_idx is not None
             and step_idx >= self.update_starting_at_step
             and (step_idx - self.update_starting_at_step) % self.update_every_n_steps == 0
+        )
+
+
+class SparseStochasticWeightAveraging(StochasticWeightAveraging):
+    """Lightning's ``StochasticWeightAveraging`` (the equal-weight mean of the weights at
+    each epoch's start from ``swa_epoch_start``, with its learning-rate schedule) averaging
+    with :class:`KeepSupport`, so the average keeps the model's zeros. The arguments are
+    Lightning's, less ``avg_fn``. In YAML::
+
+        trainer:
+          callbacks:
+            - class_path: dist_bregman.SparseStochasticWeightAveraging
+              init_args: {swa_lrs: 0.01, swa_epoch_start: 0.75}
+    """
+
+    def __init__(
+        self,
+        swa_lrs: float | list[float],
+        swa_epoch_start: int | float = 0.8,
+        annealing_epochs: int = 10,
+        annealing_strategy: Literal["cos", "linear"] = "cos",
+        device: torch.device | str | None = "cpu",
+    ) -> None:
+        super().__init__(
+            swa_lrs,
+            swa_epoch_start,
+            annealing_epochs,
+            annealing_strategy,
+            avg_fn=KeepSupport(),
+            device=device,
         )

@@ -22,6 +22,7 @@ from dist_bregman import (
     BregmanPruner,
     KeepSupport,
     SafeModelPruning,
+    SparseStochasticWeightAveraging,
     SparseWeightAveraging,
     measure_sparsity,
 )
@@ -158,15 +159,23 @@ def test_ema_keeping_the_support_hands_back_an_averaged_model_with_the_last_step
     assert all(torch.equal(saved[k], final[k]) for k in weights)  # the average, as sparse
 
 
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: StochasticWeightAveraging(swa_lrs=0.05, swa_epoch_start=3, avg_fn=KeepSupport()),
+        lambda: SparseStochasticWeightAveraging(swa_lrs=0.05, swa_epoch_start=3),
+    ],
+    ids=["StochasticWeightAveraging", "SparseStochasticWeightAveraging"],
+)
 def test_swa_keeping_the_support_keeps_the_zeros_of_the_last_pruning_event(
-    tmp_path: Path,
+    tmp_path: Path, make: Any
 ) -> None:
     """SWA averages at epoch starts and SafeModelPruning prunes at epoch ends: the average
     copied in at the end lacks the last event's zeros, which the pruner makes again."""
     model, pruner = _model_and_pruner("safe")
     assert isinstance(pruner, SafeModelPruning)
     live = _Live()
-    swa = StochasticWeightAveraging(swa_lrs=0.05, swa_epoch_start=3, avg_fn=KeepSupport())
+    swa = make()
     make_trainer(tmp_path, [pruner, swa, live], max_epochs=6).fit(model, seed_loader())
     assert pruner.last is not None and pruner.last_event == 5
     report = pruner.last.report

@@ -12,7 +12,10 @@ import pytest
 import dist_bregman
 from dist_bregman.callbacks.bregman import BregmanPruner
 from dist_bregman.callbacks.pruning import SafeModelPruning
-from dist_bregman.callbacks.sparse_averaging import SparseWeightAveraging
+from dist_bregman.callbacks.sparse_averaging import (
+    SparseStochasticWeightAveraging,
+    SparseWeightAveraging,
+)
 
 # Lightning made unimportable (None in sys.modules), then what the raw loops use: the
 # controller measures, updates lambda and takes its proximal step; LinBreg steps.
@@ -78,8 +81,8 @@ def test_the_callbacks_load_on_first_use() -> None:
     assert dist_bregman.BregmanPruner is BregmanPruner
     assert dist_bregman.SafeModelPruning is SafeModelPruning
     assert dist_bregman.SparseWeightAveraging is SparseWeightAveraging
-    assert {"BregmanPruner", "SafeModelPruning", "SparseWeightAveraging"} <= set(
-        dist_bregman.__all__
-    )
+    assert dist_bregman.SparseStochasticWeightAveraging is SparseStochasticWeightAveraging
+    lazy = {"BregmanPruner", "SafeModelPruning", "SparseWeightAveraging"}
+    assert lazy | {"SparseStochasticWeightAveraging"} <= set(dist_bregman.__all__)
     with pytest.raises(AttributeError, match="no attribute 'Nothing'"):
         dist_bregman.Nothing  # noqa: B018
