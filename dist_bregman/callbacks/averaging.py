@@ -39,7 +39,9 @@ def check_averaging(trainer: pl.Trainer, who: str) -> list[str]:
                 f"SafeModelPruning ended with none); allowed: average with "
                 f"dist_bregman.KeepSupport as its avg_fn, which keeps the model's zeros at each "
                 f"update: WeightAveraging(avg_fn=KeepSupport(decay=0.999)) or "
-                f"StochasticWeightAveraging(swa_lrs, avg_fn=KeepSupport())"
+                f"StochasticWeightAveraging(swa_lrs, avg_fn=KeepSupport()); in a YAML "
+                f"config: dist_bregman.SparseWeightAveraging or "
+                f"dist_bregman.SparseStochasticWeightAveraging"
             )
         names.append(name)
     return names
