@@ -15,7 +15,8 @@ import torch
 import yaml
 from lightning.fabric.plugins.environments import LightningEnvironment
 
-from dist_bregman import BregmanPruner, SparseWeightAveraging
+from dist_bregman import BregmanPruner
+from dist_bregman.callbacks.averaging import _avg_fn
 from dist_bregman.cli import BregmanCLI, main
 from dist_bregman.export import load_sparse
 from dist_bregman.strategies import DeepSpeedLauncherEnvironment
@@ -131,9 +132,7 @@ def test_a_yaml_job_averages_its_weights_and_hands_back_a_sparse_model(
     trainer = BregmanCLI(args=["--config", str(path)], run=False).trainer
     averaging = [c for c in trainer.callbacks if type(c).__name__ == name]  # type: ignore[attr-defined]
     assert len(averaging) == 1
-    built = averaging[0]
-    avg_fn = built._kwargs["avg_fn"] if isinstance(built, SparseWeightAveraging) else built._avg_fn
-    assert repr(avg_fn) == f"KeepSupport({rule})"
+    assert repr(_avg_fn(averaging[0])) == f"KeepSupport({rule})"
     main(["fit", "--config", str(path)])
     folder = tmp_path / "avg" / "version_0"
     summary = json.loads((folder / "summary.json").read_text())

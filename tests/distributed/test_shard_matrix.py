@@ -533,6 +533,15 @@ def test_deepspeed_partitions_take_the_proximal_step_at_their_own_groups_lr(stra
     _assert_two_ranks_follow(strategy, _batches(6), 0, _two_lrs, 100)
 
 
+def _weight_and_mask() -> tuple[torch.Tensor, torch.Tensor]:
+    """A 12 x 5 weight and a prune mask with whole rows pruned (rows of different ranks)."""
+    generator = torch.Generator().manual_seed(0)
+    full = torch.randn(12, 5, generator=generator)
+    mask = (torch.rand(12, 5, generator=generator) < 0.6).float()
+    mask[[2, 3, 9]] = 0
+    return full, mask
+
+
 def _strided_masks(rank: int, world: int, mesh_shape: tuple[int, ...]) -> tuple[Any, ...]:
     """A pruned weight (plain full mask, as FSDP2 leaves buffers) whose values are
     ``_StridedShard`` DTensors: on one mesh dimension each rank holds every other pair of
@@ -550,10 +559,7 @@ def _strided_masks(rank: int, world: int, mesh_shape: tuple[int, ...]) -> tuple[
     placements: list[Any] = [_StridedShard(0, split_factor=2)]
     if len(mesh_shape) == 2:  # FSDP2 (outer) over TP (inner), as fully_shard lays it out
         placements.append(Shard(0))
-    generator = torch.Generator().manual_seed(0)
-    full = torch.randn(12, 5, generator=generator)
-    mask = (torch.rand(12, 5, generator=generator) < 0.6).float()
-    mask[[2, 3, 9]] = 0  # whole rows pruned: rows of different ranks
+    full, mask = _weight_and_mask()
     module = nn.Linear(5, 12, bias=False)
     del module.weight
     module.register_parameter("weight", nn.Parameter(distribute_tensor(full, mesh, placements)))
@@ -572,10 +578,7 @@ def test_a_full_mask_over_strided_shards_counts_the_rows_each_rank_holds(
     """The mask's part was the box at the first local offset, which a _StridedShard's rows
     need not be: on one mesh dimension 30 nonzeros were counted of 32 here (the FSDP2 over
     TP layout was right, and stays so)."""
-    generator = torch.Generator().manual_seed(0)
-    full = torch.randn(12, 5, generator=generator)
-    mask = (torch.rand(12, 5, generator=generator) < 0.6).float()
-    mask[[2, 3, 9]] = 0
+    full, mask = _weight_and_mask()
     effective = full * mask
     truth = (int((effective != 0).sum()), 60, int((effective == 0).all(dim=1).sum()), 12)
     results = run_ranks(_strided_masks, math.prod(mesh_shape), mesh_shape, timeout=100)

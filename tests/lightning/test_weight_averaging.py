@@ -26,6 +26,7 @@ from dist_bregman import (
     SparseWeightAveraging,
     measure_sparsity,
 )
+from dist_bregman.callbacks.averaging import _avg_fn
 from tests.helpers.lightning import SeedModel, make_trainer, seed_loader
 
 
@@ -76,8 +77,8 @@ def test_sparse_weight_averaging_updates_on_its_schedule_and_checks_its_argument
     averaging = SparseWeightAveraging(update_every_n_steps=3, update_starting_at_step=2)
     assert [k for k in range(12) if averaging.should_update(step_idx=k)] == [2, 5, 8, 11]
     assert not averaging.should_update(epoch_idx=0)
-    assert repr(averaging._kwargs["avg_fn"]) == "KeepSupport(decay=0.999)"
-    assert repr(SparseWeightAveraging(decay=None)._kwargs["avg_fn"]) == "KeepSupport()"
+    assert repr(_avg_fn(averaging)) == "KeepSupport(decay=0.999)"
+    assert repr(_avg_fn(SparseWeightAveraging(decay=None))) == "KeepSupport()"
     with pytest.raises(ValueError, match=r"update_every_n_steps=0: expected an integer >= 1"):
         SparseWeightAveraging(update_every_n_steps=0)
     with pytest.raises(ValueError, match=r"update_starting_at_step=-1: expected an integer >= 0"):
