@@ -4,6 +4,7 @@ quotes the tables they wrote."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -101,6 +102,35 @@ def test_quality_can_choose_on_the_validation_split(tmp_path: Path) -> None:
     results = run_quick("quality", tmp_path, *extra)
     assert {r["split"] for r in results["runs"]} == {"val"}
     assert "| val metric |" in (tmp_path / "quality.md").read_text()
+
+
+@pytest.mark.timeout(240)
+def test_the_gpu_check_script_runs_its_steps(tmp_path: Path) -> None:
+    """``benchmarks/cuda_check.sh`` is what a lent GPU machine runs, in its one call; here
+    its steps run on CPU in quick mode, so a renamed flag or path fails in CI, not there."""
+    env = {**os.environ, "DEVICE": "cpu", "QUICK": "1", "OUT": str(tmp_path)}
+    env["PYTHON"] = sys.executable
+    done = subprocess.run(
+        ["bash", str(ROOT / "benchmarks" / "cuda_check.sh")],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=230,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    written = {p.name for p in tmp_path.iterdir()}
+    assert written == {
+        "test_cuda.log",
+        "measure.log",
+        "step.log",
+        "measure_throughput.json",
+        "measure_throughput.md",
+        "step_overhead.json",
+        "step_overhead.md",
+    }
+    assert "skipped" in (tmp_path / "test_cuda.log").read_text()  # collected, no GPU here
+    assert json.loads((tmp_path / "step_overhead.json").read_text())["steps_per_second"]
 
 
 @pytest.mark.parametrize(
