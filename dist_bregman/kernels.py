@@ -2,7 +2,8 @@
 
 Counting nonzeros with torch ops costs 5-15 times a plain read of the same bytes on CPU
 (the bool temporaries and their reductions are not bandwidth-bound) plus Python overhead
-per tensor; ``csrc/count_nonzero.cpp`` reads each word once. It is built with
+per tensor; ``csrc/count_nonzero.cpp`` reads each word once (a 2^16-word range that
+holds a NaN or Inf twice, to count them). It is built with
 ``torch.utils.cpp_extension`` the first time it is needed (about 25 s, g++ and ninja;
 cached in ``TORCH_EXTENSIONS_DIR``, ranks share the build through its lock). Without a
 compiler, or with ``DIST_BREGMAN_NO_EXTENSION=1``, counting falls back to torch ops: same
