@@ -66,6 +66,25 @@ def test_distributed_cost_quick(tmp_path: Path) -> None:
         assert 0 < by_world[(layout, 2)]["update_bytes_per_rank"] <= 128
 
 
+@pytest.mark.timeout(180)
+def test_import_time_quick(tmp_path: Path) -> None:
+    """Each statement ran in its own interpreter; the core one asserts that Lightning
+    stayed unloaded (the script fails otherwise). No timing is compared here."""
+    result = run_quick("import_time", tmp_path)
+    assert (
+        set(result["median_seconds"])
+        == set(result["statements"])
+        == {
+            "python, nothing imported",
+            "import torch",
+            "import dist_bregman",
+            "import dist_bregman + BregmanPruner (loads Lightning)",
+        }
+    )
+    assert result["ratio_to_import_torch"]["import torch"] == 1.0
+    assert "lightning" in result["statements"]["import dist_bregman"]
+
+
 @pytest.mark.timeout(240)
 def test_quality_quick(tmp_path: Path) -> None:
     results = run_quick("quality", tmp_path, "--jobs", "1")  # in-process: no worker start-up
