@@ -11,7 +11,7 @@ PIP    := $(BIN)/python -m pip install --disable-pip-version-check -q -c constra
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/build/torch_extensions
 export DS_ACCELERATOR ?= cpu
 
-.PHONY: run test lint pytest bench clean
+.PHONY: run test lint pytest clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
