@@ -119,6 +119,18 @@ def test_explicit_pairs_limit_the_set_and_keep_qualified_names() -> None:
     assert report.total == 330 + 10
 
 
+def test_a_compiled_model_and_its_compiled_submodules_keep_the_plain_names() -> None:
+    """``torch.compile`` wraps a module in an ``OptimizedModule`` whose tree holds it under
+    ``_orig_mod``: reports and pruner logs keep the names of the model as written (nothing
+    is compiled here: compilation waits for the first call)."""
+    model = mixed_state_model()
+    expected = measure_sparsity(model).per_parameter
+    assert measure_sparsity(torch.compile(model)).per_parameter == expected
+    inner = nn.Sequential(torch.compile(nn.Linear(4, 3)), nn.ReLU())
+    assert list(measure_sparsity(inner).per_parameter) == ["0.weight"]
+    assert [t.name for t in SparsityController(torch.compile(inner)).targets] == ["0.weight"]
+
+
 def test_tied_weights_are_counted_once() -> None:
     embed = nn.Embedding(20, 8)
     head = nn.Linear(8, 20, bias=False)
