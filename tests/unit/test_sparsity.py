@@ -131,6 +131,19 @@ def test_a_compiled_model_and_its_compiled_submodules_keep_the_plain_names() -> 
     assert [t.name for t in SparsityController(torch.compile(inner)).targets] == ["0.weight"]
 
 
+def test_activation_checkpointing_wrappers_keep_the_plain_names() -> None:
+    """``checkpoint_wrapper`` (what FSDP and Lightning's activation checkpointing apply per
+    layer) holds the layer under ``_checkpoint_wrapped_module``."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    plain = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 2))
+    with torch.no_grad():
+        plain[0].weight[:2] = 0.0
+    wrapped = nn.Sequential(checkpoint_wrapper(plain[0]), plain[1], checkpoint_wrapper(plain[2]))
+    assert measure_sparsity(wrapped).per_parameter == measure_sparsity(plain).per_parameter
+    assert list(measure_sparsity(wrapped).per_parameter) == ["0.weight", "2.weight"]
+
+
 def test_tied_weights_are_counted_once() -> None:
     embed = nn.Embedding(20, 8)
     head = nn.Linear(8, 20, bias=False)
