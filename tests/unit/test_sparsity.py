@@ -144,6 +144,21 @@ def test_activation_checkpointing_wrappers_keep_the_plain_names() -> None:
     assert list(measure_sparsity(wrapped).per_parameter) == ["0.weight", "2.weight"]
 
 
+def test_torch_ao_pruning_masks_count_as_the_weight_the_forward_computes() -> None:
+    """PyTorch's own sparsifiers (``torch.ao.pruning``) keep the mask in a parametrization
+    (``FakeSparsity``): the zeros are the computed weight's, not the original's."""
+    from torch.ao.pruning import WeightNormSparsifier
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8))
+    sparsifier = WeightNormSparsifier(0.5, sparse_block_shape=(1, 4), zeros_per_block=4)
+    sparsifier.prepare(model, [{"tensor_fqn": "0.weight"}, {"tensor_fqn": "2.weight"}])
+    sparsifier.step()
+    assert int((model[0].parametrizations.weight.original == 0).sum()) == 0
+    report = measure_sparsity(model)
+    assert report.per_parameter == {"0.weight": (256, 512), "2.weight": (128, 256)}
+
+
 def test_tied_weights_are_counted_once() -> None:
     embed = nn.Embedding(20, 8)
     head = nn.Linear(8, 20, bias=False)
