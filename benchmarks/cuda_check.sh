@@ -5,12 +5,12 @@
 # on a machine with torch (CUDA), lightning, scikit-learn, pytest and pytest-timeout:
 #
 #   bash benchmarks/cuda_check.sh                  # about 5-8 minutes on one GPU
-#   DEVICE=cpu QUICK=1 bash benchmarks/cuda_check.sh   # the same steps on CPU, seconds
-#                                                  # (tests/test_benchmarks.py runs this)
+#   DEVICE=cpu QUICK=1 bash benchmarks/cuda_check.sh   # the same steps on CPU, about a
+#                                                  # minute (tests/test_benchmarks.py)
 #
 # Each step has its own time limit, so one hang costs its share, not the whole call; the
-# exit status is the first failing step's. The tables go into the README's CUDA sections
-# as they come (benchmarks/results/*_cuda.*).
+# exit status is the first failing step's. The *_cuda.json/md it writes replace those in
+# benchmarks/results/, and their tables the README's CUDA tables.
 set -uo pipefail
 out=${OUT:-cuda_check}
 device=${DEVICE:-cuda}
