@@ -5,8 +5,8 @@
 # on a machine with torch (CUDA), lightning, scikit-learn, pytest and pytest-timeout:
 #
 #   bash benchmarks/cuda_check.sh                  # about 5-8 minutes on one GPU
-#   DEVICE=cpu QUICK=1 bash benchmarks/cuda_check.sh   # the same steps on CPU, about a
-#                                                  # minute (tests/test_benchmarks.py)
+#   DEVICE=cpu QUICK=1 bash benchmarks/cuda_check.sh   # the same steps on CPU, about
+#                                                  # 20 s here (tests/test_benchmarks.py)
 #
 # Each step has its own time limit, so one hang costs its share, not the whole call; the
 # exit status is the first failing step's. The *_cuda.json/md it writes replace those in
