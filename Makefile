@@ -1,6 +1,7 @@
 # The two set-up commands a newcomer runs on a fresh clone (see README):
-#   make run    creates .venv if missing, installs the package, trains the digits job
-#   make test   creates .venv if missing, installs dev + deepspeed extras, lints, runs the suite
+#   make run    creates .venv if missing, installs the package with its cli extra (Lightning,
+#               scikit-learn, ...), trains the digits job
+#   make test   creates .venv if missing, adds the dev + deepspeed extras, lints, runs the suite
 # torch is installed first and pinned by constraints.txt to 2.13.0, the CPU wheel that set-up
 # finds locally; installing lightning without it would pull a multi-GB CUDA build.
 PYTHON ?= python3
@@ -18,7 +19,7 @@ $(BIN)/python:
 
 $(VENV)/.run-deps: $(BIN)/python pyproject.toml constraints.txt
 	$(PIP) torch
-	$(PIP) -e .
+	$(PIP) -e ".[cli]"
 	touch $@
 
 # The two JIT-compiled C++ ops (about a minute each here) are built at set-up, not inside
@@ -26,7 +27,7 @@ $(VENV)/.run-deps: $(BIN)/python pyproject.toml constraints.txt
 # dist_bregman's counting kernel (falls back to torch ops, with a warning, without a
 # compiler) and DeepSpeed's CPU shared-memory comm op (which DeepSpeed builds when it starts).
 $(VENV)/.dev-deps: $(VENV)/.run-deps
-	$(PIP) -e ".[dev,deepspeed]"
+	$(PIP) -e ".[cli,dev,deepspeed]"
 	$(BIN)/python -c "from dist_bregman import kernels; kernels.extension()"
 	$(BIN)/python -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()" \
 		|| echo "warning: DeepSpeed's CPU comm op did not build; its tests will retry and say why"

@@ -35,15 +35,25 @@ _LIGHTNING = {
 }
 """The Lightning callbacks, imported on first use: the core (the controller, counting,
 regularizers, optimizers) imports without Lightning, so a raw torchrun or DeepSpeed loop
-neither needs it installed nor pays for importing it (``benchmarks/import_time.py`` on 2
-cores: 4.2 s a process instead of 8.3 s)."""
+neither installs it (it is the ``lightning`` extra) nor pays for importing it
+(``benchmarks/import_time.py`` on 2 cores: 4.2 s a process instead of 8.3 s)."""
 
 
 def __getattr__(name: str) -> object:
     module = _LIGHTNING.get(name)
     if module is None:
         raise AttributeError(f"module 'dist_bregman' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
+    try:
+        imported = importlib.import_module(module)
+    except ModuleNotFoundError as error:
+        if error.name is None or error.name.split(".")[0] != "lightning":
+            raise
+        raise ModuleNotFoundError(
+            f"dist_bregman.{name} is a Lightning callback and Lightning is not installed: "
+            "pip install 'dist_bregman[lightning]' (the core runs without it)",
+            name=error.name,
+        ) from error
+    value = getattr(imported, name)
     globals()[name] = value  # later lookups skip this function
     return value
 

@@ -1,13 +1,19 @@
-"""The core is framework-free: a raw torchrun or DeepSpeed loop imports and runs it without
-Lightning; the Lightning callbacks load on first use."""
+"""The core is framework-free: a raw torchrun or DeepSpeed loop installs, imports and runs it
+without Lightning (or scikit-learn, matplotlib, jsonargparse ...); the Lightning callbacks load on
+first use, and say which extra to install where Lightning is missing."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import textwrap
+from importlib import metadata
+from pathlib import Path
 
 import pytest
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 import dist_bregman
 from dist_bregman.callbacks.bregman import BregmanPruner
@@ -17,33 +23,48 @@ from dist_bregman.callbacks.sparse_averaging import (
     SparseWeightAveraging,
 )
 
-# Lightning made unimportable (None in sys.modules), then what the raw loops use: the
-# controller measures, updates lambda and takes its proximal step; LinBreg steps.
-WITHOUT_LIGHTNING = textwrap.dedent(
+# Every installed distribution outside the core's requirements (the package's metadata, so
+# what `pip install dist_bregman` without extras installs) made unimportable, then what the
+# raw loops use: the controller measures, updates lambda and takes its proximal step;
+# LinBreg and AdaBreg step; the counting kernel counts; the sparse export writes and reads.
+CORE_ONLY = textwrap.dedent(
     """
-    import sys
-    for name in ("lightning", "pytorch_lightning", "lightning_fabric", "torchmetrics"):
-        sys.modules[name] = None
+    import json, site, sys
+    from importlib.machinery import PathFinder
+
+    blocked = set(json.loads(sys.argv[1]))
+    installed = set(site.getsitepackages())
+
+    # Python's path finder, except that a blocked name is looked for everywhere but in
+    # site-packages, as if its distribution were not installed (setuptools, which builds the
+    # kernel, still finds the packaging it vendors).
+    class NotInstalled(PathFinder):
+        @classmethod
+        def find_spec(cls, name, path=None, target=None):
+            if path is None and name in blocked:
+                path = [entry for entry in sys.path if entry not in installed]
+            return super().find_spec(name, path, target)
+
+    sys.meta_path[sys.meta_path.index(PathFinder)] = NotInstalled
 
     import torch
     import torch.nn.functional as F
     from torch import nn
 
     import dist_bregman
-    from dist_bregman import BregmanConfig, SparsityController, comm, measure_sparsity
-    from dist_bregman.digits import digits_splits
-    from dist_bregman.init import sparse_init_
-    from dist_bregman.optim import LinBreg
+    from dist_bregman import BregmanConfig, SparsityController, comm, kernels, measure_sparsity
+    from dist_bregman.export import export_sparse, load_sparse
+    from dist_bregman.optim import AdaBreg, LinBreg
 
     torch.manual_seed(0)
-    x, y = digits_splits().train.tensors
+    x, y = torch.randn(64, 64), torch.randint(0, 10, (64,))
     model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     config = BregmanConfig(target_sparsity=0.5, update_frequency=1, initial_lambda=1e-2)
     controller = SparsityController(model, config)
     controller.attach(optimizer)
     for step in range(1, 6):
-        loss = F.cross_entropy(model(x[:64]), y[:64])
+        loss = F.cross_entropy(model(x), y)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
@@ -51,13 +72,22 @@ WITHOUT_LIGHTNING = textwrap.dedent(
         assert controller.update_if_due(step) is not None
     zeros = sum(int((m.weight == 0).sum()) for m in model if isinstance(m, nn.Linear))
     assert zeros > 0 and measure_sparsity(model).nonzero == 64 * 32 + 32 * 10 - zeros
+    assert kernels.extension() is not None  # the counts above came from the kernel
 
-    linbreg = LinBreg(model.parameters(), lr=0.1, lambda_=1e-2)
-    F.cross_entropy(model(x[:64]), y[:64]).backward()
-    linbreg.step()
+    for make in (LinBreg, AdaBreg):
+        bregman = make(model.parameters(), lr=0.01, lambda_=1e-2)
+        F.cross_entropy(model(x), y).backward()
+        bregman.step()
+    export_sparse(model, sys.argv[2])
+    assert torch.equal(load_sparse(sys.argv[2])["0.weight"], model[0].weight)
     assert comm.get_world_size() == 1
-    assert not any(name.split(".")[0] in ("lightning", "torchmetrics")
-                   for name, module in sys.modules.items() if module is not None)
+    top = {name.split(".")[0] for name in sys.modules}
+    leaked = [  # a blocked package's own files, not a copy vendored in another package
+        name for name in top & blocked
+        if any(str(getattr(sys.modules[name], "__file__", "")).startswith(f"{p}/{name}")
+               for p in installed)
+    ]
+    assert not leaked, leaked
     try:
         dist_bregman.BregmanPruner
     except ImportError as error:
@@ -66,15 +96,57 @@ WITHOUT_LIGHTNING = textwrap.dedent(
 )
 
 
-def test_the_core_runs_without_lightning() -> None:
+def _outside_the_core() -> list[str]:
+    """Import names of the installed distributions that ``dist_bregman``'s requirements
+    (without its extras, with the extras they name themselves), followed to the end, do not
+    reach."""
+    core: set[tuple[str, str]] = set()  # (distribution, extra or "")
+    todo = [("dist_bregman", "")]
+    while todo:
+        name, extra = todo.pop()
+        if (name, extra) in core:
+            continue
+        core.add((name, extra))
+        try:
+            requires = metadata.requires(name) or []
+        except metadata.PackageNotFoundError:  # a requirement this platform did not install
+            continue
+        for line in requires:
+            requirement = Requirement(line)
+            if requirement.marker is None or requirement.marker.evaluate({"extra": extra}):
+                wanted = canonicalize_name(requirement.name)
+                todo += [(wanted, "")] + [(wanted, e) for e in requirement.extras]
+    reached = {name for name, _ in core}
+    return sorted(
+        module
+        for module, distributions in metadata.packages_distributions().items()
+        if not any(canonicalize_name(d) in reached for d in distributions)
+    )
+
+
+def test_the_core_installs_and_runs_without_the_extras(tmp_path: Path) -> None:
+    blocked = _outside_the_core()
+    assert {"lightning", "sklearn", "matplotlib", "jsonargparse"} <= set(blocked)
     done = subprocess.run(
-        [sys.executable, "-c", WITHOUT_LIGHTNING],
+        [sys.executable, "-c", CORE_ONLY, json.dumps(blocked), str(tmp_path / "m.safetensors")],
         capture_output=True,
         text=True,
         timeout=120,
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "callback:" in done.stdout and "lightning" in done.stdout, done.stdout
+    assert "callback:" in done.stdout and "dist_bregman[lightning]" in done.stdout, done.stdout
+
+
+def test_the_command_says_which_extra_it_needs() -> None:
+    hide = (
+        "import sys; sys.modules['sklearn'] = None; from dist_bregman.__main__ import main; main()"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", hide, "fit"], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 1
+    assert "sklearn" in done.stderr and "dist_bregman[cli]" in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr
 
 
 def test_the_callbacks_load_on_first_use() -> None:
