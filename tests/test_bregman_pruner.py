@@ -207,6 +207,33 @@ def test_a_second_fit_measures_the_model_as_it_is_now_and_keeps_lambda(tmp_path:
     assert pruner.current_lambda != lambda_after_first
 
 
+def test_gradient_accumulation_runs_as_the_larger_batch_would(tmp_path: Path) -> None:
+    """accumulate_grad_batches=4 over batches of 16 against batches of 64: the same
+    optimizer steps, so the same lambda updates (counted in optimizer steps, not batches)
+    and the same weights, one proximal step per optimizer step. A lambda update a batch, or
+    a proximal step after every batch, would part them."""
+    runs = []
+    for batch_size, accumulate in ((64, 1), (16, 4)):
+        pruner = BregmanPruner(0.5, 0.05, 0.2, update_frequency=2)
+        model, trace = SeedModel(), _Lambdas([pruner])
+        model.bregman_pruner = pruner
+        trainer = make_trainer(
+            tmp_path / str(accumulate), [pruner, trace], 3, accumulate_grad_batches=accumulate
+        )
+        trainer.fit(model, seed_loader(batch_size=batch_size))
+        assert trainer.global_step == 12 and pruner.controller is not None
+        after_steps = {step: lam for step, lam in trace.points if step}  # (step 0: mid-way)
+        runs.append((model, after_steps, pruner.controller.updates))
+    (large, lambdas_large, updates_large), (small, lambdas_small, updates_small) = runs
+    assert updates_large == updates_small == 6
+    assert len(set(lambdas_large.values())) > 3
+    assert lambdas_small == pytest.approx(lambdas_large, rel=1e-5)
+    zeros = [int((m.net[0].weight == 0).sum()) for m in (large, small)]
+    assert zeros[0] > 0 and abs(zeros[0] - zeros[1]) <= 2
+    for a, b in zip(large.parameters(), small.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
 class _ValidatedModel(SeedModel):
     """Reports the regularization term in validation_step, as a user monitoring it would."""
 
