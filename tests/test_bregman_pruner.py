@@ -234,6 +234,51 @@ def test_gradient_accumulation_runs_as_the_larger_batch_would(tmp_path: Path) ->
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
+class _ManualTwoOptimizers(SeedModel):
+    """Manual optimization (a GAN's shape): one optimizer per layer, each stepped by hand,
+    so ``global_step`` counts two steps a batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        assert self.bregman_pruner is not None
+        loss = self.compute_loss(batch) + self.bregman_pruner.get_regularization_loss(self)
+        optimizers = self.optimizers()
+        for optimizer in optimizers:
+            optimizer.zero_grad()
+        self.manual_backward(loss)
+        for optimizer in optimizers:
+            optimizer.step()
+        return loss
+
+    def configure_optimizers(self) -> list[torch.optim.Optimizer]:  # type: ignore[override]
+        return [torch.optim.SGD(self.net[i].parameters(), lr=self.lr, momentum=0.9) for i in (0, 2)]
+
+
+def test_manual_optimization_with_two_optimizers_runs_as_one_automatic_optimizer(
+    tmp_path: Path,
+) -> None:
+    """Both optimizers get the proximal step after their own ``step()`` and the lambda
+    updates follow ``global_step`` (two a batch here, hence update_frequency 4 against 2):
+    the weights and lambdas are those of the automatic run with one optimizer. A pruner
+    attached to the first optimizer only leaves the head dense."""
+    runs = []
+    for model, every in ((SeedModel(), 2), (_ManualTwoOptimizers(), 4)):
+        pruner = BregmanPruner(0.5, 0.05, 0.2, update_frequency=every)
+        trace = _Lambdas([pruner])
+        model.bregman_pruner = pruner
+        make_trainer(tmp_path, [pruner, trace], 3).fit(model, seed_loader())
+        assert pruner.controller is not None and pruner.controller.updates == 24
+        runs.append((model, [lam for _, lam in trace.points]))
+    (automatic, lambdas), (manual, manual_lambdas) = runs
+    assert len(set(lambdas)) > 3 and manual_lambdas == pytest.approx(lambdas, rel=1e-6)
+    assert int((manual.net[2].weight == 0).sum()) > 0
+    for a, b in zip(automatic.parameters(), manual.parameters(), strict=True):
+        torch.testing.assert_close(a, b)
+
+
 class _ValidatedModel(SeedModel):
     """Reports the regularization term in validation_step, as a user monitoring it would."""
 
