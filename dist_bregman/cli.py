@@ -1,7 +1,12 @@
 """The ``dist-bregman`` command: LightningCLI on the digits job, then a summary and a report.
 
-    dist-bregman fit --config configs/digits.yaml
-    python -m dist_bregman fit --config configs/digits.yaml --trainer.max_epochs=5
+    dist-bregman fit                                  # the default job (digits.yaml here)
+    dist-bregman fit --config configs/digits_linbreg.yaml
+    python -m dist_bregman fit --trainer.max_epochs=5
+
+Without ``--config`` or ``--model`` a subcommand runs the default job, ``digits.yaml`` in
+this package (``configs/digits.yaml`` in the repository links to it), so an installed
+package runs it from any directory; other options still apply on top of it.
 
 After ``fit`` it tests the final (sparse) weights, prints test accuracy, final sparsity and
 final lambda, and writes ``summary.json``, ``sparsity_lambda.png`` and
@@ -15,6 +20,7 @@ weights; lambda and its plot need a BregmanPruner.
 from __future__ import annotations
 
 import gc
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -113,10 +119,26 @@ class BregmanCLI(LightningCLI):
         print(f"\n== dist-bregman summary == {line}\n   report: {folder}", flush=True)
 
 
+DEFAULT_JOB = Path(__file__).with_name("digits.yaml")
+"""The default job's config: an MLP on scikit-learn's digits, 90% sparse (``make run``)."""
+
+SUBCOMMANDS = ("fit", "validate", "test", "predict")
+
+
+def with_default_job(args: list[str]) -> list[str]:
+    """``args`` with ``--config DEFAULT_JOB`` after the subcommand when they name neither a
+    config nor a model (LightningCLI would stop: "the following arguments are required:
+    fit.model")."""
+    if not args or args[0] not in SUBCOMMANDS:
+        return args
+    named = any(a in ("-c", "--config") or a.startswith(("--config=", "--model")) for a in args)
+    return args if named else [args[0], "--config", str(DEFAULT_JOB), *args[1:]]
+
+
 def main(args: list[str] | None = None) -> None:
     """Entry point of ``dist-bregman`` and ``python -m dist_bregman``."""
     cli = BregmanCLI(
-        args=args,
+        args=with_default_job(sys.argv[1:] if args is None else args),
         save_config_kwargs={"overwrite": True},
         parser_kwargs={"default_env": False},
     )

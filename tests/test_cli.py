@@ -1,4 +1,4 @@
-"""The main job: ``dist-bregman fit --config configs/digits.yaml``, for real."""
+"""The main job: ``dist-bregman fit`` (``--config configs/digits.yaml``), for real."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from lightning.fabric.plugins.environments import LightningEnvironment
 
 from dist_bregman import BregmanPruner
 from dist_bregman.callbacks.averaging import _avg_fn
-from dist_bregman.cli import BregmanCLI, main
+from dist_bregman.cli import DEFAULT_JOB, BregmanCLI, main, with_default_job
 from dist_bregman.export import load_sparse
 from dist_bregman.strategies import DeepSpeedLauncherEnvironment
 
@@ -30,13 +30,19 @@ ROOT = Path(__file__).resolve().parents[1]
     [("digits", 0.02), ("digits_linbreg", 0.01), ("digits_group", 0.03)],
 )
 def test_shipped_jobs_reach_their_target_and_write_the_report(
-    config: str, tolerance: float, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    config: str,
+    tolerance: float,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    """The default job runs as ``dist-bregman fit`` (no config), from any directory."""
+    monkeypatch.chdir(tmp_path)
+    chosen = [] if config == "digits" else ["--config", str(ROOT / "configs" / f"{config}.yaml")]
     main(
         [
             "fit",
-            "--config",
-            str(ROOT / "configs" / f"{config}.yaml"),
+            *chosen,
             "--trainer.logger.init_args.save_dir",
             str(tmp_path),
             "--trainer.enable_progress_bar",
@@ -69,6 +75,25 @@ def test_shipped_jobs_reach_their_target_and_write_the_report(
         assert summary["rows"] == 256 + 128 + 10
         assert summary["zero_rows"] >= 0.6 * (256 + 128)
         assert "bregman/node_sparsity" in header
+
+
+def test_without_a_config_or_model_a_subcommand_gets_the_default_job() -> None:
+    job = ["--config", str(DEFAULT_JOB)]
+    assert with_default_job(["fit"]) == ["fit", *job]
+    assert with_default_job(["test", "--ckpt_path=x"]) == ["test", *job, "--ckpt_path=x"]
+    for named in (["-c", "a.yaml"], ["--config=a.yaml"], ["--model", "M"], ["--model.lr=1"]):
+        assert with_default_job(["fit", *named]) == ["fit", *named]
+    assert with_default_job(["--help"]) == ["--help"] and with_default_job([]) == []
+    # One file: the repository's configs/digits.yaml is the one the package ships.
+    assert (ROOT / "configs" / "digits.yaml").samefile(DEFAULT_JOB)
+    assert "digits.yaml" in _package_data()  # so an installed package has it too
+
+
+def _package_data() -> list[str]:
+    """What pyproject.toml ships beside dist_bregman's modules."""
+    text = (ROOT / "pyproject.toml").read_text()
+    line = next(x for x in text.splitlines() if x.startswith("dist_bregman = ["))
+    return json.loads(line.split("=", 1)[1])
 
 
 @pytest.mark.timeout(120)
