@@ -488,6 +488,23 @@ def test_an_unnamed_pruner_keeps_lightnings_default_state_key() -> None:
     assert BregmanPruner(name="a").state_key != BregmanPruner(name="b").state_key
 
 
+def test_a_pruner_used_in_training_step_but_not_given_to_the_trainer_is_refused(
+    tmp_path: Path,
+) -> None:
+    """The seed's pattern with the callback left out of ``Trainer(callbacks=...)``: the
+    loss term alone prunes nothing, and the fit trained dense with no error (0 zeros after
+    an epoch). Outside a fit the penalty is still given."""
+    model = SeedModel()
+    model.bregman_pruner = BregmanPruner(0.5, 0.05)
+    with pytest.raises(RuntimeError, match=r"not among the Trainer's callbacks.*allowed: pass"):
+        make_trainer(tmp_path, [], max_epochs=1).fit(model, seed_loader())
+    assert float(model.bregman_pruner.get_regularization_loss(SeedModel())) > 0
+    validated = _ValidatedModel()  # reports the penalty in validation_step
+    validated.bregman_pruner = BregmanPruner(0.5, 0.05)
+    make_trainer(tmp_path, [], max_epochs=1).validate(validated, seed_loader())
+    assert len(validated.penalties) == 16 and min(validated.penalties) > 0
+
+
 def test_two_pruners_on_one_weight_are_refused_at_fit(tmp_path: Path) -> None:
     model = _TwoPruners()
     model.pruners = [

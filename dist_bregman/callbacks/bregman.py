@@ -91,6 +91,9 @@ class BregmanPruner(Callback):
         self._pending_state: dict[str, Any] | None = None
         self._averaging: list[str] = []
         """The Trainer's weight-averaging callbacks (all keeping the zeros)."""
+        self._fitted_by: int | None = None
+        """``id`` of the Trainer whose ``fit`` set this pruner up (see
+        :meth:`get_regularization_loss`)."""
 
     # ------------------------------------------------------------------ public surface
     @property
@@ -118,7 +121,22 @@ class BregmanPruner(Callback):
         return None if self.controller is None else self.controller.sparsity
 
     def get_regularization_loss(self, pl_module: pl.LightningModule) -> torch.Tensor:
-        """``lambda * J(theta)`` to add to the loss in ``training_step`` (see the class doc)."""
+        """``lambda * J(theta)`` to add to the loss in ``training_step`` (see the class doc).
+
+        Refused while training in a Trainer that was not given this pruner as a callback:
+        the term alone prunes nothing (no proximal step, no lambda updates, no zeros held),
+        and the run would train dense without a word, sparsity at 0.000% throughout.
+        "Given" is read at ``setup``, not from ``trainer.callbacks``: Lightning's learning
+        rate and batch size finders swap that list out during their trial steps. Reporting
+        the term elsewhere (another Trainer's ``test``) is fine."""
+        trainer = _trainer_of(pl_module)
+        if getattr(trainer, "training", False) and id(trainer) != self._fitted_by:
+            raise RuntimeError(
+                f"get_regularization_loss: this BregmanPruner is not among the Trainer's "
+                f"callbacks, so nothing would prune (no proximal step, lambda fixed at "
+                f"{self.current_lambda:g}); allowed: pass it to the Trainer too, "
+                f"pl.Trainer(callbacks=[pruner, ...]), as the model's self.bregman_pruner"
+            )
         return self._controller(pl_module).regularization_loss()
 
     # ------------------------------------------------------------------ Lightning hooks
@@ -128,6 +146,8 @@ class BregmanPruner(Callback):
         # last fit) at on_fit_start; lambda and the step of the last update carry over (see
         # on_train_start). validate/test keep the controller (and what attach learned)
         # unless the model changed.
+        if stage == "fit":
+            self._fitted_by = id(trainer)
         stale = self.controller is not None and self._model is not pl_module
         if self.controller is not None and (stage == "fit" or stale):
             self._pending_state = self.controller.state_dict()
@@ -282,6 +302,14 @@ class BregmanPruner(Callback):
                 self.controller.load_state_dict(self._pending_state)
                 self._pending_state = None
         return self.controller
+
+
+def _trainer_of(module: torch.nn.Module) -> object | None:
+    """The Trainer ``module`` is attached to, or None (outside a fit, or not Lightning's)."""
+    try:
+        return module.trainer
+    except (RuntimeError, AttributeError):  # LightningModule's "not attached to a Trainer"
+        return None
 
 
 def _grad_scaler(trainer: pl.Trainer) -> object | None:
