@@ -505,6 +505,40 @@ def test_a_pruner_used_in_training_step_but_not_given_to_the_trainer_is_refused(
     assert len(validated.penalties) == 16 and min(validated.penalties) > 0
 
 
+class _Batched(SeedModel):
+    """Its loader reads ``batch_size``, which Lightning's batch size finder scales."""
+
+    def __init__(self, batch_size: int) -> None:
+        super().__init__()
+        self.batch_size = batch_size
+
+    def train_dataloader(self) -> Any:
+        return seed_loader(batch_size=self.batch_size)
+
+
+def test_the_batch_size_finder_before_fit_leaves_the_fit_as_without_it(tmp_path: Path) -> None:
+    """The finder empties ``trainer.callbacks`` for its trial steps, which call the loss
+    term: they are not refused (the pruner was given to this Trainer), and the fit that
+    follows is the fit at the found batch size without a finder."""
+
+    def run(find: bool, batch_size: int) -> tuple[list[Any], list[torch.Tensor], int]:
+        model = _Batched(batch_size)
+        pruner = BregmanPruner(0.6, 0.02, 0.05, 5)
+        model.bregman_pruner = pruner
+        trace = _Lambdas([pruner])
+        trainer = make_trainer(tmp_path / str(find), [pruner, trace], max_epochs=2)
+        if find:
+            Tuner(trainer).scale_batch_size(model, steps_per_trial=2, max_trials=3)
+        trainer.fit(model)
+        return trace.points, [p.detach().clone() for p in model.parameters()], model.batch_size
+
+    found, weights, batch_size = run(True, 4)
+    assert batch_size > 4
+    plain, plain_weights, _ = run(False, batch_size)
+    assert found == plain and len({lam for _, lam in plain}) > 3
+    assert all(torch.equal(a, b) for a, b in zip(weights, plain_weights, strict=True))
+
+
 def test_two_pruners_on_one_weight_are_refused_at_fit(tmp_path: Path) -> None:
     model = _TwoPruners()
     model.pruners = [
