@@ -140,16 +140,21 @@ class _DualBregman(BregmanOptimizer):
         """``v`` for ``p``, consistent with the group's current lambda.
 
         First use: ``v = theta/delta + lambda * dJ1(theta)``, so training starts exactly at
-        ``theta``. After a lambda change (``set_lambda``, e.g. from the pruner) the
-        iteration restarts from the current theta by the same rule: ``theta`` does not move,
-        active weights keep value and sign, inactive weights accumulate evidence afresh
-        against the new threshold. The restart happens here, at the tensor's next step, so
-        it also reaches tensors a wrapper only shows the optimizer during ``step()``
-        (DeepSpeed ZeRO-3). Keeping inactive weights' progress instead (rescaling the
-        subgradient) was measured with the pruner's integral rule on digits: while sparsity
-        sat above target lambda kept falling, the stored progress crossed the threshold all
-        at once, and a 90% target overshot to 85-86% with lambda pinned at its maximum;
-        with the restart the same runs ended at 89.7-90.0%.
+        ``theta``. A lambda change between two positive values keeps ``v``: the iteration
+        goes on with the new threshold, ``theta = prox(delta * v)``. A rise shrinks every
+        active weight by ``delta`` times the rise and zeroes the ones it passes; a fall
+        lets in the inactive weights whose evidence ``|v|`` is past the new threshold. So
+        the pruner's lambda moves the support both ways, as the proximal step's does.
+        Restarting from theta at every change instead (``theta`` fixed, ``v`` rebuilt
+        around it) made a rise unable to remove an active weight: on digits at 90% LinBreg
+        reached 75-77% by the freeze with lambda at its cap, and scored 0.41 points lower
+        on the CNN (20 seeds, validation; ``benchmarks/quality_trials.md``).
+
+        A change to or from 0 (the shrinkage turned off at the freeze, or on after a
+        warm-up) restarts from the current theta by the first-use rule: keeping ``v``
+        there would move every active weight by lambda at once. The check runs here, at
+        the tensor's next step, so it also reaches tensors a wrapper only shows the
+        optimizer during ``step()`` (DeepSpeed ZeRO-3).
         """
         state = self.state[p]
         lam, delta = group["lambda"], group["delta"]
@@ -162,13 +167,12 @@ class _DualBregman(BregmanOptimizer):
             state["lambda"] = lam
             return self._state_tensor(p, "v", lambda: v)
         v = local_tensor(state["v"])
-        if state.get("lambda", lam) != lam:
-            old = state["lambda"]
-            if reg is not None:
-                if old > 0:
-                    reg.prox_(v, old)  # v is now theta / delta
-                v.add_(reg.subgradient(v), alpha=lam)
-            state["lambda"] = lam
+        old = state.get("lambda", lam)
+        if old != lam and reg is not None and (old == 0 or lam == 0):
+            if old > 0:
+                reg.prox_(v, old)  # v is now theta / delta
+            v.add_(reg.subgradient(v), alpha=lam)
+        state["lambda"] = lam
         return v
 
     def _write_primal(

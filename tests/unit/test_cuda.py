@@ -199,7 +199,7 @@ def test_steps_after_the_support_freeze_do_not_sync() -> None:
 @pytest.mark.parametrize("name", ["linbreg", "adabreg"])
 def test_bregman_optimizers_on_cuda_follow_the_cpu_trajectory(name: str) -> None:
     """The CUDA path (multi-tensor kernels) and the CPU path (a loop) are the same method,
-    lambda changes included (the dual restart)."""
+    a lambda change included."""
     runs = {}
     for device in ("cpu", "cuda"):
         model = _mlp().to(device)

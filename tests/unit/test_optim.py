@@ -269,30 +269,55 @@ def test_state_dict_round_trip_continues_bit_identically(make, dtype, tmp_path) 
         assert torch.equal(p, q)
 
 
+def _set_lambda_then_still_step(optimizer: LinBreg, model: nn.Module, value: float) -> None:
+    """Set lambda, then one step at lr 0: it applies the change without moving ``v``."""
+    optimizer.set_lambda(value)
+    for group in optimizer.param_groups:
+        group["lr"] = 0.0
+    _run(model, optimizer, 1)
+
+
 @pytest.mark.parametrize("reg", ["l1", "group_l1"])
-@pytest.mark.parametrize("old", [0.05, 0.0])
-def test_set_lambda_restarts_from_the_current_theta(reg: str, old: float) -> None:
+def test_a_lambda_change_between_positive_values_keeps_v(reg: str) -> None:
+    """A rise shrinks the active weights by it and zeroes the ones it passes: lambda moves
+    the support, where a restart from theta would leave every active weight in place."""
+    model = _model()
+    optimizer = LinBreg(model.parameters(), lr=0.5, lambda_=0.05, reg=reg)
+    _run(model, optimizer, 6)
+    weights = (model[0].weight, model[2].weight)
+    duals = [optimizer.state[w]["v"].clone() for w in weights]
+    active = sum(int(w.count_nonzero()) for w in weights)
+    _set_lambda_then_still_step(optimizer, model, 0.25)
+    regularizer = GroupL1() if reg == "group_l1" else L1()
+    for weight, v in zip(weights, duals, strict=True):
+        state = optimizer.state[weight]
+        torch.testing.assert_close(state["v"], v, rtol=0, atol=0)
+        torch.testing.assert_close(weight.detach(), regularizer.prox_(v.clone(), 0.25))
+        assert state["lambda"] == 0.25
+    assert 0 < sum(int(w.count_nonzero()) for w in weights) < active
+
+
+@pytest.mark.parametrize("reg", ["l1", "group_l1"])
+@pytest.mark.parametrize(("old", "new"), [(0.0, 0.25), (0.05, 0.0)])
+def test_shrinkage_on_or_off_restarts_from_the_current_theta(
+    reg: str, old: float, new: float
+) -> None:
+    """Keeping ``v`` there would move every active weight by lambda at once."""
     model = _model()
     optimizer = LinBreg(model.parameters(), lr=0.5, lambda_=old, reg=reg)
     _run(model, optimizer, 6)
     before = [p.detach().clone() for p in model.parameters()]
-    optimizer.set_lambda(0.12)
-    assert (
-        optimizer.param_groups[0]["lambda"] == 0.12 and optimizer.param_groups[1]["lambda"] == old
-    )
-    # The restart happens at each tensor's next step; an lr=0 step shows it without moving.
-    for group in optimizer.param_groups:
-        group["lr"] = 0.0
-    _run(model, optimizer, 1)
+    _set_lambda_then_still_step(optimizer, model, new)
+    assert [g["lambda"] for g in optimizer.param_groups] == [new, old]  # biases: reg None
     for p, q in zip(model.parameters(), before, strict=True):
         torch.testing.assert_close(p, q, rtol=0, atol=1e-6)  # theta has not jumped
-    # v is theta/delta + 0.12 * dJ1(theta): the initialisation rule, at the current theta.
+    # v is theta/delta + new * dJ1(theta): the initialisation rule, at the current theta.
     regularizer = GroupL1() if reg == "group_l1" else L1()
     for weight in (model[0].weight, model[2].weight):
         state = optimizer.state[weight]
-        expected = weight.detach() + 0.12 * regularizer.subgradient(weight.detach())
+        expected = weight.detach() + new * regularizer.subgradient(weight.detach())
         torch.testing.assert_close(state["v"], expected, rtol=0, atol=1e-6)
-        assert state["lambda"] == 0.12
+        assert state["lambda"] == new
 
 
 def test_weights_get_the_default_regularizer_and_vectors_none() -> None:
