@@ -18,7 +18,7 @@ from torch import nn
 
 from dist_bregman import BregmanPruner, SafeModelPruning, measure_sparsity
 from dist_bregman.optim import LinBreg
-from tests.helpers.lightning import SeedModel, make_trainer, seed_loader
+from tests.helpers.lightning import ManualTwoOptimizers, SeedModel, make_trainer, seed_loader
 
 STAMP = r"^\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}\] "
 
@@ -234,29 +234,6 @@ def test_gradient_accumulation_runs_as_the_larger_batch_would(tmp_path: Path) ->
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
-class _ManualTwoOptimizers(SeedModel):
-    """Manual optimization (a GAN's shape): one optimizer per layer, each stepped by hand,
-    so ``global_step`` counts two steps a batch."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.automatic_optimization = False
-
-    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        assert self.bregman_pruner is not None
-        loss = self.compute_loss(batch) + self.bregman_pruner.get_regularization_loss(self)
-        optimizers = self.optimizers()
-        for optimizer in optimizers:
-            optimizer.zero_grad()
-        self.manual_backward(loss)
-        for optimizer in optimizers:
-            optimizer.step()
-        return loss
-
-    def configure_optimizers(self) -> list[torch.optim.Optimizer]:  # type: ignore[override]
-        return [torch.optim.SGD(self.net[i].parameters(), lr=self.lr, momentum=0.9) for i in (0, 2)]
-
-
 def test_manual_optimization_with_two_optimizers_runs_as_one_automatic_optimizer(
     tmp_path: Path,
 ) -> None:
@@ -265,7 +242,7 @@ def test_manual_optimization_with_two_optimizers_runs_as_one_automatic_optimizer
     the weights and lambdas are those of the automatic run with one optimizer. A pruner
     attached to the first optimizer only leaves the head dense."""
     runs = []
-    for model, every in ((SeedModel(), 2), (_ManualTwoOptimizers(), 4)):
+    for model, every in ((SeedModel(), 2), (ManualTwoOptimizers(), 4)):
         pruner = BregmanPruner(0.5, 0.05, 0.2, update_frequency=every)
         trace = _Lambdas([pruner])
         model.bregman_pruner = pruner

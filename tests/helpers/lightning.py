@@ -42,6 +42,30 @@ class SeedModel(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9)
 
 
+class ManualTwoOptimizers(SeedModel):
+    """Manual optimization (a GAN's shape): one optimizer per layer, each stepped by hand,
+    so ``global_step`` counts two steps a batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        loss = self.compute_loss(batch)
+        if self.bregman_pruner is not None:
+            loss = loss + self.bregman_pruner.get_regularization_loss(self)
+        optimizers = self.optimizers()
+        for optimizer in optimizers:
+            optimizer.zero_grad()
+        self.manual_backward(loss)
+        for optimizer in optimizers:
+            optimizer.step()
+        return loss
+
+    def configure_optimizers(self) -> list[torch.optim.Optimizer]:  # type: ignore[override]
+        return [torch.optim.SGD(self.net[i].parameters(), lr=self.lr, momentum=0.9) for i in (0, 2)]
+
+
 def seed_loader(n: int = 256, batch_size: int = 16) -> DataLoader:
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(n, 10, generator=generator)
