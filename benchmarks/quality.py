@@ -2,6 +2,7 @@
 
     python benchmarks/quality.py --quick                  # seconds: CI smoke
     python benchmarks/quality.py --out benchmarks/results # 3 tasks x 3 targets x 10 seeds
+    python benchmarks/quality.py --from-json FILE.json --out DIR # the report again, no run
 
 Tasks (all data ships in a package or is generated; no download):
 
@@ -33,6 +34,7 @@ Runs go to a pool of worker processes (one torch thread each); wall time is one 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import statistics
@@ -61,6 +63,8 @@ from dist_bregman.targets import resolve
 TASKS = ("digits-mlp", "digits-cnn", "teacher-student")
 METHODS = ("dense", "ModelPruning", "GMP", "BregmanPruner (prox)", "LinBreg", "AdaBreg")
 BREGMAN = ("BregmanPruner (prox)", "LinBreg", "AdaBreg")
+PEERS = ("ModelPruning", "GMP")
+"""The tools users would pick instead; the goal is to be ahead of both."""
 TRACE_EVERY = 10  # steps between two points of the sparsity/lambda trajectory
 BATCH = 32
 MOMENTUM = 0.9
@@ -320,16 +324,21 @@ def _fit(
 
 # ---------------------------------------------------------------------------- reporting
 def summarize(runs: list[Run]) -> list[dict[str, Any]]:
-    """Mean and spread over seeds per (task, target, method)."""
+    """Mean and spread over seeds per (task, target, method), and paired gaps: to the dense
+    run of the same seed, and for a Bregman method to the better peer of its cell."""
     rows = []
     keys = sorted({(r.task, r.target, r.method) for r in runs}, key=_order)
     dense = {(r.task, r.seed): r.metric for r in runs if r.method == "dense"}
+    by_seed = {(r.task, r.target, r.method, r.seed): r.metric for r in runs}
     for task, target, method in keys:
         group = [r for r in runs if (r.task, r.target, r.method) == (task, target, method)]
         metrics = [r.metric for r in group]
-        # Paired with the dense run of the same seed (same split, data order, init): the
-        # spread between splits cancels, so this is the comparison the goal asks for.
+        # Paired with the run of the same seed (same split, data order, init): the spread
+        # between splits cancels, so these are the comparisons the goal asks for.
         gaps = [r.metric - dense[task, r.seed] for r in group if (task, r.seed) in dense]
+        seeds = [r.seed for r in group]
+        peer = _better_peer(task, target, seeds, by_seed) if method in BREGMAN else None
+        peer_gaps = [r.metric - by_seed[task, target, peer, r.seed] for r in group] if peer else []
         rows.append(
             {
                 "task": task,
@@ -340,6 +349,9 @@ def summarize(runs: list[Run]) -> list[dict[str, Any]]:
                 "metric_std": statistics.pstdev(metrics),
                 "vs_dense": statistics.fmean(gaps) if gaps else None,
                 "vs_dense_se": _standard_error(gaps),
+                "peer": peer,
+                "vs_peer": statistics.fmean(peer_gaps) if peer_gaps else None,
+                "vs_peer_se": _standard_error(peer_gaps),
                 "sparsity": statistics.fmean(r.sparsity for r in group),
                 "distance": statistics.fmean(abs(r.sparsity - target) for r in group),
                 "f1": _mean([r.f1 for r in group]),
@@ -348,6 +360,23 @@ def summarize(runs: list[Run]) -> list[dict[str, Any]]:
             }
         )
     return rows
+
+
+def _better_peer(
+    task: str, target: float, seeds: list[int], by_seed: dict[tuple[str, float, str, int], float]
+) -> str | None:
+    """The peer with the better mean over ``seeds`` in this cell (higher accuracy, lower
+    regression error), among those that ran every seed; None if none did."""
+    means = {}
+    for peer in PEERS:
+        values = [by_seed.get((task, target, peer, seed)) for seed in seeds]
+        known = [v for v in values if v is not None]
+        if known and len(known) == len(values):
+            means[peer] = statistics.fmean(known)
+    if not means:
+        return None
+    pick = min if task == "teacher-student" else max
+    return pick(means, key=means.__getitem__)
 
 
 def _standard_error(values: list[float]) -> float | None:
@@ -365,37 +394,49 @@ def _order(key: tuple[str, float, str]) -> tuple[int, float, int]:
     return TASKS.index(task), target, METHODS.index(method)
 
 
-def markdown(rows: list[dict[str, Any]], epochs: int, seeds: int, split: str = "test") -> str:
+def markdown(
+    rows: list[dict[str, Any]], epochs: int, seeds: int, split: str = "test", where: str = ""
+) -> str:
     lines = [
         f"Quality at a target sparsity, {epochs} epochs, mean ± std over {seeds} seed(s), on "
-        f"{machine()}. digits: {split} accuracy (%); teacher-student: {split} relative MSE and "
-        f"support F1. Dense runs are listed under every target for comparison. found: the "
-        f"sparsity a Bregman method's shrinkage had reached when its support was frozen; "
-        f"the held set is then made exactly the target (magnitude top-up, or release). "
+        f"{where or machine()}. digits: {split} accuracy (%); teacher-student: {split} "
+        f"relative MSE and support F1. Dense runs are listed under every target for "
+        f"comparison. found: the sparsity a Bregman method's shrinkage had reached when its "
+        f"support was frozen; the held set is then made exactly the target (magnitude "
+        f"top-up, or release). "
         f"vs dense: the mean difference from the dense run of the same seed ± its standard "
-        f"error (digits: points; regression: relative MSE). Each seed has its own digits "
-        f"split.",
+        f"error (digits: points; regression: relative MSE); vs peer: the same for a Bregman "
+        f"method against the better of ModelPruning and GMP in its cell (by mean), named. "
+        f"Each seed has its own digits split.",
         "",
-        f"| task | target | method | {split} metric | vs dense | sparsity | distance | found "
-        f"| F1 | fit s |",
-        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|",
+        f"| task | target | method | {split} metric | vs dense | vs peer | sparsity | distance "
+        f"| found | F1 | fit s |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
         scale, places = (1, 4) if row["task"] == "teacher-student" else (100, 2)
         metric = f"{scale * row['metric']:.{places}f} ± {scale * row['metric_std']:.{places}f}"
-        gap = ""
-        if row["vs_dense"] is not None and row["method"] != "dense":
-            gap = f"{scale * row['vs_dense']:+.{places}f}"
-            if row["vs_dense_se"] is not None:
-                gap += f" ± {scale * row['vs_dense_se']:.{places}f}"
+        gap = "" if row["method"] == "dense" else _gap(row, "vs_dense", scale, places)
+        versus = _gap(row, "vs_peer", scale, places)
+        versus += f" ({row['peer']})" if versus else ""
         f1 = "" if row["f1"] is None else f"{row['f1']:.3f}"
         found = "" if row["found"] is None else f"{100 * row['found']:.2f}%"
         lines.append(
             f"| {row['task']} | {100 * row['target']:.0f}% | {row['method']} | {metric} | {gap} "
-            f"| {100 * row['sparsity']:.2f}% | {100 * row['distance']:.2f} | {found} | {f1} "
-            f"| {row['seconds']:.1f} |"
+            f"| {versus} | {100 * row['sparsity']:.2f}% | {100 * row['distance']:.2f} | {found} "
+            f"| {f1} | {row['seconds']:.1f} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def _gap(row: dict[str, Any], key: str, scale: float, places: int) -> str:
+    """``mean ± standard error`` of a paired gap, or "" where there is none."""
+    if row[key] is None:
+        return ""
+    text = f"{scale * row[key]:+.{places}f}"
+    if row[f"{key}_se"] is not None:
+        text += f" ± {scale * row[f'{key}_se']:.{places}f}"
+    return text
 
 
 def plot(rows: list[dict[str, Any]], runs: list[Run], out: Path) -> None:
@@ -465,7 +506,16 @@ def main() -> None:
         "--jobs", type=int, default=os.cpu_count() or 1, help="worker processes (1: in this one)"
     )
     parser.add_argument("--out", type=Path, default=None, help="folder for JSON, MD, PNG")
+    parser.add_argument(
+        "--from-json",
+        type=Path,
+        default=None,
+        help="re-make the table and plots from the runs in a quality.json (runs nothing)",
+    )
     args = parser.parse_args()
+    if args.from_json is not None:
+        report(json.loads(args.from_json.read_text()), args.out)
+        return
     if args.quick:
         args.epochs, args.seeds, args.targets = 2, 1, [0.9]
     runs = [
@@ -484,12 +534,22 @@ def main() -> None:
     # Dense does not depend on the target: run once, list under every target.
     dense = [r for r in done if r.method == "dense"]
     done += [Run(**{**asdict(r), "target": t}) for r in dense for t in args.targets[1:]]
-    rows = summarize(done)
-    results = {"epochs": args.epochs, "runs": [asdict(r) for r in done], "summary": rows}
-    table = markdown(rows, args.epochs, args.seeds, args.split)
-    write(args.out, "quality", results, table, indent=None)
-    if args.out is not None:
-        plot(rows, done, args.out)
+    report(
+        {"epochs": args.epochs, "machine": machine(), "runs": [asdict(r) for r in done]}, args.out
+    )
+
+
+def report(results: dict[str, Any], out: Path | None) -> None:
+    """Summary, table and plots from the raw runs (``results["runs"]``): what a run writes,
+    and what ``--from-json`` re-makes from a run's JSON when the report changes."""
+    runs = [Run(**{**r, "trace": [tuple(t) for t in r["trace"]]}) for r in results["runs"]]
+    rows = summarize(runs)
+    seeds = len({r.seed for r in runs})
+    where = results.get("machine", "")  # JSONs before 2026-12-04 do not name the machine
+    table = markdown(rows, results["epochs"], seeds, runs[0].split, where)
+    write(out, "quality", {**results, "summary": rows}, table, indent=None)
+    if out is not None:
+        plot(rows, runs, out)
 
 
 if __name__ == "__main__":

@@ -107,10 +107,25 @@ def test_quality_quick(tmp_path: Path) -> None:
             assert all(lam is not None for *_, lam in run["trace"])
             assert run["sparsity"] == pytest.approx(0.9, abs=1e-4)
     dense = {r["task"]: r["metric"] for r in runs if r["method"] == "dense"}
-    for row in results["summary"]:  # one seed: the paired gap is the plain difference
+    metric = {(r["task"], r["method"]): r["metric"] for r in runs}
+    for row in results["summary"]:  # one seed: a paired gap is the plain difference
         assert row["vs_dense"] == pytest.approx(row["metric"] - dense[row["task"]], abs=1e-12)
+        if row["method"] not in ("BregmanPruner (prox)", "LinBreg", "AdaBreg"):
+            assert row["peer"] is None and row["vs_peer"] is None
+            continue
+        peers = {peer: metric[row["task"], peer] for peer in ("ModelPruning", "GMP")}
+        better = (min if row["task"] == "teacher-student" else max)(peers.values())
+        assert peers[row["peer"]] == better  # lower error, higher accuracy
+        assert row["vs_peer"] == pytest.approx(row["metric"] - better, abs=1e-12)
     assert (tmp_path / "quality_accuracy.png").stat().st_size > 0
     assert (tmp_path / "quality_trajectory.png").stat().st_size > 0
+    # The report again from the run's JSON, nothing trained: the same table.
+    again = tmp_path / "again"
+    script = ROOT / "benchmarks" / "quality.py"
+    command = [sys.executable, str(script), "--from-json", str(tmp_path / "quality.json")]
+    done = subprocess.run([*command, "--out", str(again)], capture_output=True, timeout=60)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (again / "quality.md").read_text() == (tmp_path / "quality.md").read_text()
 
 
 @pytest.mark.timeout(120)
