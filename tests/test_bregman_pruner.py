@@ -482,6 +482,23 @@ def test_a_pruner_used_in_training_step_but_not_given_to_the_trainer_is_refused(
     assert len(validated.penalties) == 16 and min(validated.penalties) > 0
 
 
+def test_a_trainer_fitted_with_the_pruner_is_refused_once_the_pruner_is_taken_out(
+    tmp_path: Path,
+) -> None:
+    """What set the pruner up is its Trainer's fit, not the Trainer for good: a later fit
+    without the pruner is refused even by the same Trainer object (as a new Trainer at a
+    freed one's address would be)."""
+    model = SeedModel()
+    pruner = BregmanPruner(0.5, 0.05)
+    model.bregman_pruner = pruner
+    trainer = make_trainer(tmp_path, [pruner], max_epochs=1)
+    trainer.fit(model, seed_loader())
+    trainer.callbacks.remove(pruner)
+    trainer.fit_loop.max_epochs = 2  # one more epoch of training steps
+    with pytest.raises(RuntimeError, match=r"not among the Trainer's callbacks"):
+        trainer.fit(model, seed_loader())
+
+
 class _Batched(SeedModel):
     """Its loader reads ``batch_size``, which Lightning's batch size finder scales."""
 

@@ -93,7 +93,8 @@ class BregmanPruner(Callback):
         """The Trainer's weight-averaging callbacks (all keeping the zeros)."""
         self._fitted_by: int | None = None
         """``id`` of the Trainer whose ``fit`` set this pruner up (see
-        :meth:`get_regularization_loss`)."""
+        :meth:`get_regularization_loss`), until that fit's teardown: an id outlives its
+        object, and a Trainer made after the old one is freed may get the same one."""
 
     # ------------------------------------------------------------------ public surface
     @property
@@ -279,6 +280,8 @@ class BregmanPruner(Callback):
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if self.controller is not None:
             self.controller.detach()
+        if stage == "fit":
+            self._fitted_by = None
 
     @override
     def state_dict(self) -> dict[str, Any]:
