@@ -82,16 +82,27 @@ def medians(times: dict[str, list[float]]) -> dict[str, float]:
 
 
 def cpu_model() -> str:
-    """The CPU's model name where Linux reports it, else the architecture. (Results moved
-    between machines: the same seeds trained to accuracies 0.15-0.3 points apart on two
-    x86_64 CPUs, and their speeds differ several-fold, so a table names the model.)"""
+    """The CPU's model name where Linux reports it, with its family, model and AVX-512,
+    else the architecture. (Results moved between machines: the same seeds trained to
+    accuracies 0.15-0.3 points apart on two x86_64 CPUs, and their speeds differ
+    several-fold, so a table names the CPU. Two of ours were both just "AMD EPYC", a Zen 1
+    and a Zen 4: the family and model tell them apart.)"""
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return f"{line.split(':', 1)[1].strip()} ({platform.machine()})"
+        first = Path("/proc/cpuinfo").read_text().split("\n\n", 1)[0]  # one processor
     except OSError:
-        pass
-    return platform.processor() or platform.machine()
+        first = ""
+    fields = {}
+    for line in first.splitlines():
+        key, _, value = line.partition(":")
+        fields[key.strip()] = value.strip()
+    if "model name" not in fields:
+        return platform.processor() or platform.machine()
+    details = [platform.machine()]
+    if "cpu family" in fields and "model" in fields:
+        details.append(f"family {fields['cpu family']} model {fields['model']}")
+    if "avx512f" in fields.get("flags", "").split():
+        details.append("AVX-512")
+    return f"{fields['model name']} ({', '.join(details)})"
 
 
 def machine(device: torch.device | str = "cpu") -> str:
