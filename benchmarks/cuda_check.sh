@@ -4,7 +4,7 @@
 # Markdown go to $OUT (./cuda_check when OUT is unset), 8 files. From the repository root,
 # on a machine with torch (CUDA), lightning, scikit-learn, pytest and pytest-timeout:
 #
-#   bash benchmarks/cuda_check.sh                  # about 5-8 minutes on one GPU
+#   bash benchmarks/cuda_check.sh                  # 183 s on an H200 (2026-12-04)
 #   DEVICE=cpu QUICK=1 bash benchmarks/cuda_check.sh   # the same steps on CPU, about
 #                                                  # 20 s here (tests/test_benchmarks.py)
 #
