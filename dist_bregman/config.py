@@ -18,6 +18,8 @@ LambdaRule = Literal["additive", "multiplicative"]
 LAMBDA_RULES: tuple[str, ...] = ("additive", "multiplicative")
 OnNonFinite = Literal["skip", "stop"]
 ON_NONFINITE: tuple[str, ...] = ("skip", "stop")
+FreezeHold = Literal["target", "found"]
+FREEZE_HOLDS: tuple[str, ...] = ("target", "found")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -74,6 +76,14 @@ class BregmanConfig:
     the optimizers step. The surviving weights then fine-tune without the L1 bias that
     shrinkage leaves on them (debiasing, like refitting a LASSO's support), as magnitude
     pruning fine-tunes after its last pruning event. Typical: 60-80% of the run."""
+    freeze_hold: FreezeHold = "target"
+    """Which zeros the freeze holds. ``"target"``: exactly the ``target_sparsity`` share
+    of the smallest magnitudes, one element at a time (the zeros shrinkage made, topped up
+    or released), so the run ends at the target. ``"found"``: the zeros shrinkage made,
+    as they are, so the run ends where lambda's control left it (near the target). With a
+    group regularizer those zeros are whole rows or kernels, and ``"found"`` keeps them
+    so: an elementwise top-up would zero single weights of live neurons, a release would
+    revive parts of dead ones, and neither removes a neuron."""
     magnitude_start_at: int = 0
     """Optimizer step at which a dense warm-up ends; 0: none. Until then the shrinkage is
     off (as after the freeze) and lambda does not move. At that step the measured weights
@@ -123,6 +133,7 @@ class BregmanConfig:
         check_int("check_agreement_every", self.check_agreement_every, low=0)
         check_int("freeze_support_at", self.freeze_support_at, low=0)
         check_int("magnitude_start_at", self.magnitude_start_at, low=0)
+        check_choice("freeze_hold", self.freeze_hold, FREEZE_HOLDS)
         check_name("name", self.name)
         if self.freeze_support_at and self.magnitude_start_at >= self.freeze_support_at:
             raise ValueError(

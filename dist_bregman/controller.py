@@ -289,18 +289,19 @@ class SparsityController:
         )
 
     def freeze_support(self, step: int) -> None:
-        """From now on: lambda stays, no shrinkage, and exactly the target's zeros are held.
+        """From now on: lambda stays, no shrinkage, and the support's zeros are held.
 
         The L1 shrinkage that finds the support also pulls every surviving weight toward 0
         by about lambda; with the support fixed and the shrinkage off, training refits the
-        survivors (as a refit on a LASSO's support does). The held set is the
-        ``target_sparsity`` share of the smallest magnitudes, chosen exactly over all ranks:
-        the zeros shrinkage made (they are the smallest), topped up with the smallest
-        survivors if sparsity is still below target, or with the surplus zeros left free
-        to regrow if it overshot. So the run ends at the target, not wherever lambda's last
-        oscillation left it. Masks are enforced after every optimizer step in the tensors it
-        steps (the machinery of :class:`~dist_bregman.SafeModelPruning`, so under every
-        strategy). A collective: every rank calls it at the same step (as
+        survivors (as a refit on a LASSO's support does). With ``freeze_hold="target"`` the
+        held set is the ``target_sparsity`` share of the smallest magnitudes, chosen exactly
+        over all ranks: the zeros shrinkage made (they are the smallest), topped up with the
+        smallest survivors if sparsity is still below target, or with the surplus zeros left
+        free to regrow if it overshot. So the run ends at the target, not wherever lambda's
+        last oscillation left it. With ``"found"`` it is the zeros shrinkage made, as they
+        are (whole rows under a group regularizer). Masks are enforced after every optimizer
+        step in the tensors it steps (the machinery of :class:`~dist_bregman.SafeModelPruning`,
+        so under every strategy). A collective: every rank calls it at the same step (as
         :meth:`update_if_due` does).
         """
         report = self.measure()
@@ -308,8 +309,12 @@ class SparsityController:
         self.frozen = True
         self.attachment.set_lambda(0.0)
         target = self.config.target_sparsity
-        self._hold().prune(target)
-        held = round(target * report.total)  # what prune selects: exactly this many
+        if self.config.freeze_hold == "found":
+            self._hold().derive_masks(self.config.zero_tolerance)  # the zeros counted
+            held = report.total - report.nonzero
+        else:
+            self._hold().prune(target)
+            held = round(target * report.total)  # what prune selects: exactly this many
         self._info(
             f"Step {step}: support frozen: shrinkage found sparsity {100 * found:.3f}%; "
             f"{held} of {report.total} weights ({100 * held / report.total:.3f}%, target "

@@ -40,7 +40,7 @@ from dist_bregman.shards import Placement, place, refresh_copies
 from dist_bregman.shards.base import LocalView
 from dist_bregman.shards.dtensor import local_tensor
 from dist_bregman.shards.replicated import balanced_owners
-from dist_bregman.sparsity import SparsityReport, reduce_counts
+from dist_bregman.sparsity import SparsityReport, nonzero_flags, reduce_counts
 from dist_bregman.targets import ParameterPairs, check_writable, left_out, resolve
 
 Schedule = Literal["linear", "cubic"]
@@ -347,13 +347,20 @@ class MagnitudePruner:
                 flat = mask if part.local is None else mask.reshape(-1)[part.local]
                 piece.masked_fill_(flat.view(piece.shape), 0)
 
-    def derive_masks(self) -> None:
+    def derive_masks(self, zero_tolerance: float = 0.0) -> None:
         """Masks from the zeros in the weights (after a resume: pruned weights are zero in
         every checkpoint). A weight that is zero without being pruned becomes pruned, as
-        the next pruning event would make it anyway."""
+        the next pruning event would make it anyway. With a tolerance, ``|x| <=
+        zero_tolerance`` counts as zero, as the measurement counts it, and such weights are
+        made exactly zero (:meth:`enforce`, a collective under ZeRO-3)."""
         for i, placement in enumerate(self.placements):
             view = placement.local()
-            self.masks[i] = None if view.values is None else view.values == 0
+            if view.values is None:
+                self.masks[i] = None
+            else:
+                self.masks[i] = nonzero_flags(view.values, None, zero_tolerance).logical_not_()
+        if zero_tolerance > 0.0:
+            self.enforce()
 
     def release(self) -> None:
         """Stop enforcing: the weights keep their zeros as plain tensors."""

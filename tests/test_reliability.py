@@ -133,6 +133,12 @@ BAD_INPUT: list[tuple[str, Callable[[], object], type[Exception], str]] = [
         r"freeze_support_at=-5: expected an integer >= 0",
     ),
     (
+        "freeze hold",
+        lambda: BregmanPruner(freeze_hold="rows"),
+        ValueError,
+        r"freeze_hold='rows': expected one of 'target', 'found'",
+    ),
+    (
         "warm-up after the freeze",
         lambda: BregmanPruner(freeze_support_at=50, magnitude_start_at=50),
         ValueError,

@@ -22,7 +22,7 @@ from typing_extensions import override
 
 from dist_bregman import logs
 from dist_bregman.callbacks.averaging import check_averaging
-from dist_bregman.config import BregmanConfig, LambdaRule, Mode, OnNonFinite
+from dist_bregman.config import BregmanConfig, FreezeHold, LambdaRule, Mode, OnNonFinite
 from dist_bregman.controller import SparsityController
 from dist_bregman.targets import ParameterPairs, shared_targets, validate_pairs
 
@@ -60,6 +60,7 @@ class BregmanPruner(Callback):
         guard_steps: bool = False,
         check_agreement_every: int = 0,
         freeze_support_at: int = 0,
+        freeze_hold: FreezeHold = "target",
         magnitude_start_at: int = 0,
         name: str | None = None,
     ) -> None:
@@ -79,6 +80,7 @@ class BregmanPruner(Callback):
             guard_steps=guard_steps,
             check_agreement_every=check_agreement_every,
             freeze_support_at=freeze_support_at,
+            freeze_hold=freeze_hold,
             magnitude_start_at=magnitude_start_at,
             name=name,
         )

@@ -28,6 +28,9 @@ from tests.distributed.test_ddp import CollectiveCounter
 from tests.helpers.dist import run_ranks
 from tests.helpers.strategies import STRATEGIES, counts, effective_weights, matrix_model, wrap
 
+Freeze = tuple[int, str]
+"""``(freeze_support_at, freeze_hold)``: 0 for no freeze."""
+
 
 def _optimizer(name: str) -> Any:
     if name == "sgd":
@@ -235,7 +238,7 @@ def test_linbreg_over_fsdp1_flat_parameters_is_refused(grouping: str, message: s
 
 
 def _trajectory(
-    rank: int, world: int, strategy: str, batches: list, freeze: int, make: Any
+    rank: int, world: int, strategy: str, batches: list, freeze: Freeze, make: Any
 ) -> dict[str, Any]:
     os.environ.update(LOCAL_RANK=str(rank), RANK=str(rank), WORLD_SIZE=str(world))
     wrapped = wrap(strategy, matrix_model(), make)
@@ -244,7 +247,7 @@ def _trajectory(
     ) | {"weights": wrapped.full_effective()}
 
 
-def _one_process(batches: list, freeze: int, make: Any) -> tuple[dict[str, Any], Any]:
+def _one_process(batches: list, freeze: Freeze, make: Any) -> tuple[dict[str, Any], Any]:
     """The trajectory and final weights of the same training in one process."""
     single = matrix_model()
     optimizer = make(single)
@@ -267,7 +270,7 @@ def _batches(count: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
 
 
 def _assert_two_ranks_follow(
-    strategy: str, batches: list, freeze: int, make: Any, timeout: int
+    strategy: str, batches: list, freeze: Freeze, make: Any, timeout: int
 ) -> dict[str, Any]:
     """Two ranks under ``strategy`` give the one-process counts and lambdas exactly, and
     its weights; returns the one-process trajectory."""
@@ -286,14 +289,15 @@ def _run_trajectory(
     batches: list,
     rank: int,
     world: int,
-    freeze: int,
+    freeze: Freeze,
 ) -> dict[str, Any]:
     config = BregmanConfig(
         target_sparsity=0.6,
         initial_lambda=0.02,
         lambda_update_rate=0.05,
         update_frequency=2,
-        freeze_support_at=freeze,
+        freeze_support_at=freeze[0],
+        freeze_hold=freeze[1],
     )
     controller = SparsityController(model, config)
     controller.attach(optimizer)
@@ -303,19 +307,30 @@ def _run_trajectory(
         train_step(x[half], y[half])
         if controller.update_if_due(step) is not None:
             points.append((step, controller.last_report.nonzero, controller.lambda_))
-    return {"points": points}
+    total = controller.last_report.total
+    return {"points": points, "found": controller.found_sparsity, "total": total}
 
 
 @pytest.mark.timeout(240)
-@pytest.mark.parametrize("freeze", [0, 5], ids=["shrinking", "support_frozen_at_5"])
+@pytest.mark.parametrize(
+    "freeze",
+    [(0, "target"), (5, "target"), (5, "found")],
+    ids=["shrinking", "support_frozen_at_5", "found_support_frozen_at_5"],
+)
 @pytest.mark.parametrize("strategy", STRATEGIES)
-def test_two_ranks_follow_the_one_process_trajectory(strategy: str, freeze: int) -> None:
+def test_two_ranks_follow_the_one_process_trajectory(strategy: str, freeze: Freeze) -> None:
     reference = _assert_two_ranks_follow(strategy, _batches(8), freeze, _optimizer("sgd"), 200)
     points = reference["points"]
-    counts_moved = {nonzero for _, nonzero, _ in points[: 2 if freeze else 4]}
-    assert len(points) == 4 and len(counts_moved) == len(points[: 2 if freeze else 4])
-    if freeze:  # after step 5: the same zeros (held, none new) and the same lambda
-        assert points[2][1:] == points[3][1:] and points[2][1] < points[1][1]
+    counts_moved = {nonzero for _, nonzero, _ in points[: 2 if freeze[0] else 4]}
+    assert len(points) == 4 and len(counts_moved) == len(points[: 2 if freeze[0] else 4])
+    if freeze[0]:  # after step 5: the same zeros (held, none new) and the same lambda
+        assert points[2][1:] == points[3][1:]
+    total = reference["total"]
+    if freeze == (5, "target"):  # shrinkage had found less than the target: topped up
+        assert reference["found"] < 0.6 and points[2][1] == total - round(0.6 * total)
+    if freeze == (5, "found"):  # exactly the zeros shrinkage had made, none added
+        assert 0 < reference["found"] < 0.6
+        assert points[2][1] == round((1 - reference["found"]) * total)
 
 
 def _loss_mode_on_shards(rank: int, world: int, strategy: str) -> str:
@@ -530,7 +545,7 @@ def _two_lrs(model: nn.Module) -> torch.optim.SGD:
 def test_deepspeed_partitions_take_the_proximal_step_at_their_own_groups_lr(strategy: str) -> None:
     """DeepSpeed steps flat partitions per param group (ZeRO-3: per sub-group): the
     proximal step must find each measured weight's group, here the second one."""
-    _assert_two_ranks_follow(strategy, _batches(6), 0, _two_lrs, 100)
+    _assert_two_ranks_follow(strategy, _batches(6), (0, "target"), _two_lrs, 100)
 
 
 def _weight_and_mask() -> tuple[torch.Tensor, torch.Tensor]:

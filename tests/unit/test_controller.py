@@ -668,3 +668,59 @@ def test_a_checkpoint_taken_in_the_warm_up_resumes_in_it() -> None:
     old = {k: v for k, v in controller.state_dict().items() if k != "started"}
     restored.load_state_dict(old)  # written before the option existed: it had started
     assert restored.started and restored._lambda() == 0.05
+
+
+def _freeze_group_shrinkage(hold: str) -> tuple[nn.Module, SparsityController]:
+    """Group shrinkage over rows for 3 steps (about 22% zeros, all whole rows: the target of
+    50% is not reached), the freeze, then 4 more steps."""
+    model = _model()
+    config = BregmanConfig(
+        target_sparsity=0.5,
+        initial_lambda=0.5,
+        update_frequency=1,
+        regularizer="group_l1",
+        freeze_support_at=3,
+        freeze_hold=hold,
+    )
+    controller = SparsityController(model, config)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    controller.attach(optimizer)
+    _train(model, optimizer, controller, _batches(3), add_loss_term=False)
+    assert controller.frozen
+    _train(model, optimizer, controller, _batches(4, seed=5), add_loss_term=False)
+    return model, controller
+
+
+def test_the_found_hold_keeps_the_whole_zero_rows_of_group_shrinkage() -> None:
+    """``freeze_hold="found"`` holds the zeros shrinkage made (whole rows here) and adds
+    none; ``"target"`` tops up to the target by single weights, inside live rows."""
+    model, controller = _freeze_group_shrinkage("found")
+    found = controller.found_sparsity
+    assert found is not None and 0.1 < found < 0.5
+    assert controller.measure().sparsity == found  # nothing topped up, nothing regrown
+    for weight in _weights(model).values():
+        zero = weight.detach() == 0
+        assert torch.equal(zero, zero.all(dim=1, keepdim=True).expand_as(zero))  # whole rows
+
+    model, controller = _freeze_group_shrinkage("target")
+    assert controller.found_sparsity == found and controller.measure().sparsity == 0.5
+    partly = [(w == 0).any(dim=1) & (w != 0).any(dim=1) for w in _weights(model).values()]
+    assert sum(int(rows.sum()) for rows in partly) > 0  # rows now half alive
+
+
+def test_the_found_hold_makes_weights_within_the_tolerance_zero_and_holds_them() -> None:
+    model = _model()
+    config = BregmanConfig(
+        initial_lambda=1e-3, update_frequency=1, zero_tolerance=0.05, freeze_support_at=1
+    )
+    config = dataclasses.replace(config, freeze_hold="found")
+    controller = SparsityController(model, config)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    controller.attach(optimizer)
+    _train(model, optimizer, controller, _batches(1), add_loss_term=False)
+    small = {name: w.detach().abs() <= 0.05 for name, w in _weights(model).items()}
+    assert all(torch.equal(w.detach() == 0, small[n]) for n, w in _weights(model).items())
+    assert 0 < controller.found_sparsity < 0.8  # type: ignore[operator]
+    _train(model, optimizer, controller, _batches(3, seed=4), add_loss_term=False)
+    for name, weight in _weights(model).items():
+        assert torch.equal(weight.detach() == 0, small[name])
