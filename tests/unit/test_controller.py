@@ -711,9 +711,12 @@ def test_the_found_hold_keeps_the_whole_zero_rows_of_group_shrinkage() -> None:
 def test_the_found_hold_makes_weights_within_the_tolerance_zero_and_holds_them() -> None:
     model = _model()
     config = BregmanConfig(
-        initial_lambda=1e-3, update_frequency=1, zero_tolerance=0.05, freeze_support_at=1
+        initial_lambda=1e-3,
+        update_frequency=1,
+        zero_tolerance=0.05,
+        freeze_support_at=1,
+        freeze_hold="found",
     )
-    config = dataclasses.replace(config, freeze_hold="found")
     controller = SparsityController(model, config)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     controller.attach(optimizer)
