@@ -196,6 +196,38 @@ def test_steps_after_the_support_freeze_do_not_sync() -> None:
     assert measure_sparsity(model).sparsity == pytest.approx(0.6, abs=1e-3)
 
 
+def test_the_found_hold_on_cuda_keeps_whole_rows_and_its_steps_do_not_sync() -> None:
+    """``freeze_hold="found"`` with group shrinkage: the zeros held are the whole rows
+    shrinkage made (above the target: none released), with no sync after the freeze."""
+    model = _mlp().to(CUDA)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    config = BregmanConfig(
+        target_sparsity=0.6,
+        initial_lambda=0.5,
+        update_frequency=100,
+        regularizer="group_l1",
+        freeze_support_at=3,
+        freeze_hold="found",
+    )
+    controller = SparsityController(model, config)
+    controller.attach(optimizer)
+    x, y = torch.randn(16, 12, device=CUDA), torch.randint(0, 5, (16,), device=CUDA)
+    for step in range(1, 7):
+        with host_syncs() as syncs:
+            F.cross_entropy(model(x), y).backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            controller.update_if_due(step)
+        assert step <= 3 or len(syncs) == 0, syncs
+    found = controller.found_sparsity
+    assert controller.frozen and found is not None and found > 0.6
+    assert measure_sparsity(model).sparsity == found
+    for name, weight in model.named_parameters():
+        if name.endswith("weight"):
+            zero = weight.detach() == 0
+            assert torch.equal(zero, zero.all(dim=1, keepdim=True).expand_as(zero)), name
+
+
 @pytest.mark.parametrize("name", ["linbreg", "adabreg"])
 def test_bregman_optimizers_on_cuda_follow_the_cpu_trajectory(name: str) -> None:
     """The CUDA path (multi-tensor kernels) and the CPU path (a loop) are the same method,
