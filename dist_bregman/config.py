@@ -81,8 +81,9 @@ class BregmanConfig:
     of the smallest magnitudes, one element at a time (the zeros shrinkage made, topped up
     or released), so the run ends at the target. ``"found"``: the zeros shrinkage made,
     as they are, so the run ends where lambda's control left it (near the target). With a
-    group regularizer those zeros are whole rows or kernels, and ``"found"`` keeps them
-    so: an elementwise top-up would zero single weights of live neurons, a release would
+    group regularizer those zeros are whole rows or kernels (with a ``zero_tolerance``,
+    also the single weights within it, made exactly zero), and ``"found"`` keeps them so:
+    an elementwise top-up would zero single weights of live neurons, a release would
     revive parts of dead ones, and neither removes a neuron."""
     magnitude_start_at: int = 0
     """Optimizer step at which a dense warm-up ends; 0: none. Until then the shrinkage is
