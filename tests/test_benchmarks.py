@@ -3,6 +3,7 @@ quotes the tables they wrote."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -126,6 +127,38 @@ def test_quality_quick(tmp_path: Path) -> None:
     done = subprocess.run([*command, "--out", str(again)], capture_output=True, timeout=60)
     assert done.returncode == 0, done.stderr[-3000:]
     assert (again / "quality.md").read_text() == (tmp_path / "quality.md").read_text()
+
+
+def test_quality_pairs_each_regression_target_with_its_own_dense_run(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The regression's teacher has the target's sparsity, so a pruned run at 90% is
+    compared with a dense fit of the 90% teacher; a digits dense run serves every target."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))  # quality.py imports common.py
+    spec = importlib.util.spec_from_file_location("quality", ROOT / "benchmarks" / "quality.py")
+    assert spec is not None and spec.loader is not None
+    quality = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "quality", quality)  # its dataclasses look it up
+    spec.loader.exec_module(quality)
+    tasks, targets = ["digits-mlp", "teacher-student"], [0.8, 0.9]
+    runs = quality.plan(tasks, ["dense", "GMP"], targets, 2, 1, "test")
+    dense = sorted((r.task, r.target, r.seed) for r in runs if r.method == "dense")
+    assert dense == [("digits-mlp", 0.8, 0), ("digits-mlp", 0.8, 1)] + [
+        ("teacher-student", t, s) for t in targets for s in (0, 1)
+    ]
+    for i, run in enumerate(runs):  # made-up results, distinct per run
+        run.metric, run.sparsity, run.seconds = float(i), run.target, 1.0
+    metric = {(r.task, r.target, r.method, r.seed): r.metric for r in runs}
+    done = quality.list_dense_under_every_target(runs, targets)
+    assert len(done) == len(runs) + 2  # the two digits dense runs, copied under 90%
+    rows = {(r["task"], r["target"], r["method"]): r for r in quality.summarize(done)}
+    for task in tasks:
+        for target in targets:
+            reference = target if task == "teacher-student" else 0.8
+            gaps = [
+                metric[task, target, "GMP", s] - metric[task, reference, "dense", s] for s in (0, 1)
+            ]
+            assert rows[task, target, "GMP"]["vs_dense"] == pytest.approx(sum(gaps) / 2)
 
 
 @pytest.mark.timeout(120)
