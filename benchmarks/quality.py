@@ -191,8 +191,8 @@ def lightning_amounts(target: float, epochs: int) -> Callable[[int], float]:
 # is capped (3e-3 on digits) so shrinkage finds most of the target and the freeze's
 # magnitude selection the rest (0.3 on the regression, where shrinkage finds nearly all of
 # it; capped at 1.0, lambda rose past 0.5 and zeroed some of the teacher's smallest
-# weights); LinBreg and AdaBreg start at 0.01 on digits from a
-# magnitude cut (``WARM_EPOCHS``), and LinBreg takes SGD's step (``optimizer_settings``).
+# weights); LinBreg and AdaBreg start at 0.01 on digits from a magnitude cut
+# (``WARM_EPOCHS``), and LinBreg takes SGD's step (``optimizer_settings``).
 def bregman_pruner(
     task: str, method: str, target: float, freeze_at: int, start_at: int = 0
 ) -> BregmanPruner:
