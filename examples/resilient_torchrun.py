@@ -146,6 +146,7 @@ def main() -> None:
                 save(checkpoint, state)
             comm.barrier()  # nobody runs past a checkpoint that is not on disk yet
         if attempt == 0 and rank == args.kill_rank and step == args.kill_at_step:
+            print(f"rank {rank}: SIGKILL at step {step}", flush=True)
             os.kill(os.getpid(), signal.SIGKILL)
 
     report = controller.measure()
