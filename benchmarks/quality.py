@@ -19,6 +19,9 @@ Methods, each with the same epochs, data order and initial weights per seed:
   into Lightning's per-event amounts (Lightning prunes a fraction *of what is left*, so
   ``a_t = 1 - (1 - s_t) / (1 - s_{t-1})``), no lottery-ticket reset;
 * ``GMP``: ``SafeModelPruning`` with the cubic schedule (Zhu & Gupta, 2017);
+* ``dense (Adam)``, ``ModelPruning (Adam)``, ``GMP (Adam)``: the same with Adam at
+  AdaBreg's lr, AdaBreg's like-for-like references (AdaBreg at lambda 0 is that Adam; with
+  SGD references alone, Adam's own lead over SGD on digits read as AdaBreg's);
 * ``BregmanPruner (prox)``: SGD with momentum, proximal L1 step, adaptive lambda;
 * ``LinBreg`` and ``AdaBreg`` (Bungert et al., 2022), lambda driven by the pruner, from a
   sparse start: on digits, one dense epoch (``WARM_EPOCHS``, part of the run's epochs, with
@@ -61,10 +64,23 @@ from dist_bregman.pruning import PruningConfig, scheduled_amount
 from dist_bregman.targets import resolve
 
 TASKS = ("digits-mlp", "digits-cnn", "teacher-student")
-METHODS = ("dense", "ModelPruning", "GMP", "BregmanPruner (prox)", "LinBreg", "AdaBreg")
+ADAM = " (Adam)"
+"""Suffix of a reference method trained with Adam at AdaBreg's lr instead of SGD: AdaBreg
+at lambda 0 is Adam, so these are its like-for-like dense run and peers."""
+METHODS = (
+    "dense",
+    "ModelPruning",
+    "GMP",
+    "dense" + ADAM,
+    "ModelPruning" + ADAM,
+    "GMP" + ADAM,
+    "BregmanPruner (prox)",
+    "LinBreg",
+    "AdaBreg",
+)
 BREGMAN = ("BregmanPruner (prox)", "LinBreg", "AdaBreg")
-PEERS = ("ModelPruning", "GMP")
-"""The tools users would pick instead; the goal is to be ahead of both."""
+PEERS = ("ModelPruning", "GMP", "ModelPruning" + ADAM, "GMP" + ADAM)
+"""The tools users would pick instead, with either optimizer; the goal is to be ahead."""
 TRACE_EVERY = 10  # steps between two points of the sparsity/lambda trajectory
 BATCH = 32
 MOMENTUM = 0.9
@@ -166,6 +182,22 @@ class Trace(pl.Callback):
         self.run.trace.append((step, measure_sparsity(pl_module).sparsity, lam))
 
 
+def tool(method: str) -> str:
+    """The method without its optimizer: ``"GMP (Adam)"`` -> ``"GMP"``."""
+    return method.removesuffix(ADAM)
+
+
+def on_adam(method: str) -> bool:
+    """Adam-based: AdaBreg and the ``(Adam)`` references. The others take SGD's step (prox
+    and LinBreg: SGD with momentum, and LinBreg at lambda 0 is that heavy ball)."""
+    return method == "AdaBreg" or method.endswith(ADAM)
+
+
+def dense_of(method: str) -> str:
+    """The dense run a method is compared with: the one with its optimizer."""
+    return "dense" + ADAM if on_adam(method) else "dense"
+
+
 def ramp_epochs(epochs: int) -> int:
     return max(int(0.6 * epochs), 1)
 
@@ -225,9 +257,10 @@ def optimizer_settings(task: str, method: str) -> OptimizerSettings:
         return OptimizerSettings(
             name="linbreg", lr=lr / (1 - MOMENTUM), momentum=MOMENTUM, reg="l1"
         )
-    if method == "AdaBreg":
+    if on_adam(method):  # AdaBreg at lambda 0 is Adam: the (Adam) references take its step
         scale = 2 if task == "teacher-student" else 10
-        return OptimizerSettings(name="adabreg", lr=lr / scale, reg="l1")
+        name = "adabreg" if method == "AdaBreg" else "adam"
+        return OptimizerSettings(name=name, lr=lr / scale, reg="l1")
     return OptimizerSettings(name="sgd", lr=lr, momentum=MOMENTUM)
 
 
@@ -258,7 +291,7 @@ def execute(run: Run) -> Run:
     start = time.perf_counter()
     callbacks: list[pl.Callback] = [Trace(run)]
     pruner: BregmanPruner | None = None
-    if run.method == "ModelPruning":
+    if tool(run.method) == "ModelPruning":
         callbacks.append(
             ModelPruning(
                 "l1_unstructured",
@@ -269,7 +302,7 @@ def execute(run: Run) -> Run:
                 verbose=0,
             )
         )
-    elif run.method == "GMP":
+    elif tool(run.method) == "GMP":
         callbacks.append(
             SafeModelPruning(
                 amount=0.0,
@@ -327,22 +360,30 @@ def _fit(
 # ---------------------------------------------------------------------------- reporting
 def summarize(runs: list[Run]) -> list[dict[str, Any]]:
     """Mean and spread over seeds per (task, target, method), and paired gaps: to the dense
-    run of the same seed, and for a Bregman method to the better peer of its cell."""
+    run of the same seed and optimizer, and for a Bregman method to the better peer of its
+    cell with its optimizer (``peer``) and to the better of all peers (``best``)."""
     rows = []
     keys = sorted({(r.task, r.target, r.method) for r in runs}, key=_order)
-    dense = {(r.task, r.target, r.seed): r.metric for r in runs if r.method == "dense"}
     by_seed = {(r.task, r.target, r.method, r.seed): r.metric for r in runs}
     for task, target, method in keys:
         group = [r for r in runs if (r.task, r.target, r.method) == (task, target, method)]
         metrics = [r.metric for r in group]
         # Paired with the run of the same seed (same split, data order, init): the spread
         # between splits cancels, so these are the comparisons the goal asks for.
+        dense = dense_of(method)
         gaps = [
-            r.metric - dense[task, target, r.seed] for r in group if (task, target, r.seed) in dense
+            r.metric - by_seed[task, target, dense, r.seed]
+            for r in group
+            if (task, target, dense, r.seed) in by_seed
         ]
         seeds = [r.seed for r in group]
-        peer = _better_peer(task, target, seeds, by_seed) if method in BREGMAN else None
-        peer_gaps = [r.metric - by_seed[task, target, peer, r.seed] for r in group] if peer else []
+        peer = best = None
+        if method in BREGMAN:
+            same = [p for p in PEERS if on_adam(p) == on_adam(method)]
+            peer = _better_peer(task, target, seeds, by_seed, same)
+            best = _better_peer(task, target, seeds, by_seed, list(PEERS))
+        peer_gaps = _paired(group, peer, by_seed)
+        best_gaps = _paired(group, best, by_seed)
         rows.append(
             {
                 "task": task,
@@ -356,6 +397,9 @@ def summarize(runs: list[Run]) -> list[dict[str, Any]]:
                 "peer": peer,
                 "vs_peer": statistics.fmean(peer_gaps) if peer_gaps else None,
                 "vs_peer_se": _standard_error(peer_gaps),
+                "best": best,
+                "vs_best": statistics.fmean(best_gaps) if best_gaps else None,
+                "vs_best_se": _standard_error(best_gaps),
                 "sparsity": statistics.fmean(r.sparsity for r in group),
                 "distance": statistics.fmean(abs(r.sparsity - target) for r in group),
                 "f1": _mean([r.f1 for r in group]),
@@ -367,12 +411,16 @@ def summarize(runs: list[Run]) -> list[dict[str, Any]]:
 
 
 def _better_peer(
-    task: str, target: float, seeds: list[int], by_seed: dict[tuple[str, float, str, int], float]
+    task: str,
+    target: float,
+    seeds: list[int],
+    by_seed: dict[tuple[str, float, str, int], float],
+    peers: list[str],
 ) -> str | None:
-    """The peer with the better mean over ``seeds`` in this cell (higher accuracy, lower
-    regression error), among those that ran every seed; None if none did."""
+    """The one of ``peers`` with the better mean over ``seeds`` in this cell (higher
+    accuracy, lower regression error), among those that ran every seed; None if none did."""
     means = {}
-    for peer in PEERS:
+    for peer in peers:
         values = [by_seed.get((task, target, peer, seed)) for seed in seeds]
         known = [v for v in values if v is not None]
         if known and len(known) == len(values):
@@ -381,6 +429,15 @@ def _better_peer(
         return None
     pick = min if task == "teacher-student" else max
     return pick(means, key=means.__getitem__)
+
+
+def _paired(
+    group: list[Run], other: str | None, by_seed: dict[tuple[str, float, str, int], float]
+) -> list[float]:
+    """Per seed, the run's metric minus ``other``'s in the same cell (none if no other)."""
+    if other is None:
+        return []
+    return [r.metric - by_seed[r.task, r.target, other, r.seed] for r in group]
 
 
 def _standard_error(values: list[float]) -> float | None:
@@ -409,26 +466,32 @@ def markdown(
         f"are one per target. found: the sparsity a Bregman method's shrinkage had reached "
         f"when its support was frozen; the held set is then made exactly the target "
         f"(magnitude top-up, or release). "
-        f"vs dense: the mean difference from the dense run of the same seed ± its standard "
-        f"error (digits: points; regression: relative MSE); vs peer: the same for a Bregman "
-        f"method against the better of ModelPruning and GMP in its cell (by mean), named. "
+        f"vs dense: the mean difference from the dense run of the same seed and optimizer ± "
+        f"its standard error (digits: points; regression: relative MSE). (Adam): the "
+        f"reference trained with Adam at AdaBreg's lr, not SGD with momentum; AdaBreg at "
+        f"lambda 0 is that Adam, prox and LinBreg at lambda 0 that SGD. vs peer: the same "
+        f"for a Bregman method against the better of ModelPruning and GMP with its optimizer "
+        f"in its cell (by mean), named; vs best: against the better of all four. "
         f"Each seed has its own digits split.",
         "",
-        f"| task | target | method | {split} metric | vs dense | vs peer | sparsity | distance "
-        f"| found | F1 | fit s |",
-        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        f"| task | target | method | {split} metric | vs dense | vs peer | vs best | sparsity "
+        f"| distance | found | F1 | fit s |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
         scale, places = (1, 4) if row["task"] == "teacher-student" else (100, 2)
         metric = f"{scale * row['metric']:.{places}f} ± {scale * row['metric_std']:.{places}f}"
-        gap = "" if row["method"] == "dense" else _gap(row, "vs_dense", scale, places)
+        gap = "" if tool(row["method"]) == "dense" else _gap(row, "vs_dense", scale, places)
         versus = _gap(row, "vs_peer", scale, places)
         versus += f" ({row['peer']})" if versus else ""
+        best = _gap(row, "vs_best", scale, places)
+        best += f" ({row['best']})" if best else ""
         f1 = "" if row["f1"] is None else f"{row['f1']:.3f}"
         found = "" if row["found"] is None else f"{100 * row['found']:.2f}%"
         lines.append(
             f"| {row['task']} | {100 * row['target']:.0f}% | {row['method']} | {metric} | {gap} "
-            f"| {versus} | {100 * row['sparsity']:.2f}% | {100 * row['distance']:.2f} | {found} "
+            f"| {versus} | {best} | {100 * row['sparsity']:.2f}% | {100 * row['distance']:.2f} "
+            f"| {found} "
             f"| {f1} | {row['seconds']:.1f} |"
         )
     return "\n".join(lines) + "\n"
@@ -461,7 +524,7 @@ def plot(rows: list[dict[str, Any]], runs: list[Run], out: Path) -> None:
             )
             if points:
                 xs, ys = zip(*points, strict=True)
-                style = "o-" if method in BREGMAN else "s--"
+                style = "o-" if method in BREGMAN else "^:" if on_adam(method) else "s--"
                 ax.plot([100 * x for x in xs], ys, style, label=method)
         ax.set_title(task)
         ax.set_xlabel(
@@ -508,14 +571,14 @@ def plan(
         for target in targets
         for method in methods
         for seed in range(seeds)
-        if method != "dense" or task == "teacher-student" or target == targets[0]
+        if tool(method) != "dense" or task == "teacher-student" or target == targets[0]
     ]
 
 
 def list_dense_under_every_target(done: list[Run], targets: list[float]) -> list[Run]:
     """``done`` with each digits dense run copied under the other targets, so every cell
     has its dense reference (the regression's dense runs are already per target)."""
-    digits_dense = [r for r in done if r.method == "dense" and r.task != "teacher-student"]
+    digits_dense = [r for r in done if tool(r.method) == "dense" and r.task != "teacher-student"]
     return done + [Run(**{**asdict(r), "target": t}) for r in digits_dense for t in targets[1:]]
 
 

@@ -90,13 +90,15 @@ def test_import_time_quick(tmp_path: Path) -> None:
 def test_quality_quick(tmp_path: Path) -> None:
     results = run_quick("quality", tmp_path, "--jobs", "1")  # in-process: no worker start-up
     runs = results["runs"]
+    sgd_peers, adam_peers = ("ModelPruning", "GMP"), ("ModelPruning (Adam)", "GMP (Adam)")
+    bregman = ("BregmanPruner (prox)", "LinBreg", "AdaBreg")
     assert {(r["task"], r["method"]) for r in runs} == {
         (task, method)
         for task in ("digits-mlp", "digits-cnn", "teacher-student")
-        for method in ("dense", "ModelPruning", "GMP", "BregmanPruner (prox)", "LinBreg", "AdaBreg")
+        for method in ("dense", *sgd_peers, "dense (Adam)", *adam_peers, *bregman)
     }
     for run in runs:
-        if run["method"] in ("ModelPruning", "GMP"):  # schedules land on the target
+        if run["method"] in sgd_peers + adam_peers:  # schedules land on the target
             assert run["sparsity"] == pytest.approx(0.9, abs=0.002)
         if run["task"] == "teacher-student":
             assert 0.0 <= run["f1"] <= 1.0
@@ -107,17 +109,26 @@ def test_quality_quick(tmp_path: Path) -> None:
             assert run["trace"][0][1] < 0.1, run["trace"][:3]
             assert all(lam is not None for *_, lam in run["trace"])
             assert run["sparsity"] == pytest.approx(0.9, abs=1e-4)
-    dense = {r["task"]: r["metric"] for r in runs if r["method"] == "dense"}
     metric = {(r["task"], r["method"]): r["metric"] for r in runs}
+    # AdaBreg is Adam at lambda 0: it is compared with the Adam references, the others
+    # with SGD's; "best" is the better of all four peers whatever their optimizer.
+    adam = {"AdaBreg", "dense (Adam)", *adam_peers}
+    assert metric["digits-mlp", "dense (Adam)"] != metric["digits-mlp", "dense"]
     for row in results["summary"]:  # one seed: a paired gap is the plain difference
-        assert row["vs_dense"] == pytest.approx(row["metric"] - dense[row["task"]], abs=1e-12)
-        if row["method"] not in ("BregmanPruner (prox)", "LinBreg", "AdaBreg"):
-            assert row["peer"] is None and row["vs_peer"] is None
+        task, on_adam = row["task"], row["method"] in adam
+        dense = metric[task, "dense (Adam)" if on_adam else "dense"]
+        assert row["vs_dense"] == pytest.approx(row["metric"] - dense, abs=1e-12)
+        if row["method"] not in bregman:
+            assert row["peer"] is None and row["vs_peer"] is None and row["best"] is None
             continue
-        peers = {peer: metric[row["task"], peer] for peer in ("ModelPruning", "GMP")}
-        better = (min if row["task"] == "teacher-student" else max)(peers.values())
-        assert peers[row["peer"]] == better  # lower error, higher accuracy
-        assert row["vs_peer"] == pytest.approx(row["metric"] - better, abs=1e-12)
+        pick = min if task == "teacher-student" else max  # lower error, higher accuracy
+        for key, names in (
+            ("peer", adam_peers if on_adam else sgd_peers),
+            ("best", sgd_peers + adam_peers),
+        ):
+            peers = {peer: metric[task, peer] for peer in names}
+            assert row[key] in names and peers[row[key]] == pick(peers.values())
+            assert row[f"vs_{key}"] == pytest.approx(row["metric"] - peers[row[key]], abs=1e-12)
     assert (tmp_path / "quality_accuracy.png").stat().st_size > 0
     assert (tmp_path / "quality_trajectory.png").stat().st_size > 0
     # The report again from the run's JSON, nothing trained: the same table.
