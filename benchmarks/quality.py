@@ -370,12 +370,7 @@ def summarize(runs: list[Run]) -> list[dict[str, Any]]:
         metrics = [r.metric for r in group]
         # Paired with the run of the same seed (same split, data order, init): the spread
         # between splits cancels, so these are the comparisons the goal asks for.
-        dense = dense_of(method)
-        gaps = [
-            r.metric - by_seed[task, target, dense, r.seed]
-            for r in group
-            if (task, target, dense, r.seed) in by_seed
-        ]
+        gaps = _paired(group, dense_of(method), by_seed)
         seeds = [r.seed for r in group]
         peer = best = None
         if method in BREGMAN:
@@ -434,10 +429,12 @@ def _better_peer(
 def _paired(
     group: list[Run], other: str | None, by_seed: dict[tuple[str, float, str, int], float]
 ) -> list[float]:
-    """Per seed, the run's metric minus ``other``'s in the same cell (none if no other)."""
+    """Per seed, the run's metric minus ``other``'s in the same cell, for the seeds
+    ``other`` ran (none if there is no other)."""
     if other is None:
         return []
-    return [r.metric - by_seed[r.task, r.target, other, r.seed] for r in group]
+    keys = [(r, (r.task, r.target, other, r.seed)) for r in group]
+    return [r.metric - by_seed[key] for r, key in keys if key in by_seed]
 
 
 def _standard_error(values: list[float]) -> float | None:
@@ -491,8 +488,7 @@ def markdown(
         lines.append(
             f"| {row['task']} | {100 * row['target']:.0f}% | {row['method']} | {metric} | {gap} "
             f"| {versus} | {best} | {100 * row['sparsity']:.2f}% | {100 * row['distance']:.2f} "
-            f"| {found} "
-            f"| {f1} | {row['seconds']:.1f} |"
+            f"| {found} | {f1} | {row['seconds']:.1f} |"
         )
     return "\n".join(lines) + "\n"
 
