@@ -585,7 +585,7 @@ def list_dense_under_every_target(done: list[Run], targets: list[float]) -> list
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="target 90%, 1 seed, 2 epochs")
+    parser.add_argument("--quick", action="store_true", help="target 90%%, 1 seed, 2 epochs")
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--seeds", type=int, default=10)
     parser.add_argument("--targets", type=float, nargs="+", default=[0.8, 0.9, 0.95])

@@ -140,17 +140,42 @@ def test_quality_quick(tmp_path: Path) -> None:
     assert (again / "quality.md").read_text() == (tmp_path / "quality.md").read_text()
 
 
+def load_benchmark(name: str, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """A benchmark script imported as a module (``main`` not run)."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))  # the scripts import common.py
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, name, module)  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+SCRIPTS = sorted(path.stem for path in (ROOT / "benchmarks").glob("*.py") if path.stem != "common")
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_benchmark_help_prints(
+    name: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--help`` is the first thing a reader runs; argparse formats help strings with
+    ``%``, so a bare "90%" in one raised ValueError instead of printing (as quality.py's
+    did)."""
+    module = load_benchmark(name, monkeypatch)
+    monkeypatch.setattr(sys, "argv", [f"{name}.py", "--help"])
+    with pytest.raises(SystemExit) as exited:
+        module.main()
+    assert exited.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage:") and "--quick" in out
+
+
 def test_quality_pairs_each_regression_target_with_its_own_dense_run(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """The regression's teacher has the target's sparsity, so a pruned run at 90% is
     compared with a dense fit of the 90% teacher; a digits dense run serves every target."""
-    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))  # quality.py imports common.py
-    spec = importlib.util.spec_from_file_location("quality", ROOT / "benchmarks" / "quality.py")
-    assert spec is not None and spec.loader is not None
-    quality = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "quality", quality)  # its dataclasses look it up
-    spec.loader.exec_module(quality)
+    quality = load_benchmark("quality", monkeypatch)
     tasks, targets = ["digits-mlp", "teacher-student"], [0.8, 0.9]
     runs = quality.plan(tasks, ["dense", "GMP"], targets, 2, 1, "test")
     dense = sorted((r.task, r.target, r.seed) for r in runs if r.method == "dense")
