@@ -375,12 +375,11 @@ def summarize(runs: list[Run]) -> list[dict[str, Any]]:
         # Paired with the run of the same seed (same split, data order, init): the spread
         # between splits cancels, so these are the comparisons the goal asks for.
         gaps = _paired(group, dense_of(method), by_seed)
-        seeds = [r.seed for r in group]
         peer = best = None
         if method in BREGMAN:
             same = [p for p in PEERS if on_adam(p) == on_adam(method)]
-            peer = _better_peer(task, target, seeds, by_seed, same)
-            best = _better_peer(task, target, seeds, by_seed, list(PEERS))
+            peer = _better_peer(group, by_seed, same)
+            best = _better_peer(group, by_seed, list(PEERS))
         peer_gaps = _paired(group, peer, by_seed)
         best_gaps = _paired(group, best, by_seed)
         rows.append(
@@ -410,24 +409,33 @@ def summarize(runs: list[Run]) -> list[dict[str, Any]]:
 
 
 def _better_peer(
-    task: str,
-    target: float,
-    seeds: list[int],
-    by_seed: dict[tuple[str, float, str, int], float],
-    peers: list[str],
+    group: list[Run], by_seed: dict[tuple[str, float, str, int], float], peers: list[str]
 ) -> str | None:
-    """The one of ``peers`` with the better mean over ``seeds`` in this cell (higher
-    accuracy, lower regression error), among those that ran every seed; None if none did."""
+    """The one of ``peers`` with the better mean in ``group``'s cell (higher accuracy,
+    lower regression error), among those that ran every seed of ``group``; None if none
+    did. Peers whose means tie (on digits, the same number of test images right in all,
+    up to float32 rounding) are decided against the method: the one against which its
+    paired margin in standard errors (mean / SE, positive when the method is better) is
+    the least favourable to it, so a tie never picks the flattering comparison."""
+    task, target = group[0].task, group[0].target
+    sign = -1.0 if task == "teacher-student" else 1.0  # the direction of "better"
     means = {}
     for peer in peers:
-        values = [by_seed.get((task, target, peer, seed)) for seed in seeds]
+        values = [by_seed.get((task, target, peer, r.seed)) for r in group]
         known = [v for v in values if v is not None]
         if known and len(known) == len(values):
-            means[peer] = statistics.fmean(known)
+            means[peer] = sign * statistics.fmean(known)
     if not means:
         return None
-    pick = min if task == "teacher-student" else max
-    return pick(means, key=means.__getitem__)
+    top = max(means.values())
+    tied = [p for p in means if math.isclose(means[p], top, rel_tol=1e-6, abs_tol=1e-12)]
+
+    def margin(peer: str) -> float:
+        gaps = _paired(group, peer, by_seed)
+        error = _standard_error(gaps)
+        return sign * statistics.fmean(gaps) / error if error else 0.0
+
+    return min(tied, key=margin)
 
 
 def _paired(
@@ -473,7 +481,8 @@ def markdown(
         f"of three on validation), not SGD with momentum; AdaBreg at "
         f"lambda 0 is Adam, prox and LinBreg at lambda 0 that SGD. vs peer: the same "
         f"for a Bregman method against the better of ModelPruning and GMP with its optimizer "
-        f"in its cell (by mean), named; vs best: against the better of all four. "
+        f"in its cell (by mean; of two that tie, the one less favourable to the method in "
+        f"standard errors), named; vs best: against the better of all four. "
         f"Each seed has its own digits split.",
         "",
         f"| task | target | method | {split} metric | vs dense | vs peer | vs best | sparsity "

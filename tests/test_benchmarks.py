@@ -197,6 +197,43 @@ def test_quality_pairs_each_regression_target_with_its_own_dense_run(
             assert rows[task, target, "GMP"]["vs_dense"] == pytest.approx(sum(gaps) / 2)
 
 
+@pytest.mark.parametrize("task", ["digits-mlp", "teacher-student"])
+def test_quality_decides_tied_peers_against_the_method(
+    task: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two peers with the same mean (on digits, the same images right over all seeds) are
+    one comparison with two standard errors: the table takes the one against which the
+    method's margin in standard errors is least favourable to it (the least significant
+    lead, the most significant deficit); a peer better by mean still wins outright."""
+    quality = load_benchmark("quality", monkeypatch)
+    better = 1.0 if task == "digits-mlp" else -1.0  # accuracy up, regression error down
+    method = [0.90, 0.92, 0.94, 0.96]
+    steady = [0.01, 0.01, 0.02, 0.00]  # both gaps have mean 0.01: a tie in the peers' means
+    erratic = [0.03, -0.01, 0.02, 0.00]
+
+    def rows(sign: float, leader: float | None) -> dict[str, Any]:
+        peers = {"ModelPruning": steady, "GMP": erratic}  # the steady one comes first
+        runs = [quality.Run(task, "LinBreg", 0.9, s, 30, metric=m) for s, m in enumerate(method)]
+        for name, gaps in peers.items():
+            runs += [
+                quality.Run(task, name, 0.9, s, 30, metric=m - better * sign * g)
+                for s, (m, g) in enumerate(zip(method, gaps, strict=True))
+            ]
+        if leader is not None:  # a peer better than both by mean, however steady
+            runs += [
+                quality.Run(task, "GMP (Adam)", 0.9, s, 30, metric=m + better * leader)
+                for s, m in enumerate(method)
+            ]
+        return next(r for r in quality.summarize(runs) if r["method"] == "LinBreg")
+
+    ahead = rows(sign=1.0, leader=None)  # the method is better than both by 0.01
+    assert ahead["peer"] == "GMP"  # its +0.01 is least significant against the erratic one
+    assert ahead["vs_peer"] == pytest.approx(better * 0.01)
+    behind = rows(sign=-1.0, leader=None)  # the method is worse than both by 0.01
+    assert behind["peer"] == "ModelPruning"  # its -0.01 is most significant there
+    assert rows(sign=1.0, leader=0.001)["best"] == "GMP (Adam)"
+
+
 @pytest.mark.timeout(120)
 def test_quality_can_choose_on_the_validation_split(tmp_path: Path) -> None:
     """Settings are chosen with ``--split val``; the test split is reported separately."""
