@@ -519,7 +519,7 @@ def _gap(row: dict[str, Any], key: str, scale: float, places: int) -> str:
     return text
 
 
-def plot(rows: list[dict[str, Any]], runs: list[Run], out: Path) -> None:
+def plot(rows: list[dict[str, Any]], runs: list[Run], out: Path, name: str = "quality") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -547,7 +547,7 @@ def plot(rows: list[dict[str, Any]], runs: list[Run], out: Path) -> None:
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out / "quality_accuracy.png", dpi=120)
+    fig.savefig(out / f"{name}_accuracy.png", dpi=120)
     plt.close(fig)
 
     shown = [r for r in runs if r.task == "digits-mlp" and r.method in BREGMAN and r.seed == 0]
@@ -567,7 +567,7 @@ def plot(rows: list[dict[str, Any]], runs: list[Run], out: Path) -> None:
     top.set_title(f"digits-mlp, target {100 * target:.0f}%, seed 0")
     top.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out / "quality_trajectory.png", dpi=120)
+    fig.savefig(out / f"{name}_trajectory.png", dpi=120)
     plt.close(fig)
 
 
@@ -613,6 +613,9 @@ def main() -> None:
     )
     parser.add_argument("--out", type=Path, default=None, help="folder for JSON, MD, PNG")
     parser.add_argument(
+        "--name", default="quality", help="file name stem of what it writes (NAME.json, ...)"
+    )
+    parser.add_argument(
         "--from-json",
         type=Path,
         default=None,
@@ -620,7 +623,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     if args.from_json is not None:
-        report(json.loads(args.from_json.read_text()), args.out)
+        report(json.loads(args.from_json.read_text()), args.out, args.name)
         return
     if args.quick:
         args.epochs, args.seeds, args.targets = 2, 1, [0.9]
@@ -632,11 +635,13 @@ def main() -> None:
             done = list(pool.map(execute, runs))
     done = list_dense_under_every_target(done, args.targets)
     report(
-        {"epochs": args.epochs, "machine": machine(), "runs": [asdict(r) for r in done]}, args.out
+        {"epochs": args.epochs, "machine": machine(), "runs": [asdict(r) for r in done]},
+        args.out,
+        args.name,
     )
 
 
-def report(results: dict[str, Any], out: Path | None) -> None:
+def report(results: dict[str, Any], out: Path | None, name: str = "quality") -> None:
     """Summary, table and plots from the raw runs (``results["runs"]``): what a run writes,
     and what ``--from-json`` re-makes from a run's JSON when the report changes."""
     runs = [Run(**{**r, "trace": [tuple(t) for t in r["trace"]]}) for r in results["runs"]]
@@ -644,9 +649,9 @@ def report(results: dict[str, Any], out: Path | None) -> None:
     seeds = len({r.seed for r in runs})
     where = results.get("machine", "")  # JSONs before 2026-12-04 do not name the machine
     table = markdown(rows, results["epochs"], seeds, runs[0].split, where)
-    write(out, "quality", {**results, "summary": rows}, table, indent=None)
+    write(out, name, {**results, "summary": rows}, table, indent=None)
     if out is not None:
-        plot(rows, runs, out)
+        plot(rows, runs, out, name)
 
 
 if __name__ == "__main__":

@@ -135,9 +135,12 @@ def test_quality_quick(tmp_path: Path) -> None:
     again = tmp_path / "again"
     script = ROOT / "benchmarks" / "quality.py"
     command = [sys.executable, str(script), "--from-json", str(tmp_path / "quality.json")]
-    done = subprocess.run([*command, "--out", str(again)], capture_output=True, timeout=60)
+    command += ["--out", str(again), "--name", "check"]  # a second table beside the first
+    done = subprocess.run(command, capture_output=True, timeout=60)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert (again / "quality.md").read_text() == (tmp_path / "quality.md").read_text()
+    assert (again / "check.md").read_text() == (tmp_path / "quality.md").read_text()
+    assert json.loads((again / "check.json").read_text())["runs"] == runs
+    assert (again / "check_accuracy.png").stat().st_size > 0
 
 
 def load_benchmark(name: str, monkeypatch: pytest.MonkeyPatch) -> Any:
