@@ -435,7 +435,10 @@ def _better_peer(
     def margin(peer: str) -> float:
         gaps = _paired(group, peer, by_seed)
         error = _standard_error(gaps)
-        return sign * statistics.fmean(gaps) / error if error else 0.0
+        lead = sign * statistics.fmean(gaps)
+        if error:
+            return lead / error
+        return math.copysign(math.inf, lead) if lead else 0.0  # the same gap on every seed
 
     return min(tied, key=margin)
 

@@ -214,7 +214,7 @@ def test_quality_decides_tied_peers_against_the_method(
     steady = [0.01, 0.01, 0.02, 0.00]  # both gaps have mean 0.01: a tie in the peers' means
     erratic = [0.03, -0.01, 0.02, 0.00]
 
-    def rows(sign: float, leader: float | None) -> dict[str, Any]:
+    def rows(sign: float, leader: float | None, steady: list[float] = steady) -> dict[str, Any]:
         peers = {"ModelPruning": steady, "GMP": erratic}  # the steady one comes first
         runs = [quality.Run(task, "LinBreg", 0.9, s, 30, metric=m) for s, m in enumerate(method)]
         for name, gaps in peers.items():
@@ -235,6 +235,9 @@ def test_quality_decides_tied_peers_against_the_method(
     behind = rows(sign=-1.0, leader=None)  # the method is worse than both by 0.01
     assert behind["peer"] == "ModelPruning"  # its -0.01 is most significant there
     assert rows(sign=1.0, leader=0.001)["best"] == "GMP (Adam)"
+    # The same lead on every seed (no spread) is the most significant one, not a zero.
+    assert rows(sign=1.0, leader=None, steady=[0.01] * 4)["peer"] == "GMP"
+    assert rows(sign=-1.0, leader=None, steady=[0.01] * 4)["peer"] == "ModelPruning"
 
 
 @pytest.mark.timeout(120)
