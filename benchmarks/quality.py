@@ -472,6 +472,8 @@ def _order(key: tuple[str, float, str]) -> tuple[int, float, int]:
 def markdown(
     rows: list[dict[str, Any]], epochs: int, seeds: int, split: str = "test", where: str = ""
 ) -> str:
+    adam_lr = optimizer_settings("digits-mlp", "GMP" + ADAM).lr
+    adabreg_lr = optimizer_settings("digits-mlp", "AdaBreg").lr
     lines = [
         f"Quality at a target sparsity, {epochs} epochs, mean ± std over {seeds} seed(s), on "
         f"{where or machine()}. digits: {split} accuracy (%); teacher-student: {split} "
@@ -482,9 +484,9 @@ def markdown(
         f"(magnitude top-up, or release). "
         f"vs dense: the mean difference from the dense run of the same seed and optimizer ± "
         f"its standard error (digits: points; regression: relative MSE). (Adam): the "
-        f"reference trained with Adam (lr 0.005 on digits; AdaBreg's 0.01, each the best "
-        f"of three on validation), not SGD with momentum; AdaBreg at "
-        f"lambda 0 is Adam, prox and LinBreg at lambda 0 that SGD. vs peer: the same "
+        f"reference trained with Adam (lr {adam_lr:g} on digits; AdaBreg's {adabreg_lr:g}, "
+        f"each the best of three on validation), not SGD with momentum; AdaBreg at lambda 0 "
+        f"is Adam, prox and LinBreg at lambda 0 that SGD. vs peer: the same "
         f"for a Bregman method against the better of ModelPruning and GMP with its optimizer "
         f"in its cell (by mean; of two that tie, the one less favourable to the method in "
         f"standard errors), named; vs best: against the better of all four. "
