@@ -78,8 +78,10 @@ class BregmanConfig:
     pruning fine-tunes after its last pruning event. Typical: 60-80% of the run."""
     freeze_hold: FreezeHold = "target"
     """Which zeros the freeze holds. ``"target"``: exactly the ``target_sparsity`` share
-    of the smallest magnitudes, one element at a time (the zeros shrinkage made, topped up
-    or released), so the run ends at the target. ``"found"``: the zeros shrinkage made,
+    of the smallest magnitudes, one element at a time (the zeros shrinkage made, topped up,
+    or with the surplus freed to regrow; a freed zero still zero at the next lambda update
+    got no gradient, and is held again while another held zero is freed in its place), so
+    the run ends at the target. ``"found"``: the zeros shrinkage made,
     as they are, so the run ends where lambda's control left it (near the target). With a
     group regularizer those zeros are whole rows or kernels (with a ``zero_tolerance``,
     also the single weights within it, made exactly zero), and ``"found"`` keeps them so:

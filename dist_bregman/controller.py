@@ -104,6 +104,8 @@ class SparsityController:
         """The sparsity shrinkage had reached when the support was frozen (before the
         held set was made exactly the target): how much of the target it found itself."""
         self._held: MagnitudePruner | None = None
+        self._held_at = 0  # the step at which the held set was last chosen
+        self._held_stuck = False  # zeros seen stuck fill it: nothing left to try
         self._model: nn.Module = model
         self._optimizers: tuple[Any, ...] = ()
         self._groups: tuple[tuple[int, int], ...] = ()
@@ -210,7 +212,8 @@ class SparsityController:
         return self.update(step)
 
     def update(self, step: int) -> LambdaDecision:
-        """Measure, let rank 0 apply the lambda rule, broadcast, log. A collective."""
+        """Measure, let rank 0 apply the lambda rule, broadcast, log; after the freeze,
+        hold freed zeros that did not regrow (:meth:`_settle`). A collective."""
         config = self.config
         self._fold_losses()
         flag = torch.tensor(False) if self._bad_loss is None else self._bad_loss
@@ -233,6 +236,8 @@ class SparsityController:
             self._warn(message)
             raise NonFiniteError(message)
         self.last_report, self.sparsity = report, report.sparsity
+        if self.frozen and config.freeze_hold == "target" and self._held is not None:
+            self._settle(step, report)
         self.updates += 1
         every = config.check_agreement_every
         if every and self.updates % every == 0:
@@ -297,12 +302,13 @@ class SparsityController:
         held set is the ``target_sparsity`` share of the smallest magnitudes, chosen exactly
         over all ranks: the zeros shrinkage made (they are the smallest), topped up with the
         smallest survivors if sparsity is still below target, or with the surplus zeros left
-        free to regrow if it overshot. So the run ends at the target, not wherever lambda's
-        last oscillation left it. With ``"found"`` it is the zeros shrinkage made, as they
-        are (whole rows under a group regularizer). Masks are enforced after every optimizer
-        step in the tensors it steps (the machinery of :class:`~dist_bregman.SafeModelPruning`,
-        so under every strategy). A collective: every rank calls it at the same step (as
-        :meth:`update_if_due` does).
+        free to regrow if it overshot (those that do not regrow are swapped for held ones at
+        the following updates, see :meth:`_settle`). So the run ends at the target, not
+        wherever lambda's last oscillation left it. With ``"found"`` it is the zeros
+        shrinkage made, as they are (whole rows under a group regularizer). Masks are
+        enforced after every optimizer step in the tensors it steps (the machinery of
+        :class:`~dist_bregman.SafeModelPruning`, so under every strategy). A collective:
+        every rank calls it at the same step (as :meth:`update_if_due` does).
         """
         report = self.measure()
         found = self.found_sparsity = report.sparsity
@@ -313,7 +319,7 @@ class SparsityController:
             self._hold().derive_masks(self.config.zero_tolerance)  # the zeros counted
             held = report.total - report.nonzero
         else:
-            self._hold().prune(target)
+            self._hold(step).prune(target)
             held = round(target * report.total)  # what prune selects: exactly this many
         self._info(
             f"Step {step}: support frozen: shrinkage found sparsity {100 * found:.3f}%; "
@@ -322,10 +328,51 @@ class SparsityController:
             f"lambda stays {self.lambda_:.8f}"
         )
 
-    def _hold(self) -> MagnitudePruner:
+    def _settle(self, step: int, report: SparsityReport) -> None:
+        """With ``freeze_hold="target"``, free held zeros in place of free ones that did not
+        regrow, so the run ends at the target.
+
+        When shrinkage overshot the target, the freeze held exactly the target's share
+        of the zeros and freed the rest; a freed weight still zero at the next update got
+        no gradient (a dead unit's, or one feeding it), and would leave the run above its
+        target. Those are held now, and as many other held zeros freed in their place (see
+        :meth:`MagnitudePruner.settle`). A resume holds every zero in the weights (which of
+        them did not regrow is not in checkpoints), and the swaps start over from there. A
+        collective, decided from the global ``report`` alike on every rank: nothing happens
+        while the zeros are the held set."""
+        assert self._held is not None
+        held = round(self.config.target_sparsity * report.total)
+        surplus = report.total - report.nonzero - held
+        # (Freed zeros need a step to regrow; once the zeros seen stuck fill the held set,
+        # nothing is left to free in their place.)
+        if surplus <= 0 or step <= self._held_at or self._held_stuck:
+            return
+        self._held_at = step
+        zeros = "zero" if surplus == 1 else "zeros"
+        beyond = (
+            f"Step {step}: sparsity {100 * report.sparsity:.3f}%, {surplus} {zeros} beyond "
+            f"the {held} held (target {100 * self.config.target_sparsity:.1f}%)"
+        )
+        if self._held.settle(self.config.target_sparsity, self.config.zero_tolerance):
+            self._info(
+                f"{beyond}: free zeros that did not regrow are held now, and as many held "
+                f"zeros are freed in their place"
+            )
+            return
+        self._held_stuck = True
+        self._warn(
+            f"{beyond}: the zeros seen not to regrow when freed fill the held set, so none is "
+            f"left to free in their place, and the run may end above its target (zeros of "
+            f"dead units get no gradient; zeros under torch.nn.utils.prune masks never regrow)"
+        )
+
+    def _hold(self, step: int = 0) -> MagnitudePruner:
         """Masks over the targets, re-applied after every step of the attached optimizers
-        (set by ``prune``, or, resuming after the freeze, from the zeros in the weights)."""
+        (set by ``prune``, or, resuming after the freeze, from the zeros in the weights),
+        chosen at ``step``."""
         self._held = self._magnitude_pruner()
+        self._held_at = step
+        self._held_stuck = False
         return self._held
 
     def _magnitude_pruner(self) -> MagnitudePruner:

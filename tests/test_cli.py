@@ -52,8 +52,10 @@ def test_shipped_jobs_reach_their_target_and_write_the_report(
     folder = tmp_path / config / "version_0"
     summary = json.loads((folder / "summary.json").read_text())
     assert abs(summary["final_sparsity"] - summary["target_sparsity"]) <= tolerance
-    if config != "digits_group":  # freeze_support_at holds exactly the target; only regrowth
-        assert summary["target_sparsity"] <= summary["final_sparsity"] <= 0.91
+    if config != "digits_group":  # freeze_support_at holds exactly the target (the default
+        # job overshoots at its freeze: freed zeros of dead units are swapped for held ones)
+        zeros = summary["total"] - summary["nonzero"]
+        assert zeros == round(summary["target_sparsity"] * summary["total"])
     assert summary["test_accuracy"] >= 0.93
     assert summary["total"] == 64 * 256 + 256 * 128 + 128 * 10
     assert (folder / "sparsity_lambda.png").stat().st_size > 10_000

@@ -523,6 +523,101 @@ def test_the_freeze_holds_exactly_the_target_then_steps_are_plain_sgd_on_the_sup
     assert report.total - report.nonzero == round(0.8 * report.total)
 
 
+def _with_dead_units(masked: bool) -> nn.Sequential:
+    """``_model`` with hidden units 0-3 dead (zero rows, bias -1: no gradient reaches
+    their weights) and no weight out of them; units 8-15 alive (bias +1), with a zero
+    each from input 0 that a gradient regrows when freed. With ``masked``, a
+    ``torch.nn.utils.prune`` mask zeroes half of the first layer instead (never regrows)."""
+    model = _model()
+    first, last = model[0], model[2]
+    with torch.no_grad():
+        first.weight[:4] = 0.0
+        first.bias[:4] = -1.0
+        first.bias[8:] = 1.0
+        first.weight[8:, 0] = 0.0
+        last.weight[:, :4] = 0.0
+    if masked:
+        prune.random_unstructured(first, "weight", amount=0.5)
+    return model
+
+
+def _frozen_before_the_first_step(
+    model: nn.Module,
+) -> tuple[SparsityController, torch.optim.Optimizer]:
+    """A controller at 25% whose support is frozen now (as ``update_if_due`` freezes it
+    at ``freeze_support_at``), before any step could regrow a zero; SGD attached."""
+    controller = SparsityController(model, BregmanConfig(target_sparsity=0.25, update_frequency=1))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    controller.attach(optimizer)
+    controller.freeze_support(0)
+    return controller, optimizer
+
+
+def test_zeros_freed_by_an_overshooting_freeze_that_do_not_regrow_are_swapped_for_held_ones(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """44 zeros (30.6%) at a 25% freeze: the 8 freed are the last in order, the dead
+    units' outgoing weights; a step later they are still zero, so they are held and other
+    held zeros freed, until the live ones are: the run ends at the target exactly, not
+    above it with dead zeros counted as sparsity."""
+    model = _with_dead_units(masked=False)
+    controller, optimizer = _frozen_before_the_first_step(model)
+    dead = [model[0].weight[:4].clone(), model[2].weight[:, :4].clone()]
+    with caplog.at_level(logging.INFO, logger="dist_bregman"):
+        _train(model, optimizer, controller, _batches(8), add_loss_term=False)
+    report = controller.measure()
+    held = round(0.25 * report.total)
+    assert controller.found_sparsity == pytest.approx(44 / 144)
+    assert report.total - report.nonzero == held == 36
+    assert bool((model[0].weight[8:, 0] != 0).all())  # the live zeros regrew
+    assert torch.equal(model[0].weight[:4], dead[0]) and torch.equal(
+        model[2].weight[:, :4], dead[1]
+    )
+    swaps = [
+        r.getMessage() for r in caplog.records if "did not regrow are held now" in r.getMessage()
+    ]
+    assert [m.split(":")[0] for m in swaps] == ["Step 1", "Step 2"]
+    assert "8 zeros beyond the 36 held" in swaps[0] and "4 zeros beyond" in swaps[1]
+
+
+def test_a_resume_while_zeros_are_swapped_starts_the_swaps_over_and_ends_at_the_target() -> None:
+    """The checkpoint does not say which freed zeros did not regrow: the resumed run holds
+    every zero it finds (44, 8 beyond the target), frees the last 8 at its first update
+    and swaps from there."""
+    model = _with_dead_units(masked=False)
+    controller, optimizer = _frozen_before_the_first_step(model)
+    _train(model, optimizer, controller, _batches(1), add_loss_term=False)
+    resumed = copy.deepcopy(model)
+    fresh = SparsityController(resumed, controller.config)
+    fresh.load_state_dict(controller.state_dict())
+    optimizer = torch.optim.SGD(resumed.parameters(), lr=0.1)
+    fresh.attach(optimizer)
+    report = fresh.measure()
+    assert report.total - report.nonzero == 44  # the 8 freed were stuck: all held on resume
+    _train(resumed, optimizer, fresh, _batches(8, seed=7), add_loss_term=False)
+    report = fresh.measure()
+    assert report.total - report.nonzero == 36
+
+
+def test_zeros_that_cannot_regrow_leave_the_run_above_its_target_with_one_warning(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Half the first layer under a ``torch.nn.utils.prune`` mask as well: 78 zeros
+    (54%), 42 of them freed beyond the 36 held; a step later 36 are still zero (masked,
+    or dead), enough to fill the held set alone: one warning, and no more settling (no
+    line at each update after it, no churn of masks)."""
+    model = _with_dead_units(masked=True)
+    controller, optimizer = _frozen_before_the_first_step(model)
+    with caplog.at_level(logging.INFO, logger="dist_bregman"):
+        _train(model, optimizer, controller, _batches(10), add_loss_term=False)
+    report = controller.measure()
+    assert report.total - report.nonzero > round(0.25 * report.total)
+    lines = [(r.levelno, r.getMessage()) for r in caplog.records if "beyond the" in r.getMessage()]
+    assert [level for level, _ in lines] == [logging.INFO] * (len(lines) - 1) + [logging.WARNING]
+    assert "none is left to free" in lines[-1][1]
+    assert int(lines[-1][1].split(":")[0].removeprefix("Step ")) < 10  # it stopped early
+
+
 def test_the_freeze_happens_at_the_first_step_past_it_when_a_loop_skips_steps() -> None:
     """A loop that calls update_if_due every few steps (or resumes past the step) still
     freezes, at the first call at or after freeze_support_at."""
