@@ -344,8 +344,8 @@ class SparsityController:
         held = round(self.config.target_sparsity * report.total)
         surplus = report.total - report.nonzero - held
         # (Freed zeros need a step to regrow; once the zeros seen stuck fill the held set,
-        # nothing is left to free in their place.)
-        if surplus <= 0 or step <= self._held_at or self._held_stuck:
+        # or nothing is held, nothing is left to free in their place.)
+        if surplus <= 0 or held == 0 or step <= self._held_at or self._held_stuck:
             return
         self._held_at = step
         zeros = "zero" if surplus == 1 else "zeros"
