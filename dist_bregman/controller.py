@@ -105,7 +105,11 @@ class SparsityController:
         held set was made exactly the target): how much of the target it found itself."""
         self._held: MagnitudePruner | None = None
         self._held_at = 0  # the step at which the held set was last chosen
-        self._held_stuck = False  # zeros seen stuck fill it: nothing left to try
+        self._untried: int | None = None
+        """``freeze_hold="target"``: how many held zeros were never freed, the first ones
+        among the zeros in global element order (see :meth:`_settle`); None: not known (an
+        older checkpoint, or no freeze)."""
+        self._tried_all = False  # nothing left to free in place of zeros that did not regrow
         self._model: nn.Module = model
         self._optimizers: tuple[Any, ...] = ()
         self._groups: tuple[tuple[int, int], ...] = ()
@@ -316,11 +320,15 @@ class SparsityController:
         self.attachment.set_lambda(0.0)
         target = self.config.target_sparsity
         if self.config.freeze_hold == "found":
-            self._hold().derive_masks(self.config.zero_tolerance)  # the zeros counted
+            self._hold(step).derive_masks(self.config.zero_tolerance)  # the zeros counted
             held = report.total - report.nonzero
         else:
-            self._hold(step).prune(target)
-            held = round(target * report.total)  # what prune selects: exactly this many
+            held = round(target * report.total)
+            self._untried, self._tried_all = held, False
+            if report.total - report.nonzero > held:  # overshot: the first zeros in order
+                self._hold(step).hold_zeros((held, report.total), self.config.zero_tolerance)
+            else:  # the zeros and the smallest survivors (exactly ``held``)
+                self._hold(step).prune(target)
         self._info(
             f"Step {step}: support frozen: shrinkage found sparsity {100 * found:.3f}%; "
             f"{held} of {report.total} weights ({100 * held / report.total:.3f}%, target "
@@ -329,42 +337,69 @@ class SparsityController:
         )
 
     def _settle(self, step: int, report: SparsityReport) -> None:
-        """With ``freeze_hold="target"``, free held zeros in place of free ones that did not
-        regrow, so the run ends at the target.
+        """With ``freeze_hold="target"``: hold freed zeros that did not regrow, and free as
+        many held zeros never freed before in their place, so the run ends at the target.
 
-        When shrinkage overshot the target, the freeze held exactly the target's share
-        of the zeros and freed the rest; a freed weight still zero at the next update got
-        no gradient (a dead unit's, or one feeding it), and would leave the run above its
-        target. Those are held now, and as many other held zeros freed in their place (see
-        :meth:`MagnitudePruner.settle`). A resume holds every zero in the weights (which of
-        them did not regrow is not in checkpoints), and the swaps start over from there. A
-        collective, decided from the global ``report`` alike on every rank: nothing happens
-        while the zeros are the held set."""
+        When shrinkage overshot the target, the freeze held the first ``held`` zeros in
+        global element order and freed the rest; a freed weight still zero at the next
+        update got no gradient (a dead unit's, or one feeding it), and would leave the run
+        above its target. The held zeros never freed are always the first ``u`` zeros in
+        that order (each swap frees the last of them, and every zero freed before lies
+        after them), so this state is one integer, kept in checkpoints: a resumed run holds
+        what the uninterrupted one held. Each swap holds every zero but the first ``u``,
+        and the first ``held - (zeros - u)`` of those. When the zeros that are not among
+        the first ``u`` alone reach ``held`` (e.g. under ``torch.nn.utils.prune`` masks,
+        whose zeros never regrow), the last swap frees all ``u`` and a warning says the
+        run may end above its target. A collective, decided from the global ``report``
+        alike on every rank: nothing happens while the zeros are the held set."""
         assert self._held is not None
         held = round(self.config.target_sparsity * report.total)
-        surplus = report.total - report.nonzero - held
-        # (Freed zeros need a step to regrow; once the zeros seen stuck fill the held set,
-        # or nothing is held, nothing is left to free in their place.)
-        if surplus <= 0 or held == 0 or step <= self._held_at or self._held_stuck:
+        zeros = report.total - report.nonzero
+        untried = held if self._untried is None else self._untried
+        # (Freed zeros need a step to regrow; with nothing held, or every held zero tried,
+        # there is nothing to free in their place.)
+        if zeros <= held or held == 0 or step <= self._held_at or self._tried_all:
             return
         self._held_at = step
-        zeros = "zero" if surplus == 1 else "zeros"
+        surplus = zeros - held
         beyond = (
-            f"Step {step}: sparsity {100 * report.sparsity:.3f}%, {surplus} {zeros} beyond "
-            f"the {held} held (target {100 * self.config.target_sparsity:.1f}%)"
+            f"Step {step}: sparsity {100 * report.sparsity:.3f}%, {surplus} "
+            f"{'zero' if surplus == 1 else 'zeros'} beyond the {held} held (target "
+            f"{100 * self.config.target_sparsity:.1f}%)"
         )
-        if self._held.settle(self.config.target_sparsity, self.config.zero_tolerance):
+        kept = held - (zeros - untried)  # the never-freed zeros that stay held
+        if kept > 0:
+            self._held.hold_zeros((kept, untried), self.config.zero_tolerance)
+            self._untried = kept
             self._info(
                 f"{beyond}: free zeros that did not regrow are held now, and as many held "
                 f"zeros are freed in their place"
             )
             return
-        self._held_stuck = True
+        self._held.hold_zeros((0, untried), self.config.zero_tolerance)
+        self._untried, self._tried_all = 0, True
         self._warn(
-            f"{beyond}: the zeros seen not to regrow when freed fill the held set, so none is "
-            f"left to free in their place, and the run may end above its target (zeros of "
-            f"dead units get no gradient; zeros under torch.nn.utils.prune masks never regrow)"
+            f"{beyond}: the zeros that did not regrow when freed fill the held set, so none "
+            f"is left to free in their place, and the run may end above its target (zeros "
+            f"of dead units get no gradient; zeros under torch.nn.utils.prune masks never "
+            f"regrow)"
         )
+
+    def _rehold(self) -> None:
+        """After a resume past the freeze: the held set from the zeros in the weights and
+        the checkpoint's count of never-freed zeros (see :meth:`_settle`): every zero but
+        those freed at the last swap that have not regrown yet. Without that count (an
+        older checkpoint, ``"found"``, or after every held zero was tried), every zero. A
+        collective."""
+        held = self._hold()
+        if self.config.freeze_hold != "target" or self._untried is None or self._tried_all:
+            held.derive_masks()
+            return
+        report = self.measure()
+        surplus = max(
+            report.total - report.nonzero - round(self.config.target_sparsity * report.total), 0
+        )
+        held.hold_zeros((self._untried, self._untried + surplus), self.config.zero_tolerance)
 
     def _hold(self, step: int = 0) -> MagnitudePruner:
         """Masks over the targets, re-applied after every step of the attached optimizers
@@ -372,7 +407,6 @@ class SparsityController:
         chosen at ``step``."""
         self._held = self._magnitude_pruner()
         self._held_at = step
-        self._held_stuck = False
         return self._held
 
     def _magnitude_pruner(self) -> MagnitudePruner:
@@ -556,7 +590,7 @@ class SparsityController:
                 raise ValueError(self.out_of_reach)
             self._warn(f"{self.out_of_reach}: lambda is held until it is reachable")
         if self.frozen:  # resumed after the freeze: the zeros in the weights are the support
-            self._hold().derive_masks()
+            self._rehold()
         share = (
             self.attachment.shrinkage_share(self.config.update_frequency)
             if self.shrinking
@@ -628,6 +662,8 @@ class SparsityController:
             "frozen": self.frozen,
             "started": self.started,
             "found_sparsity": self.found_sparsity,
+            "untried": self._untried,
+            "tried_all": self._tried_all,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -646,12 +682,15 @@ class SparsityController:
         self.lambda_ = lam  # reaches the optimizers below, once the phase is restored
         self.last_update_step = int(state.get("last_update_step", 0))
         self.started = bool(state.get("started", True))  # older checkpoints: no warm-up
+        untried = state.get("untried")  # older checkpoints: not kept (every zero is held)
+        self._untried = None if untried is None else int(untried)
+        self._tried_all = bool(state.get("tried_all", False))
         frozen = bool(state.get("frozen", False))
         if frozen != self.frozen:
             self.frozen = frozen
             self._release_hold()
             if frozen and self._optimizers:
-                self._hold().derive_masks()
+                self._rehold()
         self.attachment.set_lambda(self._lambda())
         sparsity = state.get("sparsity")
         self.sparsity = None if sparsity is None else float(sparsity)

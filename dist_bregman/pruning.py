@@ -150,8 +150,6 @@ class MagnitudePruner:
         self.masks: list[torch.Tensor | None] = []
         """Per placement, the local elements that are pruned (True), or None."""
         self.placements: list[Placement] = []
-        self._stuck: list[torch.Tensor | None] = []
-        """Per placement, the local elements :meth:`settle` saw stay zero while free."""
         self._holdings: list[Holding] = []
         self._handles: list[RemovableHandle] = []
         self._optimizers: tuple[Any, ...] = ()
@@ -164,7 +162,6 @@ class MagnitudePruner:
         self.detach()
         self.placements = place(model, self.targets)
         self.masks = [None] * len(self.placements)
-        self._stuck = [None] * len(self.placements)
         for placement in self.placements:
             if self.config.structured and placement.sharded and self.config.dim != 0:
                 raise ValueError(
@@ -209,74 +206,12 @@ class MagnitudePruner:
     def prune(self, amount: float) -> PruningEvent:
         """Make ``amount`` of the measured set zero (see the module docstring). A collective."""
         check_number("amount", amount, low=0.0, high=1.0)
-        data = [p.local() for p in self.placements]
-        return self._select(amount, data, [keys_of(self._scores(view)) for view in data])[0]
-
-    def settle(self, amount: float, zero_tolerance: float = 0.0) -> bool:
-        """Hold ``amount`` of the measured set again (unstructured), preferring the zeros
-        that stayed zero while free. A collective.
-
-        After :meth:`prune` has held ``amount`` with more zeros present than that, the
-        surplus zeros are free, chosen in global element order. Those that are still zero
-        some steps later got no gradient (a dead unit's weights, or those feeding one):
-        free, they never regrow, and the set stays sparser than ``amount``. So: hold them
-        (they are zero anyway), and free as many held zeros instead, the last in global
-        order among those never seen stuck (this pruner remembers them). Each call frees
-        zeros not tried before, until those freed regrow and the set is at ``amount``.
-        Masks, values and the optimizers' tensors change as by :meth:`prune`; ``|x| <=
-        zero_tolerance`` counts as zero (and is made exactly zero when held), as the
-        measurement counts it. Call it at least one optimizer step after the held set was
-        chosen: a zero freed before any step is not evidence of anything.
-
-        Returns whether held zeros never seen stuck remain, to free at a later call;
-        False: the zeros seen stuck fill the held set (e.g. under ``torch.nn.utils.prune``
-        masks, whose zeros never regrow), so a later call has nothing left to try.
-        """
-        check_number("amount", amount, low=0.0, high=1.0)
-        if self.config.structured:
-            raise ValueError(
-                "structured=True: settle chooses single elements (a frozen support's held "
-                "set); allowed: structured=False"
-            )
-        data = [p.local() for p in self.placements]
-        keys = []
-        for i, (view, mask) in enumerate(zip(data, self.masks, strict=True)):
-            score = self._scores(view).reshape(-1)  # |x| of the effective weights
-            key = keys_of(score)
-            if view.values is not None:
-                # Three tiers under every magnitude: zeros seen to stay zero while free, now
-                # or at an earlier call (key 0: held first, and never freed again, or two
-                # sets of dead weights would take turns), then the rest of the held set
-                # (key 1: the bit pattern of the smallest positive float64, under any
-                # nonzero |x| of a float32, bfloat16 or float16 weight, which embed in
-                # float64 far above it), then every other weight by magnitude.
-                stuck = score <= zero_tolerance
-                if mask is not None:
-                    held = mask.reshape(-1)
-                    key[held] = 1
-                    stuck &= ~held
-                before = self._stuck[i]
-                stuck = stuck if before is None else stuck.logical_or_(before)
-                self._stuck[i] = stuck
-                key[stuck] = 0
-            keys.append(key)
-        _, cuts = self._select(amount, data, keys)
-        return any(cut.threshold == 1 for cut in cuts)
-
-    def _select(
-        self, amount: float, data: list[LocalView], keys: list[torch.Tensor]
-    ) -> tuple[PruningEvent, list[Cut]]:
-        """Prune the ``amount`` of the measured set with the smallest ``keys`` (one tensor
-        per placement, its local units in order), exact over all ranks; and where each
-        group's selection ended."""
         rank, world = comm.get_rank(self.group), comm.get_world_size(self.group)
-        owners = balanced_owners([p.global_numel for p in self.placements], world)
-        # Every rank masks all it holds (replicas too), but each element enters the
-        # selection once: from the rank that counts it.
-        counter = [
-            p.counting_rank(rank) if p.sharded else owners[i] for i, p in enumerate(self.placements)
-        ]
+        data = [p.local() for p in self.placements]
+        counter = self._counters(rank, world)
         counted = [c == rank for c in counter]
+        scores = [self._scores(view) for view in data]
+        keys = [keys_of(score) for score in scores]
         groups = (
             [list(range(len(keys)))] if self.config.use_global else [[i] for i in range(len(keys))]
         )
@@ -290,7 +225,7 @@ class MagnitudePruner:
             [[weights[i] for i in group if counted[i]] for group in groups],
         )
         cut_of = {i: cuts[g] for g, group in enumerate(groups) for i in group}
-        ties_before = self._ties_before(
+        ties_before, _ = self._ties_before(
             keys, weights, counted, groups, cut_of, counter, rank, world
         )
         for i, view in enumerate(data):
@@ -298,7 +233,52 @@ class MagnitudePruner:
             self.masks[i] = self._expand(units, view)
         self.enforce()
         report, _ = reduce_counts(self.placements, group=self.group)
-        return PruningEvent(amount, report), cuts
+        return PruningEvent(amount, report)
+
+    def hold_zeros(self, free: tuple[int, int] = (0, 0), zero_tolerance: float = 0.0) -> int:
+        """Hold every zero of the measured set but those whose place among the zeros, in
+        global element order, is in ``[free[0], free[1])``; return how many zeros there are.
+
+        A zero is ``|x| <= zero_tolerance`` of the effective weight, as the measurement
+        counts it (held ones are made exactly zero). The order is the selection's tie
+        order (tensors in order, then flattened index, the same under every strategy), so
+        a range of places names the same elements on every rank and in every layout, and a
+        frozen support's state (see ``SparsityController``) is two integers, not a mask.
+        A collective: one all-reduce of the zero counts (and :meth:`enforce`)."""
+        rank, world = comm.get_rank(self.group), comm.get_world_size(self.group)
+        data = [p.local() for p in self.placements]
+        counter = self._counters(rank, world)
+        counted = [c == rank for c in counter]
+        zeros = [self._scores(view).reshape(-1) <= zero_tolerance for view in data]
+        keys = [z.logical_not().to(torch.int64) for z in zeros]  # 0: a zero (the tie key)
+        n = len(keys)
+        before, totals = self._ties_before(
+            keys,
+            [1] * n,
+            counted,
+            [list(range(n))],
+            dict.fromkeys(range(n), Cut(0, 0, 0)),
+            counter,
+            rank,
+            world,
+        )
+        for i, (view, zero) in enumerate(zip(data, zeros, strict=True)):
+            if view.values is None:
+                self.masks[i] = None
+                continue
+            place = torch.cumsum(zero.to(torch.int64), 0).add_(before[i] - 1)
+            freed = (place >= free[0]) & (place < free[1])
+            self.masks[i] = (zero & ~freed).view(view.values.shape)
+        self.enforce()
+        return sum(totals)
+
+    def _counters(self, rank: int, world: int) -> list[int]:
+        """For each placement, the rank that counts it here. Every rank masks all it holds
+        (replicas too), but each element enters a selection once: from that rank."""
+        owners = balanced_owners([p.global_numel for p in self.placements], world)
+        return [
+            p.counting_rank(rank) if p.sharded else owners[i] for i, p in enumerate(self.placements)
+        ]
 
     def _units(self, placement: Placement) -> int:
         """Units of a tensor: elements, or slices along ``dim`` when structured."""
@@ -345,10 +325,11 @@ class MagnitudePruner:
         counter: list[int],
         rank: int,
         world: int,
-    ) -> list[int]:
+    ) -> tuple[list[int], list[int]]:
         """For each tensor, the weight of the ties that precede its local units in global
         order (tensors in order; within a tensor, shards in the order of the ranks that
-        count them; a replica takes the place of the copy that is counted). One collective."""
+        count them; a replica takes the place of the copy that is counted), and the weight
+        of its ties over all ranks. One collective."""
         n = len(keys)
         mine = torch.zeros(world, n, dtype=torch.int64)
         for i in range(n):
@@ -362,7 +343,7 @@ class MagnitudePruner:
             for i in group:
                 before[i] = running + int(table[: counter[i], i].sum())
                 running += totals[i]
-        return before
+        return before, totals
 
     def _expand(self, units: torch.Tensor, view: LocalView) -> torch.Tensor | None:
         """A unit mask as an element mask shaped like the local values."""

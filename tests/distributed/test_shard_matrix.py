@@ -28,8 +28,11 @@ from tests.distributed.test_ddp import CollectiveCounter
 from tests.helpers.dist import run_ranks
 from tests.helpers.strategies import STRATEGIES, counts, effective_weights, matrix_model, wrap
 
-Freeze = tuple[int, str, float]
-"""``(freeze_support_at, freeze_hold, target_sparsity)``: 0 for no freeze."""
+Freeze = tuple[int, str, float, int]
+"""``(freeze_support_at, freeze_hold, target_sparsity, resume_at)``: 0 for no freeze;
+``resume_at``: after that step's update the ranks build a new controller and load the old
+one's ``state_dict``, as a resumed run would (0: never); the one-process reference never
+does, so the ranks must follow the uninterrupted run."""
 
 
 def _optimizer(name: str) -> Any:
@@ -257,7 +260,7 @@ def _one_process(batches: list, freeze: Freeze, make: Any) -> tuple[dict[str, An
         optimizer.step()
         optimizer.zero_grad()
 
-    reference = _run_trajectory(single, optimizer, step, batches, 0, 1, freeze)
+    reference = _run_trajectory(single, optimizer, step, batches, 0, 1, (*freeze[:3], 0))
     return reference, effective_weights(single)
 
 
@@ -307,6 +310,12 @@ def _run_trajectory(
         train_step(x[half], y[half])
         if controller.update_if_due(step) is not None:
             points.append((step, controller.last_report.nonzero, controller.lambda_))
+        if step == freeze[3]:
+            state = controller.state_dict()
+            controller.detach()
+            controller = SparsityController(model, config)
+            controller.attach(optimizer)
+            controller.load_state_dict(state)
     total = controller.last_report.total
     return {"points": points, "found": controller.found_sparsity, "total": total}
 
@@ -314,8 +323,18 @@ def _run_trajectory(
 @pytest.mark.timeout(240)
 @pytest.mark.parametrize(
     "freeze",
-    [(0, "target", 0.6), (5, "target", 0.6), (5, "found", 0.6), (5, "target", 0.3)],
-    ids=["shrinking", "support_frozen_at_5", "found_support_frozen_at_5", "overshot_at_5"],
+    [
+        (0, "target", 0.6, 0),
+        (5, "target", 0.6, 0),
+        (5, "found", 0.6, 0),
+        (5, "target", 0.3, 6),
+    ],
+    ids=[
+        "shrinking",
+        "support_frozen_at_5",
+        "found_support_frozen_at_5",
+        "overshot_at_5_resumed_at_6",
+    ],
 )
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_two_ranks_follow_the_one_process_trajectory(strategy: str, freeze: Freeze) -> None:
@@ -327,13 +346,14 @@ def test_two_ranks_follow_the_one_process_trajectory(strategy: str, freeze: Free
     if freeze[:2] == (5, "target"):
         assert points[3][1] == total - round(freeze[2] * total)  # at the target from step 8
         assert points[2][2] == points[3][2]  # and lambda stays
-    if freeze == (5, "target", 0.6):  # shrinkage had found less than the target: topped up
+    if freeze[:3] == (5, "target", 0.6):  # shrinkage had found less than the target: topped up
         assert reference["found"] < 0.6 and points[2][1:] == points[3][1:]
-    if freeze == (5, "target", 0.3):  # shrinkage had overshot: zeros freed at step 5 that
-        # got no gradient (a masked or dead unit's) were still zero at step 6: held then,
-        # and live held zeros freed instead (the same ones on every rank, as one process)
+    if freeze[:3] == (5, "target", 0.3):  # shrinkage had overshot: zeros freed at step 5
+        # that got no gradient (a masked or dead unit's) were still zero at step 6: held
+        # then, and live held zeros freed instead (the same ones on every rank, as in one
+        # process); the ranks resumed right after that swap, and still followed
         assert reference["found"] > 0.3 and points[2][1] < points[3][1]
-    if freeze == (5, "found", 0.6):  # exactly the zeros shrinkage had made, none added
+    if freeze[:3] == (5, "found", 0.6):  # exactly the zeros shrinkage had made, none added
         assert 0 < reference["found"] < 0.6 and points[2][1:] == points[3][1:]
         assert points[2][1] == round((1 - reference["found"]) * total)
 
@@ -550,7 +570,7 @@ def _two_lrs(model: nn.Module) -> torch.optim.SGD:
 def test_deepspeed_partitions_take_the_proximal_step_at_their_own_groups_lr(strategy: str) -> None:
     """DeepSpeed steps flat partitions per param group (ZeRO-3: per sub-group): the
     proximal step must find each measured weight's group, here the second one."""
-    _assert_two_ranks_follow(strategy, _batches(6), (0, "target", 0.6), _two_lrs, 100)
+    _assert_two_ranks_follow(strategy, _batches(6), (0, "target", 0.6, 0), _two_lrs, 100)
 
 
 def _weight_and_mask() -> tuple[torch.Tensor, torch.Tensor]:

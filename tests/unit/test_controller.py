@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
+from typing import Any
 
 import pytest
 import torch
@@ -580,21 +581,35 @@ def test_zeros_freed_by_an_overshooting_freeze_that_do_not_regrow_are_swapped_fo
     assert "8 zeros beyond the 36 held" in swaps[0] and "4 zeros beyond" in swaps[1]
 
 
-def test_a_resume_while_zeros_are_swapped_starts_the_swaps_over_and_ends_at_the_target() -> None:
-    """The checkpoint does not say which freed zeros did not regrow: the resumed run holds
-    every zero it finds (44, 8 beyond the target), frees the last 8 at its first update
-    and swaps from there."""
+def test_a_resume_right_after_a_swap_holds_what_the_uninterrupted_run_holds() -> None:
+    """Checkpointed at step 1, just after the first swap freed 8 held zeros that have not
+    had a step yet (44 zeros in the weights, 36 held): the resumed run must not hold them.
+    The held zeros never freed are the first ones in global order, so their count in the
+    checkpoint names the held set; the resumed run then equals the uninterrupted one."""
+
+    def steps(model: nn.Module, controller: SparsityController, opt: Any, span: range) -> None:
+        for step in span:
+            x, y = _batches(1, seed=step)[0]
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+            opt.zero_grad()
+            controller.update_if_due(step)
+
     model = _with_dead_units(masked=False)
     controller, optimizer = _frozen_before_the_first_step(model)
-    _train(model, optimizer, controller, _batches(1), add_loss_term=False)
-    resumed = copy.deepcopy(model)
+    steps(model, controller, optimizer, range(1, 2))
+    resumed, state = copy.deepcopy(model), controller.state_dict()
+    assert state["untried"] == 28  # 36 held, never freed; 8 of them freed at step 1
+    steps(model, controller, optimizer, range(2, 10))
     fresh = SparsityController(resumed, controller.config)
-    fresh.load_state_dict(controller.state_dict())
-    optimizer = torch.optim.SGD(resumed.parameters(), lr=0.1)
-    fresh.attach(optimizer)
+    fresh_optimizer = torch.optim.SGD(resumed.parameters(), lr=0.1)
+    fresh.attach(fresh_optimizer)
+    fresh.load_state_dict(state)
     report = fresh.measure()
-    assert report.total - report.nonzero == 44  # the 8 freed were stuck: all held on resume
-    _train(resumed, optimizer, fresh, _batches(8, seed=7), add_loss_term=False)
+    assert report.total - report.nonzero == 44
+    steps(resumed, fresh, fresh_optimizer, range(2, 10))
+    for name, weight in _weights(model).items():
+        assert torch.equal(_weights(resumed)[name], weight), name
     report = fresh.measure()
     assert report.total - report.nonzero == 36
 

@@ -150,49 +150,33 @@ def _held(pruner: MagnitudePruner) -> set[int]:
     return set(torch.nonzero(mask.reshape(-1)).reshape(-1).tolist())
 
 
-def test_settle_holds_zeros_that_did_not_regrow_and_frees_held_ones_never_tried() -> None:
-    """After ``prune`` held 6 of 8 zeros (the first in order), a freed zero still zero a
-    step later is held again and the last held zero not yet tried is freed instead; one
-    seen stuck once is never freed again (or two dead zeros would take turns), and once
-    the zeros seen stuck fill the held set, settle says nothing is left to try."""
+def test_hold_zeros_holds_every_zero_but_a_range_of_places_in_global_order() -> None:
     layer = nn.Linear(4, 5, bias=False)
     with torch.no_grad():
         layer.weight.copy_(torch.arange(1, 21, dtype=torch.float32).reshape(5, 4))
-        layer.weight.view(-1)[1::2][:8] = 0.0  # zeros at 1, 3, ..., 15
+        layer.weight.view(-1)[1::2][:8] = 0.0  # zeros at 1, 3, ..., 15: places 0-7
     pruner = MagnitudePruner(layer, PruningConfig(amount=0.3), [(layer, "weight")])
-    pruner.prune(0.3)  # round(0.3 * 20) = 6 held
+    assert pruner.hold_zeros((6, 8)) == 8
+    assert _held(pruner) == {1, 3, 5, 7, 9, 11}  # the first 6, as prune(0.3) holds them
+    pruner.prune(0.3)
     assert _held(pruner) == {1, 3, 5, 7, 9, 11}
-    flat = layer.weight.detach().view(-1)
-    flat[13] = 0.5  # one freed zero regrew; 15 got no gradient
-    assert pruner.settle(0.3)
-    assert _held(pruner) == {1, 3, 5, 7, 9, 15} and flat[11] == 0
-    assert pruner.settle(0.3)  # 11 stayed zero: held again, and 9 freed, not 15
-    assert _held(pruner) == {1, 3, 5, 7, 11, 15}
-    rounds = 1
-    while pruner.settle(0.3):  # nothing regrows: 9, 7, 5 are tried in turn, then 3 and 1
-        rounds += 1
-    assert rounds == 4 and _held(pruner) == {3, 5, 7, 9, 11, 15}
-    assert int((flat == 0).sum()) == 7  # settle moves masks; it makes no zero, frees none
-    with pytest.raises(ValueError, match="structured=True: settle"):
-        MagnitudePruner(layer, PruningConfig(structured=True), [(layer, "weight")]).settle(0.3)
+    pruner.hold_zeros((2, 4))
+    assert _held(pruner) == {1, 3, 9, 11, 13, 15}
+    pruner.hold_zeros()
+    assert _held(pruner) == {1, 3, 5, 7, 9, 11, 13, 15}
 
 
-def test_settle_counts_zero_as_the_measurement_does() -> None:
-    """With a tolerance, a free weight within it counts as stuck and is held (made exactly
-    zero); a masked ``torch.nn.utils.prune`` element is zero whatever ``weight_orig`` holds."""
+def test_hold_zeros_counts_zero_as_the_measurement_does() -> None:
+    """With a tolerance, a weight within it is a zero (and is made exactly zero when
+    held); a masked ``torch.nn.utils.prune`` element is zero whatever ``weight_orig`` holds."""
     layer = nn.Linear(5, 2, bias=False)
     with torch.no_grad():
-        layer.weight.copy_(torch.tensor([[0.0, 0.0, 1.0, 2.0, 3.0], [4.0, 5.0, 6.0, 7.0, 8.0]]))
+        layer.weight.copy_(torch.tensor([[0.0, 0.0, 1e-4, 2.0, 3.0], [4.0, 5.0, 6.0, 7.0, 8.0]]))
     prune.custom_from_mask(layer, "weight", torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 1]]))
     pruner = MagnitudePruner(layer, PruningConfig(amount=0.2), [(layer, "weight")])
-    pruner.prune(0.2)  # 2 held: the zeros at 0 and 1; the masked 8 stays zero, free
-    assert _held(pruner) == {0, 1}
-    with torch.no_grad():
-        layer.weight_orig.view(-1)[2] = 1e-4
-    # 8 and 2 stuck: held, 0 and 1 freed; and the stuck fill the held set: nothing to try
-    assert not pruner.settle(0.2, zero_tolerance=1e-3)
-    assert _held(pruner) == {2, 8}
-    assert layer.weight_orig.view(-1)[2] == 0
+    assert pruner.hold_zeros((0, 1), zero_tolerance=1e-3) == 4  # places: 0, 1, 2 and 8
+    assert _held(pruner) == {1, 2, 8}
+    assert layer.weight_orig.view(-1)[2] == 0 and layer.weight_orig.view(-1)[8] == 0
 
 
 @pytest.mark.parametrize(
