@@ -28,6 +28,7 @@ def _model() -> torch.nn.Sequential:
 def _config(kind: str) -> PruningConfig:
     return {
         "global": PruningConfig(amount=0.55),
+        "hold_zeros": PruningConfig(amount=0.55),
         "per_tensor": PruningConfig(amount=0.55, use_global=False),
         # 0.36 of the elements: the cut falls inside a tie of two rows of the first layer
         # (13 elements each), and 6 elements short of the amount take the first of them.
@@ -40,6 +41,22 @@ def _pattern(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 _PROBE = torch.randn(4, 13, generator=torch.Generator().manual_seed(1))
+
+FREE = (40, 150)
+"""The places among the zeros (in global element order) that ``hold_zeros`` frees."""
+
+
+def _held_by_hold_zeros(pruner: MagnitudePruner) -> int:
+    """``hold_zeros(FREE)``, then every weight set to 1 where it lives and the masks
+    enforced: the zeros left are the held set. Returns the zero count it reported."""
+    zeros = pruner.hold_zeros(FREE)
+    with torch.no_grad():
+        for placement in pruner.placements:
+            values = placement.local().values
+            if values is not None:
+                values.fill_(1.0)
+    pruner.enforce()
+    return zeros
 
 
 def _prune_on_ranks(rank: int, world: int, strategy: str, kind: str) -> dict[str, Any]:
@@ -60,6 +77,9 @@ def _prune_on_ranks(rank: int, world: int, strategy: str, kind: str) -> dict[str
     pruner = MagnitudePruner(wrapped.model, _config(kind))
     pruner.attach(wrapped.optimizer)
     event = pruner.prune(_config(kind).amount)
+    if kind == "hold_zeros":
+        zeros = _held_by_hold_zeros(pruner)
+        return {"held": _pattern(wrapped.full_effective()), "zeros": zeros}
     with torch.no_grad():  # the next forward already computes with the pruned weights
         output = wrapped.model(_PROBE)  # (before a gather below could refresh stale copies)
     pruned = _pattern(wrapped.full_effective())
@@ -108,6 +128,34 @@ CASES = [
     ("fsdp1_gradop", 2, "global"),
     ("fsdp2_root", 2, "per_tensor"),
 ]
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize(
+    ("strategy", "world"),
+    [("ddp", 3), ("fsdp1_flat", 3), ("fsdp2", 3), ("zero3", 3), ("hsdp", 4), ("zero3_hpz", 4)],
+)
+def test_hold_zeros_frees_the_same_places_as_one_process(strategy: str, world: int) -> None:
+    """A frozen support's swaps name zeros by their place among all zeros in global order
+    (``hold_zeros``): uneven shards, replicas and hybrid layouts must give the elements
+    the unsharded model gives."""
+    single = _model()
+    pruner = MagnitudePruner(single, _config("hold_zeros"))
+    pruner.prune(0.55)
+    before = _pattern(effective_weights(single))  # in global order: 0, 2, 4, row-major
+    flat = torch.cat([zero.reshape(-1) for zero in before.values()])
+    place = torch.cumsum(flat.to(torch.int64), 0) - 1
+    held = flat & ((place < FREE[0]) | (place >= FREE[1]))
+    masked = torch.cat(  # a torch.nn.utils.prune mask keeps its zeros, held or not
+        [(single[0].weight_mask == 0).reshape(-1), torch.zeros(187 + 55, dtype=torch.bool)]
+    )
+    zeros = _held_by_hold_zeros(pruner)
+    expected = _pattern(effective_weights(single))
+    assert zeros == int(flat.sum())
+    assert torch.equal(torch.cat([m.reshape(-1) for m in expected.values()]), held | masked)
+    for result in run_ranks(_prune_on_ranks, world, strategy, "hold_zeros", timeout=200):
+        assert result["zeros"] == zeros
+        assert all(torch.equal(result["held"][n], expected[n]) for n in expected)
 
 
 @pytest.mark.timeout(240)
