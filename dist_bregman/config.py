@@ -81,10 +81,10 @@ class BregmanConfig:
     of the smallest magnitudes, one element at a time (the zeros shrinkage made, topped up,
     or with the surplus freed to regrow; a freed zero still zero at the next lambda update
     got no gradient, and is held again while another held zero is freed in its place), so
-    the run ends at the target. ``"found"``: the zeros shrinkage made,
-    as they are, so the run ends where lambda's control left it (near the target). With a
-    group regularizer those zeros are whole rows or kernels (with a ``zero_tolerance``,
-    also the single weights within it, made exactly zero), and ``"found"`` keeps them so:
+    the run ends at the target. ``"found"``: the zeros shrinkage made, as they are, so the
+    run ends where lambda's control left it (near the target). With a group regularizer
+    those zeros are whole rows or kernels (with a ``zero_tolerance``, also the single
+    weights within it, made exactly zero), and ``"found"`` keeps them so:
     an elementwise top-up would zero single weights of live neurons, a release would
     revive parts of dead ones, and neither removes a neuron."""
     magnitude_start_at: int = 0

@@ -403,8 +403,8 @@ class SparsityController:
 
     def _hold(self, step: int = 0) -> MagnitudePruner:
         """Masks over the targets, re-applied after every step of the attached optimizers
-        (set by ``prune``, or, resuming after the freeze, from the zeros in the weights),
-        chosen at ``step``."""
+        (set by ``prune`` or ``hold_zeros``, or, resuming after the freeze, from the zeros
+        in the weights), chosen at ``step``."""
         self._held = self._magnitude_pruner()
         self._held_at = step
         return self._held

@@ -243,7 +243,7 @@ class MagnitudePruner:
         counts it (held ones are made exactly zero). The order is the selection's tie
         order (tensors in order, then flattened index, the same under every strategy), so
         a range of places names the same elements on every rank and in every layout, and a
-        frozen support's state (see ``SparsityController``) is two integers, not a mask.
+        frozen support's state (see ``SparsityController``) is a count, not a mask.
         A collective: one all-reduce of the zero counts (and :meth:`enforce`)."""
         rank, world = comm.get_rank(self.group), comm.get_world_size(self.group)
         data = [p.local() for p in self.placements]
