@@ -35,21 +35,18 @@ from dist_bregman.attachment import Attachment
 from dist_bregman.config import BregmanConfig, check_number
 from dist_bregman.control import LambdaDecision, decide
 from dist_bregman.errors import NonFiniteError, RankDisagreementError
+from dist_bregman.guards import LossWatch, nonfinite_ranks
 from dist_bregman.holders import deepspeed_wrapper, groups_key
 from dist_bregman.pruning import MagnitudePruner, PruningConfig
 from dist_bregman.regularizers import GroupL1, Regularizer
 from dist_bregman.regularizers import resolve as resolve_regularizer
 from dist_bregman.shards import Placement, local_views, place
-from dist_bregman.shards.dtensor import local_parts
 from dist_bregman.shards.zero import partitions
 from dist_bregman.sparsity import SparsityReport, reduce_counts
+from dist_bregman.support import HeldSupport
 from dist_bregman.targets import ParameterPairs, Target, check_writable, left_out, resolve
 
 STATE_VERSION = 1
-
-
-LOSS_FOLD = 64
-"""Losses :meth:`SparsityController.observe_loss` keeps before checking them on the device."""
 
 
 class SparsityController:
@@ -87,8 +84,8 @@ class SparsityController:
         self.last_report: SparsityReport | None = None
         self.sparsity: float | None = None
         """The last measured global sparsity (restored from checkpoints), None before any."""
-        self._losses: list[torch.Tensor] = []  # see observe_loss
-        self._bad_loss: torch.Tensor | None = None
+        self.losses = LossWatch()
+        """Non-finite losses seen on this rank since the last update (:meth:`observe_loss`)."""
         self.updates = 0
         """Lambda updates run so far in this process (paces ``check_agreement_every``)."""
         self.stop_requested = False
@@ -103,13 +100,6 @@ class SparsityController:
         self.found_sparsity: float | None = None
         """The sparsity shrinkage had reached when the support was frozen (before the
         held set was made exactly the target): how much of the target it found itself."""
-        self._held: MagnitudePruner | None = None
-        self._held_at = 0  # the step at which the held set was last chosen
-        self._untried: int | None = None
-        """``freeze_hold="target"``: how many held zeros were never freed, the first ones
-        among the zeros in global element order (see :meth:`_settle`); None: not known (an
-        older checkpoint, or no freeze)."""
-        self._tried_all = False  # nothing left to free in place of zeros that did not regrow
         self._model: nn.Module = model
         self._optimizers: tuple[Any, ...] = ()
         self._groups: tuple[tuple[int, int], ...] = ()
@@ -119,6 +109,8 @@ class SparsityController:
         rule would wind lambda up against weights it cannot reach."""
         self.placements: list[Placement] = []
         self.attachment = Attachment([], self.regularizer, self.config.mode, self._lambda)
+        self.held = HeldSupport(self.config, self._magnitude_pruner, self._info, self._warn)
+        """The zeros held after the freeze (:mod:`dist_bregman.support`)."""
         self.bind(model)
 
     def bind(self, model: nn.Module) -> None:
@@ -174,31 +166,11 @@ class SparsityController:
 
     # ------------------------------------------------------------------ lambda
     def observe_loss(self, loss: torch.Tensor | float | None) -> None:
-        """Remember, without a host sync, whether a non-finite loss was seen on this rank.
-
-        No kernel a step: the detached loss is kept, and every :data:`LOSS_FOLD` steps (and
-        at each update) the kept losses are checked together, in a few kernels for all of
-        them. On a GPU whose steps are bound by kernel launches every op a step shows:
-        checking each loss with ``isfinite`` (7 launches) cost 15 % of a small MLP's step on
-        an H100, summing it into a scalar (1 launch) 3 %. The flag travels in the next
+        """Remember, without a host sync, whether a non-finite loss was seen on this rank
+        (:class:`~dist_bregman.guards.LossWatch`). The flag travels in the next
         measurement's all-reduce, so every rank learns that some rank saw a NaN/Inf and all
-        of them skip that lambda update together.
-        """
-        if loss is None:
-            return
-        self._losses.append(torch.as_tensor(loss).detach())
-        if len(self._losses) >= LOSS_FOLD:
-            self._fold_losses()
-
-    def _fold_losses(self) -> None:
-        """Check the kept losses on their device and fold the answer into one flag."""
-        if not self._losses:
-            return
-        device = self._losses[-1].device
-        values = torch.cat([v.reshape(-1).to(device) for v in self._losses])
-        self._losses.clear()
-        bad = torch.isfinite(values).all().logical_not_()
-        self._bad_loss = bad if self._bad_loss is None else self._bad_loss.to(device) | bad
+        of them skip that lambda update together."""
+        self.losses.observe(loss)
 
     def update_if_due(self, step: int) -> LambdaDecision | None:
         """Nothing before ``magnitude_start_at``, the cut at it (:meth:`start_from_cut`);
@@ -217,11 +189,9 @@ class SparsityController:
 
     def update(self, step: int) -> LambdaDecision:
         """Measure, let rank 0 apply the lambda rule, broadcast, log; after the freeze,
-        hold freed zeros that did not regrow (:meth:`_settle`). A collective."""
+        hold freed zeros that did not regrow (:meth:`HeldSupport.settle`). A collective."""
         config = self.config
-        self._fold_losses()
-        flag = torch.tensor(False) if self._bad_loss is None else self._bad_loss
-        self._bad_loss = None
+        flag = self.losses.take()
         report, (loss_bits,) = reduce_counts(
             self.placements,
             zero_tolerance=config.zero_tolerance,
@@ -240,8 +210,8 @@ class SparsityController:
             self._warn(message)
             raise NonFiniteError(message)
         self.last_report, self.sparsity = report, report.sparsity
-        if self.frozen and config.freeze_hold == "target" and self._held is not None:
-            self._settle(step, report)
+        if self.frozen:
+            self.held.settle(step, report)
         self.updates += 1
         every = config.check_agreement_every
         if every and self.updates % every == 0:
@@ -306,9 +276,9 @@ class SparsityController:
         held set is the ``target_sparsity`` share of the smallest magnitudes, chosen exactly
         over all ranks: the zeros shrinkage made (they are the smallest), topped up with the
         smallest survivors if sparsity is still below target, or with the surplus zeros left
-        free to regrow if it overshot (those that do not regrow are swapped for held ones at
-        the following updates, see :meth:`_settle`). So the run ends at the target, not
-        wherever lambda's last oscillation left it. With ``"found"`` it is the zeros
+        free to regrow if it overshot (those that do not regrow are swapped for held ones
+        at the following updates, see :mod:`dist_bregman.support`). So the run ends at the
+        target, not wherever lambda's last oscillation left it. With ``"found"`` it is the zeros
         shrinkage made, as they are (whole rows under a group regularizer). Masks are
         enforced after every optimizer step in the tensors it steps (the machinery of
         :class:`~dist_bregman.SafeModelPruning`, so under every strategy). A collective:
@@ -318,96 +288,14 @@ class SparsityController:
         found = self.found_sparsity = report.sparsity
         self.frozen = True
         self.attachment.set_lambda(0.0)
+        held = self.held.freeze(step, report)
         target = self.config.target_sparsity
-        if self.config.freeze_hold == "found":
-            self._hold(step).derive_masks(self.config.zero_tolerance)  # the zeros counted
-            held = report.total - report.nonzero
-        else:
-            held = round(target * report.total)
-            self._untried, self._tried_all = held, False
-            if report.total - report.nonzero > held:  # overshot: the first zeros in order
-                self._hold(step).hold_zeros((held, report.total), self.config.zero_tolerance)
-            else:  # the zeros and the smallest survivors (exactly ``held``)
-                self._hold(step).prune(target)
         self._info(
             f"Step {step}: support frozen: shrinkage found sparsity {100 * found:.3f}%; "
             f"{held} of {report.total} weights ({100 * held / report.total:.3f}%, target "
             f"{100 * target:.1f}%) held at zero from here, others free; shrinkage off, "
             f"lambda stays {self.lambda_:.8f}"
         )
-
-    def _settle(self, step: int, report: SparsityReport) -> None:
-        """With ``freeze_hold="target"``: hold freed zeros that did not regrow, and free as
-        many held zeros never freed before in their place, so the run ends at the target.
-
-        When shrinkage overshot the target, the freeze held the first ``held`` zeros in
-        global element order and freed the rest; a freed weight still zero at the next
-        update got no gradient (a dead unit's, or one feeding it), and would leave the run
-        above its target. The held zeros never freed are always the first ``u`` zeros in
-        that order (each swap frees the last of them, and every zero freed before lies
-        after them), so this state is one integer, kept in checkpoints: a resumed run holds
-        what the uninterrupted one held. Each swap holds every zero but the first ``u``,
-        and the first ``held - (zeros - u)`` of those. When the zeros that are not among
-        the first ``u`` alone reach ``held`` (e.g. under ``torch.nn.utils.prune`` masks,
-        whose zeros never regrow), the last swap frees all ``u`` and a warning says the
-        run may end above its target. A collective, decided from the global ``report``
-        alike on every rank: nothing happens while the zeros are the held set."""
-        assert self._held is not None
-        held = round(self.config.target_sparsity * report.total)
-        zeros = report.total - report.nonzero
-        untried = held if self._untried is None else self._untried
-        # (Freed zeros need a step to regrow; with nothing held, or every held zero tried,
-        # there is nothing to free in their place.)
-        if zeros <= held or held == 0 or step <= self._held_at or self._tried_all:
-            return
-        self._held_at = step
-        surplus = zeros - held
-        beyond = (
-            f"Step {step}: sparsity {100 * report.sparsity:.3f}%, {surplus} "
-            f"{'zero' if surplus == 1 else 'zeros'} beyond the {held} held (target "
-            f"{100 * self.config.target_sparsity:.1f}%)"
-        )
-        kept = held - (zeros - untried)  # the never-freed zeros that stay held
-        if kept > 0:
-            self._held.hold_zeros((kept, untried), self.config.zero_tolerance)
-            self._untried = kept
-            self._info(
-                f"{beyond}: free zeros that did not regrow are held now, and as many held "
-                f"zeros are freed in their place"
-            )
-            return
-        self._held.hold_zeros((0, untried), self.config.zero_tolerance)
-        self._untried, self._tried_all = 0, True
-        self._warn(
-            f"{beyond}: the zeros that did not regrow when freed fill the held set, so none "
-            f"is left to free in their place, and the run may end above its target (zeros "
-            f"of dead units get no gradient; zeros under torch.nn.utils.prune masks never "
-            f"regrow)"
-        )
-
-    def _rehold(self) -> None:
-        """After a resume past the freeze: the held set from the zeros in the weights and
-        the checkpoint's count of never-freed zeros (see :meth:`_settle`): every zero but
-        those freed at the last swap that have not regrown yet. Without that count (an
-        older checkpoint, ``"found"``, or after every held zero was tried), every zero. A
-        collective."""
-        held = self._hold()
-        if self.config.freeze_hold != "target" or self._untried is None or self._tried_all:
-            held.derive_masks()
-            return
-        report = self.measure()
-        surplus = max(
-            report.total - report.nonzero - round(self.config.target_sparsity * report.total), 0
-        )
-        held.hold_zeros((self._untried, self._untried + surplus), self.config.zero_tolerance)
-
-    def _hold(self, step: int = 0) -> MagnitudePruner:
-        """Masks over the targets, re-applied after every step of the attached optimizers
-        (set by ``prune`` or ``hold_zeros``, or, resuming after the freeze, from the zeros
-        in the weights), chosen at ``step``."""
-        self._held = self._magnitude_pruner()
-        self._held_at = step
-        return self._held
 
     def _magnitude_pruner(self) -> MagnitudePruner:
         """Magnitude pruning of the targets, acting also in the tensors the attached
@@ -436,7 +324,7 @@ class SparsityController:
             for p in group["params"]
             if p.grad is not None
         ]
-        ranks = self._ranks_with_nonfinite(grads)
+        ranks = nonfinite_ranks(grads, self.group)
         if not ranks:
             return True
         self.skipped_steps += 1
@@ -462,33 +350,13 @@ class SparsityController:
         A collective."""
         tensors = [v for v in state.values() if isinstance(v, torch.Tensor)]
         tensors += partitions(self._model)
-        ranks = self._ranks_with_nonfinite(tensors)
+        ranks = nonfinite_ranks(tensors, self.group)
         if ranks:
             message = (
                 f"refusing to save a checkpoint: NaN/Inf in the model state on rank(s) {ranks}"
             )
             self._warn(message)
             raise NonFiniteError(message)
-
-    def _ranks_with_nonfinite(self, tensors: Iterable[torch.Tensor]) -> list[int | str]:
-        """The ranks whose local part of some floating ``tensors`` holds NaN/Inf, the same
-        list on every rank: one pass per tensor (max |x|: NaN and Inf propagate, finite
-        values cannot overflow) and one 8-byte all-reduce. A collective."""
-        peaks = [
-            part.detach().abs().amax().float()
-            for t in tensors
-            for part in local_parts(t)
-            if part.is_floating_point() and part.numel()
-        ]
-        on: dict[torch.device, list[torch.Tensor]] = {}  # a state dict may mix devices
-        for peak in peaks:  # (ZeRO-3 partitions offloaded to CPU beside GPU buffers)
-            on.setdefault(peak.device, []).append(peak)
-        bad = torch.zeros((), dtype=torch.bool)
-        for same in on.values():
-            bad |= ~torch.isfinite(torch.stack(same)).all().cpu()
-        flag = comm.rank_bit(bad, self.group).reshape(1)
-        bits = int(comm.all_reduce_sum(flag, self.group)[0])
-        return comm.ranks_from_bits(bits, self.group)
 
     def check_agreement(self) -> None:
         """Raise :class:`RankDisagreementError` on every rank unless all ranks hold the same
@@ -590,7 +458,7 @@ class SparsityController:
                 raise ValueError(self.out_of_reach)
             self._warn(f"{self.out_of_reach}: lambda is held until it is reachable")
         if self.frozen:  # resumed after the freeze: the zeros in the weights are the support
-            self._rehold()
+            self.held.rehold(self.measure)
         share = (
             self.attachment.shrinkage_share(self.config.update_frequency)
             if self.shrinking
@@ -643,13 +511,7 @@ class SparsityController:
         """Forget the optimizers: remove the proximal-step hooks, stop driving lambda, stop
         holding a frozen support's zeros."""
         self.attachment.detach()
-        self._release_hold()
-
-    def _release_hold(self) -> None:
-        """Stop re-applying the frozen support's masks (they are rebuilt on attach)."""
-        if self._held is not None:
-            self._held.detach()
-            self._held = None
+        self.held.release()
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
@@ -662,8 +524,8 @@ class SparsityController:
             "frozen": self.frozen,
             "started": self.started,
             "found_sparsity": self.found_sparsity,
-            "untried": self._untried,
-            "tried_all": self._tried_all,
+            "untried": self.held.untried,
+            "tried_all": self.held.tried_all,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -683,14 +545,14 @@ class SparsityController:
         self.last_update_step = int(state.get("last_update_step", 0))
         self.started = bool(state.get("started", True))  # older checkpoints: no warm-up
         untried = state.get("untried")  # older checkpoints: not kept (every zero is held)
-        self._untried = None if untried is None else int(untried)
-        self._tried_all = bool(state.get("tried_all", False))
+        self.held.untried = None if untried is None else int(untried)
+        self.held.tried_all = bool(state.get("tried_all", False))
         frozen = bool(state.get("frozen", False))
         if frozen != self.frozen:
             self.frozen = frozen
-            self._release_hold()
+            self.held.release()
             if frozen and self._optimizers:
-                self._rehold()
+                self.held.rehold(self.measure)
         self.attachment.set_lambda(self._lambda())
         sparsity = state.get("sparsity")
         self.sparsity = None if sparsity is None else float(sparsity)

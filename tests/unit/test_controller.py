@@ -13,7 +13,7 @@ from torch.nn import functional as F
 from torch.nn.utils import prune
 
 from dist_bregman import BregmanConfig, MagnitudePruner, SparsityController
-from dist_bregman.controller import LOSS_FOLD
+from dist_bregman.guards import LOSS_FOLD
 from dist_bregman.optim import LinBreg
 from tests.helpers.models import COMPUTED_WEIGHTS, compute_weight
 
@@ -246,7 +246,7 @@ def test_a_non_finite_loss_is_remembered_across_checks_of_kept_losses() -> None:
     controller.observe_loss(torch.tensor(float("inf")))
     for _ in range(2 * LOSS_FOLD + 2):  # 131 losses: two batches checked, three kept
         controller.observe_loss(torch.tensor(0.5))
-    assert len(controller._losses) == 3
+    assert len(controller.losses.kept) == 3
     assert controller.update(1).skipped
     for loss in (0.5, 0.25, 1.0):
         controller.observe_loss(loss)  # plain floats are accepted too
