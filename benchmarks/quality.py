@@ -273,8 +273,9 @@ def bregman_pruner(
 
 def optimizer_settings(task: str, method: str) -> OptimizerSettings:
     # SGD's lr on digits: 0.05, level with 0.02 on validation, where 0.1 diverged; on the
-    # 96 pairs, 0.4, the peers' best, where 0.8 diverged (quality_trials.md); on the 1,000
-    # pairs (where every method reaches the oracle's error) 0.02, not swept.
+    # 96 pairs, 0.4, the peers' best of 0.01 to 0.8 (at 0.8 the dense fit diverged;
+    # quality_trials.md); on the 1,000 pairs (every method reaches the oracle's error) 0.02,
+    # not swept.
     lr = {"teacher-student": 0.02, "teacher-student-few": 0.4}.get(task, 0.05)
     if method == "LinBreg":
         # LinBreg's momentum averages (1 - b) * lr * g into v; at lr / (1 - b) the active
@@ -286,7 +287,7 @@ def optimizer_settings(task: str, method: str) -> OptimizerSettings:
         # Adam's lr on digits, each side at its best of 0.002 / 0.005 / 0.01 on validation
         # (quality_trials.md): AdaBreg at lr / 5 (0.02 diverged on the CNN), the (Adam)
         # references at lr / 10 (at lr / 5 the dense MLP lost a point). The regressions: lr / 2
-        # on 1,000 pairs; on 96, lr / 4 (0.1), the Adam peers' best of 0.05 / 0.1 / 0.2.
+        # on 1,000 pairs; on 96, lr / 4 (0.1), the Adam peers' best of 0.005 to 0.2.
         if regression(task):
             scale = 4 if task == "teacher-student-few" else 2
         else:
