@@ -547,12 +547,13 @@ class SparsityController:
         untried = state.get("untried")  # older checkpoints: not kept (every zero is held)
         self.held.untried = None if untried is None else int(untried)
         self.held.tried_all = bool(state.get("tried_all", False))
-        frozen = bool(state.get("frozen", False))
-        if frozen != self.frozen:
-            self.frozen = frozen
-            self.held.release()
-            if frozen and self._optimizers:
-                self.held.rehold(self.measure)
+        # The held set is rebuilt from the checkpoint's count and the zeros in the weights
+        # (loaded with it), also when this controller was frozen already: what it held last
+        # is not what the checkpoint held (a rollback). A collective when frozen.
+        self.frozen = bool(state.get("frozen", False))
+        self.held.release()
+        if self.frozen and self._optimizers:
+            self.held.rehold(self.measure)
         self.attachment.set_lambda(self._lambda())
         sparsity = state.get("sparsity")
         self.sparsity = None if sparsity is None else float(sparsity)

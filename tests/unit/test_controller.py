@@ -606,6 +606,30 @@ def test_a_resume_right_after_a_swap_holds_what_the_uninterrupted_run_holds() ->
     assert report.total - report.nonzero == 36
 
 
+def test_a_rollback_into_the_same_frozen_controller_holds_what_the_checkpoint_held() -> None:
+    """The controller, frozen and swapped on since, loads step 1's state (with step 1's
+    weights): it must hold what step 1 held, named by the state's count, not what it held
+    last; then it follows a fresh controller resumed from the same checkpoint exactly."""
+    model = _with_dead_units(masked=False)
+    controller, optimizer = _frozen_before_the_first_step(model)
+    _train(model, optimizer, controller, _batches(1), add_loss_term=False)
+    weights, state = copy.deepcopy(model.state_dict()), controller.state_dict()
+    resumed = copy.deepcopy(model)
+    _train(model, optimizer, controller, _batches(8, seed=3), add_loss_term=False, start=2)
+    assert controller.state_dict()["untried"] != state["untried"]  # it swapped on since
+    model.load_state_dict(weights)
+    controller.load_state_dict(state)
+    fresh = SparsityController(resumed, controller.config)
+    fresh_optimizer = torch.optim.SGD(resumed.parameters(), lr=0.1)
+    fresh.attach(fresh_optimizer)
+    fresh.load_state_dict(state)
+    later = _batches(8, seed=7)
+    _train(model, optimizer, controller, later, add_loss_term=False, start=2)
+    _train(resumed, fresh_optimizer, fresh, later, add_loss_term=False, start=2)
+    for name, weight in _weights(resumed).items():
+        assert torch.equal(_weights(model)[name], weight), name
+
+
 def test_zeros_that_cannot_regrow_leave_the_run_above_its_target_with_one_warning(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
