@@ -431,6 +431,7 @@ def summarize(runs: list[Run]) -> list[dict[str, Any]]:
                 "sparsity": statistics.fmean(r.sparsity for r in group),
                 "distance": statistics.fmean(abs(r.sparsity - target) for r in group),
                 "f1": _mean([r.f1 for r in group]),
+                "exact": _exact([r.f1 for r in group]),
                 "found": _mean([r.found for r in group]),
                 "seconds": statistics.fmean(r.seconds for r in group),
             }
@@ -487,6 +488,12 @@ def _standard_error(values: list[float]) -> float | None:
     return statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else None
 
 
+def _exact(f1s: list[float | None]) -> int | None:
+    """Seeds whose support is the teacher's exactly (F1 1), or None without a teacher."""
+    known = [f1 for f1 in f1s if f1 is not None]
+    return sum(f1 == 1.0 for f1 in known) if known else None
+
+
 def _mean(values: list[float | None]) -> float | None:
     known = [v for v in values if v is not None]
     return statistics.fmean(known) if known else None
@@ -506,7 +513,8 @@ def markdown(
         f"Quality at a target sparsity, {epochs} epochs, mean ± std over {seeds} seed(s), on "
         f"{where or machine()}. digits: {split} accuracy (%); teacher-student (1,000 pairs) "
         f"and teacher-student-few (96 pairs, fewer than the 128 inputs; as many steps): "
-        f"{split} relative MSE and support F1. A digits dense run is listed under every target for "
+        f"{split} relative MSE and support F1 (the mean; in brackets the seeds whose support is "
+        f"exactly the teacher's). A digits dense run is listed under every target for "
         f"comparison; the regression's teacher has the target's sparsity, so its dense runs "
         f"are one per target. found: the sparsity a Bregman method's shrinkage had reached "
         f"when its support was frozen; the held set is then made exactly the target "
@@ -533,7 +541,7 @@ def markdown(
         versus += f" ({row['peer']})" if versus else ""
         best = _gap(row, "vs_best", scale, places)
         best += f" ({row['best']})" if best else ""
-        f1 = "" if row["f1"] is None else f"{row['f1']:.3f}"
+        f1 = "" if row["f1"] is None else f"{row['f1']:.3f} ({row['exact']}/{row['seeds']})"
         found = "" if row["found"] is None else f"{100 * row['found']:.2f}%"
         lines.append(
             f"| {row['task']} | {100 * row['target']:.0f}% | {row['method']} | {metric} | {gap} "

@@ -120,8 +120,11 @@ def test_quality_quick(tmp_path: Path) -> None:
     # with SGD's; "best" is the better of all four peers whatever their optimizer.
     adam = {"AdaBreg", "dense (Adam)", *adam_peers}
     assert metric["digits-mlp", "dense (Adam)"] != metric["digits-mlp", "dense"]
+    f1 = {(r["task"], r["method"]): r["f1"] for r in runs}
     for row in results["summary"]:  # one seed: a paired gap is the plain difference
         task, on_adam = row["task"], row["method"] in adam
+        exact = None if task not in regression else int(f1[task, row["method"]] == 1.0)
+        assert row["exact"] == exact  # seeds whose support is exactly the teacher's
         dense = metric[task, "dense (Adam)" if on_adam else "dense"]
         assert row["vs_dense"] == pytest.approx(row["metric"] - dense, abs=1e-12)
         if row["method"] not in bregman:
