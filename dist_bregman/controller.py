@@ -452,13 +452,14 @@ class SparsityController:
         self._optimizers = optimizers
         self._groups = groups_key(optimizers)
         self.attachment.attach(optimizers)
-        self.out_of_reach = self._check_reachable()
+        report = self.measure()
+        self.out_of_reach = self._check_reachable(report)
         if self.out_of_reach is not None:
             if strict:
                 raise ValueError(self.out_of_reach)
             self._warn(f"{self.out_of_reach}: lambda is held until it is reachable")
         if self.frozen:  # resumed after the freeze: the zeros in the weights are the support
-            self.held.rehold(self.measure)
+            self.held.rehold(lambda: report)  # (nothing has stepped since that measurement)
         share = (
             self.attachment.shrinkage_share(self.config.update_frequency)
             if self.shrinking
@@ -484,9 +485,9 @@ class SparsityController:
         self.attach(*self._optimizers, strict=False)
         return True
 
-    def _check_reachable(self) -> str | None:
-        """Why ``target_sparsity`` needs zeros in tensors nothing regularizes, or None."""
-        report = self.measure()
+    def _check_reachable(self, report: SparsityReport) -> str | None:
+        """Why ``target_sparsity`` needs zeros in tensors nothing regularizes (``report``:
+        the measured set now), or None."""
         regularized = self.attachment.regularized
         unregularized = [p for i, p in enumerate(self.placements) if i not in regularized]
         if not unregularized:

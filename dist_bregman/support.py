@@ -75,6 +75,10 @@ class HeldSupport:
         self.tried_all = False
         """Every held zero has been freed once: no swap is left."""
 
+    def _held_count(self, report: SparsityReport) -> int:
+        """The size of the held set with ``"target"``: the target share of the weights."""
+        return round(self.config.target_sparsity * report.total)
+
     def _new(self, step: int) -> MagnitudePruner:
         self.release()
         self.pruner = self._make_pruner()
@@ -90,7 +94,7 @@ class HeldSupport:
         if self.config.freeze_hold == "found":
             self._new(step).derive_masks(tolerance)
             return report.total - report.nonzero
-        held = round(self.config.target_sparsity * report.total)
+        held = self._held_count(report)
         self.untried, self.tried_all = held, False
         if report.total - report.nonzero > held:
             self._new(step).hold_zeros((held, report.total), tolerance)
@@ -109,7 +113,7 @@ class HeldSupport:
             or step <= self.chosen_at
         ):
             return
-        held = round(self.config.target_sparsity * report.total)
+        held = self._held_count(report)
         zeros = report.total - report.nonzero
         swap = plan_swap(held, zeros, held if self.untried is None else self.untried)
         if swap is None:
@@ -146,7 +150,7 @@ class HeldSupport:
             pruner.derive_masks()
             return
         report = measure()
-        held = round(self.config.target_sparsity * report.total)
+        held = self._held_count(report)
         surplus = max(report.total - report.nonzero - held, 0)
         pruner.hold_zeros((self.untried, self.untried + surplus), self.config.zero_tolerance)
 
