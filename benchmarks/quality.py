@@ -68,8 +68,27 @@ from dist_bregman.pruning import PruningConfig, scheduled_amount
 from dist_bregman.targets import resolve
 
 TASKS = ("digits-mlp", "digits-cnn", "teacher-student", "teacher-student-few")
-REGRESSION_PAIRS = {"teacher-student": 1000, "teacher-student-few": 96}
-"""Training pairs of each regression task (its test and validation sets have 1,000)."""
+
+
+@dataclass(frozen=True)
+class Regression:
+    """What differs between the regression tasks (both: 1,000 test and validation pairs)."""
+
+    pairs: int
+    """Training pairs."""
+    sgd_lr: float
+    """SGD's lr (LinBreg's and prox's too, see ``optimizer_settings``)."""
+    adam_lr: float
+    """Adam's and AdaBreg's lr."""
+
+
+# The lrs (quality_trials.md): on the 96 pairs the peers' best of a grid on validation,
+# SGD 0.4 of 0.01 to 0.8 (at 0.8 the dense fit diverged), Adam 0.1 of 0.005 to 0.2; on
+# the 1,000 pairs (every method reaches the oracle's error) not swept.
+REGRESSIONS = {
+    "teacher-student": Regression(pairs=1000, sgd_lr=0.02, adam_lr=0.01),
+    "teacher-student-few": Regression(pairs=96, sgd_lr=0.4, adam_lr=0.1),
+}
 ADAM = " (Adam)"
 """Suffix of a reference method trained with Adam instead of SGD with momentum: AdaBreg
 at lambda 0 is Adam, so these are its like-for-like dense run and peers."""
@@ -128,7 +147,7 @@ class TeacherStudent(pl.LightningModule):
 
 def regression(task: str) -> bool:
     """A teacher-student task (metric: relative MSE, lower is better; a teacher per target)."""
-    return task in REGRESSION_PAIRS
+    return task in REGRESSIONS
 
 
 def teacher_data(
@@ -216,8 +235,8 @@ def task_epochs(task: str, epochs: int) -> int:
     trains proportionally more epochs, for the same number of optimizer steps."""
     if not regression(task):
         return epochs
-    steps = math.ceil(REGRESSION_PAIRS["teacher-student"] / BATCH)
-    return epochs * steps // math.ceil(REGRESSION_PAIRS[task] / BATCH)
+    steps = math.ceil(REGRESSIONS["teacher-student"].pairs / BATCH)
+    return epochs * steps // math.ceil(REGRESSIONS[task].pairs / BATCH)
 
 
 def ramp_epochs(epochs: int) -> int:
@@ -272,11 +291,9 @@ def bregman_pruner(
 
 
 def optimizer_settings(task: str, method: str) -> OptimizerSettings:
-    # SGD's lr on digits: 0.05, level with 0.02 on validation, where 0.1 diverged; on the
-    # 96 pairs, 0.4, the peers' best of 0.01 to 0.8 (at 0.8 the dense fit diverged;
-    # quality_trials.md); on the 1,000 pairs (every method reaches the oracle's error) 0.02,
-    # not swept.
-    lr = {"teacher-student": 0.02, "teacher-student-few": 0.4}.get(task, 0.05)
+    # SGD's lr on digits: 0.05, level with 0.02 on validation, where 0.1 diverged
+    # (quality_trials.md); the regressions': see REGRESSIONS.
+    lr = REGRESSIONS[task].sgd_lr if regression(task) else 0.05
     if method == "LinBreg":
         # LinBreg's momentum averages (1 - b) * lr * g into v; at lr / (1 - b) the active
         # weights move exactly as SGD's heavy ball moves them at lr: the same step size.
@@ -286,14 +303,14 @@ def optimizer_settings(task: str, method: str) -> OptimizerSettings:
     if on_adam(method):
         # Adam's lr on digits, each side at its best of 0.002 / 0.005 / 0.01 on validation
         # (quality_trials.md): AdaBreg at lr / 5 (0.02 diverged on the CNN), the (Adam)
-        # references at lr / 10 (at lr / 5 the dense MLP lost a point). The regressions: lr / 2
-        # on 1,000 pairs; on 96, lr / 4 (0.1), the Adam peers' best of 0.005 to 0.2.
+        # references at lr / 10 (at lr / 5 the dense MLP lost a point). The regressions': see
+        # REGRESSIONS.
         if regression(task):
-            scale = 4 if task == "teacher-student-few" else 2
+            adam_lr = REGRESSIONS[task].adam_lr
         else:
-            scale = 5 if method == "AdaBreg" else 10
+            adam_lr = lr / (5 if method == "AdaBreg" else 10)
         name = "adabreg" if method == "AdaBreg" else "adam"
-        return OptimizerSettings(name=name, lr=lr / scale, reg="l1")
+        return OptimizerSettings(name=name, lr=adam_lr, reg="l1")
     return OptimizerSettings(name="sgd", lr=lr, momentum=MOMENTUM)
 
 
@@ -305,7 +322,7 @@ def execute(run: Run) -> Run:
     teacher = None
     epochs = task_epochs(run.task, run.epochs)
     if regression(run.task):
-        teacher, train, test, val = teacher_data(run.target, run.seed, REGRESSION_PAIRS[run.task])
+        teacher, train, test, val = teacher_data(run.target, run.seed, REGRESSIONS[run.task].pairs)
         test = val if run.split == "val" else test
         module: pl.LightningModule = TeacherStudent(settings, inverse_scale, run.seed)
     else:
