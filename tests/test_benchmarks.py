@@ -249,6 +249,34 @@ def test_quality_decides_tied_peers_against_the_method(
     assert rows(sign=-1.0, leader=None, steady=[0.01] * 4)["peer"] == "ModelPruning"
 
 
+def test_quality_trial_replaces_data_lrs_and_prox_cap_in_its_workers(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """What a trial changes in quality.py (done in each worker by the pool's initializer):
+    the first N training examples, every lr times the multiple, prox's cap."""
+    trial = load_benchmark("quality_trial", monkeypatch)
+    quality = trial.quality
+    for name in ("teacher_data", "digits_splits", "optimizer_settings", "bregman_pruner"):
+        monkeypatch.setattr(quality, name, getattr(quality, name))  # restored after the test
+    before = quality.optimizer_settings("teacher-student", "GMP").lr
+    prox = "BregmanPruner (prox)"
+    trial._apply(96, 20.0, 0.3)
+    assert len(quality.teacher_data(0.9, 0, 1000)[1]) == 96
+    assert len(quality.digits_splits(seed=0, images=False).train) == 96
+    assert quality.optimizer_settings("teacher-student", "GMP").lr == pytest.approx(20 * before)
+    assert quality.bregman_pruner("teacher-student", prox, 0.9, 10).config.max_lambda == 0.3
+    assert quality.bregman_pruner("teacher-student", "LinBreg", 0.9, 10).config.max_lambda == 10
+
+
+@pytest.mark.timeout(180)
+def test_quality_trial_quick() -> None:
+    script = ROOT / "benchmarks" / "quality_trial.py"
+    command = [sys.executable, str(script), "--quick", "--examples", "96", "--methods", "GMP"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=150)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.startswith("90% GMP "), done.stdout
+
+
 @pytest.mark.timeout(120)
 def test_quality_can_choose_on_the_validation_split(tmp_path: Path) -> None:
     """Settings are chosen with ``--split val``; the test split is reported separately."""
