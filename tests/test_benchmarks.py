@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
+from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -266,6 +268,56 @@ def test_quality_trial_replaces_data_lrs_and_prox_cap_in_its_workers(
     assert quality.optimizer_settings("teacher-student", "GMP").lr == pytest.approx(20 * before)
     assert quality.bregman_pruner("teacher-student", prox, 0.9, 10).config.max_lambda == 0.3
     assert quality.bregman_pruner("teacher-student", "LinBreg", 0.9, 10).config.max_lambda == 10
+
+
+def test_quality_trial_on_mnist1d_swaps_in_its_splits_and_models(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``--data mnist1d``: per seed a stratified 70/15/15 split of MNIST-1D's 5,000 signals
+    (disjoint, reproducible, another per seed), and models whose Conv1d weights are
+    regularized as the digits models' Conv2d ones (left in the unregularized group, the
+    Bregman optimizers would not shrink them while the pruner counted them)."""
+    trial = load_benchmark("quality_trial", monkeypatch)
+    quality = trial.quality
+    names = ("teacher_data", "digits_splits", "optimizer_settings", "bregman_pruner")
+    for name in (*names, "DigitsMLP", "DigitsCNN"):
+        monkeypatch.setattr(quality, name, getattr(quality, name))  # restored after the test
+    trial._apply(None, 1.0, 0.0, "mnist1d")
+    splits = quality.digits_splits(seed=0, images=True)
+    parts = [split.tensors for split in (splits.train, splits.val, splits.test)]
+    assert [len(y) for _, y in parts] == [3500, 750, 750]
+    assert [tuple(x.shape[1:]) for x, _ in parts] == [(1, 40)] * 3
+    for _, y in parts:  # stratified: every class within one signal of a tenth
+        counts = y.bincount(minlength=10)
+        assert int(counts.max() - counts.min()) <= 1, counts
+    rows = [{tuple(row.tolist()) for row in x.flatten(1)} for x, _ in parts]
+    assert sum(map(len, rows)) == 5000 == len(set().union(*rows))  # disjoint, all 5,000
+    again = quality.digits_splits(seed=0, images=True).test.tensors[0]
+    other = quality.digits_splits(seed=1, images=True).test.tensors[0]
+    assert torch.equal(again, parts[2][0]) and not torch.equal(other, parts[2][0])
+    flat = quality.digits_splits(seed=0, images=False).train.tensors[0]
+    assert torch.equal(flat, parts[0][0].squeeze(1))
+    for model, layer in ((quality.DigitsMLP, nn.Linear), (quality.DigitsCNN, nn.Conv1d)):
+        net = model(optimizer="linbreg", lr=0.1, momentum=0.9, seed=0)
+        groups = net.param_groups()
+        weights = [m.weight for m in net.modules() if isinstance(m, nn.Linear | nn.Conv1d)]
+        assert any(isinstance(m, layer) for m in net.modules())
+        assert [id(p) for p in groups[0]["params"]] == [id(w) for w in weights]
+        assert groups[0]["reg"] == "l1" and groups[1]["reg"] is None
+        assert len(groups[0]["params"]) + len(groups[1]["params"]) == len(list(net.parameters()))
+        inputs = parts[0][0][:4] if layer is nn.Conv1d else flat[:4]
+        assert net(inputs).shape == (4, 10)
+
+
+@pytest.mark.timeout(180)
+def test_quality_trial_on_mnist1d_quick() -> None:
+    """The CNN's Conv1d weights under AdaBreg and the pruner, end to end."""
+    script = ROOT / "benchmarks" / "quality_trial.py"
+    command = [sys.executable, str(script), "--quick", "--data", "mnist1d", "--task", "digits-cnn"]
+    command += ["--methods", "AdaBreg"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=150)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.startswith("90% AdaBreg "), done.stdout
 
 
 @pytest.mark.timeout(180)
