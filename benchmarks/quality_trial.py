@@ -11,9 +11,12 @@ the published tables).
     python benchmarks/quality_trial.py --task digits-mlp --examples 126 --epochs 300
     # MNIST-1D (the dev extra installs mnist1d) in place of digits: the same settings
     python benchmarks/quality_trial.py --task digits-mlp --data mnist1d --epochs 30
+    # its CNN with LinBreg's and AdaBreg's lambda halved on the convolution weights
+    python benchmarks/quality_trial.py --task digits-cnn --data mnist1d --epochs 30 \\
+        --conv-lambda-scale 0.5
 
-Each worker process replaces quality.py's data, lr and prox settings by the ones asked
-for (``_apply``, the pool's initializer); this process is left as it is.
+Each worker process replaces quality.py's data, lr, prox and lambda settings by the ones
+asked for (``_apply``, the pool's initializer); this process is left as it is.
 
 ``--data mnist1d``: the digits tasks on MNIST-1D (Greydanus, 2020; the ``mnist1d``
 package generates it, no download), a harder 10-class task of 5,000 signals of length
@@ -44,6 +47,7 @@ from torch.utils.data import TensorDataset
 from dist_bregman import BregmanPruner
 from dist_bregman.digits import Splits
 from dist_bregman.models import DigitsClassifier, OptimizerSettings
+from dist_bregman.optim import BregmanOptimizer
 
 
 def _first(data: TensorDataset, examples: int | None) -> TensorDataset:
@@ -128,8 +132,44 @@ class SignalCNN(_SignalClassifier):
         )
 
 
-def _apply(examples: int | None, lr_mult: float, prox_cap: float, data: str = "digits") -> None:
+def _scale_conv_lambda(scale: float) -> None:
+    """LinBreg and AdaBreg threshold convolution weights (``ndim >= 3``) at ``scale`` times
+    the pruner's lambda, the other weights at lambda: each regularized param group is split
+    in two, and ``set_lambda`` writes the scaled value into the first. The pruner still
+    drives one lambda to the global target; the scale moves sparsity between the layers."""
+    build, set_lambda = OptimizerSettings.build, BregmanOptimizer.set_lambda
+
+    def split(self: OptimizerSettings, params: Any) -> torch.optim.Optimizer:
+        groups = []
+        for group in params:
+            if group.get("reg") is None:
+                groups.append(group)
+                continue
+            for conv in (True, False):
+                chosen = [p for p in group["params"] if (p.ndim >= 3) == conv]
+                if chosen:
+                    groups.append({**group, "params": chosen, "lambda_scale": scale if conv else 1})
+        return build(self, groups)
+
+    def scaled(self: BregmanOptimizer, value: float) -> None:
+        set_lambda(self, value)
+        for group in self.param_groups:
+            if group["reg"] is not None:
+                group["lambda"] = value * group.get("lambda_scale", 1.0)
+
+    OptimizerSettings.build, BregmanOptimizer.set_lambda = split, scaled
+
+
+def _apply(
+    examples: int | None,
+    lr_mult: float,
+    prox_cap: float,
+    data: str = "digits",
+    conv_lambda_scale: float = 1.0,
+) -> None:
     """Replace quality.py's training data, lrs and prox cap in this (worker) process."""
+    if conv_lambda_scale != 1.0:
+        _scale_conv_lambda(conv_lambda_scale)
     if data == "mnist1d":
         quality.digits_splits = mnist1d_splits
         quality.DigitsMLP, quality.DigitsCNN = SignalMLP, SignalCNN
@@ -165,6 +205,9 @@ def main() -> None:
     parser.add_argument("--task", choices=quality.TASKS, default="teacher-student")
     parser.add_argument("--examples", type=int, default=None, help="training examples kept")
     parser.add_argument("--data", choices=("digits", "mnist1d"), default="digits")
+    parser.add_argument(
+        "--conv-lambda-scale", type=float, default=1.0, help="LinBreg/AdaBreg: conv weights' lambda"
+    )
     parser.add_argument("--epochs", type=int, default=300)
     parser.add_argument("--lr-mult", type=float, default=1.0)
     parser.add_argument("--prox-cap", type=float, default=0.0, help="0: quality.py's cap")
@@ -178,7 +221,7 @@ def main() -> None:
     if args.quick:
         args.seeds, args.epochs = 1, 2
     runs = quality.plan([args.task], args.methods, args.targets, args.seeds, args.epochs, "val")
-    setting = (args.examples, args.lr_mult, args.prox_cap, args.data)
+    setting = (args.examples, args.lr_mult, args.prox_cap, args.data, args.conv_lambda_scale)
     with ProcessPoolExecutor(2, get_context("spawn"), _apply, setting) as pool:
         done = list(pool.map(quality.execute, runs))
     done = quality.list_dense_under_every_target(done, args.targets)

@@ -309,6 +309,36 @@ def test_quality_trial_on_mnist1d_swaps_in_its_splits_and_models(
         assert net(inputs).shape == (4, 10)
 
 
+def test_quality_trial_conv_lambda_scale_moves_lambda_between_layers(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``--conv-lambda-scale``: the Bregman optimizers threshold conv weights at the scale
+    times the pruner's lambda, every other weight at lambda, biases not at all."""
+    trial = load_benchmark("quality_trial", monkeypatch)
+    from dist_bregman.models import DigitsCNN, OptimizerSettings
+    from dist_bregman.optim import BregmanOptimizer
+
+    monkeypatch.setattr(OptimizerSettings, "build", OptimizerSettings.build)
+    monkeypatch.setattr(BregmanOptimizer, "set_lambda", BregmanOptimizer.set_lambda)
+    for name in ("teacher_data", "digits_splits", "optimizer_settings", "bregman_pruner"):
+        monkeypatch.setattr(trial.quality, name, getattr(trial.quality, name))
+    trial._apply(None, 1.0, 0.0, "digits", 0.5)
+    model = DigitsCNN(optimizer="adabreg", lr=0.01, seed=0)
+    optimizer = model.optim.build(model.param_groups())
+    optimizer.set_lambda(0.2)
+    lambdas = {
+        id(p): group["lambda"] if group["reg"] is not None else None
+        for group in optimizer.param_groups
+        for p in group["params"]
+    }
+    for module in model.net.modules():
+        if isinstance(module, nn.Conv2d | nn.Linear):
+            expected = 0.1 if isinstance(module, nn.Conv2d) else 0.2
+            assert lambdas[id(module.weight)] == pytest.approx(expected)
+            assert lambdas[id(module.bias)] is None
+    assert len(lambdas) == len(list(model.parameters()))
+
+
 @pytest.mark.timeout(180)
 def test_quality_trial_on_mnist1d_quick() -> None:
     """The CNN's Conv1d weights under AdaBreg and the pruner, end to end."""
