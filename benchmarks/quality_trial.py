@@ -31,6 +31,7 @@ import argparse
 import dataclasses
 import functools
 import random
+import statistics
 from concurrent.futures import ProcessPoolExecutor
 from itertools import pairwise
 from multiprocessing import get_context
@@ -44,7 +45,7 @@ from sklearn.model_selection import train_test_split
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from dist_bregman import BregmanPruner
+from dist_bregman import BregmanPruner, measure_sparsity
 from dist_bregman.digits import Splits
 from dist_bregman.models import DigitsClassifier, OptimizerSettings
 from dist_bregman.optim import BregmanOptimizer
@@ -160,16 +161,34 @@ def _scale_conv_lambda(scale: float) -> None:
     OptimizerSettings.build, BregmanOptimizer.set_lambda = split, scaled
 
 
+def _record_layers() -> None:
+    """After each fit, keep the sparsity of every measured weight on the run (``layers``,
+    name to sparsity; an attribute beside the dataclass fields, so it travels back from
+    the worker but stays out of the JSON)."""
+    fit = quality._fit
+
+    def fit_and_record(module: Any, loader: Any, epochs: int, callbacks: list[Any]) -> None:
+        fit(module, loader, epochs, callbacks)
+        report = measure_sparsity(module)
+        run = next(c.run for c in callbacks if isinstance(c, quality.Trace))
+        run.layers = {name: 1 - nz / n for name, (nz, n) in report.per_parameter.items()}
+
+    quality._fit = fit_and_record
+
+
 def _apply(
     examples: int | None,
     lr_mult: float,
     prox_cap: float,
     data: str = "digits",
     conv_lambda_scale: float = 1.0,
+    layers: bool = False,
 ) -> None:
     """Replace quality.py's training data, lrs and prox cap in this (worker) process."""
     if conv_lambda_scale != 1.0:
         _scale_conv_lambda(conv_lambda_scale)
+    if layers:
+        _record_layers()
     if data == "mnist1d":
         quality.digits_splits = mnist1d_splits
         quality.DigitsMLP, quality.DigitsCNN = SignalMLP, SignalCNN
@@ -217,11 +236,13 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="1 seed, 2 epochs: a smoke run")
     parser.add_argument("--out", type=Path, default=None, help="folder for JSON, MD, PNG")
     parser.add_argument("--name", default="trial", help="file name stem of what it writes")
+    parser.add_argument("--layers", action="store_true", help="print each weight's sparsity")
     args = parser.parse_args()
     if args.quick:
         args.seeds, args.epochs = 1, 2
     runs = quality.plan([args.task], args.methods, args.targets, args.seeds, args.epochs, "val")
     setting = (args.examples, args.lr_mult, args.prox_cap, args.data, args.conv_lambda_scale)
+    setting += (args.layers,)
     with ProcessPoolExecutor(2, get_context("spawn"), _apply, setting) as pool:
         done = list(pool.map(quality.execute, runs))
     done = quality.list_dense_under_every_target(done, args.targets)
@@ -240,6 +261,19 @@ def main() -> None:
             gaps += f" {key} {gap}" + (f" ({name})" if name else "") if gap else ""
         metric = f"{scale * row['metric']:.{places}f}"
         print(f"{100 * row['target']:.0f}% {row['method']:22s} {metric}{gaps}{f1}")
+    if args.layers:  # each method's mean sparsity per weight over its seeds
+        for target in args.targets:
+            for method in args.methods:
+                group = [
+                    r.layers
+                    for r in done
+                    if (r.method, r.target) == (method, target) and hasattr(r, "layers")
+                ]
+                if not group:  # a dense run copied under another target
+                    continue
+                means = {k: statistics.fmean(g[k] for g in group) for k in group[0]}
+                cells = " ".join(f"{k}: {100 * v:.1f}%" for k, v in means.items())
+                print(f"{100 * target:.0f}% {method:22s} sparsity per weight {cells}")
 
 
 if __name__ == "__main__":

@@ -341,13 +341,18 @@ def test_quality_trial_conv_lambda_scale_moves_lambda_between_layers(
 
 @pytest.mark.timeout(180)
 def test_quality_trial_on_mnist1d_quick() -> None:
-    """The CNN's Conv1d weights under AdaBreg and the pruner, end to end."""
+    """The CNN's Conv1d weights under AdaBreg and the pruner, end to end, and their
+    sparsity per weight (``--layers``)."""
     script = ROOT / "benchmarks" / "quality_trial.py"
     command = [sys.executable, str(script), "--quick", "--data", "mnist1d", "--task", "digits-cnn"]
-    command += ["--methods", "AdaBreg"]
+    command += ["--methods", "AdaBreg", "--layers"]
     done = subprocess.run(command, capture_output=True, text=True, timeout=150)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.startswith("90% AdaBreg "), done.stdout
+    result, layers = done.stdout.splitlines()
+    assert result.startswith("90% AdaBreg "), done.stdout
+    # --layers: the sparsity of each of the CNN's five weights (three Conv1d, two Linear)
+    cells = layers.split("sparsity per weight ")[1].split("% ")
+    assert len(cells) == 5 and cells[0].startswith("net.0.weight: "), layers
 
 
 @pytest.mark.timeout(180)
