@@ -88,14 +88,10 @@ def mnist1d_splits(seed: int, images: bool) -> Splits:
 
 
 class _SignalClassifier(DigitsClassifier):
+    """The digits models' steps and param groups (Conv1d weights regularized too)."""
+
     def __init__(self, optimizer: str, lr: float, momentum: float) -> None:
         super().__init__(OptimizerSettings(name=optimizer, lr=lr, momentum=momentum))
-
-    def param_groups(self) -> list[dict[str, Any]]:
-        """As the digits models': weights (Linear and Conv1d) get ``reg``, biases none."""
-        weights = [m.weight for m in self.net.modules() if isinstance(m, nn.Linear | nn.Conv1d)]
-        others = [p for p in self.parameters() if all(p is not w for w in weights)]
-        return [{"params": weights, "reg": self.optim.reg}, {"params": others, "reg": None}]
 
 
 class SignalMLP(_SignalClassifier):

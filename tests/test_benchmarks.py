@@ -299,12 +299,16 @@ def test_quality_trial_on_mnist1d_swaps_in_its_splits_and_models(
     assert torch.equal(flat, parts[0][0].squeeze(1))
     for model, layer in ((quality.DigitsMLP, nn.Linear), (quality.DigitsCNN, nn.Conv1d)):
         net = model(optimizer="linbreg", lr=0.1, momentum=0.9, seed=0)
-        groups = net.param_groups()
         weights = [m.weight for m in net.modules() if isinstance(m, nn.Linear | nn.Conv1d)]
         assert any(isinstance(m, layer) for m in net.modules())
-        assert [id(p) for p in groups[0]["params"]] == [id(w) for w in weights]
-        assert groups[0]["reg"] == "l1" and groups[1]["reg"] is None
-        assert len(groups[0]["params"]) + len(groups[1]["params"]) == len(list(net.parameters()))
+        reg: dict[int, str | None] = {
+            id(p): group["reg"] for group in net.param_groups() for p in group["params"]
+        }
+        assert {id(w) for w in weights} == {p for p, r in reg.items() if r == "l1"}
+        assert len(reg) == len(list(net.parameters()))  # each once; the biases: None
+        assert {p for p, r in reg.items() if r is None} == {
+            id(m.bias) for m in net.modules() if isinstance(m, nn.Linear | nn.Conv1d)
+        }
         inputs = parts[0][0][:4] if layer is nn.Conv1d else flat[:4]
         assert net(inputs).shape == (4, 10)
 
