@@ -11,7 +11,7 @@ the published tables).
     python benchmarks/quality_trial.py --task digits-mlp --examples 126 --epochs 300
     # MNIST-1D (the dev extra installs mnist1d) in place of digits: the same settings
     python benchmarks/quality_trial.py --task digits-mlp --data mnist1d --epochs 30
-    # its CNN with LinBreg's and AdaBreg's lambda halved on the convolution weights
+    # its CNN with the convolution weights at lambda_scale 0.5 (LinBreg, AdaBreg, prox)
     python benchmarks/quality_trial.py --task digits-cnn --data mnist1d --epochs 30 \\
         --conv-lambda-scale 0.5
 
@@ -48,7 +48,6 @@ from torch.utils.data import TensorDataset
 from dist_bregman import BregmanPruner, measure_sparsity
 from dist_bregman.digits import Splits
 from dist_bregman.models import DigitsClassifier, OptimizerSettings
-from dist_bregman.optim import BregmanOptimizer
 
 
 def _first(data: TensorDataset, examples: int | None) -> TensorDataset:
@@ -130,31 +129,25 @@ class SignalCNN(_SignalClassifier):
 
 
 def _scale_conv_lambda(scale: float) -> None:
-    """LinBreg and AdaBreg threshold convolution weights (``ndim >= 3``) at ``scale`` times
-    the pruner's lambda, the other weights at lambda: each regularized param group is split
-    in two, and ``set_lambda`` writes the scaled value into the first. The pruner still
-    drives one lambda to the global target; the scale moves sparsity between the layers."""
-    build, set_lambda = OptimizerSettings.build, BregmanOptimizer.set_lambda
+    """Give convolution weights (``ndim >= 3``) their own param groups at ``lambda_scale``
+    ``scale`` (the library's key): the pruner still drives one lambda to the global target,
+    and LinBreg/AdaBreg's ``set_lambda`` and the proximal step (prox) apply ``scale`` times
+    it to the convolutions, moving sparsity between the layers. The peers' optimizers get
+    the same groups, which nothing reads without a pruner."""
+    build = OptimizerSettings.build
 
     def split(self: OptimizerSettings, params: Any) -> torch.optim.Optimizer:
         groups = []
         for group in params:
-            if group.get("reg") is None:
-                groups.append(group)
-                continue
             for conv in (True, False):
                 chosen = [p for p in group["params"] if (p.ndim >= 3) == conv]
                 if chosen:
-                    groups.append({**group, "params": chosen, "lambda_scale": scale if conv else 1})
+                    groups.append(
+                        {**group, "params": chosen} | ({"lambda_scale": scale} if conv else {})
+                    )
         return build(self, groups)
 
-    def scaled(self: BregmanOptimizer, value: float) -> None:
-        set_lambda(self, value)
-        for group in self.param_groups:
-            if group["reg"] is not None:
-                group["lambda"] = value * group.get("lambda_scale", 1.0)
-
-    OptimizerSettings.build, BregmanOptimizer.set_lambda = split, scaled
+    OptimizerSettings.build = split
 
 
 def _record_layers() -> None:
@@ -221,7 +214,10 @@ def main() -> None:
     parser.add_argument("--examples", type=int, default=None, help="training examples kept")
     parser.add_argument("--data", choices=("digits", "mnist1d"), default="digits")
     parser.add_argument(
-        "--conv-lambda-scale", type=float, default=1.0, help="LinBreg/AdaBreg: conv weights' lambda"
+        "--conv-lambda-scale",
+        type=float,
+        default=1.0,
+        help="conv weights' lambda_scale (LinBreg, AdaBreg, prox)",
     )
     parser.add_argument("--epochs", type=int, default=300)
     parser.add_argument("--lr-mult", type=float, default=1.0)

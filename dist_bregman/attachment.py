@@ -4,8 +4,12 @@
   as a DeepSpeed client optimizer, regularizes inside its own step; it is *driven*: its
   regularized param groups receive lambda through ``set_lambda``.
 * Any other optimizer gets the proximal step after each ``step()``: threshold
-  ``lr * lambda`` (each param group's ``lr``), applied to exactly the elements of the
-  tensors it holds that belong to measured weights (see :mod:`dist_bregman.holders`).
+  ``lr * lambda * lambda_scale`` (each param group's ``lr`` and ``lambda_scale``, the
+  latter 1 unless set), applied to exactly the elements of the tensors it holds that
+  belong to measured weights (see :mod:`dist_bregman.holders`).
+
+A param group's ``lambda_scale`` (:func:`~dist_bregman.optim.lambda_scale`) is read where it
+is used, at each step, so it is the one the optimizer's checkpoint restored.
 
 Either way the zeros are made in the tensors the optimizer steps (fp32 masters, flat
 shards, DTensor shards), so the next step cannot undo them.
@@ -20,8 +24,9 @@ from typing import Any
 import torch
 from torch.utils.hooks import RemovableHandle
 
+from dist_bregman.config import check_number
 from dist_bregman.holders import Holding, holding
-from dist_bregman.optim import BregmanOptimizer
+from dist_bregman.optim import BregmanOptimizer, lambda_scale
 from dist_bregman.regularizers import GroupL1, Regularizer
 from dist_bregman.regularizers import resolve as resolve_regularizer
 from dist_bregman.shards import Placement
@@ -48,6 +53,9 @@ class Attachment:
         self.hooked: list[Holding] = []
         self.regularized: set[int] = set()
         """Indices of the placements whose elements some optimizer regularizes."""
+        self.homes: dict[int, tuple[torch.optim.Optimizer, int]] = {}
+        """Placement index -> the optimizer and param group index holding it, whose
+        ``lambda_scale`` scales lambda for it."""
         self.uses_groups = False
         """Some regularizer in play removes whole groups (node/kernel sparsity is counted)."""
         self._handles: list[RemovableHandle] = []
@@ -63,6 +71,7 @@ class Attachment:
                 continue
             held |= holds.held.keys()
             client = holds.optimizer
+            self._home(holds)
             if isinstance(client, BregmanOptimizer):
                 self._drive(client, holds)
             elif self.mode == "prox":
@@ -89,19 +98,46 @@ class Attachment:
         loss mode regularizes them (the controller has refused such targets in the modes
         that write into the weight)."""
         stepped = {
-            id(tensor)
+            id(tensor): (optimizer, g)
             for optimizer in optimizers
-            for group in getattr(optimizer, "param_groups", ())
+            for g, group in enumerate(getattr(optimizer, "param_groups", ()))
             for tensor in group["params"]
         }
         found = set()
         for index, placement in enumerate(self.placements):
             computed = computed_by(placement.target)
-            if computed is not None and any(
-                id(tensor) in stepped for tensor in computed.originals.values()
-            ):
-                found.add(index)
+            if computed is None:
+                continue
+            homes = [stepped[id(t)] for t in computed.originals.values() if id(t) in stepped]
+            if not homes:
+                continue
+            found.add(index)
+            self.homes[index] = homes[0]
+            scales = {lambda_scale(o.param_groups[g]) for o, g in homes}
+            if len(scales) > 1:
+                raise ValueError(
+                    f"{placement.target.name} is computed from tensors in param groups of "
+                    f"lambda_scale {sorted(scales)}: its loss term has one strength; "
+                    f"allowed: its originals ({', '.join(computed.originals)}) in groups of "
+                    f"one lambda_scale"
+                )
         return found
+
+    def _home(self, holds: Holding) -> None:
+        """Record which param group holds each placement, checking its ``lambda_scale``."""
+        groups = holds.optimizer.param_groups
+        for index, tensor in holds.held.items():
+            g = holds.group_of[tensor]
+            if "lambda_scale" in groups[g]:
+                check_number(f"param group {g} lambda_scale", groups[g]["lambda_scale"], low=0)
+            self.homes[index] = (holds.optimizer, g)
+
+    def scales(self) -> list[float]:
+        """Each placement's ``lambda_scale`` now: its param group's, 1 where none holds it."""
+        result = [1.0] * len(self.placements)
+        for index, (optimizer, g) in self.homes.items():
+            result[index] = lambda_scale(optimizer.param_groups[g])
+        return result
 
     def _drive(self, client: BregmanOptimizer, holds: Holding) -> None:
         if self.mode == "loss":
@@ -159,7 +195,8 @@ class Attachment:
             for group in optimizer.param_groups:
                 pieces = list(_pieces(group["params"], holds))
                 if pieces:
-                    self.regularizer.prox_all_(pieces, float(group["lr"]) * lam)
+                    threshold = float(group["lr"]) * lam * lambda_scale(group)
+                    self.regularizer.prox_all_(pieces, threshold)
 
     def shrinkage_share(self, horizon: int) -> float | None:
         """Fraction of hooked elements that ``horizon`` proximal steps alone would zero
@@ -170,7 +207,8 @@ class Attachment:
             for holds in self.hooked:
                 groups = holds.optimizer.param_groups  # a ZeRO-3 client's are empty now:
                 for key, tensor in holds.tensors.items():  # read the held tensors themselves
-                    threshold = horizon * float(groups[holds.group_of[key]]["lr"]) * lam
+                    group = groups[holds.group_of[key]]
+                    threshold = horizon * float(group["lr"]) * lam * lambda_scale(group)
                     for piece in _pieces([tensor], holds):
                         zeroed += int(piece.abs().le(threshold).sum())
                         total += piece.numel()
@@ -194,6 +232,7 @@ class Attachment:
         self.driven.clear()
         self.hooked.clear()
         self.regularized.clear()
+        self.homes.clear()
 
 
 def _pieces(params: Sequence[torch.Tensor], holds: Holding) -> list[torch.Tensor]:

@@ -389,7 +389,9 @@ class SparsityController:
     # ------------------------------------------------------------------ the penalty
     def regularization_loss(self) -> torch.Tensor:
         """``lambda * J(theta)`` over the effective weights, for the training loss (0 during
-        the dense warm-up and once the support is frozen: the penalty is off).
+        the dense warm-up and once the support is frozen: the penalty is off). Each weight's
+        term is weighted by the ``lambda_scale`` of the param group holding it (1 unless set;
+        :func:`~dist_bregman.optim.lambda_scale`), as the proximal step's threshold is.
 
         In ``"loss"`` mode this term is the mechanism: its gradient is the L1 subgradient.
         In ``"prox"`` mode the proximal step already applies the strength once per step,
@@ -406,13 +408,17 @@ class SparsityController:
         """``J`` of the effective weights. Whole tensors (one process, DDP, ZeRO-1/2):
         computed locally, differentiable. Sharded: each rank's owned elements, summed with
         one all-reduce (a value: there is no full tensor to differentiate)."""
+        scales = self.attachment.scales()
         if not any(p.sharded for p in self.placements):
-            terms = [self.regularizer.value(t.effective()).float() for t in self.targets]
+            terms = [
+                _scaled(self.regularizer.value(t.effective()).float(), scale)
+                for t, scale in zip(self.targets, scales, strict=True)
+            ]
             return torch.stack(terms).sum()
         rank, world = comm.get_rank(self.group), comm.get_world_size(self.group)
         local = torch.zeros((), dtype=torch.float32)
-        for placement, view in zip(
-            self.placements, local_views(self.placements, rank, world), strict=True
+        for placement, view, scale in zip(
+            self.placements, local_views(self.placements, rank, world), scales, strict=True
         ):
             if view.values is None:
                 continue
@@ -422,7 +428,8 @@ class SparsityController:
                     f"this strategy splits it into flat shards; allowed: regularizer='l1'"
                 )
             values = view.values if view.mask is None else view.values * view.mask
-            local = local.to(values.device) + self.regularizer.value(values).float()
+            term = _scaled(self.regularizer.value(values).float(), scale)
+            local = local.to(values.device) + term
         return comm.all_reduce_sum(local.reshape(1), self.group)[0]
 
     # ------------------------------------------------------------------ the optimizers
@@ -488,8 +495,10 @@ class SparsityController:
     def _check_reachable(self, report: SparsityReport) -> str | None:
         """Why ``target_sparsity`` needs zeros in tensors nothing regularizes (``report``:
         the measured set now), or None."""
-        regularized = self.attachment.regularized
-        unregularized = [p for i, p in enumerate(self.placements) if i not in regularized]
+        regularized, scales = self.attachment.regularized, self.attachment.scales()
+        unregularized = [
+            p for i, p in enumerate(self.placements) if i not in regularized or scales[i] == 0
+        ]
         if not unregularized:
             return None
         fixed, _ = reduce_counts(
@@ -503,9 +512,9 @@ class SparsityController:
         return (
             f"target_sparsity={self.config.target_sparsity!r} is unreachable: {shown} "
             f"({100 * fixed.total / report.total:.1f}% of the measured elements) are not "
-            f"regularized (frozen, or reg=None in the optimizer) and hold {fixed.nonzero} "
-            f"nonzeros; allowed: target_sparsity <= {reachable:.6f}, or regularize those "
-            f"tensors"
+            f"regularized (frozen, reg=None or lambda_scale=0 in the optimizer) and hold "
+            f"{fixed.nonzero} nonzeros; allowed: target_sparsity <= {reachable:.6f}, or "
+            f"regularize those tensors"
         )
 
     def detach(self) -> None:
@@ -583,3 +592,8 @@ class SparsityController:
         """Names of the targets some optimizer regularizes (after :meth:`attach`)."""
         regularized = self.attachment.regularized
         return [p.target.name for i, p in enumerate(self.placements) if i in regularized]
+
+
+def _scaled(term: torch.Tensor, scale: float) -> torch.Tensor:
+    """``scale * term``, without an extra op in the autograd graph at the usual scale 1."""
+    return term if scale == 1.0 else term * scale

@@ -13,21 +13,25 @@ weight is nonzero only while its accumulated gradient evidence ``|v|`` exceeds l
 starting sparse, the network grows the weights it needs (inverse scale space).
 
 Param-group keys: ``reg`` (``"l1"``, ``"group_l1"``, ``"group_l1_kernels"``, ``None`` or a
-Regularizer), ``lambda``, ``delta``; the constructor keywords give the defaults. A group
-given without ``reg`` is split: tensors with ``ndim >= 2`` (weights) get the default, the
-rest (biases, norm scales) get ``None``. Parameters are written in place (``copy_``); ``v``
-and the moments are fp32 for bf16/fp16 parameters. Each rank updates its local elements
-only (a DTensor's local shard), so the optimizers run unchanged on replicas, on FSDP
-shards and as DeepSpeed client optimizers over fp32 partitions (elementwise J; group J
-needs whole rows). State tensors are laid out as their parameter: a DTensor parameter's
-``v`` and moments are DTensors of its placements, so a distributed checkpoint saves and
-loads every rank's part (resuming needs the same sharding only for plain shards).
+Regularizer), ``lambda``, ``delta``, ``lambda_scale``; the constructor keywords give the
+defaults. ``lambda_scale`` (default 1) is the group's share of a lambda set from outside:
+``set_lambda(x)`` gives the group ``x * lambda_scale``, so a pruner driving one lambda to a
+global target keeps the ratios between layers (a group given ``lambda_scale`` but no
+``lambda`` starts at ``lambda_ * lambda_scale``). A group given without ``reg`` is split:
+tensors with ``ndim >= 2`` (weights) get the default, the rest (biases, norm scales) get
+``None``. Parameters are written in place (``copy_``); ``v`` and the moments are fp32 for
+bf16/fp16 parameters. Each rank updates its local elements only (a DTensor's local shard),
+so the optimizers run unchanged on replicas, on FSDP shards and as DeepSpeed client
+optimizers over fp32 partitions (elementwise J; group J needs whole rows). State tensors
+are laid out as their parameter: a DTensor parameter's ``v`` and moments are DTensors of
+its placements, so a distributed checkpoint saves and loads every rank's part (resuming
+needs the same sharding only for plain shards).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from functools import partial
 from typing import Any, overload
 
@@ -53,6 +57,9 @@ class BregmanOptimizer(Optimizer):
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if "lambda_scale" in param_group and "lambda" not in param_group:
+            scale = check_number("param group lambda_scale", param_group["lambda_scale"], low=0)
+            param_group = {**param_group, "lambda": self.defaults["lambda"] * scale}
         if "reg" in param_group:
             _check_settings(param_group, "param group ")
             super().add_param_group(param_group)
@@ -126,11 +133,12 @@ class BregmanOptimizer(Optimizer):
         return [p for g in self.param_groups if g["reg"] is not None for p in g["params"]]
 
     def set_lambda(self, value: float) -> None:
-        """Set ``lambda`` of every regularized group (subclasses keep their state consistent)."""
+        """Set ``lambda`` of every regularized group to ``value`` times the group's
+        :func:`lambda_scale` (the iterations keep their state consistent with the change)."""
         check_number("lambda", value, low=0.0)
         for group in self.param_groups:
             if group["reg"] is not None:
-                group["lambda"] = float(value)
+                group["lambda"] = float(value) * lambda_scale(group)
 
 
 class _DualBregman(BregmanOptimizer):
@@ -352,9 +360,16 @@ class ProxSGD(BregmanOptimizer):
                 reg.prox_(weights, lr * lam)
 
 
+def lambda_scale(group: Mapping[str, Any]) -> float:
+    """A param group's share of the lambda set from outside: its ``lambda_scale`` key, 1 when
+    absent. Read by the Bregman optimizers' ``set_lambda`` and, for any other optimizer, by
+    the pruner's proximal step (threshold ``lr * lambda * lambda_scale``) and loss term."""
+    return float(group.get("lambda_scale", 1.0))
+
+
 def _check_settings(settings: dict[str, Any], where: str) -> None:
     """Validate the keys present in ``settings`` (constructor defaults or one param group)."""
-    for key, low in (("lr", 0.0), ("lambda", 0.0), ("eps", 0.0)):
+    for key, low in (("lr", 0.0), ("lambda", 0.0), ("eps", 0.0), ("lambda_scale", 0.0)):
         if key in settings:
             name = "lambda_" if key == "lambda" and not where else key
             check_number(f"{where}{name}", settings[key], low=low)

@@ -28,7 +28,8 @@ def regularized_groups(
 
     ``model`` is the model as the optimizer will see it (wrapped by FSDP1/FSDP2 already;
     for DeepSpeed, the module before ``deepspeed.initialize``). Extra keys (``lr``,
-    ``lambda``...) can be added to the returned dicts.
+    ``lambda``, ``lambda_scale``...) can be added to the returned dicts; for a strength per
+    layer, split the first dict's ``params`` into several groups.
     """
     resolve_regularizer(reg)
     placements = locate(model, parameters_to_prune)

@@ -316,14 +316,15 @@ def test_quality_trial_on_mnist1d_swaps_in_its_splits_and_models(
 def test_quality_trial_conv_lambda_scale_moves_lambda_between_layers(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """``--conv-lambda-scale``: the Bregman optimizers threshold conv weights at the scale
-    times the pruner's lambda, every other weight at lambda, biases not at all."""
+    """``--conv-lambda-scale``: conv weights get their own param groups at that
+    ``lambda_scale``, so the Bregman optimizers threshold them at the scale times the
+    pruner's lambda, every other weight at lambda, biases not at all; a plain optimizer
+    (prox) gets the same groups, for the proximal step to read."""
     trial = load_benchmark("quality_trial", monkeypatch)
     from dist_bregman.models import DigitsCNN, OptimizerSettings
-    from dist_bregman.optim import BregmanOptimizer
+    from dist_bregman.optim import lambda_scale
 
     monkeypatch.setattr(OptimizerSettings, "build", OptimizerSettings.build)
-    monkeypatch.setattr(BregmanOptimizer, "set_lambda", BregmanOptimizer.set_lambda)
     for name in ("teacher_data", "digits_splits", "optimizer_settings", "bregman_pruner"):
         monkeypatch.setattr(trial.quality, name, getattr(trial.quality, name))
     trial._apply(None, 1.0, 0.0, "digits", 0.5)
@@ -335,12 +336,20 @@ def test_quality_trial_conv_lambda_scale_moves_lambda_between_layers(
         for group in optimizer.param_groups
         for p in group["params"]
     }
-    for module in model.net.modules():
+    plain = DigitsCNN(optimizer="sgd", lr=0.05, seed=0)
+    scales = {
+        id(p): lambda_scale(group)
+        for group in plain.optim.build(plain.param_groups()).param_groups
+        for p in group["params"]
+    }
+    for net, module in zip(model.net.modules(), plain.net.modules(), strict=True):
         if isinstance(module, nn.Conv2d | nn.Linear):
-            expected = 0.1 if isinstance(module, nn.Conv2d) else 0.2
-            assert lambdas[id(module.weight)] == pytest.approx(expected)
-            assert lambdas[id(module.bias)] is None
+            expected = 0.5 if isinstance(module, nn.Conv2d) else 1.0
+            assert lambdas[id(net.weight)] == pytest.approx(0.2 * expected)
+            assert lambdas[id(net.bias)] is None
+            assert scales[id(module.weight)] == expected and scales[id(module.bias)] == 1.0
     assert len(lambdas) == len(list(model.parameters()))
+    assert len(scales) == len(list(plain.parameters()))
 
 
 @pytest.mark.timeout(180)

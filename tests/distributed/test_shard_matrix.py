@@ -276,10 +276,11 @@ def _assert_two_ranks_follow(
     strategy: str, batches: list, freeze: Freeze, make: Any, timeout: int
 ) -> dict[str, Any]:
     """Two ranks under ``strategy`` give the one-process counts and lambdas exactly, and
-    its weights; returns the one-process trajectory."""
+    its weights and loss term; returns the one-process trajectory."""
     reference, weights = _one_process(batches, freeze, make)
     for result in run_ranks(_trajectory, 2, strategy, batches, freeze, make, timeout=timeout):
         assert result["points"] == reference["points"]  # counts and lambda, exactly
+        assert result["penalty"] == pytest.approx(reference["penalty"], rel=1e-5)
         for name, weight in weights.items():
             torch.testing.assert_close(result["weights"][name], weight, rtol=1e-5, atol=1e-6)
     return reference
@@ -317,7 +318,10 @@ def _run_trajectory(
             controller.attach(optimizer)
             controller.load_state_dict(state)
     total = controller.last_report.total
-    return {"points": points, "found": controller.found_sparsity, "total": total}
+    penalty = controller.regularization_loss().item()  # a collective when sharded
+    return {"points": points, "found": controller.found_sparsity, "total": total} | {
+        "penalty": penalty
+    }
 
 
 @pytest.mark.timeout(240)
@@ -571,6 +575,47 @@ def test_deepspeed_partitions_take_the_proximal_step_at_their_own_groups_lr(stra
     """DeepSpeed steps flat partitions per param group (ZeRO-3: per sub-group): the
     proximal step must find each measured weight's group, here the second one."""
     _assert_two_ranks_follow(strategy, _batches(6), (0, "target", 0.6, 0), _two_lrs, 100)
+
+
+def _scaled_layers(optimizer: str) -> Any:
+    """Each Linear's weight in its own param group, at lambda_scale 0.25, 1 and 3: a
+    weight read in the wrong group, or a scale lost in a wrapper, shrinks wrongly."""
+    scales = {"0": 0.25, "4": 3.0}
+
+    def make(model: nn.Module) -> torch.optim.Optimizer:
+        groups: dict[str, list[nn.Parameter]] = {}
+        for name, p in model.named_parameters():
+            layer = next(part for part in name.split(".") if part.isdigit())
+            groups.setdefault("bias" if name.endswith("bias") else layer, []).append(p)
+        listed = [
+            {"params": params, "lambda_scale": scales.get(key, 1.0)}
+            | ({"reg": None} if key == "bias" else {})
+            for key, params in groups.items()
+        ]
+        if optimizer == "sgd":
+            return torch.optim.SGD(listed, lr=0.1)
+        return LinBreg([g | {"reg": g.get("reg", "l1")} for g in listed], lr=0.5)
+
+    return make
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize(
+    ("optimizer", "strategy"),
+    [("sgd", s) for s in ("ddp", "fsdp1_orig", "fsdp2", "zero2", "zero3")]
+    + [("linbreg", "fsdp2"), ("linbreg", "zero3")],
+)
+def test_each_layers_lambda_scale_reaches_its_elements_under_every_layout(
+    optimizer: str, strategy: str
+) -> None:
+    """A param group's lambda_scale reaches the proximal step (or the driven LinBreg) on
+    each rank's elements, and the loss term: two ranks follow one process, whose run
+    differs from the unscaled one."""
+    make = _scaled_layers(optimizer)
+    freeze = (0, "target", 0.6, 0)
+    reference = _assert_two_ranks_follow(strategy, _batches(6), freeze, make, 100)
+    unscaled = _one_process(_batches(6), freeze, _optimizer(optimizer))[0]
+    assert reference["points"] != unscaled["points"]
 
 
 def _weight_and_mask() -> tuple[torch.Tensor, torch.Tensor]:

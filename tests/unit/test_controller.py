@@ -88,6 +88,54 @@ def test_proximal_step_uses_each_param_groups_own_lr() -> None:
         assert torch.equal(weight.detach(), torch.sign(old) * torch.clamp(old.abs() - lr, min=0))
 
 
+def test_each_param_groups_lambda_scale_scales_its_threshold_and_loss_term() -> None:
+    """Per layer strength for any optimizer: threshold ``lr * lambda * lambda_scale``, and
+    the loss term weights each layer the same way (its gradient too, in loss mode)."""
+    model = _model()
+    controller = SparsityController(model, BregmanConfig(initial_lambda=1.0))
+    optimizer = torch.optim.SGD(
+        [
+            {"params": [model[0].weight], "lambda_scale": 0.25},
+            {"params": [model[2].weight, model[0].bias, model[2].bias]},
+        ],
+        lr=0.1,
+    )
+    controller.attach(optimizer)
+    before = [model[0].weight.detach().clone(), model[2].weight.detach().clone()]
+    term = controller.regularization_loss()
+    assert term.item() == pytest.approx(
+        (0.25 * before[0].abs().sum() + before[1].abs().sum()).item()
+    )
+    optimizer.step()  # no gradients: the optimizer moves nothing, the prox still shrinks
+    for weight, old, threshold in zip(
+        [model[0].weight, model[2].weight], before, [0.025, 0.1], strict=True
+    ):
+        expected = torch.sign(old) * torch.clamp(old.abs() - threshold, min=0)
+        assert torch.equal(weight.detach(), expected)
+
+    model = _model()
+    controller = SparsityController(model, BregmanConfig(initial_lambda=0.5, mode="loss"))
+    groups = [{"params": [model[0].weight], "lambda_scale": 3.0}, {"params": [model[2].weight]}]
+    controller.attach(torch.optim.SGD(groups, lr=0.1))
+    controller.regularization_loss().backward()
+    assert torch.equal(model[0].weight.grad, 1.5 * model[0].weight.detach().sign())
+    assert torch.equal(model[2].weight.grad, 0.5 * model[2].weight.detach().sign())
+
+
+@pytest.mark.parametrize(
+    ("scale", "error", "pattern"),
+    [(-0.5, ValueError, r"param group 1 lambda_scale=-0\.5"), (None, TypeError, "got NoneType")],
+)
+def test_a_bad_lambda_scale_in_a_plain_optimizer_is_refused_at_attach(
+    scale: object, error: type, pattern: str
+) -> None:
+    model = _model()
+    controller = SparsityController(model, BregmanConfig())
+    groups = [{"params": [model[0].weight]}, {"params": [model[2].weight], "lambda_scale": scale}]
+    with pytest.raises(error, match=pattern):
+        controller.attach(torch.optim.SGD(groups, lr=0.1))
+
+
 def test_seed_loss_term_does_not_double_the_strength_in_prox_mode() -> None:
     base = _model()
     runs = []
@@ -367,6 +415,11 @@ def test_unreachable_target_is_refused_at_attach_with_the_bound() -> None:
     SparsityController(model, BregmanConfig(target_sparsity=bound - 1e-9)).attach(
         torch.optim.SGD([model[0].weight], lr=0.1)
     )
+    # lambda_scale 0: optimized, never shrunk, so its nonzeros stay as out of reach
+    model[2].weight.requires_grad_(True)
+    groups = [{"params": [model[0].weight]}, {"params": [model[2].weight], "lambda_scale": 0}]
+    with pytest.raises(ValueError, match=r"unreachable: 2.weight .* lambda_scale=0"):
+        controller.attach(torch.optim.SGD(groups, lr=0.1))
 
 
 def test_out_of_reach_at_a_lenient_attach_holds_lambda_until_a_new_group_brings_it_in(

@@ -332,10 +332,47 @@ def test_weights_get_the_default_regularizer_and_vectors_none() -> None:
     assert [len(p) for p in [optimizer.regularized_params()]] == [2]
 
 
+@pytest.mark.parametrize("make", [LinBreg, AdaBreg, ProxSGD])
+def test_set_lambda_gives_each_group_its_lambda_scale_share(make) -> None:
+    """The pruner drives one lambda; a group's ``lambda_scale`` keeps its ratio to it, from
+    construction (no ``lambda`` given) through every ``set_lambda`` and a checkpoint."""
+    model = _model()
+    optimizer = make(
+        [
+            {"params": [model[0].weight], "lambda_scale": 0.25},
+            {"params": [model[2].weight], "lambda_scale": 0.0},
+            {"params": [model[0].bias, model[2].bias], "reg": None, "lambda_scale": 3.0},
+            # an explicit lambda wins until the first set_lambda
+            {"params": [torch.zeros(2, 2)], "reg": "l1", "lambda": 0.5, "lambda_scale": 2.0},
+        ],
+        lambda_=0.2,
+    )
+    lambdas = [g["lambda"] for g in optimizer.param_groups]
+    assert lambdas == pytest.approx([0.05, 0.0, 0.6, 0.5], rel=1e-15)
+    optimizer.set_lambda(0.4)
+    lambdas = [g["lambda"] for g in optimizer.param_groups]
+    assert lambdas == pytest.approx([0.1, 0.0, 0.6, 0.8], rel=1e-15)  # reg None: untouched
+    copy = make([{"params": list(p["params"])} for p in optimizer.param_groups], lambda_=0.2)
+    copy.load_state_dict(optimizer.state_dict())
+    copy.set_lambda(1.0)
+    lambdas = [g["lambda"] for g in copy.param_groups]
+    assert lambdas == pytest.approx([0.25, 0.0, 0.6, 2.0], rel=1e-15)
+
+
 @pytest.mark.parametrize(
     ("build", "error", "pattern"),
     [
         (lambda ps: LinBreg(ps, lr=-1.0), ValueError, r"lr=-1\.0"),
+        (
+            lambda ps: LinBreg([{"params": list(ps), "lambda_scale": -1}]),
+            ValueError,
+            r"param group lambda_scale=-1",
+        ),
+        (
+            lambda ps: AdaBreg([{"params": list(ps), "lambda": 1.0, "lambda_scale": "x"}]),
+            TypeError,
+            r"param group lambda_scale='x'",
+        ),
         (lambda ps: LinBreg(ps, delta=0.0), ValueError, r"delta=0\.0: expected a number > 0"),
         (lambda ps: LinBreg(ps, momentum=1.0), ValueError, r"momentum=1\.0"),
         (lambda ps: LinBreg(ps, lambda_=float("nan")), ValueError, r"lambda_=nan"),
