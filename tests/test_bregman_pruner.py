@@ -371,6 +371,33 @@ def test_resume_from_lightning_checkpoint_continues_the_lambda_trajectory(tmp_pa
     assert resumed.current_lambda == whole.current_lambda
 
 
+class _ScaledLayers(SeedModel):
+    """The first layer's weight at lambda_scale 0 (optimized, never shrunk), the head's at 1."""
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        first, head = self.net[0], self.net[2]
+        groups = [
+            {"params": [first.weight], "lambda_scale": 0.0},
+            {"params": [head.weight]},
+            {"params": [first.bias, head.bias]},
+        ]
+        return torch.optim.SGD(groups, lr=self.lr, momentum=0.9)
+
+
+def test_a_param_groups_lambda_scale_decides_where_the_zeros_go(tmp_path: Path) -> None:
+    """One lambda drives the model to the target; the scale-0 layer keeps every weight, so
+    the head alone makes the zeros (128 of 448 weights: 20% is reachable)."""
+    pruner = BregmanPruner(
+        target_sparsity=0.2, initial_lambda=0.02, lambda_update_rate=0.5, update_frequency=4
+    )
+    model, _ = _fit(tmp_path, pruner, max_epochs=6, model=_ScaledLayers())
+    first, head = model.net[0].weight, model.net[2].weight
+    zeros = int((head == 0).sum())
+    assert int((first == 0).sum()) == 0 and zeros > 0.6 * head.numel()
+    assert pruner.current_sparsity == pytest.approx(zeros / 448)  # measured at the last step
+    assert pruner.current_sparsity == pytest.approx(0.2, abs=0.03)
+
+
 # ---------------------------------------------------------------------------- several pruners
 class _TwoPruners(SeedModel):
     """The seed's pattern with two pruners: each adds its own loss term."""
