@@ -1,6 +1,6 @@
 """Trial runs of quality.py's tasks on fewer training examples, at scaled lrs: the script
-behind the 2026-12-06 sections of quality_trials.md (validation splits; nothing here is in
-the published tables).
+behind the 2026-12-06 sections of quality_trials.md (validation splits, unless ``--split
+test`` for a check of what validation showed; nothing here is in the published tables).
 
     # the few-pair regression before it was a task: 96 of the 1,000 pairs, 300 epochs,
     # every method at 20x the 1,000-pair task's lrs (SGD 0.4, Adam 0.2); the lr grid ran
@@ -229,10 +229,15 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="folder for JSON, MD, PNG")
     parser.add_argument("--name", default="trial", help="file name stem of what it writes")
     parser.add_argument("--layers", action="store_true", help="print each weight's sparsity")
+    parser.add_argument(
+        "--split", choices=("val", "test"), default="val", help="test: a check, never a choice"
+    )
     args = parser.parse_args()
     if args.quick:
         args.seeds, args.epochs = 1, 2
-    runs = quality.plan([args.task], args.methods, args.targets, args.seeds, args.epochs, "val")
+    runs = quality.plan(
+        [args.task], args.methods, args.targets, args.seeds, args.epochs, args.split
+    )
     setting = (args.examples, args.lr_mult, args.prox_cap, args.data, args.conv_lambda_scale)
     setting += (args.layers,)
     with ProcessPoolExecutor(2, get_context("spawn"), _apply, setting) as pool:
