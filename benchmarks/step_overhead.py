@@ -23,16 +23,21 @@ Variants (``BregmanPruner`` calls exactly these controller methods from its hook
 * ``+ pruner, uf=1, no prox``: the same, measuring every step (the worst setting).
 * ``+ pruner, uf=100, prox``: plus the proximal step after every ``optimizer.step()``, as in
   ``mode="prox"``, the default.
+* ``+ pruner, uf=100, prox, loss term``: plus the seed's pattern, the regularization loss
+  (``get_regularization_loss``) added to the loss at every step. In ``mode="prox"`` it is a
+  reported value (no gradient reaches the weights), but computing it reads every measured
+  weight once per step: this row prices that read.
 * ``LinBreg (momentum)`` and ``AdaBreg``, driven by the pruner at uf=100, against SGD
   momentum and Adam respectively.
 
 On CPU each row with a pruner also reports the time spent inside its calls
 (``follow_groups`` + ``observe_loss`` + ``update_if_due``, measurement and lambda update
-included) as a share of that row's own step time: a direct reading of what the callback
-costs, which the ratio to another model copy can only bound to within the control row's
-noise. (The proximal step and the Bregman optimizers' work happen inside
-``optimizer.step()``: they show in the ratio only. On CUDA the calls would also wait for the
-step's queued kernels at each measurement, so the share is not reported there.)
+included, and ``regularization_loss`` where the row adds it) as a share of that row's own
+step time: a direct reading of what the callback costs, which the ratio to another model
+copy can only bound to within the control row's noise. (The proximal step and the Bregman
+optimizers' work happen inside ``optimizer.step()``: they show in the ratio only. On CUDA
+the calls would also wait for the step's queued kernels at each measurement, so the share
+is not reported there.)
 """
 
 from __future__ import annotations
@@ -66,6 +71,7 @@ class Variant:
         batches: list[tuple[torch.Tensor, torch.Tensor]],
         update_frequency: int | None = None,
         prox: bool = False,
+        loss_term: bool = False,
     ) -> None:
         self.model = copy.deepcopy(model)
         self.optimizer = optimizer(self.model)
@@ -73,6 +79,7 @@ class Variant:
         self.step = 0
         self.in_pruner = 0.0
         """Seconds inside the controller's calls (zeroed after the warm-up, see ``run``)."""
+        self.loss_term = loss_term
         self.controller: SparsityController | None = None
         if update_frequency is not None:
             config = BregmanConfig(
@@ -90,6 +97,10 @@ class Variant:
         for _ in range(steps):
             x, y = next(self.batches)
             loss = F.cross_entropy(self.model(x), y)
+            if self.controller is not None and self.loss_term:  # the seed's training_step
+                start = time.perf_counter()
+                loss = loss + self.controller.regularization_loss()
+                self.in_pruner += time.perf_counter() - start
             loss.backward()
             if self.controller is not None:  # before each step, as BregmanPruner does
                 start = time.perf_counter()
@@ -142,6 +153,9 @@ def run(
         f"+ pruner, uf={block}, no prox": Variant(model, sgd, batches, block),
         "+ pruner, uf=1, no prox": Variant(model, sgd, batches, 1),
         f"+ pruner, uf={block}, prox": Variant(model, sgd, batches, block, prox=True),
+        f"+ pruner, uf={block}, prox, loss term": Variant(
+            model, sgd, batches, block, prox=True, loss_term=True
+        ),
         f"LinBreg (momentum) + pruner, uf={block}": Variant(model, linbreg, batches, block),
         "Adam": Variant(model, adam, batches),
         f"AdaBreg + pruner, uf={block}": Variant(model, adabreg, batches, block),
