@@ -319,8 +319,11 @@ def _run_trajectory(
             controller.load_state_dict(state)
     total = controller.last_report.total
     penalty = controller.regularization_loss().item()  # a collective when sharded
-    return {"points": points, "found": controller.found_sparsity, "total": total} | {
-        "penalty": penalty
+    return {
+        "points": points,
+        "found": controller.found_sparsity,
+        "total": total,
+        "penalty": penalty,
     }
 
 
@@ -605,12 +608,13 @@ def _scaled_layers(optimizer: str) -> Any:
     [("sgd", s) for s in ("ddp", "fsdp1_orig", "fsdp2", "zero2", "zero3")]
     + [("linbreg", "fsdp2"), ("linbreg", "zero3")],
 )
-def test_each_layers_lambda_scale_reaches_its_elements_under_every_layout(
+def test_each_layers_lambda_scale_reaches_its_elements_under_ddp_fsdp_and_zero(
     optimizer: str, strategy: str
 ) -> None:
     """A param group's lambda_scale reaches the proximal step (or the driven LinBreg) on
     each rank's elements, and the loss term: two ranks follow one process, whose run
-    differs from the unscaled one."""
+    differs from the unscaled one. (FSDP1 flat parameters hold every layer in one group;
+    ZeRO-1 shares ZeRO-2's layout.)"""
     make = _scaled_layers(optimizer)
     freeze = (0, "target", 0.6, 0)
     reference = _assert_two_ranks_follow(strategy, _batches(6), freeze, make, 100)
