@@ -96,7 +96,8 @@ class Attachment:
         see :func:`~dist_bregman.targets.computed_by`) whose originals some optimizer
         holds: the loss penalty on the computed weight reaches them through autograd, so
         loss mode regularizes them (the controller has refused such targets in the modes
-        that write into the weight)."""
+        that write into the weight). Records each one's param group in :attr:`homes`, from
+        the group of its originals, which must agree on ``lambda_scale``."""
         stepped = {
             id(tensor): (optimizer, g)
             for optimizer in optimizers

@@ -57,11 +57,13 @@ class BregmanOptimizer(Optimizer):
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
+        # Checked once, as given; a split group adds only the default reg (checked with the
+        # defaults) or None.
+        _check_settings(param_group, "param group ")
         if "lambda_scale" in param_group and "lambda" not in param_group:
-            scale = check_number("param group lambda_scale", param_group["lambda_scale"], low=0)
-            param_group = {**param_group, "lambda": self.defaults["lambda"] * scale}
+            scaled = self.defaults["lambda"] * lambda_scale(param_group)
+            param_group = {**param_group, "lambda": scaled}
         if "reg" in param_group:
-            _check_settings(param_group, "param group ")
             super().add_param_group(param_group)
             return
         params = param_group["params"]
@@ -70,9 +72,7 @@ class BregmanOptimizer(Optimizer):
         others = [p for p in params if p.ndim < 2]
         for chosen, reg in ((weights, self.defaults["reg"]), (others, None)):
             if chosen:
-                group = {**param_group, "params": chosen, "reg": reg}
-                _check_settings(group, "param group ")
-                super().add_param_group(group)
+                super().add_param_group({**param_group, "params": chosen, "reg": reg})
 
     @overload
     def step(self, closure: None = None) -> None: ...
