@@ -91,9 +91,12 @@ def run(million: float, repeats: int, device: str = "cpu") -> dict[str, object]:
     }
 
 
-def markdown(results: list[dict[str, object]], device: str = "cpu") -> str:
+def markdown(
+    results: list[dict[str, object]], device: str = "cpu", what: str = "Sparsity measurement"
+) -> str:
+    """The table of ``run``'s results (``loss_term.py`` shares it)."""
     lines = [
-        f"Sparsity measurement on {machine(device)} (medians of interleaved rounds)",
+        f"{what} on {machine(device)} (medians of interleaved rounds)",
         "",
         "| parameters | tensors | method | median ms | × floor |",
         "|---:|---:|---|---:|---:|",

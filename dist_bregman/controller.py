@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from dist_bregman import comm, logs
+from dist_bregman import comm, kernels, logs
 from dist_bregman.attachment import Attachment
 from dist_bregman.config import BregmanConfig, check_number
 from dist_bregman.control import LambdaDecision, decide
@@ -38,7 +38,7 @@ from dist_bregman.errors import NonFiniteError, RankDisagreementError
 from dist_bregman.guards import LossWatch, nonfinite_ranks
 from dist_bregman.holders import deepspeed_wrapper, groups_key
 from dist_bregman.pruning import MagnitudePruner, PruningConfig
-from dist_bregman.regularizers import GroupL1, Regularizer
+from dist_bregman.regularizers import L1, GroupL1, Regularizer
 from dist_bregman.regularizers import resolve as resolve_regularizer
 from dist_bregman.shards import Placement, local_views, place
 from dist_bregman.shards.zero import partitions
@@ -399,38 +399,65 @@ class SparsityController:
         adding it reports the true objective and leaves the update exactly unchanged.
         """
         if self.config.mode == "loss":
-            return self._lambda() * self._penalty()
+            return self._lambda() * self._penalty(differentiable=True)
         with torch.no_grad():
-            value = self._lambda() * self._penalty()
+            # Off (warm-up, frozen support): zero without reading the weights. Every rank
+            # has the same lambda, so under sharding all skip the all-reduce alike.
+            strength = self._lambda()
+            value = strength * self._penalty() if strength else torch.zeros(())
         return value.requires_grad_()
 
-    def _penalty(self) -> torch.Tensor:
+    def _penalty(self, differentiable: bool = False) -> torch.Tensor:
         """``J`` of the effective weights. Whole tensors (one process, DDP, ZeRO-1/2):
-        computed locally, differentiable. Sharded: each rank's owned elements, summed with
-        one all-reduce (a value: there is no full tensor to differentiate)."""
+        computed locally, differentiable if asked. Sharded: each rank's owned elements,
+        summed with one all-reduce (a value: there is no full tensor to differentiate)."""
         scales = self.attachment.scales()
         if not any(p.sharded for p in self.placements):
-            terms = [
-                _scaled(self.regularizer.value(t.effective()).float(), scale)
-                for t, scale in zip(self.targets, scales, strict=True)
-            ]
-            return torch.stack(terms).sum()
+            if differentiable:
+                terms = [
+                    _scaled(self.regularizer.value(t.effective()).float(), scale)
+                    for t, scale in zip(self.targets, scales, strict=True)
+                ]
+                return torch.stack(terms).sum()
+            return self._value([t.tensors() for t in self.targets], scales)
         rank, world = comm.get_rank(self.group), comm.get_world_size(self.group)
-        local = torch.zeros((), dtype=torch.float32)
-        for placement, view, scale in zip(
-            self.placements, local_views(self.placements, rank, world), scales, strict=True
+        pieces: list[tuple[torch.Tensor | None, torch.Tensor | None]] = []
+        grouped = isinstance(self.regularizer, GroupL1)
+        for placement, view in zip(
+            self.placements, local_views(self.placements, rank, world), strict=True
         ):
-            if view.values is None:
-                continue
-            if isinstance(self.regularizer, GroupL1) and not view.rows_whole:
+            if grouped and view.values is not None and not view.rows_whole:
                 raise ValueError(
                     f"{placement.target.name}: {self.regularizer.spec} needs whole rows, but "
                     f"this strategy splits it into flat shards; allowed: regularizer='l1'"
                 )
-            values = view.values if view.mask is None else view.values * view.mask
-            term = _scaled(self.regularizer.value(values).float(), scale)
-            local = local.to(values.device) + term
+            pieces.append((view.values, view.mask))
+        local = self._value(pieces, scales)
         return comm.all_reduce_sum(local.reshape(1), self.group)[0]
+
+    def _value(
+        self,
+        pieces: list[tuple[torch.Tensor | None, torch.Tensor | None]],
+        scales: list[float],
+    ) -> torch.Tensor:
+        """``sum scale * J(values * mask)`` over ``(values, mask)`` pieces (values None:
+        nothing here), float32, without autograd. L1 over contiguous CPU float32/float64
+        tensors is summed by the C++ kernel in one read (``x.abs().sum()`` writes and reads
+        a full-size temporary: measured 3x a plain read at 2 M weights, 14x at 50 M), in
+        float64; the rest with torch ops."""
+        local = torch.zeros((), dtype=torch.float32)
+        summed = [False] * len(pieces)
+        if isinstance(self.regularizer, L1):
+            sums = kernels.abs_sum_many([v for v, _ in pieces], [m for _, m in pieces])
+            if sums is not None:
+                local += (sums[0] * torch.tensor(scales, dtype=torch.float64)).sum().float()
+                summed = [bool(flag) for flag in sums[1].tolist()]
+        for (values, mask), scale, done in zip(pieces, scales, summed, strict=True):
+            if values is None or done:
+                continue
+            term = self.regularizer.value(values if mask is None else values * mask).float()
+            local = local.to(term.device) + _scaled(term, scale)
+        return local
 
     # ------------------------------------------------------------------ the optimizers
     def attach(self, *optimizers: Any, strict: bool = True) -> None:

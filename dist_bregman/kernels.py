@@ -1,4 +1,5 @@
-"""The CPU counting kernel: one pass, one call for all tensors, compiled on first use.
+"""The CPU kernels, compiled on first use: counting nonzeros and summing ``|x|``, each one
+pass and one call for all tensors.
 
 Counting nonzeros with torch ops costs 5-15 times a plain read of the same bytes on CPU
 (the bool temporaries and their reductions are not bandwidth-bound) plus Python overhead
@@ -7,7 +8,8 @@ holds a NaN or Inf twice, to count them). It is built with
 ``torch.utils.cpp_extension`` the first time it is needed (about 25 s, g++ and ninja;
 cached in ``TORCH_EXTENSIONS_DIR``, ranks share the build through its lock). Without a
 compiler, or with ``DIST_BREGMAN_NO_EXTENSION=1``, counting falls back to torch ops: same
-numbers, slower (``benchmarks/measure_throughput.py`` shows both).
+numbers, slower (``benchmarks/measure_throughput.py`` shows both). The same build sums
+``|values * mask|`` for the L1 value the loss term reports (:func:`abs_sum_many`).
 """
 
 from __future__ import annotations
@@ -121,3 +123,18 @@ def count_nonzero_many(
     if module is None:
         return None
     return module.count_nonzero_many(values, masks, _tolerance_table(zero_tolerance), structure)
+
+
+def abs_sum_many(
+    values: Sequence[torch.Tensor | None], masks: Sequence[torch.Tensor | None]
+) -> torch.Tensor | None:
+    """Float64 ``[2, n]`` (CPU) in one pass: per tensor, ``sum |values * mask|`` (the L1
+    norm of the effective weight, summed in float64) and 1 where the tensor was summed;
+    None without the kernel. It sums contiguous CPU float32 and float64 tensors whose mask
+    is None or a contiguous CPU tensor of the same dtype and size; its columns for the
+    others (and for None) are zero, for the caller to sum with torch ops. The sum does not
+    depend on the thread count (fixed chunks, added in order)."""
+    module = extension()
+    if module is None:
+        return None
+    return module.abs_sum_many(values, masks)

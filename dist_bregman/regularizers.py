@@ -63,6 +63,12 @@ FOREACH_NUMEL = 1 << 16
 kernels (:meth:`L1.prox_all_`); at or above it, one pass each."""
 
 
+def summed_in(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a value of J is returned in: float32 for 16-bit weights (their own type
+    would round a model's whole L1 sum to 3 significant digits), else their own."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
 def multi_tensor(x: torch.Tensor) -> bool:
     """Whether ``x`` takes the proximal step in the multi-tensor kernels (small, on an
     accelerator: there launches, not bytes, are the cost)."""
@@ -75,7 +81,7 @@ class L1(Regularizer):
     spec = "l1"
 
     def value(self, x: torch.Tensor) -> torch.Tensor:
-        return x.abs().sum()
+        return x.abs().sum(dtype=summed_in(x.dtype))
 
     def subgradient(self, x: torch.Tensor) -> torch.Tensor:
         return x.sign()
@@ -146,7 +152,8 @@ class GroupL1(Regularizer):
 
     def value(self, x: torch.Tensor) -> torch.Tensor:
         groups = self.groups(x)
-        return math.sqrt(groups.shape[1]) * torch.linalg.vector_norm(groups, dim=1).sum()
+        norms = torch.linalg.vector_norm(groups, dim=1, dtype=summed_in(x.dtype))
+        return math.sqrt(groups.shape[1]) * norms.sum()
 
     def subgradient(self, x: torch.Tensor) -> torch.Tensor:
         groups = self.groups(x)

@@ -45,6 +45,17 @@ def test_measure_throughput_quick(tmp_path: Path) -> None:
 
 
 @pytest.mark.timeout(180)
+def test_loss_term_quick(tmp_path: Path) -> None:
+    results = run_quick("loss_term", tmp_path)  # the script checks the value it times
+    assert results[0]["ratio_to_floor"]["floor (sum per tensor)"] == 1.0
+    assert set(results[0]["median_seconds"]) == {
+        "floor (sum per tensor)",
+        "torch ops (abs().sum() per tensor)",
+        "SparsityController.regularization_loss() (prox)",
+    }
+
+
+@pytest.mark.timeout(180)
 def test_step_overhead_quick(tmp_path: Path) -> None:
     result = run_quick("step_overhead", tmp_path)
     assert result["ratio"]["SGD momentum"] == 1.0

@@ -9,6 +9,7 @@
 // auto-vectorised (SSE2, AVX2 and AVX-512, see tally_tensor), no temporaries. Runs on
 // ATen's thread pool (torch.set_num_threads applies) when built with -fopenmp, as
 // kernels.py does: without it at::parallel_for runs everything on the calling thread.
+// abs_sum_many (below) sums |values * mask| per tensor for the L1 value, in one read.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -131,12 +132,16 @@ void tally_span(const torch::Tensor& values, const torch::Tensor& mask, int64_t 
 #if defined(__x86_64__) && defined(__GLIBC__) && defined(__has_attribute)
 #if __has_attribute(target_clones) && __has_attribute(flatten)
 #if !defined(__clang__) && __GNUC__ >= 11
-__attribute__((flatten, target_clones("arch=x86-64-v4", "avx2", "default")))
+#define MULTIVERSIONED __attribute__((flatten, target_clones("arch=x86-64-v4", "avx2", "default")))
 #else
-__attribute__((flatten, target_clones("avx2", "default")))
+#define MULTIVERSIONED __attribute__((flatten, target_clones("avx2", "default")))
 #endif
 #endif
 #endif
+#ifndef MULTIVERSIONED
+#define MULTIVERSIONED
+#endif
+MULTIVERSIONED
 void tally_tensor(const torch::Tensor& values, const torch::Tensor& mask, int64_t begin,
                   int64_t end, int64_t row, int64_t kernel, int64_t tolerance, int64_t infinity,
                   Tally& tally) {
@@ -258,6 +263,101 @@ torch::Tensor count_nonzero_many(const std::vector<std::optional<torch::Tensor>>
   return out;
 }
 
+namespace {
+
+// sum |values * mask| of one range, in double: 16 independent lanes so the compiler can
+// vectorise the loop (one running sum is a chain of dependent adds, and it may not reorder
+// floating-point sums by itself), then the lanes and the tail in a fixed order.
+template <typename T>
+double abs_sum_range(const T* values, const T* mask, int64_t n) {
+  constexpr int64_t kLanes = 16;
+  double lane[kLanes] = {};
+  int64_t i = 0;
+  if (mask == nullptr) {
+    for (; i + kLanes <= n; i += kLanes) {
+      for (int64_t j = 0; j < kLanes; ++j) lane[j] += std::abs(static_cast<double>(values[i + j]));
+    }
+  } else {
+    for (; i + kLanes <= n; i += kLanes) {
+      for (int64_t j = 0; j < kLanes; ++j) {
+        lane[j] += std::abs(static_cast<double>(values[i + j] * mask[i + j]));
+      }
+    }
+  }
+  double total = 0.0;
+  for (int64_t j = 0; j < kLanes; ++j) total += lane[j];
+  for (; i < n; ++i) {
+    total += std::abs(static_cast<double>(mask == nullptr ? values[i] : values[i] * mask[i]));
+  }
+  return total;
+}
+
+MULTIVERSIONED
+double abs_sum_chunk(const torch::Tensor& values, const torch::Tensor& mask, int64_t begin,
+                     int64_t n) {
+  if (values.scalar_type() == at::kFloat) {
+    const float* v = values.data_ptr<float>() + begin;
+    return abs_sum_range<float>(v, mask.defined() ? mask.data_ptr<float>() + begin : nullptr, n);
+  }
+  const double* v = values.data_ptr<double>() + begin;
+  return abs_sum_range<double>(v, mask.defined() ? mask.data_ptr<double>() + begin : nullptr, n);
+}
+
+}  // namespace
+
+// Per tensor, sum |values * mask| (the L1 norm of the effective weight) in float64: one pass,
+// no temporaries (x.abs().sum() writes and reads a full-size temporary). values[i]: any
+// tensor, or None; masks[i]: its prune mask, or None. Only contiguous CPU float32 and float64
+// tensors are summed, with a mask of the same dtype and size; returns float64 [2, n]: the sums
+// and 1 where the tensor was summed (0 and 0 where not: the caller sums those). The threads
+// take fixed chunks and the chunks are added in order, so the result does not depend on
+// the thread count.
+torch::Tensor abs_sum_many(const std::vector<std::optional<torch::Tensor>>& values,
+                           const std::vector<std::optional<torch::Tensor>>& masks) {
+  const int64_t n = static_cast<int64_t>(values.size());
+  TORCH_CHECK(masks.size() == values.size(), "abs_sum_many: ", n, " values but ",
+              masks.size(), " masks");
+  torch::Tensor out = torch::zeros({2, n}, torch::kFloat64);
+  double* result = out.data_ptr<double>();
+  struct Chunk {
+    int64_t tensor, begin, size;
+  };
+  std::vector<Chunk> chunks;
+  for (int64_t t = 0; t < n; ++t) {
+    if (!values[t].has_value()) continue;
+    const torch::Tensor& v = *values[t];
+    const auto type = v.scalar_type();
+    if ((type != at::kFloat && type != at::kDouble) || !v.device().is_cpu() ||
+        !v.is_contiguous()) {
+      continue;
+    }
+    if (masks[t].has_value()) {
+      const torch::Tensor& m = *masks[t];
+      if (m.scalar_type() != type || !m.device().is_cpu() || !m.is_contiguous() ||
+          m.numel() != v.numel()) {
+        continue;
+      }
+    }
+    result[n + t] = 1.0;
+    for (int64_t s = 0; s < v.numel(); s += kChunk) {
+      chunks.push_back({t, s, std::min(kChunk, v.numel() - s)});
+    }
+  }
+  std::vector<double> partial(chunks.size());
+  const torch::Tensor none;
+  at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c) {
+      const Chunk& chunk = chunks[c];
+      const auto& mask = masks[chunk.tensor];
+      partial[c] = abs_sum_chunk(*values[chunk.tensor], mask.has_value() ? *mask : none,
+                                 chunk.begin, chunk.size);
+    }
+  });
+  for (size_t c = 0; c < chunks.size(); ++c) result[chunks[c].tensor] += partial[c];
+  return out;
+}
+
+
 // How many threads at::parallel_for really runs a range of n units on in this build: 1 when
 // the extension was compiled without OpenMP, whatever torch.get_num_threads() says.
 int64_t threads_used(int64_t n) {
@@ -270,5 +370,6 @@ int64_t threads_used(int64_t n) {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("count_nonzero_many", &count_nonzero_many, "nonzeros of values * mask, non-finite values, zero rows and kernels, per tensor");
+  m.def("abs_sum_many", &abs_sum_many, "sum |values * mask| per tensor, in float64");
   m.def("threads_used", &threads_used, "threads at::parallel_for uses for n units (a build check)");
 }

@@ -12,7 +12,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.nn.utils import prune
 
-from dist_bregman import BregmanConfig, MagnitudePruner, SparsityController
+from dist_bregman import BregmanConfig, MagnitudePruner, SparsityController, kernels
 from dist_bregman.guards import LOSS_FOLD
 from dist_bregman.optim import LinBreg
 from tests.helpers.models import COMPUTED_WEIGHTS, compute_weight
@@ -162,6 +162,48 @@ def test_prox_mode_loss_term_has_the_penalty_value_and_no_gradient_into_weights(
     assert term.requires_grad and term.item() == pytest.approx(expected.item())
     term.backward()
     assert model[0].weight.grad is None
+
+
+def test_prox_mode_value_is_the_same_through_the_kernel_and_torch_ops(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The C++ L1 sum (float32 layers, a pruned one read as weight_orig * mask) and torch
+    ops (the bfloat16 layer, and every layer where the kernel is missing) give one value."""
+    model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 16), nn.Linear(16, 3))
+    prune.random_unstructured(model[0], "weight", amount=0.5)
+    model[3].to(torch.bfloat16)
+    controller = SparsityController(model, BregmanConfig(initial_lambda=0.5))
+    groups = [{"params": [model[0].weight_orig], "lambda_scale": 0.25}]
+    groups.append({"params": [model[2].weight, model[3].weight]})
+    controller.attach(torch.optim.SGD(groups, lr=0.1))
+    effective = [model[0].weight, model[2].weight, model[3].weight]
+    expected = 0.5 * sum(
+        scale * float(w.detach().double().abs().sum())
+        for w, scale in zip(effective, [0.25, 1.0, 1.0], strict=True)
+    )
+    fast = controller.regularization_loss()
+    monkeypatch.setattr(kernels, "abs_sum_many", lambda values, masks: None)
+    slow = controller.regularization_loss()
+    assert fast.dtype == slow.dtype == torch.float32
+    assert fast.item() == pytest.approx(expected, rel=1e-6)
+    assert slow.item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_prox_mode_value_reads_no_weight_while_the_penalty_is_off(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """During the dense warm-up (and once the support is frozen) the term is 0 without a
+    pass over the weights, or under sharding an all-reduce."""
+    model = _model()
+    controller = SparsityController(model, BregmanConfig(magnitude_start_at=10))
+    controller.attach(torch.optim.SGD(model.parameters(), lr=0.1))
+
+    def read(*_: object, **__: object) -> torch.Tensor:
+        raise AssertionError("the weights were read")
+
+    monkeypatch.setattr(controller, "_penalty", read)
+    term = controller.regularization_loss()
+    assert not controller.started and term.requires_grad and float(term.detach()) == 0.0
 
 
 def test_loss_mode_gradient_is_lambda_times_sign_and_no_hook_acts() -> None:

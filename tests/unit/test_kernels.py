@@ -1,6 +1,9 @@
-"""The compiled CPU counter gives exactly the torch path's numbers, edge cases included."""
+"""The compiled CPU kernels give the torch path's numbers, edge cases included: counts
+exactly, L1 sums to float64 rounding."""
 
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
@@ -10,6 +13,11 @@ from dist_bregman.sparsity import count_nonzero, nonzero_flags, zero_structures
 
 SPECIALS = [0.0, -0.0, float("nan"), -float("nan"), float("inf"), -float("inf")]
 SPECIALS += [1e-3, -1e-3, 2.5e-4, 7.0]
+
+
+def _needs_kernel() -> None:
+    if kernels.extension() is None:
+        pytest.skip("no C++ compiler on this machine: the torch path is the only path")
 
 
 def _tensor(dtype: torch.dtype, seed: int) -> torch.Tensor:
@@ -26,8 +34,7 @@ def _tensor(dtype: torch.dtype, seed: int) -> torch.Tensor:
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
 @pytest.mark.parametrize("zero_tolerance", [0.0, 1e-3, 3.3e-4])
 def test_kernel_matches_the_torch_path(dtype: torch.dtype, zero_tolerance: float) -> None:
-    if kernels.extension() is None:
-        pytest.skip("no C++ compiler on this machine: the torch path is the only path")
+    _needs_kernel()
     values = [_tensor(dtype, seed) for seed in range(3)] + [torch.zeros(0, dtype=dtype)]
     masks = [None, (torch.rand(70_001) < 0.7).to(dtype), None, None]
     expected = [
@@ -71,8 +78,7 @@ def test_kernel_counts_zero_rows_and_kernels_like_torch(
     """Node/kernel sparsity in the same pass: rows never split between threads, rows
     longer than a thread's chunk (2^16 elements), 1-D tensors (no rows), 2-D (rows only),
     Conv1d/2d/3d shapes, masks, a tolerance, NaN/Inf."""
-    if kernels.extension() is None:
-        pytest.skip("no C++ compiler on this machine: the torch path is the only path")
+    _needs_kernel()
     shapes = [(7,), (33, 17), (5, 70_000), (16, 8, 3), (24, 6, 3, 3), (6, 4, 2, 3, 3), (1, 1)]
     values = [_structured(shape, dtype, seed) for seed, shape in enumerate(shapes)]
     generator = torch.Generator().manual_seed(99)
@@ -102,9 +108,8 @@ def test_kernel_counts_zero_rows_and_kernels_like_torch(
 def test_kernel_counts_on_torchs_threads() -> None:
     # Built without -fopenmp, ATen's parallel_for silently runs on one thread (it did, and
     # counting was 1.3-1.7x slower than one read of the bytes); kernels.py links OpenMP.
+    _needs_kernel()
     module = kernels.extension()
-    if module is None:
-        pytest.skip("no C++ compiler on this machine: the torch path is the only path")
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(2)
@@ -117,8 +122,7 @@ def test_kernel_counts_on_torchs_threads() -> None:
 
 def test_the_kernel_leaves_what_it_cannot_read_to_the_caller() -> None:
     """Column 4 says which tensors the kernel counted; the others' columns are zero."""
-    if kernels.extension() is None:
-        pytest.skip("no C++ compiler on this machine: the torch path is the only path")
+    _needs_kernel()
     base = torch.randn(8, 9)
     base[0] = 0.0
     values: list[torch.Tensor | None] = [
@@ -142,11 +146,73 @@ def test_the_kernel_leaves_what_it_cannot_read_to_the_caller() -> None:
     assert masked is not None and masked.tolist() == [[0]] * 5
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_abs_sum_is_the_float64_l1_of_values_times_mask(dtype: torch.dtype) -> None:
+    _needs_kernel()
+    generator = torch.Generator().manual_seed(0)
+    # 70,001 elements: two 2^16 chunks, and a tail that is not a multiple of the 16 lanes.
+    values = [torch.randn(70_001, generator=generator).to(dtype) for _ in range(3)]
+    values += [torch.randn(5, 7, generator=generator).to(dtype), torch.zeros(0, dtype=dtype)]
+    masks: list[torch.Tensor | None] = [None] * len(values)
+    masks[1] = (torch.rand(70_001, generator=generator) < 0.5).to(dtype)
+    masks[3] = torch.randn(5, 7, generator=generator).to(dtype)  # any factor, not only 0/1
+    summed = kernels.abs_sum_many(values, masks)
+    assert summed is not None and summed.dtype == torch.float64
+    assert summed[1].tolist() == [1.0] * len(values)
+    for total, v, m in zip(summed[0].tolist(), values, masks, strict=True):
+        effective = v if m is None else v * m  # the product in the weights' own dtype
+        assert total == pytest.approx(float(effective.double().abs().sum()), rel=1e-12, abs=0)
+    assert summed[0, 4] == 0.0
+
+
+def test_abs_sum_keeps_nan_and_inf_and_ignores_the_thread_count() -> None:
+    _needs_kernel()
+    values = torch.randn(300_000, generator=torch.Generator().manual_seed(1))
+    poisoned = [values.clone(), values.clone()]
+    poisoned[0][123_456] = float("nan")
+    poisoned[1][-1] = -float("inf")
+    summed = kernels.abs_sum_many(poisoned, [None, None])
+    assert summed is not None
+    assert math.isnan(summed[0, 0]) and summed[0, 1] == float("inf")
+    before = torch.get_num_threads()
+    try:
+        by_threads = []
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            by_threads.append(kernels.abs_sum_many([values], [None]))
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(by_threads[0], by_threads[1])  # bit for bit: chunks added in order
+
+
+def test_abs_sum_leaves_what_it_cannot_read_to_the_caller() -> None:
+    _needs_kernel()
+    base = torch.randn(8, 9)
+    values: list[torch.Tensor | None] = [
+        base.t(),  # not contiguous
+        base.to(torch.bfloat16),  # summed by torch ops
+        base.to(torch.float16),
+        None,
+        base,  # a mask of another dtype
+        base,  # a mask of another size
+        base,  # a mask that is not contiguous
+        base,
+    ]
+    masks = [None, None, None, None, torch.ones(8, 9, dtype=torch.float64), torch.ones(72, 2)]
+    masks += [torch.ones(9, 8).t(), torch.ones(8, 9)]
+    summed = kernels.abs_sum_many(values, masks)
+    assert summed is not None
+    assert summed[1].tolist() == [0.0] * 7 + [1.0]
+    assert summed[0, :7].tolist() == [0.0] * 7
+    assert float(summed[0, 7]) == pytest.approx(float(base.double().abs().sum()), rel=1e-12)
+
+
 def test_disabled_kernel_gives_none(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("DIST_BREGMAN_NO_EXTENSION", "1")
     kernels.extension.cache_clear()
     try:
         assert kernels.count_nonzero_many([torch.ones(3)], [None], 0.0) is None
+        assert kernels.abs_sum_many([torch.ones(3)], [None]) is None
     finally:
         monkeypatch.delenv("DIST_BREGMAN_NO_EXTENSION")
         kernels.extension.cache_clear()

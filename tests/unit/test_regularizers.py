@@ -73,6 +73,17 @@ def test_value_and_subgradient() -> None:
     assert torch.equal(reg.subgradient(x.detach()), torch.tensor([-1.0, 0.0, 1.0]))
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("reg", [L1(), GroupL1()])
+def test_values_of_16_bit_weights_are_float32_sums(reg: Regularizer, dtype: torch.dtype) -> None:
+    # Summed in their own type, these 4,096 bfloat16 weights' L1 of 3,224.53 comes out as
+    # 3,232 (a multiple of 16 there): a reported loss term off in its third digit.
+    x = torch.randn(64, 64, generator=torch.Generator().manual_seed(0)).to(dtype)
+    value = reg.value(x)
+    assert value.dtype == torch.float32
+    assert float(value) == pytest.approx(float(reg.value(x.double())), rel=1e-6)
+
+
 def test_group_prox_rows_against_the_block_soft_threshold_formula() -> None:
     torch.manual_seed(1)
     x = torch.randn(7, 9, dtype=torch.float64)

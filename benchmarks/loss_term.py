@@ -1,0 +1,84 @@
+"""The seed's loss term in ``mode="prox"``, against one plain read of the same bytes.
+
+    python benchmarks/loss_term.py --quick                      # seconds: CI smoke
+    python benchmarks/loss_term.py                              # 10 M and 50 M parameters
+    python benchmarks/loss_term.py --sizes 10 50 200 --out benchmarks/results
+
+The seed adds ``get_regularization_loss`` to the loss at every training step. In the
+default ``mode="prox"`` that is a reported value (the proximal step applies the strength),
+``lambda * sum |w|`` over every measured weight: a read of each weight per step, which
+``step_overhead.py``'s loss-term row prices inside a training step. Here it is timed alone
+on the models of ``measure_throughput.py`` (about 600 tensors, half of the elements zero),
+candidates in interleaved rounds, medians:
+
+* floor: one plain read of the same bytes, ``p.sum()`` per tensor;
+* torch ops: ``p.abs().sum()`` per tensor, stacked and summed: how the value was computed
+  before the C++ sum, and what it falls back to without a compiler (``abs`` writes a
+  full-size temporary, and large fresh allocations are page-faulted in on every call);
+* ``SparsityController.regularization_loss()``: what a training step calls (the C++ sum
+  of ``|w|``, one pass for all tensors, in float64).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+from common import medians, ratios, time_interleaved, write
+from measure_throughput import build_model, markdown
+
+from dist_bregman import BregmanConfig, SparsityController, kernels
+
+FLOOR = "floor (sum per tensor)"
+TORCH_OPS = "torch ops (abs().sum() per tensor)"
+CALL = "SparsityController.regularization_loss() (prox)"
+
+
+def run(million: float, repeats: int) -> dict[str, object]:
+    model = build_model(million)
+    weights = [m.weight for m in model]
+    if kernels.extension() is None:
+        print("note: the C++ kernels are unavailable; the call times the torch fallback")
+    controller = SparsityController(model, BregmanConfig(initial_lambda=1.0))
+    expected = sum(float(w.detach().double().abs().sum()) for w in weights)
+    value = float(controller.regularization_loss().detach())
+    assert abs(value - expected) <= 1e-6 * expected, (value, expected)  # fast and right
+
+    def torch_ops() -> torch.Tensor:
+        with torch.no_grad():
+            return torch.stack([w.abs().sum() for w in weights]).sum()
+
+    candidates = {
+        FLOOR: lambda: [w.sum() for w in weights],
+        TORCH_OPS: torch_ops,
+        CALL: controller.regularization_loss,
+    }
+    times = time_interleaved(candidates, repeats)
+    return {
+        "parameters": sum(w.numel() for w in weights),
+        "tensors": len(weights),
+        "median_seconds": medians(times),
+        "ratio_to_floor": ratios(times, FLOOR),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="one tiny model, 3 repeats")
+    parser.add_argument("--sizes", type=float, nargs="+", default=[10, 50], help="M params")
+    parser.add_argument("--repeats", type=int, default=21)
+    parser.add_argument("--out", type=Path, default=None, help="folder for JSON + Markdown")
+    args = parser.parse_args()
+    sizes, repeats = ([0.5], 3) if args.quick else (args.sizes, args.repeats)
+    results = [run(size, repeats) for size in sizes]
+    write(
+        args.out,
+        "loss_term",
+        results,
+        markdown(results, what="The loss term's value (mode='prox')"),
+    )
+
+
+if __name__ == "__main__":
+    main()
