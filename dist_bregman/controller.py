@@ -442,22 +442,29 @@ class SparsityController:
     ) -> torch.Tensor:
         """``sum scale * J(values * mask)`` over ``(values, mask)`` pieces (values None:
         nothing here), float32, without autograd. L1 over contiguous CPU float32/float64
-        tensors is summed by the C++ kernel in one read (``x.abs().sum()`` writes and reads
-        a full-size temporary: measured 3x a plain read at 2 M weights, 14x at 50 M), in
-        float64; the rest with torch ops."""
-        local = torch.zeros((), dtype=torch.float32)
+        tensors is summed by the C++ kernel in one read, in float64 (``x.abs().sum()`` per
+        tensor writes and reads a full-size temporary: 1.9-8.2x a plain read at 10-200 M
+        weights against the kernel's 1.0x, ``benchmarks/loss_term.py``); the rest with
+        torch ops."""
+        terms: list[torch.Tensor] = []
         summed = [False] * len(pieces)
         if isinstance(self.regularizer, L1):
             sums = kernels.abs_sum_many([v for v, _ in pieces], [m for _, m in pieces])
             if sums is not None:
-                local += (sums[0] * torch.tensor(scales, dtype=torch.float64)).sum().float()
                 summed = [bool(flag) for flag in sums[1].tolist()]
+            if sums is not None and any(summed):
+                weights = torch.tensor(scales, dtype=torch.float64)
+                terms.append((sums[0] * weights).sum().float())
         for (values, mask), scale, done in zip(pieces, scales, summed, strict=True):
-            if values is None or done:
-                continue
-            term = self.regularizer.value(values if mask is None else values * mask).float()
-            local = local.to(term.device) + _scaled(term, scale)
-        return local
+            if values is not None and not done:
+                term = self.regularizer.value(values if mask is None else values * mask)
+                terms.append(_scaled(term.float(), scale))
+        if not terms:  # nothing held here (a rank that owns no elements)
+            return torch.zeros((), dtype=torch.float32)
+        # The terms' own device; a host term joins accelerator ones without a sync (a plain
+        # copy to CUDA would wait for the queue, at every step).
+        device = next((t.device for t in terms if t.device.type != "cpu"), terms[0].device)
+        return torch.stack([comm.to_device(t, device) for t in terms]).sum()
 
     # ------------------------------------------------------------------ the optimizers
     def attach(self, *optimizers: Any, strict: bool = True) -> None:

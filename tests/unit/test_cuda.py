@@ -170,6 +170,23 @@ def test_steps_between_updates_do_not_sync_and_an_update_syncs_once(name: str) -
     assert (len(between), len(update)) == (0, 1), (between, update)
 
 
+def test_the_loss_term_on_cuda_is_the_cpu_value_without_a_sync() -> None:
+    """The seed adds the term at every step: on CUDA it stays on the device (a host zero
+    copied in would wait for the queue at each step)."""
+    values = []
+    for device in ("cpu", CUDA):
+        model = _mlp().to(device)
+        controller = SparsityController(model, BregmanConfig(initial_lambda=0.5))
+        controller.attach(torch.optim.SGD(model.parameters(), lr=0.1))
+        controller.regularization_loss()  # first call outside the count (builds, caches)
+        with host_syncs() as syncs:
+            term = controller.regularization_loss()
+        assert term.device.type == torch.device(device).type
+        values.append((float(term.detach()), len(syncs)))
+    (cpu, _), (gpu, syncs) = values
+    assert syncs == 0 and gpu == pytest.approx(cpu, rel=1e-6)
+
+
 def test_steps_after_the_support_freeze_do_not_sync() -> None:
     model = _mlp().to(CUDA)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
