@@ -398,13 +398,15 @@ class SparsityController:
         so the term is returned as a value whose gradient does not reach the weights:
         adding it reports the true objective and leaves the update exactly unchanged.
         """
+        strength = self._lambda()
+        if not strength:
+            # Off (warm-up, frozen support): zero, without reading a weight. Every rank has
+            # the same lambda, so under sharding all skip the all-reduce alike.
+            return torch.zeros((), requires_grad=True)
         if self.config.mode == "loss":
-            return self._lambda() * self._penalty(differentiable=True)
+            return strength * self._penalty(differentiable=True)
         with torch.no_grad():
-            # Off (warm-up, frozen support): zero without reading the weights. Every rank
-            # has the same lambda, so under sharding all skip the all-reduce alike.
-            strength = self._lambda()
-            value = strength * self._penalty() if strength else torch.zeros(())
+            value = strength * self._penalty()
         return value.requires_grad_()
 
     def _penalty(self, differentiable: bool = False) -> torch.Tensor:

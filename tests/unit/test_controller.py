@@ -189,13 +189,15 @@ def test_prox_mode_value_is_the_same_through_the_kernel_and_torch_ops(
     assert slow.item() == pytest.approx(expected, rel=1e-6)
 
 
-def test_prox_mode_value_reads_no_weight_while_the_penalty_is_off(
-    monkeypatch: pytest.MonkeyPatch,
+@pytest.mark.parametrize("mode", ["prox", "loss"])
+def test_the_term_reads_no_weight_while_the_penalty_is_off(
+    mode: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """During the dense warm-up (and once the support is frozen) the term is 0 without a
     pass over the weights, or under sharding an all-reduce."""
     model = _model()
-    controller = SparsityController(model, BregmanConfig(magnitude_start_at=10))
+    config = BregmanConfig(magnitude_start_at=10, mode=mode)  # type: ignore[arg-type]
+    controller = SparsityController(model, config)
     controller.attach(torch.optim.SGD(model.parameters(), lr=0.1))
 
     def read(*_: object, **__: object) -> torch.Tensor:
