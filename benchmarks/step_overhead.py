@@ -27,6 +27,8 @@ Variants (``BregmanPruner`` calls exactly these controller methods from its hook
   (``get_regularization_loss``) added to the loss at every step. In ``mode="prox"`` it is a
   reported value (no gradient reaches the weights), but computing it reads every measured
   weight once per step: this row prices that read.
+* ``+ pruner, uf=100, loss mode``: ``mode="loss"``, where that term is the mechanism (its
+  gradient, ``lambda * sign(w)``, is the L1 subgradient; no proximal step).
 * ``LinBreg (momentum)`` and ``AdaBreg``, driven by the pruner at uf=100, against SGD
   momentum and Adam respectively.
 
@@ -55,6 +57,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from dist_bregman import BregmanConfig, SparsityController
+from dist_bregman.config import Mode
 from dist_bregman.optim import AdaBreg, LinBreg
 
 REFERENCE = "SGD momentum"
@@ -72,6 +75,7 @@ class Variant:
         update_frequency: int | None = None,
         prox: bool = False,
         loss_term: bool = False,
+        mode: Mode = "prox",
     ) -> None:
         self.model = copy.deepcopy(model)
         self.optimizer = optimizer(self.model)
@@ -87,10 +91,11 @@ class Variant:
                 initial_lambda=1e-4,
                 lambda_update_rate=1e-3,
                 update_frequency=update_frequency,
+                mode=mode,
             )
             self.controller = SparsityController(self.model, config)
             driven = isinstance(self.optimizer, LinBreg | AdaBreg)
-            if prox or driven:
+            if prox or driven or mode == "loss":
                 self.controller.attach(self.optimizer)
 
     def run(self, steps: int) -> None:
@@ -155,6 +160,9 @@ def run(
         f"+ pruner, uf={block}, prox": Variant(model, sgd, batches, block, prox=True),
         f"+ pruner, uf={block}, prox, loss term": Variant(
             model, sgd, batches, block, prox=True, loss_term=True
+        ),
+        f"+ pruner, uf={block}, loss mode": Variant(
+            model, sgd, batches, block, loss_term=True, mode="loss"
         ),
         f"LinBreg (momentum) + pruner, uf={block}": Variant(model, linbreg, batches, block),
         "Adam": Variant(model, adam, batches),

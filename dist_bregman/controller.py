@@ -415,13 +415,7 @@ class SparsityController:
         summed with one all-reduce (a value: there is no full tensor to differentiate)."""
         scales = self.attachment.scales()
         if not any(p.sharded for p in self.placements):
-            if differentiable:
-                terms = [
-                    _scaled(self.regularizer.value(t.effective()).float(), scale)
-                    for t, scale in zip(self.targets, scales, strict=True)
-                ]
-                return torch.stack(terms).sum()
-            return self._value([t.tensors() for t in self.targets], scales)
+            return self._value([t.tensors() for t in self.targets], scales, differentiable)
         rank, world = comm.get_rank(self.group), comm.get_world_size(self.group)
         pieces: list[tuple[torch.Tensor | None, torch.Tensor | None]] = []
         grouped = isinstance(self.regularizer, GroupL1)
@@ -441,13 +435,15 @@ class SparsityController:
         self,
         pieces: list[tuple[torch.Tensor | None, torch.Tensor | None]],
         scales: list[float],
+        differentiable: bool = False,
     ) -> torch.Tensor:
         """``sum scale * J(values * mask)`` over ``(values, mask)`` pieces (values None:
-        nothing here), float32, without autograd. L1 over contiguous CPU float32/float64
-        tensors is summed by the C++ kernel in one read, in float64 (``x.abs().sum()`` per
-        tensor writes and reads a full-size temporary: 1.9-8.2x a plain read at 10-200 M
-        weights against the kernel's 1.0x, ``benchmarks/loss_term.py``); the rest with
-        torch ops."""
+        nothing here), float32. L1 over contiguous CPU float32/float64 tensors is summed by
+        the C++ kernel in one read, in float64 (``x.abs().sum()`` per tensor writes and
+        reads a full-size temporary: 1.9-8.2x a plain read at 10-200 M weights against the
+        kernel's 1.0x, ``benchmarks/loss_term.py``), through
+        :class:`~dist_bregman.kernels.WeightedAbsSum` where it must be differentiable; the
+        rest with torch ops."""
         terms: list[torch.Tensor] = []
         summed = [False] * len(pieces)
         if isinstance(self.regularizer, L1):
@@ -455,8 +451,15 @@ class SparsityController:
             if sums is not None:
                 summed = [bool(flag) for flag in sums[1].tolist()]
             if sums is not None and any(summed):
-                weights = torch.tensor(scales, dtype=torch.float64)
-                terms.append((sums[0] * weights).sum().float())
+                held = [i for i, done in enumerate(summed) if done]
+                terms.append(
+                    kernels.WeightedAbsSum.apply(
+                        sums[0, held],
+                        [scales[i] for i in held],
+                        [pieces[i][1] for i in held],
+                        *[pieces[i][0] for i in held],
+                    )
+                )
         for (values, mask), scale, done in zip(pieces, scales, summed, strict=True):
             if values is not None and not done:
                 term = self.regularizer.value(values if mask is None else values * mask)

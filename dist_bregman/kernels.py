@@ -138,3 +138,36 @@ def abs_sum_many(
     if module is None:
         return None
     return module.abs_sum_many(values, masks)
+
+
+class WeightedAbsSum(torch.autograd.Function):
+    """``sum_i w_i * sum |v_i * m_i|`` from :func:`abs_sum_many`'s per-tensor sums,
+    differentiable in the ``v_i``: the gradient is ``w_i * sign(v_i * m_i) * m_i`` (0 at 0,
+    as autograd's ``abs`` gives). Autograd through ``v.abs().sum()`` writes ``|v|`` in the
+    forward pass and ``sgn(v)`` and the gradient in the backward; this writes the gradient
+    only (with a mask, ``v * m`` too). ``apply(sums, weights, masks, *values)``: ``sums``
+    the kernel's first row for exactly these tensors."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        sums: torch.Tensor,
+        weights: list[float],
+        masks: list[torch.Tensor | None],
+        *values: torch.Tensor,
+    ) -> torch.Tensor:
+        ctx.weights, ctx.masks = weights, masks
+        ctx.save_for_backward(*values)
+        return (sums * torch.tensor(weights, dtype=torch.float64)).sum().float()
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        grads = []
+        for values, mask, weight in zip(ctx.saved_tensors, ctx.masks, ctx.weights, strict=True):
+            step = grad * weight
+            if mask is None:
+                grads.append(torch.sign(values).mul_(step))
+            else:
+                grads.append(torch.sign(values * mask).mul_(mask).mul_(step))
+        return (None, None, None, *grads)

@@ -13,6 +13,7 @@ from torch.nn import functional as F
 from torch.nn.utils import prune
 
 from dist_bregman import BregmanConfig, MagnitudePruner, SparsityController, kernels
+from dist_bregman.config import Mode
 from dist_bregman.guards import LOSS_FOLD
 from dist_bregman.optim import LinBreg
 from tests.helpers.models import COMPUTED_WEIGHTS, compute_weight
@@ -164,39 +165,56 @@ def test_prox_mode_loss_term_has_the_penalty_value_and_no_gradient_into_weights(
     assert model[0].weight.grad is None
 
 
-def test_prox_mode_value_is_the_same_through_the_kernel_and_torch_ops(
-    monkeypatch: pytest.MonkeyPatch,
+@pytest.mark.parametrize("mode", ["prox", "loss"])
+def test_the_term_is_the_same_through_the_kernel_and_torch_ops(
+    mode: Mode, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The C++ L1 sum (float32 layers, a pruned one read as weight_orig * mask) and torch
-    ops (the bfloat16 layer, and every layer where the kernel is missing) give one value."""
+    ops (the bfloat16 layer, and every layer where the kernel is missing) give one value,
+    and in loss mode one gradient, bit for bit."""
     model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 16), nn.Linear(16, 3))
     prune.random_unstructured(model[0], "weight", amount=0.5)
     model[3].to(torch.bfloat16)
-    controller = SparsityController(model, BregmanConfig(initial_lambda=0.5))
-    groups = [{"params": [model[0].weight_orig], "lambda_scale": 0.25}]
-    groups.append({"params": [model[2].weight, model[3].weight]})
+    config = BregmanConfig(initial_lambda=0.5, mode=mode)
+    controller = SparsityController(model, config)
+    held = [model[0].weight_orig, model[2].weight, model[3].weight]
+    groups = [{"params": held[:1], "lambda_scale": 0.25}, {"params": held[1:]}]
     controller.attach(torch.optim.SGD(groups, lr=0.1))
     effective = [model[0].weight, model[2].weight, model[3].weight]
     expected = 0.5 * sum(
         scale * float(w.detach().double().abs().sum())
         for w, scale in zip(effective, [0.25, 1.0, 1.0], strict=True)
     )
-    fast = controller.regularization_loss()
-    monkeypatch.setattr(kernels, "abs_sum_many", lambda values, masks: None)
-    slow = controller.regularization_loss()
-    assert fast.dtype == slow.dtype == torch.float32
-    assert fast.item() == pytest.approx(expected, rel=1e-6)
-    assert slow.item() == pytest.approx(expected, rel=1e-6)
+    terms, grads = [], []
+    for kernel in (True, False):
+        if not kernel:
+            monkeypatch.setattr(kernels, "abs_sum_many", lambda values, masks: None)
+        term = controller.regularization_loss()
+        term.backward()
+        terms.append(term.detach())
+        grads.append([None if p.grad is None else p.grad.clone() for p in held])
+        for p in held:
+            p.grad = None
+    assert terms[0].dtype == terms[1].dtype == torch.float32
+    assert float(terms[0]) == pytest.approx(expected, rel=1e-6)
+    assert float(terms[1]) == pytest.approx(expected, rel=1e-6)
+    if mode == "prox":
+        assert grads == [[None] * 3] * 2  # a value: no gradient reaches the weights
+        return
+    for fast, slow, p, scale in zip(*grads, held, [0.25, 1.0, 1.0], strict=True):
+        assert fast is not None and slow is not None and torch.equal(fast, slow)
+        mask = model[0].weight_mask if p is held[0] else 1.0
+        assert torch.equal(fast, (0.5 * scale * mask * p.detach().sign()).to(p.dtype))
 
 
 @pytest.mark.parametrize("mode", ["prox", "loss"])
 def test_the_term_reads_no_weight_while_the_penalty_is_off(
-    mode: str, monkeypatch: pytest.MonkeyPatch
+    mode: Mode, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """During the dense warm-up (and once the support is frozen) the term is 0 without a
     pass over the weights, or under sharding an all-reduce."""
     model = _model()
-    config = BregmanConfig(magnitude_start_at=10, mode=mode)  # type: ignore[arg-type]
+    config = BregmanConfig(magnitude_start_at=10, mode=mode)
     controller = SparsityController(model, config)
     controller.attach(torch.optim.SGD(model.parameters(), lr=0.1))
 
