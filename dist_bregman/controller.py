@@ -443,7 +443,8 @@ class SparsityController:
         reads a full-size temporary: 1.9-8.2x a plain read at 10-200 M weights against the
         kernel's 1.0x, ``benchmarks/loss_term.py``), through
         :class:`~dist_bregman.kernels.WeightedAbsSum` where it must be differentiable; the
-        rest with torch ops."""
+        rest with torch ops (:meth:`~dist_bregman.regularizers.Regularizer.values`: on a
+        GPU in multi-tensor kernels)."""
         terms: list[torch.Tensor] = []
         summed = [False] * len(pieces)
         if isinstance(self.regularizer, L1):
@@ -460,10 +461,15 @@ class SparsityController:
                         *[pieces[i][0] for i in held],
                     )
                 )
-        for (values, mask), scale, done in zip(pieces, scales, summed, strict=True):
-            if values is not None and not done:
-                term = self.regularizer.value(values if mask is None else values * mask)
-                terms.append(_scaled(term.float(), scale))
+        rest = [
+            (values if mask is None else values * mask, scale)
+            for (values, mask), scale, done in zip(pieces, scales, summed, strict=True)
+            if values is not None and not done
+        ]
+        found = self.regularizer.values([effective for effective, _ in rest])
+        terms += [
+            _scaled(term.float(), scale) for term, (_, scale) in zip(found, rest, strict=True)
+        ]
         if not terms:  # nothing held here (a rank that owns no elements)
             return torch.zeros((), dtype=torch.float32)
         # The terms' own device; a host term joins accelerator ones without a sync (a plain

@@ -23,6 +23,7 @@ from dist_bregman import (
     measure_sparsity,
     sparsity,
 )
+from dist_bregman.config import Mode
 from dist_bregman.errors import NonFiniteError
 from dist_bregman.init import sparse_init_
 from dist_bregman.optim import AdaBreg, LinBreg
@@ -170,21 +171,28 @@ def test_steps_between_updates_do_not_sync_and_an_update_syncs_once(name: str) -
     assert (len(between), len(update)) == (0, 1), (between, update)
 
 
-def test_the_loss_term_on_cuda_is_the_cpu_value_without_a_sync() -> None:
-    """The seed adds the term at every step: on CUDA it stays on the device (a host zero
-    copied in would wait for the queue at each step)."""
-    values = []
+@pytest.mark.parametrize("mode", ["prox", "loss"])
+def test_the_loss_term_on_cuda_is_the_cpu_value_without_a_sync(mode: Mode) -> None:
+    """The seed adds the term at every step: on CUDA it is read in multi-tensor kernels
+    and stays on the device (a host zero copied in would wait for the queue at each
+    step); in loss mode its gradient is the CPU one."""
+    found = []
     for device in ("cpu", CUDA):
         model = _mlp().to(device)
-        controller = SparsityController(model, BregmanConfig(initial_lambda=0.5))
+        controller = SparsityController(model, BregmanConfig(initial_lambda=0.5, mode=mode))
         controller.attach(torch.optim.SGD(model.parameters(), lr=0.1))
         controller.regularization_loss()  # first call outside the count (builds, caches)
         with host_syncs() as syncs:
             term = controller.regularization_loss()
         assert term.device.type == torch.device(device).type
-        values.append((float(term.detach()), len(syncs)))
-    (cpu, _), (gpu, syncs) = values
+        term.backward()
+        grads = [None if p.grad is None else p.grad.cpu() for p in model.parameters()]
+        found.append((float(term.detach()), len(syncs), grads))
+    (cpu, _, cpu_grads), (gpu, syncs, gpu_grads) = found
     assert syncs == 0 and gpu == pytest.approx(cpu, rel=1e-6)
+    for on_cpu, on_gpu in zip(cpu_grads, gpu_grads, strict=True):
+        assert (on_cpu is None and on_gpu is None) or torch.equal(on_cpu, on_gpu)
+    assert any(grad is not None for grad in gpu_grads) == (mode == "loss")
 
 
 def test_steps_after_the_support_freeze_do_not_sync() -> None:

@@ -84,6 +84,31 @@ def test_values_of_16_bit_weights_are_float32_sums(reg: Regularizer, dtype: torc
     assert float(value) == pytest.approx(float(reg.value(x.double())), rel=1e-6)
 
 
+@pytest.mark.parametrize("together", [False, True])
+def test_l1_values_in_multi_tensor_kernels_are_each_tensors_value(
+    together: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a GPU L1 reads its tensors in multi-tensor norms, grouped by dtype; here the CPU
+    takes that path when told to: the values (in order) and gradients are the per-tensor
+    ones."""
+    monkeypatch.setattr(regularizers, "summed_together", lambda x: together)
+    generator = torch.Generator().manual_seed(3)
+    base = [torch.randn(7, 5, generator=generator) for _ in range(4)]
+    base[0][:2] = 0.0  # zeros: gradient 0 there
+    dtypes = [torch.float32, torch.bfloat16, torch.float32, torch.float64]
+    tensors = [x.to(dtype).requires_grad_() for x, dtype in zip(base, dtypes, strict=True)]
+    twins = [x.detach().clone().requires_grad_() for x in tensors]
+    values = L1().values(tensors)
+    expected = [L1().value(x) for x in twins]
+    for value, want in zip(values, expected, strict=True):
+        assert value.dtype == want.dtype
+        assert float(value.detach()) == pytest.approx(float(want.detach()), rel=1e-6)
+    torch.stack([v.double() for v in values]).sum().backward()
+    torch.stack([v.double() for v in expected]).sum().backward()
+    for x, twin in zip(tensors, twins, strict=True):
+        assert torch.equal(x.grad, twin.grad)
+
+
 def test_group_prox_rows_against_the_block_soft_threshold_formula() -> None:
     torch.manual_seed(1)
     x = torch.randn(7, 9, dtype=torch.float64)
