@@ -404,18 +404,19 @@ class SparsityController:
             # the same lambda, so under sharding all skip the all-reduce alike.
             return torch.zeros((), requires_grad=True)
         if self.config.mode == "loss":
-            return strength * self._penalty(differentiable=True)
+            return strength * self._penalty()
         with torch.no_grad():
             value = strength * self._penalty()
         return value.requires_grad_()
 
-    def _penalty(self, differentiable: bool = False) -> torch.Tensor:
+    def _penalty(self) -> torch.Tensor:
         """``J`` of the effective weights. Whole tensors (one process, DDP, ZeRO-1/2):
-        computed locally, differentiable if asked. Sharded: each rank's owned elements,
-        summed with one all-reduce (a value: there is no full tensor to differentiate)."""
+        computed locally, differentiable where autograd is on. Sharded: each rank's owned
+        elements, summed with one all-reduce (a value: there is no full tensor to
+        differentiate)."""
         scales = self.attachment.scales()
         if not any(p.sharded for p in self.placements):
-            return self._value([t.tensors() for t in self.targets], scales, differentiable)
+            return self._value([t.tensors() for t in self.targets], scales)
         rank, world = comm.get_rank(self.group), comm.get_world_size(self.group)
         pieces: list[tuple[torch.Tensor | None, torch.Tensor | None]] = []
         grouped = isinstance(self.regularizer, GroupL1)
@@ -435,15 +436,14 @@ class SparsityController:
         self,
         pieces: list[tuple[torch.Tensor | None, torch.Tensor | None]],
         scales: list[float],
-        differentiable: bool = False,
     ) -> torch.Tensor:
         """``sum scale * J(values * mask)`` over ``(values, mask)`` pieces (values None:
-        nothing here), float32. L1 over contiguous CPU float32/float64 tensors is summed by
-        the C++ kernel in one read, in float64 (``x.abs().sum()`` per tensor writes and
-        reads a full-size temporary: 1.9-8.2x a plain read at 10-200 M weights against the
-        kernel's 1.0x, ``benchmarks/loss_term.py``), through
-        :class:`~dist_bregman.kernels.WeightedAbsSum` where it must be differentiable; the
-        rest with torch ops (:meth:`~dist_bregman.regularizers.Regularizer.values`: on a
+        nothing here), float32, differentiable in the values where autograd is on. L1 over
+        contiguous CPU float32/float64 tensors is summed by the C++ kernel in one read, in
+        float64 (``x.abs().sum()`` per tensor writes and reads a full-size temporary:
+        1.9-8.2x a plain read at 10-200 M weights against the kernel's 1.0x,
+        ``benchmarks/loss_term.py``), through :class:`~dist_bregman.kernels.WeightedAbsSum`;
+        the rest with torch ops (:meth:`~dist_bregman.regularizers.Regularizer.values`: on a
         GPU in multi-tensor kernels)."""
         terms: list[torch.Tensor] = []
         summed = [False] * len(pieces)
