@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # The checks that need a GPU, as one command that fits a lent machine's 10-minute call:
-# the CUDA tests, then the CUDA measurement and step-overhead benchmarks. Logs, JSON and
-# Markdown go to $OUT (./cuda_check when OUT is unset), 8 files. From the repository root,
-# on a machine with torch (CUDA), lightning, scikit-learn, pytest and pytest-timeout:
+# the CUDA tests, then the CUDA measurement, step-overhead and loss-term benchmarks. Logs,
+# JSON and Markdown go to $OUT (./cuda_check when OUT is unset), 11 files. From the
+# repository root, on a machine with torch (CUDA), lightning, scikit-learn, pytest and
+# pytest-timeout:
 #
-#   bash benchmarks/cuda_check.sh                  # 183 s on an H200 (2026-12-04)
+#   bash benchmarks/cuda_check.sh                  # 183 s on an H200 (2026-12-04, before
+#                                                  # the loss-term step and rows)
 #   DEVICE=cpu QUICK=1 bash benchmarks/cuda_check.sh   # the same steps on CPU, about
 #                                                  # 20 s here (tests/test_benchmarks.py)
 #
@@ -37,5 +39,7 @@ step 240 test_cuda.log "$python" -m pytest -q -p no:cacheprovider tests/unit/tes
 step 150 measure.log "$python" benchmarks/measure_throughput.py --device "$device" \
   --sizes 10 50 200 $quick --out "$out"
 step 150 step.log "$python" benchmarks/step_overhead.py --device "$device" --repeats 41 \
+  $quick --out "$out"
+step 90 loss.log "$python" benchmarks/loss_term.py --device "$device" --sizes 10 50 200 \
   $quick --out "$out"
 exit "$status"

@@ -3,6 +3,7 @@
     python benchmarks/loss_term.py --quick                      # seconds: CI smoke
     python benchmarks/loss_term.py                              # 10 M and 50 M parameters
     python benchmarks/loss_term.py --sizes 10 50 200 --out benchmarks/results
+    python benchmarks/loss_term.py --device cuda --sizes 10 50 200   # a GPU
 
 The seed adds ``get_regularization_loss`` to the loss at every training step. In the
 default ``mode="prox"`` that is a reported value (the proximal step applies the strength),
@@ -15,8 +16,11 @@ candidates in interleaved rounds, medians:
 * torch ops: ``p.abs().sum()`` per tensor, stacked and summed: how the value was computed
   before the C++ sum, and what it falls back to without a compiler (``abs`` writes a
   full-size temporary, and large fresh allocations are page-faulted in on every call);
-* ``SparsityController.regularization_loss()``: what a training step calls (the C++ sum
-  of ``|w|``, one pass for all tensors, in float64).
+* ``SparsityController.regularization_loss()``: what a training step calls (on CPU the
+  C++ sum of ``|w|``, one pass for all tensors, in float64; on CUDA multi-tensor norms,
+  a few launches where the torch ops take two per tensor).
+
+On CUDA (``--device cuda``) the device is drained before and after each timed call.
 """
 
 from __future__ import annotations
@@ -35,10 +39,10 @@ TORCH_OPS = "torch ops (abs().sum() per tensor)"
 CALL = "SparsityController.regularization_loss() (prox)"
 
 
-def run(million: float, repeats: int) -> dict[str, object]:
-    model = build_model(million)
+def run(million: float, repeats: int, device: str = "cpu") -> dict[str, object]:
+    model = build_model(million).to(device)
     weights = [m.weight for m in model]
-    if kernels.extension() is None:
+    if device == "cpu" and kernels.extension() is None:
         print("note: the C++ kernels are unavailable; the call times the torch fallback")
     controller = SparsityController(model, BregmanConfig(initial_lambda=1.0))
     expected = sum(float(w.detach().double().abs().sum()) for w in weights)
@@ -54,10 +58,11 @@ def run(million: float, repeats: int) -> dict[str, object]:
         TORCH_OPS: torch_ops,
         CALL: controller.regularization_loss,
     }
-    times = time_interleaved(candidates, repeats)
+    times = time_interleaved(candidates, repeats, device=device)
     return {
         "parameters": sum(w.numel() for w in weights),
         "tensors": len(weights),
+        "device": device,
         "median_seconds": medians(times),
         "ratio_to_floor": ratios(times, FLOOR),
     }
@@ -68,16 +73,14 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="one tiny model, 3 repeats")
     parser.add_argument("--sizes", type=float, nargs="+", default=[10, 50], help="M params")
     parser.add_argument("--repeats", type=int, default=21)
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     parser.add_argument("--out", type=Path, default=None, help="folder for JSON + Markdown")
     args = parser.parse_args()
     sizes, repeats = ([0.5], 3) if args.quick else (args.sizes, args.repeats)
-    results = [run(size, repeats) for size in sizes]
-    write(
-        args.out,
-        "loss_term",
-        results,
-        markdown(results, what="The loss term's value (mode='prox')"),
-    )
+    results = [run(size, repeats, args.device) for size in sizes]
+    name = "loss_term" + ("" if args.device == "cpu" else "_cuda")
+    table = markdown(results, args.device, what="The loss term's value (mode='prox')")
+    write(args.out, name, results, table)
 
 
 if __name__ == "__main__":

@@ -442,9 +442,10 @@ class SparsityController:
         contiguous CPU float32/float64 tensors is summed by the C++ kernel in one read, in
         float64 (``x.abs().sum()`` per tensor writes and reads a full-size temporary:
         1.9-8.2x a plain read at 10-200 M weights against the kernel's 1.0x,
-        ``benchmarks/loss_term.py``), through :class:`~dist_bregman.kernels.WeightedAbsSum`;
-        the rest with torch ops (:meth:`~dist_bregman.regularizers.Regularizer.values`: on a
-        GPU in multi-tensor kernels)."""
+        ``benchmarks/loss_term.py``), its gradient from
+        :class:`~dist_bregman.kernels.AbsSumGradient`; the rest with torch ops
+        (:meth:`~dist_bregman.regularizers.Regularizer.values`: on a GPU in multi-tensor
+        kernels)."""
         terms: list[torch.Tensor] = []
         summed = [False] * len(pieces)
         if isinstance(self.regularizer, L1):
@@ -452,15 +453,17 @@ class SparsityController:
             if sums is not None:
                 summed = [bool(flag) for flag in sums[1].tolist()]
             if sums is not None and any(summed):
-                held = [i for i, done in enumerate(summed) if done]
-                terms.append(
-                    kernels.WeightedAbsSum.apply(
-                        sums[0, held],
+                # Its columns are 0 where it did not sum: one weighted sum takes them all.
+                total = (sums[0] * torch.tensor(scales, dtype=torch.float64)).sum().float()
+                if torch.is_grad_enabled():  # loss mode: the L1 gradient, written once
+                    held = [i for i, done in enumerate(summed) if done]
+                    total = kernels.AbsSumGradient.apply(
+                        total,
                         [scales[i] for i in held],
                         [pieces[i][1] for i in held],
                         *[pieces[i][0] for i in held],
                     )
-                )
+                terms.append(total)
         rest = [
             (values if mask is None else values * mask, scale)
             for (values, mask), scale, done in zip(pieces, scales, summed, strict=True)

@@ -310,9 +310,9 @@ double abs_sum_chunk(const torch::Tensor& values, const torch::Tensor& mask, int
 // no temporaries (x.abs().sum() writes and reads a full-size temporary). values[i]: any
 // tensor, or None; masks[i]: its prune mask, or None. Only contiguous CPU float32 and float64
 // tensors are summed, with a mask of the same dtype and size; returns float64 [2, n]: the sums
-// and 1 where the tensor was summed (0 and 0 where not: the caller sums those). The threads
-// take fixed chunks and the chunks are added in order, so the result does not depend on
-// the thread count.
+// and 1 where the tensor was summed (0 and 0 where not: the caller sums those). Each tensor
+// is summed in fixed chunks and the chunks are added in order, so the result does not
+// depend on the thread count.
 torch::Tensor abs_sum_many(const std::vector<std::optional<torch::Tensor>>& values,
                            const std::vector<std::optional<torch::Tensor>>& masks) {
   const int64_t n = static_cast<int64_t>(values.size());
@@ -344,10 +344,26 @@ torch::Tensor abs_sum_many(const std::vector<std::optional<torch::Tensor>>& valu
       chunks.push_back({t, s, std::min(kChunk, v.numel() - s)});
     }
   }
+  // The threads split work units of about kChunk elements each (consecutive chunks of
+  // small tensors share one), so they get the same number of elements: split by chunk
+  // count, one thread took a 50 M model's large tensors and the other its 570 small ones.
+  std::vector<int64_t> units{0};
+  int64_t filled = 0;
+  for (size_t c = 0; c < chunks.size(); ++c) {
+    filled += chunks[c].size;
+    if (filled >= kChunk) {
+      units.push_back(static_cast<int64_t>(c) + 1);
+      filled = 0;
+    }
+  }
+  if (units.back() != static_cast<int64_t>(chunks.size())) {
+    units.push_back(static_cast<int64_t>(chunks.size()));
+  }
   std::vector<double> partial(chunks.size());
   const torch::Tensor none;
-  at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t begin, int64_t end) {
-    for (int64_t c = begin; c < end; ++c) {
+  const int64_t unit_count = static_cast<int64_t>(units.size()) - 1;
+  at::parallel_for(0, unit_count, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t c = units[begin]; c < units[end]; ++c) {
       const Chunk& chunk = chunks[c];
       const auto& mask = masks[chunk.tensor];
       partial[c] = abs_sum_chunk(*values[chunk.tensor], mask.has_value() ? *mask : none,
