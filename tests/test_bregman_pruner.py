@@ -186,6 +186,10 @@ def test_seed_snippet_in_a_real_trainer_makes_exact_zeros_and_logs_metrics(tmp_p
     assert trainer.callback_metrics["bregman/sparsity"].item() == pytest.approx(
         pruner.current_sparsity
     )
+    # Logged as host tensors: a Python number would become a tensor on the module's device,
+    # which on a GPU is a host sync at every step.
+    logged = [trainer.callback_metrics[f"bregman/{name}"] for name in ("lambda", "sparsity")]
+    assert all(value.device.type == "cpu" and value.dtype == torch.float64 for value in logged)
     assert pruner.current_lambda != 0.02
     header = (Path(trainer.logger.log_dir) / "metrics.csv").read_text().splitlines()[0]
     assert "bregman/lambda" in header and "bregman/sparsity" in header

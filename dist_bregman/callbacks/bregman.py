@@ -205,15 +205,23 @@ class BregmanPruner(Callback):
         controller.update_if_due(trainer.global_step)
         if controller.stop_requested:
             self._stop(trainer, controller)
-        key = self._metrics
-        pl_module.log(key + "lambda", controller.lambda_, prog_bar=True, batch_size=1)
-        if controller.sparsity is not None:
-            pl_module.log(key + "sparsity", controller.sparsity, prog_bar=True, batch_size=1)
         report = controller.last_report
-        if report is not None and report.node_sparsity is not None:
-            pl_module.log(key + "node_sparsity", report.node_sparsity, batch_size=1)
-        if report is not None and report.kernel_sparsity is not None:
-            pl_module.log(key + "kernel_sparsity", report.kernel_sparsity, batch_size=1)
+        values = {"lambda": controller.lambda_, "sparsity": controller.sparsity}
+        if report is not None:
+            values.update(
+                node_sparsity=report.node_sparsity, kernel_sparsity=report.kernel_sparsity
+            )
+        for name, value in values.items():
+            if value is not None:
+                # A host tensor: Lightning makes a Python number a tensor on the module's
+                # device, and torch.tensor(x, device="cuda") waits for the GPU's queue (a
+                # host sync at every step, twice); a CPU tensor stays where it is.
+                pl_module.log(
+                    self._metrics + name,
+                    torch.tensor(value, dtype=torch.float64),
+                    prog_bar=name in ("lambda", "sparsity"),
+                    batch_size=1,
+                )
 
     @override
     def on_before_optimizer_step(

@@ -304,6 +304,9 @@ def test_lightning_fit_on_a_gpu_reports_the_model_sparsity(tmp_path: Path) -> No
     trainer = make_trainer(tmp_path, [pruner], max_epochs=2, accelerator="gpu")
     trainer.fit(model, seed_loader())
     assert trainer.strategy.root_device.type == "cuda"
+    # The logged lambda and sparsity stay host tensors (no host-to-GPU copy, which syncs).
+    assert trainer.callback_metrics["bregman/lambda"].device.type == "cpu"
+    assert trainer.callback_metrics["bregman/sparsity"].device.type == "cpu"
     final = measure_sparsity(model.cpu())
     assert pruner.controller is not None and pruner.controller.updates == 32 // 4
     assert pruner.current_lambda != 0.01
