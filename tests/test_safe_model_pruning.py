@@ -37,6 +37,8 @@ def test_seed_snippet_both_callbacks_in_one_trainer_report_the_same_sparsity(
     assert bregman.controller.measure() == truth  # one truth for both callbacks
     assert truth.total - truth.nonzero >= round(cubic * truth.total)
     assert trainer.callback_metrics["pruning/amount"].item() == pytest.approx(cubic)
+    logged = trainer.callback_metrics["pruning/amount"]  # a host tensor: no copy to a GPU
+    assert logged.device.type == "cpu" and logged.dtype == torch.float64
 
 
 class Trace(pl.Callback):

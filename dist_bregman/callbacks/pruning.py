@@ -222,8 +222,11 @@ class SafeModelPruning(Callback):
                 f"{label}SafeModelPruning: {config.prune_unit} {unit}: pruned to "
                 f"{100 * amount:.3f}% ({scope}, {kind}); sparsity {sparsity} ({zeros})"
             )
-        pl_module.log(self._metrics + "amount", amount, batch_size=1)
-        pl_module.log(self._metrics + "sparsity", report.sparsity, batch_size=1)
+        for name, value in (("amount", amount), ("sparsity", report.sparsity)):
+            # Host tensors, as BregmanPruner logs: Lightning would copy a Python number to
+            # the module's device, a host sync on a GPU.
+            logged = torch.tensor(value, dtype=torch.float64)
+            pl_module.log(self._metrics + name, logged, batch_size=1)
 
     def _pruner(self) -> MagnitudePruner:
         if self.pruner is None:
