@@ -22,6 +22,7 @@ from typing_extensions import override
 
 from dist_bregman import logs
 from dist_bregman.callbacks.averaging import check_averaging
+from dist_bregman.callbacks.metrics import log_on_host
 from dist_bregman.config import BregmanConfig, FreezeHold, LambdaRule, Mode, OnNonFinite
 from dist_bregman.controller import SparsityController
 from dist_bregman.targets import ParameterPairs, shared_targets, validate_pairs
@@ -212,15 +213,9 @@ class BregmanPruner(Callback):
                 node_sparsity=report.node_sparsity, kernel_sparsity=report.kernel_sparsity
             )
         for name, value in values.items():
-            if value is not None:
-                # A host tensor: Lightning makes a Python number a tensor on the module's
-                # device, and torch.tensor(x, device="cuda") waits for the GPU's queue (a
-                # host sync at every step, twice); a CPU tensor stays where it is.
-                pl_module.log(
-                    self._metrics + name,
-                    torch.tensor(value, dtype=torch.float64),
-                    prog_bar=name in ("lambda", "sparsity"),
-                    batch_size=1,
+            if value is not None:  # at every step: on a GPU a Python number would sync
+                log_on_host(
+                    pl_module, self._metrics + name, value, prog_bar=name in ("lambda", "sparsity")
                 )
 
     @override

@@ -20,6 +20,7 @@ from typing_extensions import override
 
 from dist_bregman import logs
 from dist_bregman.callbacks.averaging import check_averaging
+from dist_bregman.callbacks.metrics import log_on_host
 from dist_bregman.config import check_name
 from dist_bregman.pruning import (
     MagnitudePruner,
@@ -222,11 +223,8 @@ class SafeModelPruning(Callback):
                 f"{label}SafeModelPruning: {config.prune_unit} {unit}: pruned to "
                 f"{100 * amount:.3f}% ({scope}, {kind}); sparsity {sparsity} ({zeros})"
             )
-        for name, value in (("amount", amount), ("sparsity", report.sparsity)):
-            # Host tensors, as BregmanPruner logs: Lightning would copy a Python number to
-            # the module's device, a host sync on a GPU.
-            logged = torch.tensor(value, dtype=torch.float64)
-            pl_module.log(self._metrics + name, logged, batch_size=1)
+        log_on_host(pl_module, self._metrics + "amount", amount)
+        log_on_host(pl_module, self._metrics + "sparsity", report.sparsity)
 
     def _pruner(self) -> MagnitudePruner:
         if self.pruner is None:

@@ -374,7 +374,6 @@ torch::Tensor abs_sum_many(const std::vector<std::optional<torch::Tensor>>& valu
   return out;
 }
 
-
 // How many threads at::parallel_for really runs a range of n units on in this build: 1 when
 // the extension was compiled without OpenMP, whatever torch.get_num_threads() says.
 int64_t threads_used(int64_t n) {
