@@ -25,16 +25,12 @@ On CUDA (``--device cuda``) the device is drained before and after each timed ca
 
 from __future__ import annotations
 
-import argparse
-from pathlib import Path
-
 import torch
-from common import medians, ratios, time_interleaved, write
-from measure_throughput import build_model, markdown
+from common import write
+from measure_throughput import against_floor, build_model, command_line, markdown
 
 from dist_bregman import BregmanConfig, SparsityController, kernels
 
-FLOOR = "floor (sum per tensor)"
 TORCH_OPS = "torch ops (abs().sum() per tensor)"
 CALL = "SparsityController.regularization_loss() (prox)"
 
@@ -53,30 +49,12 @@ def run(million: float, repeats: int, device: str = "cpu") -> dict[str, object]:
         with torch.no_grad():
             return torch.stack([w.abs().sum() for w in weights]).sum()
 
-    candidates = {
-        FLOOR: lambda: [w.sum() for w in weights],
-        TORCH_OPS: torch_ops,
-        CALL: controller.regularization_loss,
-    }
-    times = time_interleaved(candidates, repeats, device=device)
-    return {
-        "parameters": sum(w.numel() for w in weights),
-        "tensors": len(weights),
-        "device": device,
-        "median_seconds": medians(times),
-        "ratio_to_floor": ratios(times, FLOOR),
-    }
+    candidates = {TORCH_OPS: torch_ops, CALL: controller.regularization_loss}
+    return against_floor(weights, candidates, repeats, device)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="one tiny model, 3 repeats")
-    parser.add_argument("--sizes", type=float, nargs="+", default=[10, 50], help="M params")
-    parser.add_argument("--repeats", type=int, default=21)
-    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
-    parser.add_argument("--out", type=Path, default=None, help="folder for JSON + Markdown")
-    args = parser.parse_args()
-    sizes, repeats = ([0.5], 3) if args.quick else (args.sizes, args.repeats)
+    args, sizes, repeats = command_line(__doc__, repeats=21)
     results = [run(size, repeats, args.device) for size in sizes]
     name = "loss_term" + ("" if args.device == "cpu" else "_cuda")
     table = markdown(results, args.device, what="The loss term's value (mode='prox')")

@@ -36,6 +36,8 @@ from torch import nn
 
 from dist_bregman import BregmanConfig, SparsityController, kernels, measure_sparsity
 
+FLOOR = "floor (sum per tensor)"
+
 
 def build_model(million: float, seed: int = 0) -> nn.Module:
     """About ``million`` M fp32 weights in about 600 tensors, like a transformer: 60% in 4
@@ -73,7 +75,6 @@ def run(million: float, repeats: int, device: str = "cpu") -> dict[str, object]:
     report = grouped.measure()
     assert report.nonzero == expected and report.rows == sum(w.shape[0] for w in weights)
     candidates: dict[str, Callable[[], object]] = {
-        "floor (sum per tensor)": lambda: [w.sum() for w in weights],
         "naive ((p == 0).sum().item())": lambda: [int((w == 0).sum().item()) for w in weights],
         "measure_sparsity(model)": lambda: measure_sparsity(model),
         "SparsityController.measure()": controller.measure,
@@ -81,13 +82,25 @@ def run(million: float, repeats: int, device: str = "cpu") -> dict[str, object]:
     }
     if device != "cpu":
         candidates["fused read (_foreach_norm)"] = lambda: torch._foreach_norm(weights, 1)
-    times = time_interleaved(candidates, repeats, device=device)
+    return against_floor(weights, candidates, repeats, device)
+
+
+def against_floor(
+    weights: list[torch.Tensor],
+    candidates: dict[str, Callable[[], object]],
+    repeats: int,
+    device: str,
+) -> dict[str, object]:
+    """Time ``candidates`` in interleaved rounds after the floor, one plain read of
+    ``weights``: the result :func:`markdown` tabulates (``loss_term.py`` shares both)."""
+    floor = {FLOOR: lambda: [w.sum() for w in weights]}
+    times = time_interleaved({**floor, **candidates}, repeats, device=device)
     return {
         "parameters": sum(w.numel() for w in weights),
         "tensors": len(weights),
         "device": device,
         "median_seconds": medians(times),
-        "ratio_to_floor": ratios(times, "floor (sum per tensor)"),
+        "ratio_to_floor": ratios(times, FLOOR),
     }
 
 
@@ -113,15 +126,23 @@ def markdown(
     return "\n".join(lines) + "\n"
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def command_line(doc: str, repeats: int) -> tuple[argparse.Namespace, list[float], int]:
+    """The size sweep's arguments (this script's and ``loss_term.py``'s), with the sizes
+    and repeats to run: ``--quick`` is one tiny model, 3 repeats."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="one tiny model, 3 repeats")
     parser.add_argument("--sizes", type=float, nargs="+", default=[10, 50], help="M params")
-    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--repeats", type=int, default=repeats)
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     parser.add_argument("--out", type=Path, default=None, help="folder for JSON + Markdown")
     args = parser.parse_args()
-    sizes, repeats = ([0.5], 3) if args.quick else (args.sizes, args.repeats)
+    if args.quick:
+        return args, [0.5], 3
+    return args, args.sizes, args.repeats
+
+
+def main() -> None:
+    args, sizes, repeats = command_line(__doc__, repeats=15)
     results = [run(size, repeats, args.device) for size in sizes]
     name = "measure_throughput" + ("" if args.device == "cpu" else "_cuda")
     if args.device == "cpu" and os.environ.get("DIST_BREGMAN_NO_EXTENSION") == "1":

@@ -48,7 +48,8 @@ import argparse
 import copy
 import itertools
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -98,27 +99,31 @@ class Variant:
             if prox or driven or mode == "loss":
                 self.controller.attach(self.optimizer)
 
+    @contextmanager
+    def _in_pruner(self) -> Iterator[None]:
+        """Add the block's time to :attr:`in_pruner`."""
+        start = time.perf_counter()
+        yield
+        self.in_pruner += time.perf_counter() - start
+
     def run(self, steps: int) -> None:
         for _ in range(steps):
             x, y = next(self.batches)
             loss = F.cross_entropy(self.model(x), y)
             if self.controller is not None and self.loss_term:  # the seed's training_step
-                start = time.perf_counter()
-                loss = loss + self.controller.regularization_loss()
-                self.in_pruner += time.perf_counter() - start
+                with self._in_pruner():
+                    loss = loss + self.controller.regularization_loss()
             loss.backward()
             if self.controller is not None:  # before each step, as BregmanPruner does
-                start = time.perf_counter()
-                self.controller.follow_groups()
-                self.in_pruner += time.perf_counter() - start
+                with self._in_pruner():
+                    self.controller.follow_groups()
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             self.step += 1
             if self.controller is not None:
-                start = time.perf_counter()
-                self.controller.observe_loss(loss)
-                self.controller.update_if_due(self.step)
-                self.in_pruner += time.perf_counter() - start
+                with self._in_pruner():
+                    self.controller.observe_loss(loss)
+                    self.controller.update_if_due(self.step)
 
 
 def _zero_in_pruner(variants: Iterable[Variant]) -> None:
