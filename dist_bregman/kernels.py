@@ -9,7 +9,8 @@ holds a NaN or Inf twice, to count them). It is built with
 cached in ``TORCH_EXTENSIONS_DIR``, ranks share the build through its lock). Without a
 compiler, or with ``DIST_BREGMAN_NO_EXTENSION=1``, counting falls back to torch ops: same
 numbers, slower (``benchmarks/measure_throughput.py`` shows both). The same build sums
-``|values * mask|`` for the L1 value the loss term reports (:func:`abs_sum_many`).
+``|values * mask|`` for the L1 value the loss term reports (:func:`abs_sum_many`) and
+writes that value's gradient in loss mode (:class:`AbsSumGradient`).
 """
 
 from __future__ import annotations
@@ -142,12 +143,13 @@ def abs_sum_many(
 
 class AbsSumGradient(torch.autograd.Function):
     """Gives ``total``, a value of ``sum_i w_i * sum |v_i * m_i|`` computed from
-    :func:`abs_sum_many`'s sums, the gradient in the ``v_i`` that autograd would give it:
-    ``w_i * sign(v_i * m_i) * m_i`` (0 at 0, as for ``abs``). Autograd through
-    ``v.abs().sum()`` writes ``|v|`` in the forward pass and ``sgn(v)`` and the gradient
-    in the backward; this writes the gradient only (with a mask, ``v * m`` too). Only
-    where autograd records: ``apply`` costs about a microsecond per tensor.
-    ``apply(total, weights, masks, *values)``."""
+    :func:`abs_sum_many`'s sums, the gradient in the ``v_i`` that autograd would give it,
+    bit for bit: ``w_i * sign(v_i * m_i) * m_i`` (0 at 0, as for ``abs``), each element
+    written once by the kernel's ``abs_sum_gradient``. Autograd through ``v.abs().sum()``
+    writes ``|v|`` in the forward pass and ``sgn(v)`` and the gradient in the backward (with
+    a mask, ``v * m`` in both). Only where autograd records: ``apply`` costs about a
+    microsecond per tensor. ``apply(total, weights, masks, *values)``, the ``v_i`` tensors
+    :func:`abs_sum_many` summed."""
 
     @staticmethod
     def forward(
@@ -164,11 +166,8 @@ class AbsSumGradient(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        grads = []
-        for values, mask, weight in zip(ctx.saved_tensors, ctx.masks, ctx.weights, strict=True):
-            step = grad * weight
-            if mask is None:
-                grads.append(torch.sign(values).mul_(step))
-            else:
-                grads.append(torch.sign(values * mask).mul_(mask).mul_(step))
+        module = extension()
+        assert module is not None  # the values were summed by it
+        # grad is a host float32 number (total's): reading it does not sync a device.
+        grads = module.abs_sum_gradient(ctx.saved_tensors, ctx.masks, ctx.weights, float(grad))
         return (None, None, None, *grads)

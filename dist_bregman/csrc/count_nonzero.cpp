@@ -9,7 +9,8 @@
 // auto-vectorised (SSE2, AVX2 and AVX-512, see tally_tensor), no temporaries. Runs on
 // ATen's thread pool (torch.set_num_threads applies) when built with -fopenmp, as
 // kernels.py does: without it at::parallel_for runs everything on the calling thread.
-// abs_sum_many (below) sums |values * mask| per tensor for the L1 value, in one read.
+// abs_sum_many (below) sums |values * mask| per tensor for the L1 value, in one read;
+// abs_sum_gradient writes that sum's gradient, in one pass.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -304,6 +305,105 @@ double abs_sum_chunk(const torch::Tensor& values, const torch::Tensor& mask, int
   return abs_sum_range<double>(v, mask.defined() ? mask.data_ptr<double>() + begin : nullptr, n);
 }
 
+struct Chunk {
+  int64_t tensor, begin, size;
+};
+
+using Tensors = std::vector<std::optional<torch::Tensor>>;
+
+// The chunks of kChunk elements of the tensors picked (in order), grouped into work units
+// of about kChunk elements each (consecutive chunks of small tensors share one): unit u is
+// chunks[units[u]] to chunks[units[u + 1]]. The threads split units, so they get the same
+// number of elements: split by chunk count, one thread took a 50 M model's large tensors
+// and the other its 570 small ones.
+struct Work {
+  std::vector<Chunk> chunks;
+  std::vector<int64_t> units{0};
+
+  Work(const Tensors& values, const std::vector<bool>& picked) {
+    for (size_t t = 0; t < values.size(); ++t) {
+      if (!picked[t]) continue;
+      const int64_t numel = values[t]->numel();
+      for (int64_t s = 0; s < numel; s += kChunk) {
+        chunks.push_back({static_cast<int64_t>(t), s, std::min(kChunk, numel - s)});
+      }
+    }
+    int64_t filled = 0;
+    for (size_t c = 0; c < chunks.size(); ++c) {
+      filled += chunks[c].size;
+      if (filled >= kChunk) {
+        units.push_back(static_cast<int64_t>(c) + 1);
+        filled = 0;
+      }
+    }
+    if (units.back() != static_cast<int64_t>(chunks.size())) {
+      units.push_back(static_cast<int64_t>(chunks.size()));
+    }
+  }
+
+  // visit(c, chunk, values, mask) for every chunk c, on ATen's thread pool (mask undefined
+  // where there is none).
+  template <typename Visit>
+  void run(const Tensors& values, const Tensors& masks, Visit visit) const {
+    const torch::Tensor none;
+    const int64_t unit_count = static_cast<int64_t>(units.size()) - 1;
+    at::parallel_for(0, unit_count, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t c = units[begin]; c < units[end]; ++c) {
+        const Chunk& chunk = chunks[c];
+        const auto& mask = masks[chunk.tensor];
+        visit(c, chunk, *values[chunk.tensor], mask.has_value() ? *mask : none);
+      }
+    });
+  }
+};
+
+// Whether the L1 kernels read values[t] (with masks[t]): a contiguous CPU float32 or
+// float64 tensor, its mask None or a contiguous CPU tensor of the same dtype and size.
+bool summable(const std::optional<torch::Tensor>& values,
+              const std::optional<torch::Tensor>& mask) {
+  if (!values.has_value()) return false;
+  const torch::Tensor& v = *values;
+  const auto type = v.scalar_type();
+  if ((type != at::kFloat && type != at::kDouble) || !v.device().is_cpu() ||
+      !v.is_contiguous()) {
+    return false;
+  }
+  if (!mask.has_value()) return true;
+  const torch::Tensor& m = *mask;
+  return m.scalar_type() == type && m.device().is_cpu() && m.is_contiguous() &&
+         m.numel() == v.numel();
+}
+
+// gradient = (sign(values * mask) * mask) * step over one range, as torch.sign(values *
+// mask).mul_(mask).mul_(step) rounds it (sign 0 at 0 and at NaN), in one pass.
+template <typename T>
+void abs_gradient_range(const T* values, const T* mask, T step, T* gradient, int64_t n) {
+  if (mask == nullptr) {
+    for (int64_t i = 0; i < n; ++i) {
+      const T v = values[i];
+      gradient[i] = static_cast<T>((T(0) < v) - (v < T(0))) * step;
+    }
+  } else {
+    for (int64_t i = 0; i < n; ++i) {
+      const T v = values[i] * mask[i];
+      gradient[i] = (static_cast<T>((T(0) < v) - (v < T(0))) * mask[i]) * step;
+    }
+  }
+}
+
+MULTIVERSIONED
+void abs_gradient_chunk(const torch::Tensor& values, const torch::Tensor& mask, float step,
+                        torch::Tensor& gradient, int64_t begin, int64_t n) {
+  if (values.scalar_type() == at::kFloat) {
+    const float* m = mask.defined() ? mask.data_ptr<float>() + begin : nullptr;
+    return abs_gradient_range<float>(values.data_ptr<float>() + begin, m, step,
+                                     gradient.data_ptr<float>() + begin, n);
+  }
+  const double* m = mask.defined() ? mask.data_ptr<double>() + begin : nullptr;
+  abs_gradient_range<double>(values.data_ptr<double>() + begin, m, step,
+                             gradient.data_ptr<double>() + begin, n);
+}
+
 }  // namespace
 
 // Per tensor, sum |values * mask| (the L1 norm of the effective weight) in float64: one pass,
@@ -313,65 +413,56 @@ double abs_sum_chunk(const torch::Tensor& values, const torch::Tensor& mask, int
 // and 1 where the tensor was summed (0 and 0 where not: the caller sums those). Each tensor
 // is summed in fixed chunks and the chunks are added in order, so the result does not
 // depend on the thread count.
-torch::Tensor abs_sum_many(const std::vector<std::optional<torch::Tensor>>& values,
-                           const std::vector<std::optional<torch::Tensor>>& masks) {
+torch::Tensor abs_sum_many(const Tensors& values, const Tensors& masks) {
   const int64_t n = static_cast<int64_t>(values.size());
   TORCH_CHECK(masks.size() == values.size(), "abs_sum_many: ", n, " values but ",
               masks.size(), " masks");
   torch::Tensor out = torch::zeros({2, n}, torch::kFloat64);
   double* result = out.data_ptr<double>();
-  struct Chunk {
-    int64_t tensor, begin, size;
-  };
-  std::vector<Chunk> chunks;
+  std::vector<bool> picked(n);
   for (int64_t t = 0; t < n; ++t) {
-    if (!values[t].has_value()) continue;
-    const torch::Tensor& v = *values[t];
-    const auto type = v.scalar_type();
-    if ((type != at::kFloat && type != at::kDouble) || !v.device().is_cpu() ||
-        !v.is_contiguous()) {
-      continue;
-    }
-    if (masks[t].has_value()) {
-      const torch::Tensor& m = *masks[t];
-      if (m.scalar_type() != type || !m.device().is_cpu() || !m.is_contiguous() ||
-          m.numel() != v.numel()) {
-        continue;
-      }
-    }
-    result[n + t] = 1.0;
-    for (int64_t s = 0; s < v.numel(); s += kChunk) {
-      chunks.push_back({t, s, std::min(kChunk, v.numel() - s)});
-    }
+    picked[t] = summable(values[t], masks[t]);
+    result[n + t] = picked[t] ? 1.0 : 0.0;
   }
-  // The threads split work units of about kChunk elements each (consecutive chunks of
-  // small tensors share one), so they get the same number of elements: split by chunk
-  // count, one thread took a 50 M model's large tensors and the other its 570 small ones.
-  std::vector<int64_t> units{0};
-  int64_t filled = 0;
-  for (size_t c = 0; c < chunks.size(); ++c) {
-    filled += chunks[c].size;
-    if (filled >= kChunk) {
-      units.push_back(static_cast<int64_t>(c) + 1);
-      filled = 0;
-    }
-  }
-  if (units.back() != static_cast<int64_t>(chunks.size())) {
-    units.push_back(static_cast<int64_t>(chunks.size()));
-  }
-  std::vector<double> partial(chunks.size());
-  const torch::Tensor none;
-  const int64_t unit_count = static_cast<int64_t>(units.size()) - 1;
-  at::parallel_for(0, unit_count, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t c = units[begin]; c < units[end]; ++c) {
-      const Chunk& chunk = chunks[c];
-      const auto& mask = masks[chunk.tensor];
-      partial[c] = abs_sum_chunk(*values[chunk.tensor], mask.has_value() ? *mask : none,
-                                 chunk.begin, chunk.size);
-    }
+  const Work work(values, picked);
+  std::vector<double> partial(work.chunks.size());
+  work.run(values, masks, [&](int64_t c, const Chunk& chunk, const torch::Tensor& v,
+                              const torch::Tensor& mask) {
+    partial[c] = abs_sum_chunk(v, mask, chunk.begin, chunk.size);
   });
-  for (size_t c = 0; c < chunks.size(); ++c) result[chunks[c].tensor] += partial[c];
+  for (size_t c = 0; c < work.chunks.size(); ++c) {
+    result[work.chunks[c].tensor] += partial[c];
+  }
   return out;
+}
+
+// The gradient of grad * sum_i weights[i] * sum |values[i] * masks[i]| in each values[i]:
+// (sign(values * mask) * mask) * step with step = float32(grad * weights[i]), each element
+// written once, bit for bit what torch.sign(values * mask).mul_(mask).mul_(step) gives
+// (that writes sign, then scales it: two to four passes). Every tensor must be one
+// abs_sum_many sums.
+std::vector<torch::Tensor> abs_sum_gradient(const Tensors& values, const Tensors& masks,
+                                            const std::vector<double>& weights, double grad) {
+  const size_t n = values.size();
+  TORCH_CHECK(masks.size() == n && weights.size() == n, "abs_sum_gradient: ", n,
+              " values, ", masks.size(), " masks, ", weights.size(), " weights");
+  std::vector<bool> picked(n, true);
+  std::vector<torch::Tensor> gradients(n);
+  std::vector<float> steps(n);
+  for (size_t t = 0; t < n; ++t) {
+    TORCH_CHECK(summable(values[t], masks[t]), "abs_sum_gradient: tensor ", t,
+                " is not one abs_sum_many sums");
+    gradients[t] = torch::empty_like(*values[t]);
+    // grad is a float32 number: the product rounds as a float32 tensor times a Python float.
+    steps[t] = static_cast<float>(grad) * static_cast<float>(weights[t]);
+  }
+  const Work work(values, picked);
+  work.run(values, masks, [&](int64_t, const Chunk& chunk, const torch::Tensor& v,
+                              const torch::Tensor& mask) {
+    abs_gradient_chunk(v, mask, steps[chunk.tensor], gradients[chunk.tensor], chunk.begin,
+                       chunk.size);
+  });
+  return gradients;
 }
 
 // How many threads at::parallel_for really runs a range of n units on in this build: 1 when
@@ -387,5 +478,6 @@ int64_t threads_used(int64_t n) {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("count_nonzero_many", &count_nonzero_many, "nonzeros of values * mask, non-finite values, zero rows and kernels, per tensor");
   m.def("abs_sum_many", &abs_sum_many, "sum |values * mask| per tensor, in float64");
+  m.def("abs_sum_gradient", &abs_sum_gradient, "gradient of a weighted abs_sum_many");
   m.def("threads_used", &threads_used, "threads at::parallel_for uses for n units (a build check)");
 }

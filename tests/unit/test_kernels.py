@@ -207,34 +207,51 @@ def test_abs_sum_leaves_what_it_cannot_read_to_the_caller() -> None:
     assert float(summed[0, 7]) == pytest.approx(float(base.double().abs().sum()), rel=1e-12)
 
 
-def test_abs_sum_gradient_is_autograds() -> None:
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_abs_sum_gradient_is_autograds(dtype: torch.dtype) -> None:
     """Against ``sum w * |v * m|`` through autograd: the same gradient bit for bit (0 at
-    exact zeros, masked elements 0, a mask of any factor), the value to float rounding."""
+    exact zeros, -0.0 and NaN, masked elements 0, a mask of any factor, weights that float32
+    rounds, a tensor of several chunks), the value to float rounding."""
     _needs_kernel()
     generator = torch.Generator().manual_seed(2)
-    values = [torch.randn(300, 7, generator=generator) for _ in range(3)]
+    shapes = [(300, 7), (300, 7), (300, 7), (70_000, 3)]
+    values = [torch.randn(*shape, generator=generator, dtype=dtype) for shape in shapes]
     values[0][:40] = 0.0  # the zeros a sparse model is made of
-    mask = (torch.rand(300, 7, generator=generator) < 0.5).float()
+    values[0][40:45] = -0.0
+    values[2][5, 3] = float("nan")
+    mask = (torch.rand(300, 7, generator=generator) < 0.5).to(dtype)
     mask[::3] *= 2.5
-    masks: list[torch.Tensor | None] = [None, mask, None]
-    weights = [1.0, 0.25, 3.0]
+    big_mask = (torch.rand(70_000, 3, generator=generator) < 0.3).to(dtype)
+    masks: list[torch.Tensor | None] = [None, mask, None, big_mask]
+    weights = [1.0, 0.3, 3.0, 1 / 7]
     leaves = [v.clone().requires_grad_() for v in values]
     sums = kernels.abs_sum_many(leaves, masks)
     assert sums is not None
     total = (sums[0] * torch.tensor(weights, dtype=torch.float64)).sum().float()
     fast = kernels.AbsSumGradient.apply(total, weights, masks, *leaves)
-    fast.backward()
+    (fast * 1.7).backward()  # an upstream gradient other than 1
     twins = [v.clone().requires_grad_() for v in values]
     slow = sum(
-        w * (v if m is None else v * m).abs().sum()
+        w * (v if m is None else v * m).abs().sum().float()
         for v, m, w in zip(twins, masks, weights, strict=True)
     )
-    slow.backward()
+    (slow * 1.7).backward()
     assert fast.dtype == torch.float32
-    assert float(fast.detach()) == pytest.approx(float(slow.detach()), rel=1e-6)
+    assert float(fast.detach()) != float(fast.detach())  # the NaN reaches the value
     for leaf, twin in zip(leaves, twins, strict=True):
-        assert torch.equal(leaf.grad, twin.grad)
-    assert bool((leaves[0].grad[:40] == 0).all())
+        assert leaf.grad.dtype == dtype
+        assert torch.equal(leaf.grad.view(-1).view(torch.int8), twin.grad.view(-1).view(torch.int8))
+    assert bool((leaves[0].grad[:45] == 0).all())
+    finite = [v.nan_to_num(0.0) for v in values]
+    sums = kernels.abs_sum_many(finite, masks)
+    assert sums is not None
+    expected = sum(
+        w * float((v if m is None else v * m).double().abs().sum())
+        for v, m, w in zip(finite, masks, weights, strict=True)
+    )
+    assert float((sums[0] * torch.tensor(weights, dtype=torch.float64)).sum()) == pytest.approx(
+        expected, rel=1e-12
+    )
 
 
 def test_disabled_kernel_gives_none(monkeypatch: pytest.MonkeyPatch) -> None:
