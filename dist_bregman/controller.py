@@ -32,6 +32,7 @@ from torch import nn
 
 from dist_bregman import comm, kernels, logs
 from dist_bregman.attachment import Attachment
+from dist_bregman.compiling import eager
 from dist_bregman.config import BregmanConfig, check_number
 from dist_bregman.control import LambdaDecision, decide
 from dist_bregman.errors import NonFiniteError, RankDisagreementError
@@ -387,6 +388,7 @@ class SparsityController:
             self.attachment.set_lambda(self._lambda())
 
     # ------------------------------------------------------------------ the penalty
+    @eager  # a compiled training_step runs the term eagerly (kernels, all-reduce)
     def regularization_loss(self) -> torch.Tensor:
         """``lambda * J(theta)`` over the effective weights, for the training loss (0 during
         the dense warm-up and once the support is frozen: the penalty is off). Each weight's

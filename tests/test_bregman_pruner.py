@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 import logging
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -511,6 +512,33 @@ def test_a_pruner_used_in_training_step_but_not_given_to_the_trainer_is_refused(
     validated.bregman_pruner = BregmanPruner(0.5, 0.05)
     make_trainer(tmp_path, [], max_epochs=1).validate(validated, seed_loader())
     assert len(validated.penalties) == 16 and min(validated.penalties) > 0
+
+
+def test_a_compiled_training_step_trains_as_eager_without_dynamo_warnings(tmp_path: Path) -> None:
+    """The seed's training_step under torch.compile (Dynamo, eager backend: the tracing,
+    no code generation): the term is taken eagerly, in a fit (same weights and lambda as
+    without compiling) and outside one (a first call builds the controller), with none
+    of Dynamo's warnings about what it cannot trace (C++ kernels, cached lookups)."""
+    results = {}
+    for compiled in (False, True):
+        torch._dynamo.reset()
+        model, pruner = SeedModel(), BregmanPruner(0.5, 0.05, update_frequency=4)
+        model.bregman_pruner = pruner
+        if compiled:
+            model.training_step = torch.compile(model.training_step, backend="eager")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            make_trainer(tmp_path, [pruner], max_epochs=1).fit(model, seed_loader())
+            unfitted = BregmanPruner(0.5, 0.05)
+            term = torch.compile(unfitted.get_regularization_loss, backend="eager")
+            outside = term(SeedModel())
+        assert [str(w.message) for w in caught if "_dynamo" in w.filename] == []
+        eager = unfitted.get_regularization_loss(SeedModel())
+        assert float(outside.detach()) == float(eager.detach()) > 0
+        results[compiled] = [p.detach().clone() for p in model.parameters()]
+        results[compiled].append(torch.tensor(pruner.current_lambda))
+    assert all(map(torch.equal, results[False], results[True]))
+    assert float(results[True][-1]) != 0.05  # lambda moved
 
 
 def test_a_trainer_fitted_with_the_pruner_is_refused_once_the_pruner_is_taken_out(

@@ -23,6 +23,7 @@ from typing_extensions import override
 from dist_bregman import logs
 from dist_bregman.callbacks.averaging import check_averaging
 from dist_bregman.callbacks.metrics import log_on_host
+from dist_bregman.compiling import eager
 from dist_bregman.config import BregmanConfig, FreezeHold, LambdaRule, Mode, OnNonFinite
 from dist_bregman.controller import SparsityController
 from dist_bregman.targets import ParameterPairs, shared_targets, validate_pairs
@@ -124,6 +125,7 @@ class BregmanPruner(Callback):
         """The last measured global sparsity in [0, 1], or None before the first."""
         return None if self.controller is None else self.controller.sparsity
 
+    @eager  # a compiled training_step runs it eagerly (dist_bregman.compiling)
     def get_regularization_loss(self, pl_module: pl.LightningModule) -> torch.Tensor:
         """``lambda * J(theta)`` to add to the loss in ``training_step`` (see the class doc).
 

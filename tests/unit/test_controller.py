@@ -5,6 +5,8 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
+import warnings
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -236,6 +238,43 @@ def test_loss_mode_gradient_is_lambda_times_sign_and_no_hook_acts() -> None:
     before = model[0].weight.detach().clone()
     optimizer.step()
     assert torch.equal(model[0].weight.detach(), before - 0.1 * 0.25 * before.sign())
+
+
+def _seed_loss(
+    model: nn.Module, controller: SparsityController
+) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The seed's training_step loss: the task's, plus the term."""
+
+    def loss(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(model(x), y) + controller.regularization_loss()
+
+    return loss
+
+
+@pytest.mark.parametrize("mode", ["prox", "loss"])
+def test_a_compiled_training_step_takes_the_term_eagerly_and_steps_as_eager(mode: Mode) -> None:
+    """The seed's training_step under torch.compile (Dynamo with its eager backend: the
+    tracing, no code generation) breaks its graph at the term, with none of Dynamo's
+    warnings about the C++ kernels it cannot trace, and trains exactly as without it."""
+    weights = {}
+    for compiled in (False, True):
+        torch._dynamo.reset()
+        model = _model()
+        controller = SparsityController(model, BregmanConfig(initial_lambda=0.05, mode=mode))
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        controller.attach(optimizer)
+        step = _seed_loss(model, controller)
+        run = torch.compile(step, backend="eager") if compiled else step
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for x, y in _batches(3):
+                run(x, y).backward()
+                optimizer.step()
+                optimizer.zero_grad()
+        assert [str(w.message) for w in caught if "_dynamo" in w.filename] == []
+        weights[compiled] = [p.detach().clone() for p in model.parameters()]
+    for eager, traced in zip(weights[False], weights[True], strict=True):
+        assert torch.equal(eager, traced)
 
 
 def test_prox_acts_on_weight_orig_of_a_pruned_layer_and_masked_zeros_stay() -> None:

@@ -158,3 +158,13 @@ def test_the_callbacks_load_on_first_use() -> None:
     assert lazy | {"SparseStochasticWeightAveraging"} <= set(dist_bregman.__all__)
     with pytest.raises(AttributeError, match="no attribute 'Nothing'"):
         dist_bregman.Nothing  # noqa: B018
+
+
+def test_importing_the_core_does_not_load_dynamo() -> None:
+    """Dynamo costs a process about 0.5 s to import: the loss term's eager wrapper
+    (:func:`dist_bregman.compiling.eager`) loads it at its first call, not at import."""
+    code = "import sys, dist_bregman; print('torch._dynamo' in sys.modules)"
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
+    )
+    assert done.stdout.strip() == "False"
