@@ -10,6 +10,9 @@ both):
 * engines are built with ``device_rank=root_device.index``, which is ``None`` on CPU and
   makes DeepSpeed fail: use the local rank.
 
+It also unlinks the ``/dev/shm`` files DeepSpeed's CPU backend leaves behind
+(:func:`~dist_bregman.comm.release_deepspeed_shm`).
+
     trainer = Trainer(accelerator="cpu", devices=2,
                       strategy=DeepSpeedStrategy(stage=3, config=...))
 
@@ -32,6 +35,8 @@ from lightning.pytorch.accelerators.cuda import CUDAAccelerator
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.strategies import DeepSpeedStrategy as LightningDeepSpeedStrategy
 from typing_extensions import override
+
+from dist_bregman import comm
 
 
 def check_cpu_precision(config: dict[str, Any] | None, precision: str) -> None:
@@ -75,6 +80,7 @@ class DeepSpeedStrategy(LightningDeepSpeedStrategy):
         reset_seed()
         self.set_world_ranks()
         self._init_deepspeed_distributed()
+        comm.release_deepspeed_shm()  # its /dev/shm files outlived every CPU job
 
     @override
     def _setup_model_and_optimizer(self, *args: Any, **kwargs: Any) -> Any:

@@ -37,6 +37,7 @@ def main() -> None:
     args = parser.parse_args()
 
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    comm.release_deepspeed_shm()  # on CPU, DeepSpeed's /dev/shm files would outlive the job
     torch.manual_seed(0)
     model = nn.Sequential(
         nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 128), nn.ReLU(), nn.Linear(128, 10)

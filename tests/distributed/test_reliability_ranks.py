@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import os
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 from torch import nn
 
-from dist_bregman import BregmanConfig, SparsityController
+from dist_bregman import BregmanConfig, SparsityController, comm
 from dist_bregman.errors import NonFiniteError, RankDisagreementError
 from tests.helpers.dist import run_ranks
 
@@ -169,3 +170,37 @@ def test_guard_steps_is_refused_where_deepspeed_hides_the_gradients(strategy: st
     for visible, message in run_ranks(_guard_under_deepspeed, 2, strategy, timeout=TIMEOUT):
         assert visible == 0
         assert "guard_steps=True with DeepSpeed's" in message and "allowed:" in message
+
+
+def _deepspeed_shm(rank: int, world: int, port: str) -> dict[str, Any]:
+    # What the deepspeed launcher sets on one node (LOCAL_SIZE: every rank here, so
+    # DeepSpeed's CPU backend sets up its shm all-reduce); the port only names the files.
+    os.environ.update(LOCAL_RANK=str(rank), RANK=str(rank), WORLD_SIZE=str(world))
+    os.environ.update(LOCAL_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+    import deepspeed
+    import deepspeed.comm as ds_comm
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    mine = Path("/dev/shm") / f"deepspeed_allreduce_buffer_{os.getuid()}_127.0.0.1_{port}_{rank}"
+    made = mine.exists()
+    comm.release_deepspeed_shm()
+    comm.barrier()  # every rank has unlinked its own
+    left = sorted(p.name for p in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
+    summed = torch.full((1000,), float(rank + 1))
+    ds_comm.inference_all_reduce(summed)  # through the shm buffers, unlinked but mapped
+    return {"made": made, "left": left, "sum": summed.unique().tolist()}
+
+
+@pytest.mark.timeout(TIMEOUT + 30)
+def test_deepspeeds_cpu_shm_files_are_unlinked_and_its_all_reduce_still_works() -> None:
+    """DeepSpeed's CPU backend leaves a 66 MB /dev/shm file per rank after every job
+    (20 GB of them here after a day of test runs): once every rank has mapped them, each
+    rank unlinks its own, and the shm all-reduce goes on working through the mappings."""
+    pytest.importorskip("deepspeed")
+    if not Path("/dev/shm").is_dir():
+        pytest.skip("no /dev/shm: DeepSpeed's CPU backend makes no shm files here")
+    port = str(50_000 + os.getpid() % 10_000)  # names this test's files only
+    results = run_ranks(_deepspeed_shm, 3, port, timeout=TIMEOUT)
+    assert [r["made"] for r in results] == [True] * 3
+    assert [r["left"] for r in results] == [[]] * 3
+    assert [r["sum"] for r in results] == [[6.0]] * 3
