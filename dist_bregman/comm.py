@@ -172,6 +172,8 @@ def release_deepspeed_shm() -> None:
     backend = getattr(sys.modules.get("deepspeed.comm.comm"), "cdb", None)
     if getattr(backend, "shm_comm_op", None) is None:  # not loaded, or not on CPU
         return
+    if os.environ.get("LOCAL_SIZE") != str(get_world_size()):
+        return  # DeepSpeed's condition for the files: so every rank skips the barrier alike
     barrier()
     address, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
     name = f"deepspeed_allreduce_buffer_{os.getuid()}_{address}_{port}_{get_rank()}"
