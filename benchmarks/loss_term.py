@@ -1,4 +1,4 @@
-"""The seed's loss term in ``mode="prox"``, against one plain read of the same bytes.
+"""The seed's loss term, against one plain read of the same bytes.
 
     python benchmarks/loss_term.py --quick                      # seconds: CI smoke
     python benchmarks/loss_term.py                              # 10 M and 50 M parameters
@@ -20,10 +20,18 @@ candidates in interleaved rounds, medians:
   C++ sum of ``|w|``, one pass for all tensors, in float64; on CUDA multi-tensor norms,
   a few launches where the torch ops take two per tensor).
 
+In ``mode="loss"`` the term is the mechanism, and its gradient is written at every step
+too: two more rows time the value and its backward pass together (each weight's ``grad``
+reset first, so every call writes fresh gradients, as a training step with
+``zero_grad()`` does), ``abs().sum()`` through autograd against the controller's term (the
+C++ sum, and the gradient in one C++ pass on CPU). Their gradients are checked equal.
+
 On CUDA (``--device cuda``) the device is drained before and after each timed call.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from common import write
@@ -33,6 +41,8 @@ from dist_bregman import BregmanConfig, SparsityController, kernels
 
 TORCH_OPS = "torch ops (abs().sum() per tensor)"
 CALL = "SparsityController.regularization_loss() (prox)"
+LOSS_TORCH_OPS = "loss mode: torch ops, value + backward()"
+LOSS_CALL = "loss mode: regularization_loss(), value + backward()"
 
 
 def run(million: float, repeats: int, device: str = "cpu") -> dict[str, object]:
@@ -49,7 +59,29 @@ def run(million: float, repeats: int, device: str = "cpu") -> dict[str, object]:
         with torch.no_grad():
             return torch.stack([w.abs().sum() for w in weights]).sum()
 
-    candidates = {TORCH_OPS: torch_ops, CALL: controller.regularization_loss}
+    loss_mode = SparsityController(model, BregmanConfig(initial_lambda=1.0, mode="loss"))
+
+    def backward(term: Callable[[], torch.Tensor]) -> Callable[[], None]:
+        def call() -> None:
+            for w in weights:
+                w.grad = None
+            term().backward()
+
+        return call
+
+    loss_torch_ops = backward(lambda: torch.stack([w.abs().sum() for w in weights]).sum())
+    loss_call = backward(loss_mode.regularization_loss)
+    loss_torch_ops()
+    expected_grads = [w.grad for w in weights]
+    loss_call()
+    assert all(map(torch.equal, expected_grads, [w.grad for w in weights]))  # the same
+
+    candidates = {
+        TORCH_OPS: torch_ops,
+        CALL: controller.regularization_loss,
+        LOSS_TORCH_OPS: loss_torch_ops,
+        LOSS_CALL: loss_call,
+    }
     return against_floor(weights, candidates, repeats, device)
 
 
@@ -57,7 +89,9 @@ def main() -> None:
     args, sizes, repeats = command_line(__doc__, repeats=21)
     results = [run(size, repeats, args.device) for size in sizes]
     name = "loss_term" + ("" if args.device == "cpu" else "_cuda")
-    table = markdown(results, args.device, what="The loss term's value (mode='prox')")
+    table = markdown(
+        results, args.device, what="The loss term (value; in loss mode, value and gradient)"
+    )
     write(args.out, name, results, table)
 
 

@@ -46,12 +46,16 @@ def test_measure_throughput_quick(tmp_path: Path) -> None:
 
 @pytest.mark.timeout(180)
 def test_loss_term_quick(tmp_path: Path) -> None:
-    results = run_quick("loss_term", tmp_path)  # the script checks the value it times
+    # The script checks the value it times, and that both loss-mode rows write the same
+    # gradients.
+    results = run_quick("loss_term", tmp_path)
     assert results[0]["ratio_to_floor"]["floor (sum per tensor)"] == 1.0
     assert set(results[0]["median_seconds"]) == {
         "floor (sum per tensor)",
         "torch ops (abs().sum() per tensor)",
         "SparsityController.regularization_loss() (prox)",
+        "loss mode: torch ops, value + backward()",
+        "loss mode: regularization_loss(), value + backward()",
     }
 
 
