@@ -19,6 +19,10 @@ its module): the controller reads each measured tensor's layout from it, see
 :mod:`dist_bregman.shards`. If the model is wrapped after the controller is built, call
 :meth:`bind` with the wrapped model before :meth:`attach`. Every rank must call
 :meth:`attach`, :meth:`measure` and :meth:`update_if_due` alike: they are collectives.
+The calls a training step makes (those above, :meth:`regularization_loss`,
+:meth:`follow_groups`, :meth:`gradients_finite`, :meth:`drop_step`) run eagerly inside a
+compiled step (:func:`~dist_bregman.compiling.eager`): host-side decisions, C++ kernels
+and collectives, which Dynamo would only break its graph on, and warn about.
 """
 
 from __future__ import annotations
@@ -146,6 +150,7 @@ class SparsityController:
         return self.lambda_ if self.shrinking else 0.0
 
     # ------------------------------------------------------------------ measuring
+    @eager
     def measure(self) -> SparsityReport:
         """Global sparsity of the targets (a collective: every rank must call it)."""
         report, _ = reduce_counts(
@@ -166,6 +171,7 @@ class SparsityController:
         return report
 
     # ------------------------------------------------------------------ lambda
+    @eager
     def observe_loss(self, loss: torch.Tensor | float | None) -> None:
         """Remember, without a host sync, whether a non-finite loss was seen on this rank
         (:class:`~dist_bregman.guards.LossWatch`). The flag travels in the next
@@ -173,6 +179,7 @@ class SparsityController:
         of them skip that lambda update together."""
         self.losses.observe(loss)
 
+    @eager
     def update_if_due(self, step: int) -> LambdaDecision | None:
         """Nothing before ``magnitude_start_at``, the cut at it (:meth:`start_from_cut`);
         freeze the support when ``step`` reaches ``freeze_support_at``; run :meth:`update`
@@ -307,6 +314,7 @@ class SparsityController:
         return pruner
 
     # ------------------------------------------------------------------ bad numbers
+    @eager
     def gradients_finite(self, optimizers: Iterable[Any], step: int) -> bool:
         """Whether every rank's gradients are finite, the same answer on every rank.
 
@@ -337,6 +345,7 @@ class SparsityController:
         )
         return False
 
+    @eager
     def drop_step(self, optimizers: Iterable[Any]) -> None:
         """Make the coming ``optimizer.step()`` a no-op: gradients to None (torch optimizers
         skip parameters without one) and no proximal step after it."""
@@ -388,7 +397,7 @@ class SparsityController:
             self.attachment.set_lambda(self._lambda())
 
     # ------------------------------------------------------------------ the penalty
-    @eager  # a compiled training_step runs the term eagerly (kernels, all-reduce)
+    @eager
     def regularization_loss(self) -> torch.Tensor:
         """``lambda * J(theta)`` over the effective weights, for the training loss (0 during
         the dense warm-up and once the support is frozen: the penalty is off). Each weight's
@@ -531,6 +540,7 @@ class SparsityController:
                 f"weight_decay); values around 1e-5 to 1e-2 are typical: lower initial_lambda"
             )
 
+    @eager
     def follow_groups(self) -> bool:
         """Attach again (non-strictly) if the optimizers' param groups changed since
         :meth:`attach`: a finetuning callback unfreezing layers adds their parameters as a

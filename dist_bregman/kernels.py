@@ -25,6 +25,8 @@ from typing import Any
 
 import torch
 
+from dist_bregman.compiling import eager
+
 SOURCE = Path(__file__).parent / "csrc" / "count_nonzero.cpp"
 _PACK = {torch.float16: "e", torch.bfloat16: None, torch.float32: "f", torch.float64: "d"}
 """The float types the kernel reads, in its order (``float_index`` in the C++), with their
@@ -166,8 +168,19 @@ class AbsSumGradient(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        module = extension()
-        assert module is not None  # the values were summed by it
-        # grad is a host float32 number (total's): reading it does not sync a device.
-        grads = module.abs_sum_gradient(ctx.saved_tensors, ctx.masks, ctx.weights, float(grad))
+        grads = _abs_sum_gradient(ctx.saved_tensors, ctx.masks, ctx.weights, grad)
         return (None, None, None, *grads)
+
+
+@eager  # a compiled step that calls backward() would trace into it
+def _abs_sum_gradient(
+    values: Sequence[torch.Tensor],
+    masks: Sequence[torch.Tensor | None],
+    weights: Sequence[float],
+    grad: torch.Tensor,
+) -> list[torch.Tensor]:
+    """:class:`AbsSumGradient`'s gradients, from the kernel that summed the values."""
+    module = extension()
+    assert module is not None  # the values were summed by it
+    # grad is a host float32 number (total's): reading it does not sync a device.
+    return list(module.abs_sum_gradient(values, masks, weights, float(grad)))

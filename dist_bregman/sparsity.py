@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from dist_bregman import comm, kernels
+from dist_bregman.compiling import eager
 from dist_bregman.shards import LocalView, Placement, local_views, locate
 from dist_bregman.targets import ParameterPairs
 
@@ -197,6 +198,7 @@ def reduce_counts(
     return report, numbers[tail + 2 :]
 
 
+@eager
 def measure_sparsity(
     model: nn.Module,
     parameters_to_prune: ParameterPairs | None = None,

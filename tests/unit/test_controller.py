@@ -240,41 +240,51 @@ def test_loss_mode_gradient_is_lambda_times_sign_and_no_hook_acts() -> None:
     assert torch.equal(model[0].weight.detach(), before - 0.1 * 0.25 * before.sign())
 
 
-def _seed_loss(
-    model: nn.Module, controller: SparsityController
-) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """The seed's training_step loss: the task's, plus the term."""
+def _raw_step(
+    model: nn.Module, optimizer: torch.optim.Optimizer, controller: SparsityController
+) -> Callable[[torch.Tensor, torch.Tensor, int], None]:
+    """A raw loop's whole step, the seed's loss term included (the module docstring's)."""
 
-    def loss(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(model(x), y) + controller.regularization_loss()
+    def step(x: torch.Tensor, y: torch.Tensor, number: int) -> None:
+        loss = F.cross_entropy(model(x), y) + controller.regularization_loss()
+        loss.backward()
+        controller.follow_groups()
+        optimizer.step()
+        optimizer.zero_grad()
+        controller.observe_loss(loss)
+        controller.update_if_due(number)
 
-    return loss
+    return step
 
 
 @pytest.mark.parametrize("mode", ["prox", "loss"])
-def test_a_compiled_training_step_takes_the_term_eagerly_and_steps_as_eager(mode: Mode) -> None:
-    """The seed's training_step under torch.compile (Dynamo with its eager backend: the
-    tracing, no code generation) breaks its graph at the term, with none of Dynamo's
-    warnings about the C++ kernels it cannot trace, and trains exactly as without it."""
-    weights = {}
+def test_a_compiled_step_runs_the_controller_eagerly_and_steps_as_eager(mode: Mode) -> None:
+    """A raw loop's step under torch.compile (Dynamo with its eager backend: the tracing,
+    no code generation) breaks its graph at the controller's calls, with none of Dynamo's
+    warnings about the C++ kernels and host-side decisions it cannot trace, and trains
+    exactly as without it: weights, lambda (updated every 3 steps) and the measurement."""
+    results = {}
     for compiled in (False, True):
         torch._dynamo.reset()
         model = _model()
-        controller = SparsityController(model, BregmanConfig(initial_lambda=0.05, mode=mode))
+        config = BregmanConfig(
+            initial_lambda=0.05, lambda_update_rate=0.1, update_frequency=3, mode=mode
+        )
+        controller = SparsityController(model, config)
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
         controller.attach(optimizer)
-        step = _seed_loss(model, controller)
+        step = _raw_step(model, optimizer, controller)
         run = torch.compile(step, backend="eager") if compiled else step
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            for x, y in _batches(3):
-                run(x, y).backward()
-                optimizer.step()
-                optimizer.zero_grad()
+            for number, (x, y) in enumerate(_batches(7), start=1):
+                run(x, y, number)
         assert [str(w.message) for w in caught if "_dynamo" in w.filename] == []
-        weights[compiled] = [p.detach().clone() for p in model.parameters()]
-    for eager, traced in zip(weights[False], weights[True], strict=True):
-        assert torch.equal(eager, traced)
+        weights = [p.detach().clone() for p in model.parameters()]
+        results[compiled] = (weights, controller.lambda_, controller.measure())
+    (eager, lam, report), (traced, traced_lam, traced_report) = results[False], results[True]
+    assert all(map(torch.equal, eager, traced))
+    assert (traced_lam, traced_report) == (lam, report) and lam != 0.05
 
 
 def test_prox_acts_on_weight_orig_of_a_pruned_layer_and_masked_zeros_stay() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import warnings
 
 import pytest
 import torch
@@ -117,6 +118,24 @@ def test_explicit_pairs_limit_the_set_and_keep_qualified_names() -> None:
     report = measure_sparsity(model, [(model.fc2, "weight"), (model.fc2, "bias")])
     assert list(report.per_parameter) == ["fc2.weight", "fc2.bias"]
     assert report.total == 330 + 10
+
+
+def test_measure_sparsity_in_a_compiled_function_runs_eagerly_without_dynamo_warnings() -> None:
+    """Logging sparsity from a compiled step: Dynamo breaks its graph at the call (a
+    host-side report, C++ counting) without warning about what it cannot trace, and the
+    report is the eager one."""
+    model = mixed_state_model()
+    expected = measure_sparsity(model)
+
+    def step(x: torch.Tensor) -> tuple[torch.Tensor, SparsityReport]:
+        return x * 2, measure_sparsity(model)
+
+    torch._dynamo.reset()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _, report = torch.compile(step, backend="eager")(torch.ones(3))
+    assert [str(w.message) for w in caught if "_dynamo" in w.filename] == []
+    assert report == expected
 
 
 def test_a_compiled_model_and_its_compiled_submodules_keep_the_plain_names() -> None:
