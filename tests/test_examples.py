@@ -91,14 +91,21 @@ def test_launch_torchrun_script_runs_the_ddp_job(tmp_path: Path) -> None:
 
 
 @pytest.mark.timeout(200)
+def _shm_left(port: int | str) -> list[Path]:
+    """DeepSpeed's CPU all-reduce files of the job on ``port`` still in /dev/shm (66 MB a
+    rank, never removed by DeepSpeed: comm.release_deepspeed_shm unlinks them)."""
+    return list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
+
+
 def test_raw_deepspeed_engine_under_the_deepspeed_launcher(tmp_path: Path) -> None:
     deepspeed = Path(sys.executable).parent / "deepspeed"
+    port = free_port()
     command = [
         str(deepspeed),
         "--num_gpus",
         "2",
         "--master_port",
-        str(free_port()),
+        str(port),
         str(ROOT / "examples" / "raw_deepspeed.py"),
         "--stage",
         "3",
@@ -119,6 +126,7 @@ def test_raw_deepspeed_engine_under_the_deepspeed_launcher(tmp_path: Path) -> No
         "4.weight": 1280,
     }
     assert 0 < sum(v[0] for v in counts.values()) < 50432 and ranks[0]["penalty"] > 0
+    assert _shm_left(port) == []
 
 
 @pytest.mark.timeout(200)
@@ -181,11 +189,8 @@ def test_launch_scripts_run_the_sharded_jobs(
     weights = [model.net[i].weight for i in (0, 2, 4)]
     assert sum(int((w != 0).sum()) for w in weights) == summary["nonzero"]
     assert (done.stdout + done.stderr).count(f"Step {steps}: Sparsity=") == 1  # rank 0 only
-    if script == "deepspeed.sh":  # none of DeepSpeed's 66 MB /dev/shm files outlives the job
-        assert (
-            list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{env['MASTER_PORT']}_*"))
-            == []
-        )
+    if script == "deepspeed.sh":
+        assert _shm_left(env["MASTER_PORT"]) == []
 
 
 @pytest.mark.timeout(200)
