@@ -249,7 +249,8 @@ def _raw_step(
         loss = F.cross_entropy(model(x), y) + controller.regularization_loss()
         loss.backward()
         controller.follow_groups()
-        optimizer.step()
+        if controller.gradients_finite([optimizer], number):  # the guarded loop's check
+            optimizer.step()
         optimizer.zero_grad()
         controller.observe_loss(loss)
         controller.update_if_due(number)
@@ -285,6 +286,7 @@ def test_a_compiled_step_runs_the_controller_eagerly_and_steps_as_eager(mode: Mo
     (eager, lam, report), (traced, traced_lam, traced_report) = results[False], results[True]
     assert all(map(torch.equal, eager, traced))
     assert (traced_lam, traced_report) == (lam, report) and lam != 0.05
+    assert controller.skipped_steps == 0
 
 
 def test_prox_acts_on_weight_orig_of_a_pruned_layer_and_masked_zeros_stay() -> None:
