@@ -452,7 +452,7 @@ class SparsityController:
         nothing here), float32, differentiable in the values where autograd is on. L1 over
         contiguous CPU float32/float64 tensors is summed by the C++ kernel in one read, in
         float64 (``x.abs().sum()`` per tensor writes and reads a full-size temporary:
-        1.9-8.2x a plain read at 10-200 M weights against the kernel's 1.0x,
+        1.8-7.2x a plain read at 10-200 M weights against the kernel's 0.8-1.0x,
         ``benchmarks/loss_term.py``), its gradient from
         :class:`~dist_bregman.kernels.AbsSumGradient`; the rest with torch ops
         (:meth:`~dist_bregman.regularizers.Regularizer.values`: on a GPU in multi-tensor

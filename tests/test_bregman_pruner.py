@@ -5,7 +5,6 @@ from __future__ import annotations
 import inspect
 import logging
 import re
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +18,7 @@ from torch import nn
 
 from dist_bregman import BregmanPruner, SafeModelPruning, measure_sparsity
 from dist_bregman.optim import LinBreg
+from tests.helpers.dynamo import dynamo_warnings
 from tests.helpers.lightning import ManualTwoOptimizers, SeedModel, make_trainer, seed_loader
 
 STAMP = r"^\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}\] "
@@ -526,13 +526,12 @@ def test_a_compiled_training_step_trains_as_eager_without_dynamo_warnings(tmp_pa
         model.bregman_pruner = pruner
         if compiled:
             model.training_step = torch.compile(model.training_step, backend="eager")
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
+        with dynamo_warnings() as warned:
             make_trainer(tmp_path, [pruner], max_epochs=1).fit(model, seed_loader())
             unfitted = BregmanPruner(0.5, 0.05)
             term = torch.compile(unfitted.get_regularization_loss, backend="eager")
             outside = term(SeedModel())
-        assert [str(w.message) for w in caught if "_dynamo" in w.filename] == []
+        assert warned == []
         eager = unfitted.get_regularization_loss(SeedModel())
         assert float(outside.detach()) == float(eager.detach()) > 0
         results[compiled] = [p.detach().clone() for p in model.parameters()]

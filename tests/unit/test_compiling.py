@@ -3,13 +3,12 @@ whether its first call is eager or inside a compiled function."""
 
 from __future__ import annotations
 
-import warnings
-
 import pytest
 import torch
 
 from dist_bregman import kernels
 from dist_bregman.compiling import eager
+from tests.helpers.dynamo import dynamo_warnings
 
 
 @pytest.mark.parametrize("first", ["eager", "compiled"])
@@ -31,10 +30,9 @@ def test_eager_keeps_an_untraceable_call_out_of_the_graph(first: str) -> None:
     torch._dynamo.reset()
     compiled = torch.compile(loss, backend="eager")
     x = torch.tensor([1.0, -2.0, 0.5])
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
+    with dynamo_warnings() as warned:
         runs = [loss, compiled, compiled] if first == "eager" else [compiled, compiled, loss]
         values = [float(run(x)) for run in runs]
     assert values == [2 * (-0.5) + 3.5] * 3
     assert traced == [False] * 3
-    assert [str(w.message) for w in caught if "_dynamo" in w.filename] == []
+    assert warned == []

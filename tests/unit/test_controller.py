@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
-import warnings
 from collections.abc import Callable
 
 import pytest
@@ -18,6 +17,7 @@ from dist_bregman import BregmanConfig, MagnitudePruner, SparsityController, ker
 from dist_bregman.config import Mode
 from dist_bregman.guards import LOSS_FOLD
 from dist_bregman.optim import LinBreg
+from tests.helpers.dynamo import dynamo_warnings
 from tests.helpers.models import COMPUTED_WEIGHTS, compute_weight
 
 
@@ -276,11 +276,10 @@ def test_a_compiled_step_runs_the_controller_eagerly_and_steps_as_eager(mode: Mo
         controller.attach(optimizer)
         step = _raw_step(model, optimizer, controller)
         run = torch.compile(step, backend="eager") if compiled else step
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
+        with dynamo_warnings() as warned:
             for number, (x, y) in enumerate(_batches(7), start=1):
                 run(x, y, number)
-        assert [str(w.message) for w in caught if "_dynamo" in w.filename] == []
+        assert warned == []
         weights = [p.detach().clone() for p in model.parameters()]
         results[compiled] = (weights, controller.lambda_, controller.measure())
     (eager, lam, report), (traced, traced_lam, traced_report) = results[False], results[True]

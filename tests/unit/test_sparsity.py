@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import warnings
 
 import pytest
 import torch
@@ -15,6 +14,7 @@ from dist_bregman import SparsityController, SparsityReport, kernels, measure_sp
 from dist_bregman.shards import LocalView, Replicated, balanced_owners, place
 from dist_bregman.sparsity import count_nonzero, reduce_counts
 from dist_bregman.targets import resolve
+from tests.helpers.dynamo import dynamo_warnings
 from tests.helpers.models import ConvNet, mixed_state_model, reference_counts, sample_inputs
 
 
@@ -131,10 +131,9 @@ def test_measure_sparsity_in_a_compiled_function_runs_eagerly_without_dynamo_war
         return x * 2, measure_sparsity(model)
 
     torch._dynamo.reset()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
+    with dynamo_warnings() as warned:
         _, report = torch.compile(step, backend="eager")(torch.ones(3))
-    assert [str(w.message) for w in caught if "_dynamo" in w.filename] == []
+    assert warned == []
     assert report == expected
 
 
