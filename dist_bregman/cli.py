@@ -26,7 +26,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 from lightning.fabric.plugins.environments import ClusterEnvironment
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 
 from dist_bregman import comm
 from dist_bregman.callbacks.bregman import BregmanPruner
@@ -51,6 +51,15 @@ class BregmanCLI(LightningCLI):
             if not any(isinstance(p, ClusterEnvironment) for p in plugins):
                 kwargs["plugins"] = [*plugins, DeepSpeedLauncherEnvironment()]
         return super().instantiate_trainer(**kwargs)
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
+        """Parse ``args`` as given. :func:`main` passes the command line itself (with the
+        default job put in), which LightningCLI took for a mistake and warned about at the
+        top of every run: "args parameter is intended to run from within Python"."""
+        if isinstance(args, list):
+            self.config = parser.parse_args(args)
+        else:
+            super().parse_arguments(parser, args)
 
     def after_fit(self) -> None:
         trainer = self.trainer
