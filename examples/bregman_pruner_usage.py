@@ -49,6 +49,11 @@ class LitClassifier(pl.LightningModule):
 
         return loss
 
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        x, y = batch
+        accuracy = (self.net(x).argmax(dim=1) == y).float().mean()
+        self.log("val_acc", accuracy)
+
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9)
 
@@ -86,7 +91,11 @@ def main() -> None:
     )
     trainer.fit(model, datamodule=DigitsDataModule())
     report = measure_sparsity(model)
-    print(f"final sparsity {100 * report.sparsity:.3f}% ({report.nonzero}/{report.total} nonzero)")
+    accuracy = float(trainer.callback_metrics["val_acc"])  # of the last epoch's weights
+    print(
+        f"final sparsity {100 * report.sparsity:.3f}% ({report.nonzero}/{report.total} "
+        f"nonzero), validation accuracy {100 * accuracy:.2f}%"
+    )
 
 
 if __name__ == "__main__":
