@@ -281,7 +281,7 @@ def test_validate_after_fit_regularizes_the_model_it_is_given(tmp_path: Path) ->
     fitted, lam = pruner.controller, pruner.current_lambda
 
     def l1(m: SeedModel) -> float:
-        return float(m.net[0].weight.abs().sum() + m.net[2].weight.abs().sum())
+        return (m.net[0].weight.abs().sum() + m.net[2].weight.abs().sum()).item()
 
     trainer.validate(model, seed_loader(n=16))
     assert pruner.controller is fitted
@@ -507,7 +507,7 @@ def test_a_pruner_used_in_training_step_but_not_given_to_the_trainer_is_refused(
     model.bregman_pruner = BregmanPruner(0.5, 0.05)
     with pytest.raises(RuntimeError, match=r"not among the Trainer's callbacks.*allowed: pass"):
         make_trainer(tmp_path, [], max_epochs=1).fit(model, seed_loader())
-    assert float(model.bregman_pruner.get_regularization_loss(SeedModel())) > 0
+    assert model.bregman_pruner.get_regularization_loss(SeedModel()).item() > 0
     validated = _ValidatedModel()  # reports the penalty in validation_step
     validated.bregman_pruner = BregmanPruner(0.5, 0.05)
     make_trainer(tmp_path, [], max_epochs=1).validate(validated, seed_loader())
