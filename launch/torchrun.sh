@@ -4,8 +4,10 @@
 #   launch/torchrun.sh                                   # 2 processes here, CPU + gloo
 #   launch/torchrun.sh --trainer.max_epochs=5            # extra args go to `dist-bregman fit`
 #   NPROC=8 ACCELERATOR=gpu launch/torchrun.sh           # one node, 8 GPUs, NCCL
-#   NNODES=2 NODE_RANK=0 RDZV_ENDPOINT=node0:29400 NPROC=8 ACCELERATOR=gpu launch/torchrun.sh
-#                                                        # run on every node, NODE_RANK 0..N-1
+#   NNODES=2 RDZV_ENDPOINT=node0:29400 NPROC=8 ACCELERATOR=gpu launch/torchrun.sh
+#                                                        # the same on every node
+# Several nodes meet through a c10d rendezvous at RDZV_ENDPOINT, which hands out the node
+# ranks itself, in the order the nodes join (torchrun ignores --node_rank there, warning).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -18,7 +20,7 @@ PYTHON=${PYTHON:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo pyth
 if [ "$NNODES" -eq 1 ]; then
   rendezvous=(--standalone)   # a free port on this host: concurrent jobs do not collide
 else
-  rendezvous=(--nnodes="$NNODES" --node_rank="${NODE_RANK:?set NODE_RANK}" --rdzv_backend=c10d
+  rendezvous=(--nnodes="$NNODES" --rdzv_backend=c10d
               --rdzv_endpoint="${RDZV_ENDPOINT:?set RDZV_ENDPOINT=host:port}"
               --rdzv_id="${RDZV_ID:-dist_bregman}")
 fi

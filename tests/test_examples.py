@@ -91,6 +91,48 @@ def test_launch_torchrun_script_runs_the_ddp_job(tmp_path: Path) -> None:
     assert done.stderr.count("Step 120: Sparsity=") == 1  # logged by rank 0 only
 
 
+def _run_two_nodes(
+    script: str, env: dict[str, str], nodes: list[dict[str, str]], folder: Path
+) -> str:
+    """Run ``launch/<script>`` once per stand-in node (both on this host, one process each,
+    CPU), as the job's own command would on two nodes; check they formed one 2-rank DDP job
+    that stepped as the 2-rank torchrun job does, and return their stderr, joined."""
+    command = [
+        "bash",
+        str(ROOT / "launch" / script),
+        "--trainer.max_epochs=3",
+        "--trainer.enable_progress_bar=false",
+        f"--trainer.logger.init_args.save_dir={folder}",
+    ]
+    env = child_env() | {"PYTHON": sys.executable, "NPROC": "1", "ACCELERATOR": "cpu"} | env
+    launched = [
+        subprocess.Popen(
+            command,
+            cwd=ROOT,
+            env=env | node,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for node in nodes
+    ]
+    outputs = [process.communicate(timeout=130) for process in launched]
+    for process, (_, stderr) in zip(launched, outputs, strict=True):
+        assert process.returncode == 0, stderr[-3000:]
+    stderr = "\n".join(err for _, err in outputs)
+    ranks = sorted(
+        line.split("GLOBAL_RANK: ")[1].split(",")[0]
+        for line in stderr.splitlines()
+        if "Initializing distributed: GLOBAL_RANK:" in line
+    )
+    assert ranks == ["0", "1"]  # one rank per node, each its own
+    summary = json.loads((folder / "digits_ddp" / "version_0" / "summary.json").read_text())
+    assert summary["global_step"] == 3 * 40  # 1,257 samples / (2 ranks x 16) per step
+    assert summary["total"] == 64 * 256 + 256 * 128 + 128 * 10
+    assert sum(out.count("== dist-bregman summary ==") for out, _ in outputs) == 1
+    return stderr
+
+
 SRUN = """#!/usr/bin/env bash
 # srun on one host: srun's own options dropped, the command run once (one task per node)
 while [[ "$1" == --* ]]; do shift; done
@@ -100,59 +142,35 @@ exec "$@"
 
 @pytest.mark.timeout(150)
 def test_launch_slurm_script_on_two_stand_in_nodes(tmp_path: Path) -> None:
-    """launch/slurm.sbatch as SLURM runs it on each of 2 nodes (both here: srun and scontrol
-    stood in for): one torchrun per node, node ranks from the c10d rendezvous on the first
-    node's host, a DDP job of 2 ranks that steps as the 2-rank torchrun job does."""
+    """launch/slurm.sbatch as SLURM runs it on each of 2 nodes (srun and scontrol stood in
+    for): one torchrun per node, node ranks from the c10d rendezvous on the first node."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     (bin_dir / "srun").write_text(SRUN)
     (bin_dir / "scontrol").write_text("#!/usr/bin/env bash\necho 127.0.0.1\n")
     for tool in ("srun", "scontrol"):
         (bin_dir / tool).chmod(0o755)
-    env = child_env() | {
+    env = {
         "PATH": f"{bin_dir}:{child_env().get('PATH', '')}",
-        "PYTHON": sys.executable,
         "MASTER_PORT": str(free_port()),  # the rendezvous endpoint's port
-        "NPROC": "1",
-        "ACCELERATOR": "cpu",
         "SLURM_JOB_ID": "7",
         "SLURM_JOB_NAME": "dist-bregman",
         "SLURM_JOB_NODELIST": "node[1-2]",
         "SLURM_JOB_NUM_NODES": "2",
         "SLURM_NTASKS": "2",
     }
-    command = [
-        "bash",
-        str(ROOT / "launch" / "slurm.sbatch"),
-        "--trainer.max_epochs=3",
-        "--trainer.enable_progress_bar=false",
-        f"--trainer.logger.init_args.save_dir={tmp_path}",
-    ]
-    nodes = [
-        subprocess.Popen(
-            command,
-            cwd=ROOT,
-            env=env | {"SLURM_NODEID": str(node), "SLURM_PROCID": str(node)},
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for node in range(2)
-    ]
-    outputs = [node.communicate(timeout=130) for node in nodes]
-    for node, (_, stderr) in zip(nodes, outputs, strict=True):
-        assert node.returncode == 0, stderr[-3000:]
-    ranks = sorted(
-        line.split("GLOBAL_RANK: ")[1].split(",")[0]
-        for _, stderr in outputs
-        for line in stderr.splitlines()
-        if "Initializing distributed: GLOBAL_RANK:" in line
-    )
-    assert ranks == ["0", "1"]  # one rank per node, each its own
-    summary = json.loads((tmp_path / "digits_ddp" / "version_0" / "summary.json").read_text())
-    assert summary["global_step"] == 3 * 40  # 1,257 samples / (2 ranks x 16) per step
-    assert summary["total"] == 64 * 256 + 256 * 128 + 128 * 10
-    assert sum(stdout.count("== dist-bregman summary ==") for stdout, _ in outputs) == 1
+    nodes = [{"SLURM_NODEID": str(n), "SLURM_PROCID": str(n)} for n in range(2)]
+    _run_two_nodes("slurm.sbatch", env, nodes, tmp_path)
+
+
+@pytest.mark.timeout(150)
+def test_launch_torchrun_script_on_two_nodes(tmp_path: Path) -> None:
+    """launch/torchrun.sh with NNODES=2, run the same on each node: the c10d rendezvous
+    hands out the node ranks. It used to pass a required NODE_RANK as --node_rank, which
+    torchrun ignores under c10d with a warning on every node but the first."""
+    env = {"NNODES": "2", "RDZV_ENDPOINT": f"127.0.0.1:{free_port()}"}
+    stderr = _run_two_nodes("torchrun.sh", env, [{}, {}], tmp_path)
+    assert "node_rank is only used" not in stderr
 
 
 def _shm_left(port: int | str) -> list[Path]:
