@@ -1,14 +1,15 @@
 """The CPU kernels, compiled on first use: counting nonzeros and summing ``|x|``, each one
 pass and one call for all tensors.
 
-Counting nonzeros with torch ops costs 5-15 times a plain read of the same bytes on CPU
-(the bool temporaries and their reductions are not bandwidth-bound) plus Python overhead
-per tensor; ``csrc/count_nonzero.cpp`` reads each word once (a 2^16-word range that
-holds a NaN or Inf twice, to count them). It is built with
-``torch.utils.cpp_extension`` the first time it is needed (about 25 s, g++ and ninja;
-cached in ``TORCH_EXTENSIONS_DIR``, ranks share the build through its lock). Without a
-compiler, or with ``DIST_BREGMAN_NO_EXTENSION=1``, counting falls back to torch ops: same
-numbers, slower (``benchmarks/measure_throughput.py`` shows both). The same build sums
+Counting nonzeros with torch ops costs 3-5 times a plain read of the same bytes on CPU,
+4-7 times with all-zero rows (the bool temporaries and their reductions are not
+bandwidth-bound; ``benchmarks/results/measure_throughput_torch_ops.md``); the kernel in
+``csrc/count_nonzero.cpp`` reads each word once (a 2^16-word range that holds a NaN or Inf
+twice, to count them). It is built with ``torch.utils.cpp_extension`` the first time it
+is needed (about 20 s on 2 cores, g++ and ninja; cached in ``TORCH_EXTENSIONS_DIR``, ranks
+share the build through its lock). Without a compiler, or with
+``DIST_BREGMAN_NO_EXTENSION=1``, counting falls back to torch ops: same numbers, slower
+(``benchmarks/measure_throughput.py`` shows both). The same build sums
 ``|values * mask|`` for the L1 value the loss term reports (:func:`abs_sum_many`) and
 writes that value's gradient in loss mode (:class:`AbsSumGradient`).
 """
