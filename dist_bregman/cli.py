@@ -133,6 +133,12 @@ DEFAULT_JOB = Path(__file__).with_name("digits.yaml")
 
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
 
+DESCRIPTION = (
+    "Train a model to a target sparsity with Bregman regularization (LightningCLI). A "
+    "subcommand without --config or --model runs the default job: an MLP on scikit-learn's "
+    "digits, 90% sparse (dist-bregman fit)."
+)
+
 
 def with_default_job(args: list[str]) -> list[str]:
     """``args`` with ``--config DEFAULT_JOB`` after the subcommand when they name neither a
@@ -149,7 +155,7 @@ def main(args: list[str] | None = None) -> None:
     cli = BregmanCLI(
         args=with_default_job(sys.argv[1:] if args is None else args),
         save_config_kwargs={"overwrite": True},
-        parser_kwargs={"default_env": False},
+        parser_kwargs={"default_env": False, "description": DESCRIPTION},
     )
     # Release the trainer (and the wrappers holding process groups) before the groups go:
     # gloo teardown at interpreter exit was seen to abort or hang (see comm.shutdown).

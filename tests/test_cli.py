@@ -198,6 +198,10 @@ def test_python_dash_m_entry_point_and_config_errors(capsys: pytest.CaptureFixtu
     with pytest.raises(SystemExit) as done, patch.object(sys, "argv", ["dist-bregman"]):
         main(["fit", "--help"])
     assert done.value.code == 0 and "--config" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as done, patch.object(sys, "argv", ["dist-bregman"]):
+        main(["--help"])  # says what the command does, and that it has a default job
+    words = " ".join(capsys.readouterr().out.split())  # whatever width argparse wraps to
+    assert done.value.code == 0 and "runs the default job" in words
     # The module entry point itself, in a process of its own, failing on a bad setting.
     bad = subprocess.run(
         [
