@@ -153,6 +153,10 @@ def barrier(group: ProcessGroup = None) -> None:
         dist.barrier(group=group)
 
 
+DEEPSPEED_SHM_FILE = "deepspeed_allreduce_buffer_{uid}_{address}_{port}_{rank}"
+"""The name of a /dev/shm file of DeepSpeed's CPU backend (see :func:`release_deepspeed_shm`)."""
+
+
 def release_deepspeed_shm() -> None:
     """Unlink the shared-memory files DeepSpeed's CPU backend made for this job, keeping
     their memory mapped until the processes exit. Collective: every rank calls it once
@@ -161,7 +165,7 @@ def release_deepspeed_shm() -> None:
 
     On CPU with every rank on one node (the ``deepspeed`` launcher sets ``LOCAL_SIZE``),
     DeepSpeed's shm comm op creates a 66 MB file per rank in ``/dev/shm``
-    (``deepspeed_allreduce_buffer_<uid>_<MASTER_ADDR>_<MASTER_PORT>_<rank>``), maps every
+    (:data:`DEEPSPEED_SHM_FILE`), maps every
     rank's, and never unlinks them (DeepSpeed 0.19.8's ``csrc/cpu/comm/shm.cpp``):
     each job, finished or killed, left ``world_size`` x 66 MB of RAM taken until a reboot.
     Here 325 such files, 20 of 24 GB, built up over a day of test runs, until the suite
@@ -176,7 +180,7 @@ def release_deepspeed_shm() -> None:
         return  # DeepSpeed's condition for the files: so every rank skips the barrier alike
     barrier()
     address, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
-    name = f"deepspeed_allreduce_buffer_{os.getuid()}_{address}_{port}_{get_rank()}"
+    name = DEEPSPEED_SHM_FILE.format(uid=os.getuid(), address=address, port=port, rank=get_rank())
     Path("/dev/shm", name).unlink(missing_ok=True)
 
 

@@ -14,7 +14,7 @@ import torch
 from dist_bregman.digits import digits_splits
 from dist_bregman.export import load_sparse
 from dist_bregman.models import DigitsMLP
-from tests.helpers.dist import child_env
+from tests.helpers.dist import child_env, deepspeed_shm_files
 from tests.helpers.ports import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -173,12 +173,6 @@ def test_launch_torchrun_script_on_two_nodes(tmp_path: Path) -> None:
     assert "node_rank is only used" not in stderr
 
 
-def _shm_left(port: int | str) -> list[Path]:
-    """DeepSpeed's CPU all-reduce files of the job on ``port`` still in /dev/shm (66 MB a
-    rank, never removed by DeepSpeed: comm.release_deepspeed_shm unlinks them)."""
-    return list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
-
-
 @pytest.mark.timeout(200)
 def test_raw_deepspeed_engine_under_the_deepspeed_launcher(tmp_path: Path) -> None:
     deepspeed = Path(sys.executable).parent / "deepspeed"
@@ -209,7 +203,7 @@ def test_raw_deepspeed_engine_under_the_deepspeed_launcher(tmp_path: Path) -> No
         "4.weight": 1280,
     }
     assert 0 < sum(v[0] for v in counts.values()) < 50432 and ranks[0]["penalty"] > 0
-    assert _shm_left(port) == []
+    assert deepspeed_shm_files(port) == []
 
 
 @pytest.mark.timeout(200)
@@ -273,7 +267,7 @@ def test_launch_scripts_run_the_sharded_jobs(
     assert sum(int((w != 0).sum()) for w in weights) == summary["nonzero"]
     assert (done.stdout + done.stderr).count(f"Step {steps}: Sparsity=") == 1  # rank 0 only
     if script == "deepspeed.sh":
-        assert _shm_left(env["MASTER_PORT"]) == []
+        assert deepspeed_shm_files(env["MASTER_PORT"]) == []
 
 
 @pytest.mark.timeout(200)

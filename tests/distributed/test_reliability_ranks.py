@@ -14,7 +14,7 @@ from torch import nn
 
 from dist_bregman import BregmanConfig, SparsityController, comm
 from dist_bregman.errors import NonFiniteError, RankDisagreementError
-from tests.helpers.dist import run_ranks
+from tests.helpers.dist import deepspeed_shm_files, run_ranks
 
 TIMEOUT = 60.0
 
@@ -181,11 +181,13 @@ def _deepspeed_shm(rank: int, world: int, port: str) -> dict[str, Any]:
     import deepspeed.comm as ds_comm
 
     deepspeed.init_distributed(dist_backend="gloo")
-    mine = Path("/dev/shm") / f"deepspeed_allreduce_buffer_{os.getuid()}_127.0.0.1_{port}_{rank}"
-    made = mine.exists()
+    mine = comm.DEEPSPEED_SHM_FILE.format(
+        uid=os.getuid(), address="127.0.0.1", port=port, rank=rank
+    )
+    made = Path("/dev/shm", mine).exists()
     comm.release_deepspeed_shm()
     comm.barrier()  # every rank has unlinked its own
-    left = sorted(p.name for p in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
+    left = [p.name for p in deepspeed_shm_files(port)]
     summed = torch.full((1000,), float(rank + 1))
     ds_comm.inference_all_reduce(summed)  # through the shm buffers, unlinked but mapped
     return {"made": made, "left": left, "sum": summed.unique().tolist()}

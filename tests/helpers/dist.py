@@ -27,6 +27,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from dist_bregman import comm
+
 DIST_ENV = (
     "MASTER_ADDR",
     "MASTER_PORT",
@@ -38,6 +40,13 @@ DIST_ENV = (
 )
 """What a launcher (torchrun, Lightning, the deepspeed launcher) sets for its ranks: a test
 process must not pass it on, or a child would join the wrong job."""
+
+
+def deepspeed_shm_files(port: int | str) -> list[Path]:
+    """DeepSpeed's CPU all-reduce files of the job on ``port`` still in /dev/shm (66 MB a
+    rank, never removed by DeepSpeed: comm.release_deepspeed_shm unlinks them)."""
+    pattern = comm.DEEPSPEED_SHM_FILE.format(uid="*", address="*", port=port, rank="*")
+    return sorted(Path("/dev/shm").glob(pattern))
 
 
 def child_env() -> dict[str, str]:
