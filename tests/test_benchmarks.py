@@ -101,6 +101,38 @@ def test_import_time_quick(tmp_path: Path) -> None:
     )
     assert result["ratio_to_import_torch"]["import torch"] == 1.0
     assert "lightning" in result["statements"]["import dist_bregman"]
+    parts = result["breakdown_seconds"]  # from a real -X importtime run
+    assert parts["total"] > 0 and all(seconds >= 0 for seconds in parts.values())
+
+
+IMPORTTIME = """\
+import time: self [us] | cumulative | imported package
+import time:       100 |        100 |   _early
+import time:      1000 |       5000 | torch
+import time:        50 |         50 |       sympy.core
+import time:       200 |        300 |     torch.distributed.tensor
+import time:        10 |        310 |   dist_bregman.shards
+import time:        20 |         20 |   safetensors
+import time:        40 |        370 | dist_bregman
+"""
+
+
+def test_import_breakdown_takes_the_outermost_imports_outside_the_package(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """What the README's second import table is read from: of the lines after torch's, each
+    module outside the package imported by one of its modules (not by a module outside it,
+    as sympy.core here), and the package's own time as the rest."""
+    import_time = load_benchmark("import_time", monkeypatch)
+    found = import_time.imported_by_package(IMPORTTIME)
+    assert found == pytest.approx(
+        {
+            "total": 370e-6,
+            "torch.distributed.tensor": 300e-6,
+            "safetensors": 20e-6,
+            import_time.OWN: 50e-6,
+        }
+    )
 
 
 @pytest.mark.timeout(240)
@@ -440,10 +472,10 @@ def test_the_gpu_check_script_runs_its_steps(tmp_path: Path) -> None:
 def test_readme_shows_the_tables_the_scripts_wrote(table: str) -> None:
     """The README's Results quote ``benchmarks/results/*.md`` row for row: a table re-made
     by a script and not pasted back would leave the README with numbers no script wrote."""
-    rows = [
-        line
-        for line in (ROOT / "benchmarks" / "results" / table).read_text().splitlines()
-        if line.startswith("|")
-    ]
-    assert len(rows) > 3
-    assert "\n".join(rows) in (ROOT / "README.md").read_text(), table
+    text = (ROOT / "benchmarks" / "results" / table).read_text()
+    tables = [block for block in text.split("\n\n") if block.startswith("|")]
+    assert tables and len(tables) == text.count("\n|---"), table  # none glued to a caption
+    assert all(block.count("\n") > 2 for block in tables), table
+    readme = (ROOT / "README.md").read_text()
+    for block in tables:
+        assert block.rstrip("\n") in readme, table
