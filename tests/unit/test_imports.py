@@ -12,6 +12,7 @@ from importlib import metadata
 from pathlib import Path
 
 import pytest
+import torch
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
@@ -168,3 +169,14 @@ def test_importing_the_core_does_not_load_dynamo() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
     )
     assert done.stdout.strip() == "False"
+
+
+def test_a_torch_without_fsdp2_where_it_is_looked_for_is_refused_at_import() -> None:
+    """torch 2.4 and 2.5 kept FSDP2 outside torch.distributed.fsdp: dist_bregman would then
+    have read FSDP2 and DTensor parameters as plain tensors and counted them wrong, so the
+    import fails instead, naming the torch it needs (hidden here as on such a torch)."""
+    hide = "import sys; sys.modules['torch.distributed.fsdp'] = None; import dist_bregman"
+    done = subprocess.run([sys.executable, "-c", hide], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1
+    assert "ImportError: dist_bregman needs torch>=2.6" in done.stderr, done.stderr[-2000:]
+    assert f"this torch ({torch.__version__})" in done.stderr
