@@ -20,7 +20,7 @@ import functools
 import os
 import struct
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -39,14 +39,33 @@ def extension() -> Any | None:
     """The compiled module, or None (disabled, or the build failed: warned once)."""
     if os.environ.get("DIST_BREGMAN_NO_EXTENSION") == "1":
         return None
-    from torch.utils.cpp_extension import load
-
-    # ATen's parallel_for is a header template: compiled without -fopenmp it runs the whole
-    # range on the calling thread (measured: 2 threads read no faster than 1). Linked with
-    # -fopenmp it joins the libgomp torch has already loaded (same soname), so it uses
-    # torch's pool and honours torch.set_num_threads. A compiler without OpenMP (Apple
-    # clang) still gets the kernel, single-threaded.
     failures = []
+    try:  # it imports setuptools, which torch itself required only on Python >= 3.12
+        from torch.utils.cpp_extension import load
+    except ImportError as error:
+        failures.append(f"torch.utils.cpp_extension: {error}")
+    else:
+        built = _build(load, failures)
+        if built is not None:
+            return built
+    warnings.warn(
+        f"dist_bregman: the CPU counting kernel could not be built ({'; '.join(failures)}); "
+        f"counting with torch ops instead (same numbers, slower)",
+        RuntimeWarning,
+        stacklevel=2,
+    )
+    return None
+
+
+def _build(load: Callable[..., Any], failures: list[str]) -> Any | None:
+    """The kernel built by ``torch.utils.cpp_extension.load``, or None, each failed
+    attempt's reason added to ``failures``.
+
+    ATen's parallel_for is a header template: compiled without -fopenmp it runs the whole
+    range on the calling thread (measured: 2 threads read no faster than 1). Linked with
+    -fopenmp it joins the libgomp torch has already loaded (same soname), so it uses
+    torch's pool and honours torch.set_num_threads. A compiler without OpenMP (Apple
+    clang) still gets the kernel, single-threaded."""
     for flags in (["-O3", "-fopenmp"], ["-O3"]):
         try:
             return load(
@@ -58,12 +77,6 @@ def extension() -> Any | None:
             )
         except Exception as error:  # no compiler or headers: try plainer, then torch ops
             failures.append(f"{' '.join(flags)}: {type(error).__name__}: {error}")
-    warnings.warn(
-        f"dist_bregman: the CPU counting kernel could not be built ({'; '.join(failures)}); "
-        f"counting with torch ops instead (same numbers, slower)",
-        RuntimeWarning,
-        stacklevel=2,
-    )
     return None
 
 

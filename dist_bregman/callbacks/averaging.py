@@ -11,16 +11,11 @@ are spent on a run whose result would be dense.
 from __future__ import annotations
 
 import lightning.pytorch as pl
-from lightning.pytorch.callbacks import Callback, StochasticWeightAveraging
+from lightning.pytorch.callbacks import Callback, StochasticWeightAveraging, WeightAveraging
 
 from dist_bregman.averaging import KeepSupport
 
-try:
-    from lightning.pytorch.callbacks import WeightAveraging
-except ImportError:  # Lightning < 2.6 has only StochasticWeightAveraging
-    AVERAGING: tuple[type[Callback], ...] = (StochasticWeightAveraging,)
-else:
-    AVERAGING = (StochasticWeightAveraging, WeightAveraging)
+AVERAGING: tuple[type[Callback], ...] = (StochasticWeightAveraging, WeightAveraging)
 
 
 def check_averaging(trainer: pl.Trainer, who: str) -> list[str]:

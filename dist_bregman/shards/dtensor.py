@@ -30,11 +30,11 @@ except ImportError as error:
     if torch.distributed.is_available():
         # Not skipped: without these, FSDP2 and DTensor parameters would be read as plain
         # tensors, and their sparsity counted wrong without a word. (torch 2.4 and 2.5 kept
-        # FSDP2 in torch.distributed._composable.fsdp.)
+        # FSDP2 in torch.distributed._composable.fsdp; see pyproject.toml for the floor.)
         raise ImportError(
-            f"dist_bregman needs torch>=2.6, whose torch.distributed.fsdp has FSDP2's "
-            f"FSDPModule and torch.distributed.tensor DTensor (tested with torch 2.13 and "
-            f"2.14); this torch ({torch.__version__}) failed: {error}"
+            f"dist_bregman needs torch>=2.8 (FSDP2's FSDPModule in torch.distributed.fsdp, "
+            f"DTensor in torch.distributed.tensor); this torch ({torch.__version__}) "
+            f"failed: {error}"
         ) from error
     DTensor = None  # type: ignore[assignment,misc]  # torch built without distributed
     FSDPModule = None  # type: ignore[assignment,misc]

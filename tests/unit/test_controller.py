@@ -263,7 +263,8 @@ def test_a_compiled_step_runs_the_controller_eagerly_and_steps_as_eager(mode: Mo
     """A raw loop's step under torch.compile (Dynamo with its eager backend: the tracing,
     no code generation) breaks its graph at the controller's calls, with none of Dynamo's
     warnings about the C++ kernels and host-side decisions it cannot trace, and trains
-    exactly as without it: weights, lambda (updated every 3 steps) and the measurement."""
+    as without it: the weights (to rounding), lambda (updated every 3 steps) and the
+    measurement exactly."""
     results = {}
     for compiled in (False, True):
         torch._dynamo.reset()
@@ -283,7 +284,9 @@ def test_a_compiled_step_runs_the_controller_eagerly_and_steps_as_eager(mode: Mo
         weights = [p.detach().clone() for p in model.parameters()]
         results[compiled] = (weights, controller.lambda_, controller.measure())
     (eager, lam, report), (traced, traced_lam, traced_report) = results[False], results[True]
-    assert all(map(torch.equal, eager, traced))
+    # Equal bit for bit on torch 2.13 and 2.14; on 2.10 the traced forward rounds an ulp
+    # apart (3e-8). A missed or doubled proximal step would move weights by lr * lambda.
+    torch.testing.assert_close(traced, eager, rtol=0, atol=1e-6)
     assert (traced_lam, traced_report) == (lam, report) and lam != 0.05
     assert controller.skipped_steps == 0
 

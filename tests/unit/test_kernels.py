@@ -4,11 +4,12 @@ exactly, L1 sums to float64 rounding."""
 from __future__ import annotations
 
 import math
+import sys
 
 import pytest
 import torch
 
-from dist_bregman import kernels
+from dist_bregman import kernels, measure_sparsity
 from dist_bregman.sparsity import count_nonzero, nonzero_flags, zero_structures
 
 SPECIALS = [0.0, -0.0, float("nan"), -float("nan"), float("inf"), -float("inf")]
@@ -262,4 +263,25 @@ def test_disabled_kernel_gives_none(monkeypatch: pytest.MonkeyPatch) -> None:
         assert kernels.abs_sum_many([torch.ones(3)], [None]) is None
     finally:
         monkeypatch.delenv("DIST_BREGMAN_NO_EXTENSION")
+        kernels.extension.cache_clear()
+
+
+def test_without_a_build_toolchain_counting_falls_back_with_a_warning(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """torch.utils.cpp_extension imports setuptools, which torch required only on Python
+    3.12+ before 2.11: where it is missing (a uv environment, say) the kernel is not
+    built, and measuring says so once and counts with torch ops, as for a failed build."""
+    monkeypatch.setitem(sys.modules, "torch.utils.cpp_extension", None)  # import fails
+    kernels.extension.cache_clear()
+    try:
+        with pytest.warns(RuntimeWarning, match=r"could not be built \(torch.utils.cpp_ext"):
+            assert kernels.count_nonzero_many([torch.ones(3)], [None], 0.0) is None
+        layer = torch.nn.Linear(8, 4)
+        with torch.no_grad():
+            layer.weight[:, :3] = 0.0
+        report = measure_sparsity(layer)  # the torch path, on the fallback
+        assert (report.nonzero, report.total) == (20, 32)
+    finally:
+        monkeypatch.undo()
         kernels.extension.cache_clear()
