@@ -269,9 +269,9 @@ def test_disabled_kernel_gives_none(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_without_a_build_toolchain_counting_falls_back_with_a_warning(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """torch.utils.cpp_extension imports setuptools, which torch required only on Python
-    3.12+ before 2.11: where it is missing (a uv environment, say) the kernel is not
-    built, and measuring says so once and counts with torch ops, as for a failed build."""
+    """torch.utils.cpp_extension imports setuptools, which torch 2.10 required only on
+    Python 3.12+: where it is missing (a uv environment, say) the kernel is not built,
+    and measuring says so once and counts with torch ops, as for a failed build."""
     monkeypatch.setitem(sys.modules, "torch.utils.cpp_extension", None)  # import fails
     kernels.extension.cache_clear()
     try:
