@@ -12,7 +12,7 @@ PIP    := $(BIN)/python -m pip install --disable-pip-version-check -q -c constra
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/build/torch_extensions
 export DS_ACCELERATOR ?= cpu
 
-.PHONY: run test lint pytest clean
+.PHONY: run test lint pytest test-floors clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -45,5 +45,19 @@ pytest: $(VENV)/.dev-deps
 
 test: lint pytest
 
+# The suite on the oldest releases pyproject.toml admits (constraints-floors.txt), in its
+# own environment. Not part of CI: torch 2.8.0 comes from the package index (on PyPI, its
+# multi-GB CUDA build). Without a GPU, triton (which that build pulls in) is removed: DeepSpeed
+# imports it and fails to find a driver. The FSDP2-over-gloo training tests fail there, as
+# torch 2.8's own FSDP2 over gloo steps differently from one process (README, "Set-up").
+FLOORS := .venv-floors
+test-floors:
+	test -x $(FLOORS)/bin/python || $(PYTHON) -m venv $(FLOORS)
+	$(FLOORS)/bin/python -m pip install -q -c constraints-floors.txt -e ".[cli,dev,deepspeed]"
+	$(FLOORS)/bin/python -c "import torch, sys; sys.exit(torch.cuda.is_available())" \
+		&& $(FLOORS)/bin/python -m pip uninstall -y -q triton || true
+	TORCH_EXTENSIONS_DIR=$(CURDIR)/build/torch_extensions_floors \
+		$(FLOORS)/bin/python -m pytest -n 2 --dist loadgroup
+
 clean:
-	rm -rf $(VENV) build runs reports .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(FLOORS) build runs reports .pytest_cache .mypy_cache .ruff_cache

@@ -1,4 +1,5 @@
-"""What a wheel of the package holds: the files it needs at run time besides its modules."""
+"""What a wheel of the package holds: the files it needs at run time besides its modules;
+and the dependency floors `make test-floors` runs the suite at."""
 
 from __future__ import annotations
 
@@ -6,9 +7,13 @@ import shutil
 import subprocess
 import sys
 import zipfile
+from importlib import metadata
 from pathlib import Path
 
 import pytest
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+from packaging.version import Version
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -47,3 +52,25 @@ def test_the_wheel_ships_the_kernel_source_the_default_job_and_its_type_marker(
     for needed in ("csrc/count_nonzero.cpp", "digits.yaml", "py.typed", "shards/zero.py"):
         assert f"dist_bregman/{needed}" in names
     assert not any(n.startswith(("tests/", "benchmarks/")) for n in names)
+
+
+def test_the_floors_environment_pins_every_floor_of_the_package() -> None:
+    """constraints-floors.txt pins each dependency with a lower bound (core and extras but
+    dev) at exactly that bound: the README's floors run is the package's floors, and
+    raising one without the other fails here."""
+    declared = [Requirement(spec) for spec in metadata.requires("dist_bregman") or []]
+    floors: dict[str, Version] = {}
+    for requirement in declared:
+        if requirement.marker is not None and requirement.marker.evaluate({"extra": "dev"}):
+            continue
+        lower = [Version(s.version) for s in requirement.specifier if s.operator == ">="]
+        assert len(lower) == 1, requirement  # every dependency has a floor
+        name = canonicalize_name(requirement.name)
+        assert floors.setdefault(name, lower[0]) == lower[0], requirement  # one per package
+    pins = {}
+    for line in (ROOT / "constraints-floors.txt").read_text().splitlines():
+        if line and not line.startswith("#"):
+            name, version = line.split("==")
+            pins[canonicalize_name(name)] = Version(version)
+    assert {name: pins.get(name) for name in floors} == floors
+    assert set(pins) - set(floors) == {"numpy"}  # held below 2 for scikit-learn 1.3.2
