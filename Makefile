@@ -48,8 +48,9 @@ test: lint pytest
 # The suite on the oldest releases pyproject.toml admits (constraints-floors.txt), in its
 # own environment. Not part of CI: torch 2.8.0 comes from the package index (on PyPI, its
 # multi-GB CUDA build). Without a GPU, triton (which that build pulls in) is removed: DeepSpeed
-# imports it and fails to find a driver. The FSDP2-over-gloo training tests fail there, as
-# torch 2.8's own FSDP2 over gloo steps differently from one process (README, "Set-up").
+# imports it and fails to find a driver. The tests comparing FSDP2-over-gloo training with
+# one process are expected failures there: torch 2.8's FSDP2 over gloo steps apart by itself
+# (tests/helpers/strategies.py, README "Set-up").
 FLOORS := .venv-floors
 test-floors:
 	test -x $(FLOORS)/bin/python || $(PYTHON) -m venv $(FLOORS)

@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import pytest
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -32,6 +33,27 @@ where they matter: ``fsdp1_gradop`` (SHARD_GRAD_OP) and ``fsdp2_root`` (the last
 the root's group), whose gathered weights outlive a forward; and, at 4 ranks, the hybrids
 ``hsdp`` (FSDP2 on a 2 x 2 mesh) and ``fsdp1_hybrid`` (HYBRID_SHARD), and ``zero3_hpz``
 (ZeRO++ hpZ in groups of 2)."""
+
+FSDP2_APART_FROM_ONE_PROCESS = torch.__version__.startswith("2.8.")
+"""torch 2.8's FSDP2 over gloo steps apart from one process, without this library too: a
+plain two-rank FSDP2 SGD step was up to 4e-2 off (1.5e-8 on 2.13). That is the oldest torch
+pyproject.toml admits (``make test-floors``): tests comparing FSDP2 training with one
+process expect to fail there, and the counts are still checked against the gathered
+weights."""
+
+
+def steps_apart(strategy: str) -> bool:
+    """Whether training under ``strategy`` is known, on this torch, to step apart from one
+    process (:data:`FSDP2_APART_FROM_ONE_PROCESS`)."""
+    return FSDP2_APART_FROM_ONE_PROCESS and strategy in ("fsdp2", "fsdp2_root", "hsdp")
+
+
+def expect_apart(request: Any, strategy: str) -> None:
+    """Mark the running test as expected to fail where :func:`steps_apart` (strictly: it
+    must fail there)."""
+    if steps_apart(strategy):
+        reason = "torch 2.8's FSDP2 over gloo steps apart from one process"
+        request.applymarker(pytest.mark.xfail(strict=True, reason=reason))
 
 
 def matrix_model(seed: int = 3) -> nn.Sequential:

@@ -13,6 +13,7 @@ import pytest
 
 from tests.helpers.dist import child_env
 from tests.helpers.ports import free_port
+from tests.helpers.strategies import steps_apart
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPTS = ROOT / "tests" / "scripts"
@@ -137,7 +138,8 @@ def test_layers_made_in_configure_model_are_measured_alike_under_every_strategy(
         assert ranks[0] == ranks[1], name
         counted = {k.removeprefix("net."): v for k, v in ranks[0]["report"].per_parameter.items()}
         assert counted == ranks[0]["gathered"], name
-        assert seen(ranks[0]) == seen(results["ddp"][0]), name
+        if not steps_apart(name):  # there the training itself is torch's, not DDP's
+            assert seen(ranks[0]) == seen(results["ddp"][0]), name
     report = results["ddp"][0]["report"]
     assert report.total == 221 + 187 + 55  # and SafeModelPruning's 30% held:
     assert report.nonzero <= 0.7 * report.total and len(results["ddp"][0]["points"]) == 4
