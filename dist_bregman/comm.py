@@ -165,11 +165,10 @@ def release_deepspeed_shm() -> None:
 
     On CPU with every rank on one node (the ``deepspeed`` launcher sets ``LOCAL_SIZE``),
     DeepSpeed's shm comm op creates a 66 MB file per rank in ``/dev/shm``
-    (:data:`DEEPSPEED_SHM_FILE`), maps every
-    rank's, and never unlinks them (DeepSpeed 0.19.8's ``csrc/cpu/comm/shm.cpp``):
-    each job, finished or killed, left ``world_size`` x 66 MB of RAM taken until a reboot.
-    Here 325 such files, 20 of 24 GB, built up over a day of test runs, until the suite
-    stalled on memory. Each rank opens its peers' files while DeepSpeed sets up (retrying
+    (:data:`DEEPSPEED_SHM_FILE`), maps every rank's, and never unlinks them (DeepSpeed
+    0.19.8's ``csrc/cpu/comm/shm.cpp``): each job, finished or killed, left ``world_size``
+    x 66 MB of RAM taken until a reboot. Here 325 such files, 20 of 24 GB, built up over a
+    day of test runs, until the suite stalled on memory. Each rank opens its peers' files while DeepSpeed sets up (retrying
     until they exist), so after a barrier every mapping is made and each rank can unlink
     its own name: the memory goes when the last process holding it exits, however it ends.
     """

@@ -40,7 +40,7 @@ def extension() -> Any | None:
     if os.environ.get("DIST_BREGMAN_NO_EXTENSION") == "1":
         return None
     failures = []
-    try:  # it imports setuptools, which torch itself required only on Python >= 3.12
+    try:  # it imports setuptools, which torch 2.10 required only on Python >= 3.12
         from torch.utils.cpp_extension import load
     except ImportError as error:
         failures.append(f"torch.utils.cpp_extension: {error}")
