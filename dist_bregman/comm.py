@@ -168,9 +168,10 @@ def release_deepspeed_shm() -> None:
     (:data:`DEEPSPEED_SHM_FILE`), maps every rank's, and never unlinks them (DeepSpeed
     0.19.8's ``csrc/cpu/comm/shm.cpp``): each job, finished or killed, left ``world_size``
     x 66 MB of RAM taken until a reboot. Here 325 such files, 20 of 24 GB, built up over a
-    day of test runs, until the suite stalled on memory. Each rank opens its peers' files while DeepSpeed sets up (retrying
-    until they exist), so after a barrier every mapping is made and each rank can unlink
-    its own name: the memory goes when the last process holding it exits, however it ends.
+    day of test runs, until the suite stalled on memory. Each rank opens its peers' files
+    while DeepSpeed sets up (retrying until they exist), so after a barrier every mapping
+    is made and each rank can unlink its own name: the memory goes when the last process
+    holding it exits, however it ends.
     """
     backend = getattr(sys.modules.get("deepspeed.comm.comm"), "cdb", None)
     if getattr(backend, "shm_comm_op", None) is None:  # not loaded, or not on CPU
