@@ -9,7 +9,8 @@ Nothing here communicates. L1 is elementwise, so under sharding each rank applie
 local elements exactly; group L1 needs whole groups on one rank.
 
 Specs accepted wherever a regularizer is configured (param groups, YAML, the pruner):
-``"l1"``, ``"group_l1"`` (rows: output neurons of a Linear, output filters of a ConvNd),
+``"l1"``, ``"group_l1"`` (rows, slices along dim 0: output neurons of a Linear, output
+filters of a ConvNd, input channels of a ConvTranspose, whose weight is ``(in, out, ...)``),
 ``"group_l1_kernels"`` (each ``k x k`` kernel of a ConvNd), ``None``, or an instance.
 """
 
@@ -153,9 +154,10 @@ class GroupL1(Regularizer):
     """``J(x) = sum_g sqrt(n_g) * ||x_g||_2``: removes whole groups (group lasso, L1,2).
 
     ``by="rows"``: a group is a slice along dim 0, i.e. one output neuron of a Linear or one
-    output filter of a ConvNd (node sparsity). ``by="kernels"``: a group is one ``(out, in)``
-    kernel of a ConvNd (kernel sparsity). ``sqrt(n_g)`` (n_g = group size) makes large and
-    small layers comparable, as in Bungert et al. (2022). 1-D tensors are groups of size 1.
+    output filter of a ConvNd (node sparsity; of a ConvTranspose, one input channel).
+    ``by="kernels"``: a group is one ``(out, in)`` kernel of a ConvNd (kernel sparsity).
+    ``sqrt(n_g)`` (n_g = group size) makes large and small layers comparable, as in Bungert
+    et al. (2022). 1-D tensors are groups of size 1.
     """
 
     def __init__(self, by: str = "rows") -> None:
