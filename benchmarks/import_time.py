@@ -41,12 +41,14 @@ STATEMENTS = {
 }
 
 
-def run_statement(code: str) -> None:
+def run_statement(code: str, *flags: str) -> str:
+    """Run ``python [flags] -c code`` in a fresh interpreter; its stderr."""
     done = subprocess.run(
-        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120
+        [sys.executable, *flags, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120
     )
     if done.returncode != 0:
         raise RuntimeError(f"python -c {code!r} failed:\n{done.stderr[-2000:]}")
+    return done.stderr
 
 
 BREAKDOWN = "import torch; import dist_bregman"
@@ -83,18 +85,7 @@ def imported_by_package(stderr: str) -> dict[str, float]:
 
 def breakdown(runs: int) -> dict[str, float]:
     """Medians of :func:`imported_by_package` over ``runs`` fresh processes."""
-    found: list[dict[str, float]] = []
-    for _ in range(runs):
-        done = subprocess.run(
-            [sys.executable, "-X", "importtime", "-c", BREAKDOWN],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-        if done.returncode != 0:
-            raise RuntimeError(f"python -X importtime failed:\n{done.stderr[-2000:]}")
-        found.append(imported_by_package(done.stderr))
+    found = [imported_by_package(run_statement(BREAKDOWN, "-X", "importtime")) for _ in range(runs)]
     names = {name for run in found for name in run}
     medians = {name: statistics.median(run.get(name, 0.0) for run in found) for name in names}
     return dict(sorted(medians.items(), key=lambda item: -item[1]))
