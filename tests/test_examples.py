@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import base64
 import json
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -113,10 +115,16 @@ def _run_two_nodes(
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
+            start_new_session=True,  # its own process group: the launcher and its ranks
         )
         for node in nodes
     ]
-    outputs = [process.communicate(timeout=130) for process in launched]
+    try:
+        outputs = [process.communicate(timeout=130) for process in launched]
+    finally:  # a hung node: its launcher and ranks go with the test, not after it
+        for process in launched:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
     for process, (_, stderr) in zip(launched, outputs, strict=True):
         assert process.returncode == 0, stderr[-3000:]
     stderr = "\n".join(err for _, err in outputs)
