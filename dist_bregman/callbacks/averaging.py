@@ -11,19 +11,18 @@ are spent on a run whose result would be dense.
 from __future__ import annotations
 
 import lightning.pytorch as pl
-from lightning.pytorch.callbacks import Callback, StochasticWeightAveraging, WeightAveraging
 
 from dist_bregman.averaging import KeepSupport
-
-AVERAGING: tuple[type[Callback], ...] = (StochasticWeightAveraging, WeightAveraging)
+from dist_bregman.callbacks.namespaces import callback_classes
 
 
 def check_averaging(trainer: pl.Trainer, who: str) -> list[str]:
     """The class names of ``trainer``'s weight-averaging callbacks; raises for one that
     averages without :class:`KeepSupport`."""
     names = []
+    averaging = callback_classes("StochasticWeightAveraging") + callback_classes("WeightAveraging")
     for callback in trainer.callbacks:  # type: ignore[attr-defined]
-        if not isinstance(callback, AVERAGING):
+        if not isinstance(callback, averaging):
             continue
         name = type(callback).__name__
         if not isinstance(_avg_fn(callback), KeepSupport):
@@ -42,10 +41,10 @@ def check_averaging(trainer: pl.Trainer, who: str) -> list[str]:
     return names
 
 
-def _avg_fn(callback: Callback) -> object:
+def _avg_fn(callback: object) -> object:
     """The averaging function ``callback`` was built with (Lightning keeps it privately:
     SWA as ``_avg_fn``, WeightAveraging among the ``AveragedModel`` arguments)."""
-    if isinstance(callback, StochasticWeightAveraging):
+    if isinstance(callback, callback_classes("StochasticWeightAveraging")):
         return getattr(callback, "_avg_fn", None)
     arguments = getattr(callback, "_kwargs", {})
     if arguments.get("multi_avg_fn") is not None:  # used instead of avg_fn, on lists of

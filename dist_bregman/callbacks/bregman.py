@@ -17,12 +17,13 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import BaseFinetuning, Callback
+from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
 from dist_bregman import logs
 from dist_bregman.callbacks.averaging import check_averaging
 from dist_bregman.callbacks.metrics import log_on_host
+from dist_bregman.callbacks.namespaces import callback_classes
 from dist_bregman.compiling import eager
 from dist_bregman.config import BregmanConfig, FreezeHold, LambdaRule, Mode, OnNonFinite
 from dist_bregman.controller import SparsityController
@@ -171,7 +172,7 @@ class BregmanPruner(Callback):
         # A finetuning callback unfreezes frozen layers later (and the controller follows
         # the optimizer's new groups): a target out of reach now holds lambda, not the fit.
         callbacks = trainer.callbacks  # type: ignore[attr-defined]
-        finetuning = any(isinstance(c, BaseFinetuning) for c in callbacks)
+        finetuning = any(isinstance(c, callback_classes("BaseFinetuning")) for c in callbacks)
         controller.attach(*trainer.optimizers, strict=not finetuning)
         for other in callbacks:
             if isinstance(other, BregmanPruner) and other is not self and other.controller:

@@ -1,4 +1,9 @@
-"""A seed user's LightningModule, data and a quiet CPU Trainer."""
+"""A seed user's LightningModule, data and a quiet CPU Trainer.
+
+Under either of Lightning's package names: :class:`SeedModel` and :func:`make_trainer` are
+``lightning.pytorch``'s, :class:`PLSeedModel` and ``make_trainer(..., trainer=...)`` serve
+the standalone ``pytorch_lightning``'s Trainer (tests/lightning/test_pytorch_lightning.py).
+"""
 
 from __future__ import annotations
 
@@ -6,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+import pytorch_lightning
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -14,8 +20,9 @@ from torch.utils.data import DataLoader, TensorDataset
 from dist_bregman import BregmanPruner
 
 
-class SeedModel(pl.LightningModule):
-    """The seed's integration: ``self.bregman_pruner`` and the loss term in training_step."""
+class SeedSteps(nn.Module):
+    """The seed's integration: ``self.bregman_pruner`` and the loss term in training_step;
+    mixed into a ``LightningModule`` of either package (which gives ``global_step``)."""
 
     def __init__(self, lr: float = 0.1, nan_at_step: int | None = None) -> None:
         super().__init__()
@@ -40,6 +47,45 @@ class SeedModel(pl.LightningModule):
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9)
+
+
+class SeedModel(SeedSteps, pl.LightningModule):
+    """The seed user's model under ``lightning.pytorch``."""
+
+
+class PLSeedModel(SeedSteps, pytorch_lightning.LightningModule):
+    """The same model under the standalone ``pytorch_lightning`` package."""
+
+
+class FinetunedSteps(nn.Module):
+    """A backbone for Lightning's ``BackboneFinetuning`` (frozen at the start, a new param
+    group from its epoch on) and a head; the seed's loss term when given a pruner."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.backbone = nn.Sequential(nn.Linear(10, 32), nn.ReLU())
+        self.head = nn.Linear(32, 4)
+        self.bregman_pruner: BregmanPruner | None = None
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        loss = F.cross_entropy(self.head(self.backbone(x)), y)
+        if self.bregman_pruner is not None:
+            loss = loss + self.bregman_pruner.get_regularization_loss(self)
+        return loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        trainable = [p for p in self.parameters() if p.requires_grad]  # the head, at first
+        return torch.optim.SGD(trainable, lr=0.05)
+
+
+class FinetunedModel(FinetunedSteps, pl.LightningModule):
+    """:class:`FinetunedSteps` under ``lightning.pytorch``."""
+
+
+class PLFinetunedModel(FinetunedSteps, pytorch_lightning.LightningModule):
+    """:class:`FinetunedSteps` under the standalone ``pytorch_lightning`` package."""
 
 
 class ManualTwoOptimizers(SeedModel):
@@ -73,7 +119,13 @@ def seed_loader(n: int = 256, batch_size: int = 16) -> DataLoader:
     return DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=False)
 
 
-def make_trainer(tmp_path: Path, callbacks: list, max_epochs: int = 2, **kwargs: Any) -> pl.Trainer:
+def make_trainer(
+    tmp_path: Path,
+    callbacks: list,
+    max_epochs: int = 2,
+    trainer: type[Any] = pl.Trainer,
+    **kwargs: Any,
+) -> Any:
     options = {
         "accelerator": "cpu",
         "devices": 1,
@@ -85,4 +137,4 @@ def make_trainer(tmp_path: Path, callbacks: list, max_epochs: int = 2, **kwargs:
         "default_root_dir": tmp_path,
     }
     options.update(kwargs)
-    return pl.Trainer(callbacks=callbacks, **options)
+    return trainer(callbacks=callbacks, **options)

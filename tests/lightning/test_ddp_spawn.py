@@ -1,4 +1,5 @@
-"""Lightning ``strategy="ddp_spawn"`` on CPU: every rank agrees with a 1-process run."""
+"""Lightning ``strategy="ddp_spawn"`` on CPU: every rank agrees with a 1-process run (under
+both of Lightning's package names, ``lightning.pytorch`` and ``pytorch_lightning``)."""
 
 from __future__ import annotations
 
@@ -8,11 +9,12 @@ from typing import Any
 
 import lightning.pytorch as pl
 import pytest
+import pytorch_lightning
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
 from dist_bregman import BregmanPruner, comm, measure_sparsity
-from tests.helpers.lightning import SeedModel, make_trainer, seed_loader
+from tests.helpers.lightning import PLSeedModel, SeedModel, make_trainer, seed_loader
 from tests.helpers.ports import free_port
 
 
@@ -58,8 +60,13 @@ def _pruner() -> BregmanPruner:
 
 
 @pytest.mark.timeout(180)
+@pytest.mark.parametrize(
+    ("model_class", "trainer_class"),
+    [(SeedModel, pl.Trainer), (PLSeedModel, pytorch_lightning.Trainer)],
+    ids=["lightning", "pytorch_lightning"],
+)
 def test_ddp_spawn_ranks_agree_with_each_other_and_with_one_process(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, model_class: type, trainer_class: type
 ) -> None:
     monkeypatch.setenv("MASTER_PORT", str(free_port()))  # Lightning would bind port 0, close it
     # Under DDP Lightning gives the training loader DistributedSampler(shuffle=True, seed=0):
@@ -70,21 +77,22 @@ def test_ddp_spawn_ranks_agree_with_each_other_and_with_one_process(
     sampler = DistributedSampler(dataset, num_replicas=1, rank=0, shuffle=True, seed=0)
     single = _pruner()
     single_probe = Probe(single)
-    model = SeedModel()
+    model = model_class()
     model.bregman_pruner = single
-    make_trainer(tmp_path / "one", [single, single_probe], max_epochs=2).fit(
+    make_trainer(tmp_path / "one", [single, single_probe], 2, trainer_class).fit(
         model, DataLoader(dataset, batch_size=16, sampler=sampler)
     )
     single_state = {k: v.detach() for k, v in model.state_dict().items()}
 
     pruner = _pruner()
     out = tmp_path / "ranks.pkl"
-    model = SeedModel()
+    model = model_class()
     model.bregman_pruner = pruner
     trainer = make_trainer(
         tmp_path / "ddp",
         [pruner, Probe(pruner, out), EndGroup()],
         max_epochs=2,
+        trainer=trainer_class,
         devices=2,
         strategy="ddp_spawn",
     )

@@ -9,33 +9,11 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import BackboneFinetuning
-from torch import nn
-from torch.nn import functional as F
 
 from dist_bregman import BregmanPruner, SafeModelPruning
-from tests.helpers.lightning import make_trainer, seed_loader
+from tests.helpers.lightning import FinetunedModel, make_trainer, seed_loader
 
 UNFREEZE = 2  # the epoch BackboneFinetuning unfreezes the backbone at (16 steps an epoch)
-
-
-class _Finetuned(pl.LightningModule):
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.backbone = nn.Sequential(nn.Linear(10, 32), nn.ReLU())
-        self.head = nn.Linear(32, 4)
-        self.bregman_pruner: BregmanPruner | None = None
-
-    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        x, y = batch
-        loss = F.cross_entropy(self.head(self.backbone(x)), y)
-        if self.bregman_pruner is not None:
-            loss = loss + self.bregman_pruner.get_regularization_loss(self)
-        return loss
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        trainable = [p for p in self.parameters() if p.requires_grad]  # the head, at first
-        return torch.optim.SGD(trainable, lr=0.05)
 
 
 class _Trace(pl.Callback):
@@ -52,8 +30,8 @@ class _Trace(pl.Callback):
         self.points.append((trainer.global_step, trainer.current_epoch, lam, backbone))
 
 
-def _fit(tmp_path: Path, pruner: pl.Callback) -> tuple[_Finetuned, _Trace]:
-    model = _Finetuned()
+def _fit(tmp_path: Path, pruner: pl.Callback) -> tuple[FinetunedModel, _Trace]:
+    model = FinetunedModel()
     if isinstance(pruner, BregmanPruner):
         model.bregman_pruner = pruner
     trace = _Trace(pruner)

@@ -207,3 +207,18 @@ def test_a_torch_without_fsdp2_where_it_is_looked_for_is_refused_at_import() -> 
     assert done.returncode == 1
     assert "ImportError: dist_bregman needs torch>=2.8" in done.stderr, done.stderr[-2000:]
     assert f"this torch ({torch.__version__})" in done.stderr
+
+
+def test_looking_for_lightnings_callbacks_imports_neither_lightning_package() -> None:
+    """The pruners look for finetuning and averaging callbacks among the classes of each
+    Lightning package this process has imported (the Trainer's is among them): the other
+    package holds no class of a callback that exists, importing it would only cost time."""
+    look = (
+        "import sys; from dist_bregman.callbacks.namespaces import callback_classes; "
+        "found = callback_classes('BaseFinetuning'); "
+        "print([c.__module__ for c in found], 'pytorch_lightning' in sys.modules)"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", look], capture_output=True, text=True, timeout=120, check=True
+    )
+    assert done.stdout.split() == ["['lightning.pytorch.callbacks.finetuning']", "False"]
