@@ -88,7 +88,10 @@ class Attachment:
         if missing:
             raise ValueError(
                 f"parameters_to_prune: {missing} are trainable but no optimizer holds them; "
-                f"allowed: parameters passed to the optimizer, or frozen (requires_grad=False)"
+                f"allowed: parameters passed to the optimizer, or frozen (requires_grad=False). "
+                f"Sharding (fully_shard, FSDP, Fabric's setup_module) replaces the "
+                f"parameters: an optimizer built before it holds tensors the model no longer "
+                f"has, so build the optimizer after"
             )
 
     def _computed_held(self, optimizers: Sequence[Any]) -> set[int]:

@@ -50,6 +50,45 @@ def test_raw_torchrun_loop_two_ranks_agree(tmp_path: Path) -> None:
     assert done.stderr.count("Step 60: Sparsity=") == 1  # ...and only rank 0's
 
 
+@pytest.mark.timeout(150)
+def test_fabric_loop_two_ranks_agree_under_ddp_and_fsdp2(tmp_path: Path) -> None:
+    """examples/fabric_loop.py as its docstring runs it (Fabric starts the second rank):
+    the ranks agree, and FSDP2's shards count what DDP's replicas do, step for step."""
+    records = {}
+    for strategy in ("ddp", "fsdp2"):
+        out = tmp_path / strategy
+        command = [
+            sys.executable,
+            str(ROOT / "examples" / "fabric_loop.py"),
+            *("--strategy", strategy, "--devices", "2", "--steps", "60", "--out", str(out)),
+        ]
+        returncode, stderr = _run_job(command, {**child_env(), "MASTER_PORT": str(free_port())})
+        assert returncode == 0, stderr[-3000:]
+        assert stderr.count("Step 60: Sparsity=") == 1  # rank 0's log lines only
+        ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+        assert {**ranks[0], "rank": 1} == ranks[1]
+        records[strategy] = {k: v for k, v in ranks[0].items() if k != "rank"}
+    assert records["ddp"] == records["fsdp2"]
+    assert records["ddp"]["total"] == 64 * 256 + 256 * 128 + 128 * 10
+    assert len(records["ddp"]["lambdas"]) == 6
+    assert 0 < records["ddp"]["nonzero"] < records["ddp"]["total"]
+
+
+def _run_job(command: list[str], env: dict[str, str], timeout: float = 60) -> tuple[int, str]:
+    """Run a command that starts ranks of its own, in its own process group, killed whole
+    if it outlives ``timeout`` (killing the command alone would leave its ranks running);
+    its exit code and stderr."""
+    process = subprocess.Popen(
+        command, cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    try:
+        _, stderr = process.communicate(timeout=timeout)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    return process.returncode, stderr
+
+
 @pytest.mark.timeout(120)
 def test_seed_usage_example_runs(tmp_path: Path) -> None:
     command = [sys.executable, str(ROOT / "examples" / "bregman_pruner_usage.py"), "--epochs", "3"]

@@ -249,6 +249,28 @@ def test_linbreg_over_fsdp1_flat_parameters_is_refused(grouping: str, message: s
         assert message in error
 
 
+def _optimizer_before_sharding(rank: int, world: int) -> str:
+    module = matrix_model()
+    early = torch.optim.SGD(module.parameters(), lr=0.1)  # before fully_shard replaces them
+    wrapped = wrap("fsdp2", module, lambda m: torch.optim.SGD(m.parameters(), lr=0.1))
+    controller = SparsityController(wrapped.model, BregmanConfig(target_sparsity=0.3))
+    controller.attach(wrapped.optimizer)  # built after: accepted
+    try:
+        controller.attach(early)
+    except ValueError as error:
+        return str(error)
+    return "no error"
+
+
+@pytest.mark.timeout(120)
+def test_an_optimizer_built_before_fsdp2_sharded_the_model_is_refused_with_the_cause() -> None:
+    """Its tensors are not the model's any more: its steps would never reach the weights
+    (a Fabric loop that passed one to setup() with a ModelParallelStrategy did this)."""
+    for error in run_ranks(_optimizer_before_sharding, 2, timeout=90):
+        assert "are trainable but no optimizer holds them" in error
+        assert "an optimizer built before it holds tensors the model no longer has" in error
+
+
 def _trajectory(
     rank: int, world: int, strategy: str, batches: list, freeze: Freeze, make: Any
 ) -> dict[str, Any]:
