@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from typing import Literal
 
+import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import StochasticWeightAveraging, WeightAveraging
 from typing_extensions import override
@@ -50,6 +51,21 @@ class SparseWeightAveraging(WeightAveraging):
             "update_starting_at_step", update_starting_at_step, low=0
         )
         super().__init__(device=device, use_buffers=use_buffers, avg_fn=KeepSupport(decay=decay))
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        # Lightning's WeightAveraging.setup fails on a standalone pytorch_lightning model
+        # with "ValueError: Expected a parent" (it looks the module up among lightning's
+        # classes); SWA has no such step, and runs under either package.
+        if not isinstance(pl_module, pl.LightningModule):
+            raise TypeError(
+                f"SparseWeightAveraging is a lightning.pytorch callback, and Lightning's "
+                f"WeightAveraging it extends cannot set up {type(pl_module).__name__}, a "
+                f"LightningModule of the standalone pytorch_lightning package; allowed: "
+                f"pytorch_lightning.callbacks.WeightAveraging(avg_fn=KeepSupport(decay=...)) "
+                f"there (SparseStochasticWeightAveraging runs under either)"
+            )
+        super().setup(trainer, pl_module, stage)
 
     @override
     def should_update(self, step_idx: int | None = None, epoch_idx: int | None = None) -> bool:

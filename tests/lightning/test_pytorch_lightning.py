@@ -26,7 +26,14 @@ from pytorch_lightning.callbacks import (
     WeightAveraging,
 )
 
-from dist_bregman import BregmanPruner, KeepSupport, SafeModelPruning, measure_sparsity
+from dist_bregman import (
+    BregmanPruner,
+    KeepSupport,
+    SafeModelPruning,
+    SparseStochasticWeightAveraging,
+    SparseWeightAveraging,
+    measure_sparsity,
+)
 from tests.helpers.lightning import (
     PLFinetunedModel,
     PLSeedModel,
@@ -128,6 +135,7 @@ def test_pytorch_lightnings_weight_averaging_must_keep_the_zeros(
     for averaging in (
         WeightAveraging(avg_fn=KeepSupport(decay=0.9)),
         StochasticWeightAveraging(swa_lrs=0.05, swa_epoch_start=1, avg_fn=KeepSupport()),
+        SparseStochasticWeightAveraging(swa_lrs=0.05, swa_epoch_start=1),
     ):
         model, chosen = PLSeedModel(), pruner()
         if isinstance(chosen, BregmanPruner):
@@ -137,3 +145,16 @@ def test_pytorch_lightnings_weight_averaging_must_keep_the_zeros(
         )
         # The model handed back holds the average: zero wherever the pruned model was.
         assert measure_sparsity(model).sparsity > 0.3, type(averaging).__name__
+
+
+def test_sparse_weight_averaging_says_what_to_use_under_pytorch_lightning(tmp_path: Path) -> None:
+    """Lightning's WeightAveraging, which it extends, fails to set up a pytorch_lightning
+    model ("Expected a parent"): refused with what works there instead."""
+    averaging = SparseWeightAveraging(decay=0.9)
+    trainer = make_trainer(tmp_path, [SafeModelPruning(0.5), averaging], trainer=pl.Trainer)
+    with pytest.raises(
+        TypeError, match="cannot set up PLSeedModel, a LightningModule of"
+    ) as raised:
+        trainer.fit(PLSeedModel(), seed_loader())
+    advice = "pytorch_lightning.callbacks.WeightAveraging(avg_fn=KeepSupport(decay=...))"
+    assert advice in str(raised.value)
