@@ -11,6 +11,7 @@ drops the zeros handed back a dense model without a word.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ from pytorch_lightning.callbacks import (
     StochasticWeightAveraging,
     WeightAveraging,
 )
+from pytorch_lightning.cli import LightningCLI
 
 from dist_bregman import (
     BregmanPruner,
@@ -34,6 +36,7 @@ from dist_bregman import (
     SparseWeightAveraging,
     measure_sparsity,
 )
+from dist_bregman import pytorch_lightning as standalone
 from tests.helpers.lightning import (
     PLFinetunedModel,
     PLSeedModel,
@@ -136,6 +139,8 @@ def test_pytorch_lightnings_weight_averaging_must_keep_the_zeros(
         WeightAveraging(avg_fn=KeepSupport(decay=0.9)),
         StochasticWeightAveraging(swa_lrs=0.05, swa_epoch_start=1, avg_fn=KeepSupport()),
         SparseStochasticWeightAveraging(swa_lrs=0.05, swa_epoch_start=1),
+        standalone.SparseWeightAveraging(decay=0.9),
+        standalone.SparseStochasticWeightAveraging(swa_lrs=0.05, swa_epoch_start=1),
     ):
         model, chosen = PLSeedModel(), pruner()
         if isinstance(chosen, BregmanPruner):
@@ -156,5 +161,51 @@ def test_sparse_weight_averaging_says_what_to_use_under_pytorch_lightning(tmp_pa
         TypeError, match="cannot set up PLSeedModel, a LightningModule of"
     ) as raised:
         trainer.fit(PLSeedModel(), seed_loader())
-    advice = "pytorch_lightning.callbacks.WeightAveraging(avg_fn=KeepSupport(decay=...))"
-    assert advice in str(raised.value)
+    assert "allowed: dist_bregman.pytorch_lightning.SparseWeightAveraging" in str(raised.value)
+
+
+class _Data(pl.LightningDataModule):
+    def train_dataloader(self) -> Any:
+        return seed_loader()
+
+
+CLI_CONFIG = """
+trainer:
+  max_epochs: 3
+  accelerator: cpu
+  logger: false
+  enable_checkpointing: false
+  enable_progress_bar: false
+  callbacks:
+    - class_path: {module}.BregmanPruner
+      init_args: {{target_sparsity: 0.6, initial_lambda: 0.02, lambda_update_rate: 0.05,
+                  update_frequency: 5}}
+    - class_path: {module}.SafeModelPruning
+      init_args: {{amount: 0.3}}
+    - class_path: {module}.SparseWeightAveraging
+      init_args: {{decay: 0.9}}
+"""
+
+
+def test_pytorch_lightnings_cli_takes_the_standalone_callbacks_from_yaml(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Its LightningCLI accepts only subclasses of its own Callback: dist_bregman's
+    lightning.pytorch callbacks are refused, dist_bregman.pytorch_lightning's fit."""
+    monkeypatch.setattr(sys, "argv", ["cli"])
+    config = tmp_path / "config.yaml"
+    config.write_text(CLI_CONFIG.format(module="dist_bregman"))
+    with pytest.raises(SystemExit):  # jsonargparse's usage error
+        LightningCLI(PLSeedModel, _Data, args=["fit", "--config", str(config)])
+    refusal = "dist_bregman.BregmanPruner does not correspond to a subclass of Callback"
+    assert refusal in capsys.readouterr().err
+    config.write_text(CLI_CONFIG.format(module="dist_bregman.pytorch_lightning"))
+    cli = LightningCLI(
+        PLSeedModel, _Data, args=["fit", "--config", str(config)], save_config_callback=None
+    )
+    names = [type(c).__module__ for c in cli.trainer.callbacks[:3]]
+    assert names == ["dist_bregman.pytorch_lightning"] * 3
+    pruner = cli.trainer.callbacks[0]
+    assert isinstance(pruner, pl.Callback) and pruner.current_lambda != 0.02  # it updated
+    # The model handed back holds the average, which kept the zeros of both pruners.
+    assert measure_sparsity(cli.model).sparsity > 0.3
