@@ -6,7 +6,9 @@ Lightning 2.x is one trainer published under two names with classes of their own
 with that package's Trainer and callbacks. Before the callbacks looked for finetuning and
 weight averaging in both (dist_bregman/callbacks/namespaces.py), such a user's
 ``BackboneFinetuning`` run was refused as out of reach and an ``EMAWeightAveraging`` that
-drops the zeros handed back a dense model without a word.
+drops the zeros handed back a dense model without a word. ``dist_bregman.pytorch_lightning``
+has the callbacks on that package's classes too, which its LightningCLI needs; the fits
+under its Trainer below use those, the averaging tests and ddp_spawn's the plain ones.
 """
 
 from __future__ import annotations
@@ -46,8 +48,8 @@ from tests.helpers.lightning import (
 )
 
 
-def _pruner() -> BregmanPruner:
-    return BregmanPruner(
+def _pruner(cls: type[BregmanPruner] = BregmanPruner) -> BregmanPruner:
+    return cls(
         target_sparsity=0.6, initial_lambda=0.02, lambda_update_rate=0.05, update_frequency=5
     )
 
@@ -67,7 +69,9 @@ class _Trace(pl.Callback):
 def _fit(
     tmp_path: Path, model: Any, trainer: type[Any], max_epochs: int, **kwargs: Any
 ) -> tuple[BregmanPruner, _Trace, Any]:
-    pruner = model.bregman_pruner = _pruner()
+    pruner = model.bregman_pruner = _pruner(
+        standalone.BregmanPruner if trainer is pl.Trainer else BregmanPruner
+    )
     trace = _Trace(pruner)
     callbacks = [pruner, trace, *kwargs.pop("callbacks", [])]
     ckpt_path = kwargs.pop("ckpt_path", None)
