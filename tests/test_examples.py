@@ -18,6 +18,7 @@ from dist_bregman.export import load_sparse
 from dist_bregman.models import DigitsMLP
 from tests.helpers.dist import child_env, deepspeed_shm_files
 from tests.helpers.ports import free_port
+from tests.helpers.strategies import expect_apart
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -51,9 +52,13 @@ def test_raw_torchrun_loop_two_ranks_agree(tmp_path: Path) -> None:
 
 
 @pytest.mark.timeout(150)
-def test_fabric_loop_two_ranks_agree_under_ddp_and_fsdp2(tmp_path: Path) -> None:
+def test_fabric_loop_two_ranks_agree_under_ddp_and_fsdp2(
+    tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
     """examples/fabric_loop.py as its docstring runs it (Fabric starts the second rank):
-    the ranks agree, and FSDP2's shards count what DDP's replicas do, step for step."""
+    the ranks agree, and FSDP2's shards count what DDP's replicas do, step for step (not on
+    torch 2.8, whose FSDP2 over gloo steps apart by itself: there the last check fails)."""
+    expect_apart(request, "fsdp2")
     records = {}
     for strategy in ("ddp", "fsdp2"):
         out = tmp_path / strategy
