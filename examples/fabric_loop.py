@@ -27,7 +27,7 @@ from torch.distributed.fsdp import fully_shard
 from torch.nn import functional as F
 from torch.utils.data import DataLoader
 
-from dist_bregman import BregmanConfig, SparsityController
+from dist_bregman import BregmanConfig, SparsityController, comm
 from dist_bregman.digits import digits_splits
 
 
@@ -114,6 +114,11 @@ def main() -> None:
         }
         (args.out / f"rank{fabric.global_rank}.json").write_text(json.dumps(record))
     fabric.print(f"final sparsity {100 * report.sparsity:.3f}% lambda {controller.lambda_:.8f}")
+    # The wrapped model (DDP's reducer, FSDP2's state) holds the process group, and so does
+    # the controller through it: drop them, then end the group (see comm.shutdown: left to
+    # the interpreter, gloo ranks sometimes abort at exit).
+    del model, optimizer, controller
+    comm.shutdown()
 
 
 if __name__ == "__main__":
