@@ -40,8 +40,9 @@ class KeepSupportEMA:
         self.update_starting_at_step = check_int(
             "update_starting_at_step", update_starting_at_step, low=0
         )
-        averaging = {"device": device, "use_buffers": use_buffers}
-        super().__init__(**averaging, avg_fn=KeepSupport(decay=decay))  # type: ignore[call-arg]
+        super().__init__(  # type: ignore[call-arg]
+            device=device, use_buffers=use_buffers, avg_fn=KeepSupport(decay=decay)
+        )
 
     def should_update(self, step_idx: int | None = None, epoch_idx: int | None = None) -> bool:
         """After optimizer steps on the schedule; never at an epoch's end."""
