@@ -79,18 +79,38 @@ def test_fabric_loop_two_ranks_agree_under_ddp_and_fsdp2(
     assert 0 < records["ddp"]["nonzero"] < records["ddp"]["total"]
 
 
-def _run_job(command: list[str], env: dict[str, str], timeout: float = 60) -> tuple[int, str]:
-    """Run a command that starts ranks of its own, in its own process group, killed whole
-    if it outlives ``timeout`` (killing the command alone would leave its ranks running);
-    its exit code and stderr."""
-    process = subprocess.Popen(
-        command, cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True, start_new_session=True
+def _launch(
+    command: list[str], env: dict[str, str], stderr: int = subprocess.PIPE
+) -> subprocess.Popen[str]:
+    """Start a command that starts ranks of its own (a launcher), in its own process group,
+    for :func:`_communicate` (``stderr=subprocess.STDOUT``: one stream)."""
+    return subprocess.Popen(
+        command,
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=stderr,
+        text=True,
+        start_new_session=True,
     )
+
+
+def _communicate(launched: list[subprocess.Popen[str]], timeout: float) -> list[tuple[str, str]]:
+    """Each launched command's (stdout, stderr) once it ends; a command still running after
+    ``timeout`` (or the first failure to wait) is killed with its whole process group:
+    killing the launcher alone would leave its ranks running after the test."""
     try:
-        _, stderr = process.communicate(timeout=timeout)
+        return [process.communicate(timeout=timeout) for process in launched]
     finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
+        for process in launched:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
+
+
+def _run_job(command: list[str], env: dict[str, str], timeout: float = 60) -> tuple[int, str]:
+    """Run a launcher under :func:`_communicate`: its exit code and stderr."""
+    process = _launch(command, env)
+    [(_, stderr)] = _communicate([process], timeout)
     return process.returncode, stderr
 
 
@@ -151,24 +171,8 @@ def _run_two_nodes(
         f"--trainer.logger.init_args.save_dir={folder}",
     ]
     env = child_env() | {"PYTHON": sys.executable, "NPROC": "1", "ACCELERATOR": "cpu"} | env
-    launched = [
-        subprocess.Popen(
-            command,
-            cwd=ROOT,
-            env=env | node,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            start_new_session=True,  # its own process group: the launcher and its ranks
-        )
-        for node in nodes
-    ]
-    try:
-        outputs = [process.communicate(timeout=130) for process in launched]
-    finally:  # a hung node: its launcher and ranks go with the test, not after it
-        for process in launched:
-            if process.poll() is None:
-                os.killpg(process.pid, signal.SIGKILL)
+    launched = [_launch(command, env | node) for node in nodes]
+    outputs = _communicate(launched, timeout=130)
     for process, (_, stderr) in zip(launched, outputs, strict=True):
         assert process.returncode == 0, stderr[-3000:]
     stderr = "\n".join(err for _, err in outputs)
@@ -331,7 +335,7 @@ def test_the_deepspeed_launcher_on_two_nodes_forms_one_world(tmp_path: Path) -> 
     port = free_port()
     env = child_env() | {"DS_ACCELERATOR": "cpu"}
     nodes = [
-        subprocess.Popen(
+        _launch(
             [
                 sys.executable,
                 "-m",
@@ -352,19 +356,12 @@ def test_the_deepspeed_launcher_on_two_nodes_forms_one_world(tmp_path: Path) -> 
                 "--trainer.enable_progress_bar=false",
                 f"--trainer.logger.init_args.save_dir={tmp_path}",
             ],
-            cwd=ROOT,
-            env=env,
-            stdout=subprocess.PIPE,
+            env,
             stderr=subprocess.STDOUT,
-            text=True,
         )
         for node in (0, 1)
     ]
-    try:
-        outputs = [node.communicate(timeout=180)[0] for node in nodes]
-    finally:
-        for node in nodes:
-            node.kill()
+    outputs = [out for out, _ in _communicate(nodes, timeout=180)]
     assert [node.returncode for node in nodes] == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
     assert "GLOBAL_RANK: 0, MEMBER: 1/2" in outputs[0]
     assert "GLOBAL_RANK: 1, MEMBER: 2/2" in outputs[1]
