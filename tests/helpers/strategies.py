@@ -27,12 +27,15 @@ STRATEGIES = (
     "zero2",
     "zero3",
     "zero3_persist",
+    "zero2_offload",
+    "zero3_offload",
 )
-"""The strategies every matrix test runs. ``wrap`` also knows variants that tests name
-where they matter: ``fsdp1_gradop`` (SHARD_GRAD_OP) and ``fsdp2_root`` (the last layer in
-the root's group), whose gathered weights outlive a forward; and, at 4 ranks, the hybrids
-``hsdp`` (FSDP2 on a 2 x 2 mesh) and ``fsdp1_hybrid`` (HYBRID_SHARD), and ``zero3_hpz``
-(ZeRO++ hpZ in groups of 2)."""
+"""The strategies every matrix test runs (``*_offload``: ZeRO-Offload, the optimizer's fp32
+partitions on the CPU, and at stage 3 the parameters' partitions too). ``wrap`` also knows
+variants that tests name where they matter: ``fsdp1_gradop`` (SHARD_GRAD_OP) and
+``fsdp2_root`` (the last layer in the root's group), whose gathered weights outlive a
+forward; and, at 4 ranks, the hybrids ``hsdp`` (FSDP2 on a 2 x 2 mesh) and ``fsdp1_hybrid``
+(HYBRID_SHARD), and ``zero3_hpz`` (ZeRO++ hpZ in groups of 2)."""
 
 FSDP2_APART_FROM_ONE_PROCESS = torch.__version__.startswith("2.8.")
 """torch 2.8's FSDP2 over gloo steps apart from one process, without this library too: a
@@ -189,14 +192,19 @@ def _deepspeed(
 
     stage = int(strategy[4])
     zero: dict[str, Any] = {"stage": stage}
-    if strategy in ("zero3", "zero3_hpz"):
+    if strategy in ("zero3", "zero3_hpz", "zero3_offload"):
         zero["stage3_param_persistence_threshold"] = 0  # every parameter partitioned
     if strategy == "zero3_hpz":  # ZeRO++ hpZ: a secondary copy per group of 2 for forwards
         zero["zero_hpz_partition_size"] = 2
+    if strategy.endswith("_offload"):  # ZeRO-Offload: the fp32 partitions and their step on
+        zero["offload_optimizer"] = {"device": "cpu"}  # the CPU, apart from the model's
+        if stage == 3:
+            zero["offload_param"] = {"device": "cpu"}  # and ZeRO-3's partitions offloaded
     config = {
         "train_micro_batch_size_per_gpu": 4,
         "zero_optimization": zero,
         "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,  # offloaded, still the optimizer under test
         "gradient_clipping": 0.0,
     }
     optimizer = make_optimizer(module)
