@@ -6,7 +6,9 @@
 
 The controller looks through the engine's ZeRO optimizer to the fp32 partitions it steps,
 so the proximal step (or LinBreg's threshold) makes zeros that the next step keeps, and
-counts the ZeRO-3 partitions without their padding. ``--out DIR`` writes ``rank<N>.json``.
+counts the ZeRO-3 partitions without their padding. ``--accumulate N`` splits each batch of
+16 into N micro-batches (DeepSpeed's ``gradient_accumulation_steps``): the loop counts
+optimizer steps with ``engine.global_steps``. ``--out DIR`` writes ``rank<N>.json``.
 """
 
 from __future__ import annotations
@@ -31,7 +33,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--stage", type=int, default=3, choices=(1, 2, 3))
     parser.add_argument("--optimizer", default="sgd", choices=("sgd", "linbreg"))
-    parser.add_argument("--steps", type=int, default=400)
+    parser.add_argument("--steps", type=int, default=400, help="optimizer steps")
+    parser.add_argument(
+        "--accumulate", type=int, default=1, choices=(1, 2, 4), help="micro-batches per step"
+    )
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--local_rank", type=int, default=0, help="set by the deepspeed launcher")
     args = parser.parse_args()
@@ -55,7 +60,8 @@ def main() -> None:
         model=model,
         optimizer=optimizer,
         config={
-            "train_micro_batch_size_per_gpu": 16,
+            "train_micro_batch_size_per_gpu": 16 // args.accumulate,
+            "gradient_accumulation_steps": args.accumulate,
             "zero_optimization": {"stage": args.stage},
             "zero_allow_untested_optimizer": True,
         },
@@ -74,18 +80,17 @@ def main() -> None:
 
     train = digits_splits().train
     sampler = DistributedSampler(train, shuffle=True, seed=0)
-    loader = DataLoader(train, batch_size=16, sampler=sampler, drop_last=True)
-    step, epoch = 0, 0
-    while step < args.steps:
+    loader = DataLoader(train, batch_size=16 // args.accumulate, sampler=sampler, drop_last=True)
+    epoch = 0
+    while engine.global_steps < args.steps:
         sampler.set_epoch(epoch)
         for x, y in loader:
             loss = F.cross_entropy(engine(x.to(engine.device)), y.to(engine.device))
             engine.backward(loss)
-            engine.step()
-            step += 1
+            engine.step()  # an optimizer step once every `accumulate` micro-batches
             controller.observe_loss(loss)
-            controller.update_if_due(step)
-            if step == args.steps:
+            controller.update_if_due(engine.global_steps)  # counts optimizer steps
+            if engine.global_steps == args.steps:
                 break
         epoch += 1
 
@@ -96,6 +101,8 @@ def main() -> None:
         record = {
             "rank": rank,
             "lambda": controller.lambda_,
+            "steps": engine.global_steps,
+            "updates": controller.updates,
             "sparsity": report.sparsity,
             "per_parameter": report.per_parameter,
             "penalty": float(controller.regularization_loss().detach()),

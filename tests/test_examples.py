@@ -263,7 +263,9 @@ def test_raw_deepspeed_engine_under_the_deepspeed_launcher(tmp_path: Path) -> No
 
 
 @pytest.mark.timeout(200)
-def test_raw_deepspeed_engine_with_linbreg_under_torchrun(tmp_path: Path) -> None:
+def test_raw_deepspeed_engine_with_linbreg_and_accumulation_under_torchrun(
+    tmp_path: Path,
+) -> None:
     command = [
         sys.executable,
         "-m",
@@ -277,6 +279,8 @@ def test_raw_deepspeed_engine_with_linbreg_under_torchrun(tmp_path: Path) -> Non
         "linbreg",
         "--steps",
         "60",
+        "--accumulate",
+        "2",
         "--out",
         str(tmp_path),
     ]
@@ -286,6 +290,8 @@ def test_raw_deepspeed_engine_with_linbreg_under_torchrun(tmp_path: Path) -> Non
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert ranks[0] == ranks[1] | {"rank": 0}
     assert 0.8 < ranks[0]["sparsity"] < 0.96  # grown from the 5% sparse start
+    # 120 micro-batches, 60 optimizer steps: lambda updated every 10 of those, not of these
+    assert (ranks[0]["steps"], ranks[0]["updates"]) == (60, 6)
 
 
 @pytest.mark.timeout(200)
