@@ -241,9 +241,13 @@ class MagnitudePruner:
 
         A zero is ``|x| <= zero_tolerance`` of the effective weight, as the measurement
         counts it (held ones are made exactly zero). The order is the selection's tie
-        order (tensors in order, then flattened index, the same under every strategy), so
-        a range of places names the same elements on every rank and in every layout, and a
-        frozen support's state (see ``SparsityController``) is a count, not a mask.
+        order (tensors in order, then each tensor's shards in the order of the ranks that
+        count them), so a range of places names the same elements on every rank, and a
+        frozen support's state (see ``SparsityController``) is a count, not a mask. Where
+        each shard is one run of the flattened tensor (one process, DDP, FSDP1, FSDP2 and
+        HSDP with ``Shard(0)``, ZeRO) that is flattened order, the same in every such
+        layout; a ``Shard(1)`` (row-wise tensor parallelism) or ``_StridedShard`` (FSDP2
+        over TP) cuts the flattened order into pieces, so it may name other zeros there.
         A collective: one all-reduce of the zero counts (and :meth:`enforce`)."""
         rank, world = comm.get_rank(self.group), comm.get_world_size(self.group)
         data = [p.local() for p in self.placements]

@@ -10,7 +10,10 @@ threshold gives each rank (and each strategy) a slightly different mask. Instead
   histogram per round, 8 rounds, gives the exact k-th key ``tau`` and the count below it;
 * ties at ``tau`` are broken in global element order (tensor order, then flattened index),
   so the pruned set is a function of the values alone: with one more all-reduce of each
-  rank's tie counts, every rank knows how many of its ties come first.
+  rank's tie counts, every rank knows how many of its ties come first. (The caller orders
+  a tensor's shards by rank: flattened order where each shard is one run of it, as under
+  DDP, FSDP1, FSDP2 ``Shard(0)`` and ZeRO; under tensor parallelism's ``Shard(1)`` the
+  shards' order instead, the same on every rank.)
 
 A key may weigh more than one (a row of a matrix stands for its elements): then ``k`` is a
 weight, and the selection is the shortest run of keys in (key, global order) whose weights

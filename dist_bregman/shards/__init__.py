@@ -6,8 +6,9 @@ which elements this rank holds and whether other ranks hold the same ones:
 
 * replicated (one process, DDP, ZeRO-1/2, FSDP ``NO_SHARD``): every rank holds all of it;
   each replica is counted by exactly one rank, spread over ranks by size;
-* FSDP2 ``DTensor``: the local shard, aligned with its global offset; replicas along
-  ``Replicate`` mesh dimensions counted once (HSDP);
+* FSDP2 and tensor-parallel ``DTensor``: the local shard, aligned with its global offset;
+  replicas along ``Replicate`` mesh dimensions (HSDP), and the copies on the other slices
+  of a sliced mesh (FSDP2 over TP), counted once;
 * FSDP1 flat parameter: this rank's slice of the flat shard, without the padding
   (``HYBRID_SHARD``: a shard counted at its first replica);
 * DeepSpeed ZeRO-3: the valid part of ``ds_tensor``, without the tail padding.

@@ -13,12 +13,14 @@ the shards outside a step the gathered copies are dropped (:func:`reshard_gather
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
+from dist_bregman import comm
 from dist_bregman.shards.base import LocalView, Placement
 from dist_bregman.targets import Target
 
@@ -140,8 +142,10 @@ def reshard_gathered(placements: Sequence[Placement]) -> None:
 class DTensorPlacement(Placement):
     """A DTensor: the local shard at its global offset. Uneven ``Shard(0)`` chunks (e.g.
     5 + 4 rows of 9) and empty shards are fine; replicas along ``Replicate`` mesh
-    dimensions (HSDP) are counted only at coordinate 0 of those dimensions. ``owner``: the
-    FSDP2 module whose group holds it (None: a DTensor FSDP2 does not manage)."""
+    dimensions (HSDP) are counted only at coordinate 0 of those dimensions, and replicas
+    along the dimensions a sliced mesh leaves out (:func:`first_copy`) only in its first
+    copy. ``owner``: the FSDP2 module whose group holds it (None: a DTensor FSDP2 does not
+    manage)."""
 
     sharded = True
 
@@ -151,16 +155,17 @@ class DTensorPlacement(Placement):
         values = sharded_values(target, owner)
         placements, mesh = values.placements, values.device_mesh  # type: ignore[attr-defined]
         coordinate = mesh.get_coordinate()
-        # The counting rank: this rank's coordinate with every Replicate dimension at 0
-        # (left None when this rank is not in the mesh and holds nothing).
+        # The counting rank: this rank's coordinate with every Replicate dimension at 0, in
+        # the first copy of the mesh where it is a slice of a larger one (left None when
+        # this rank is not in the mesh and holds nothing).
         self._counts_here = False
         if coordinate is not None:
             at = [
                 0 if isinstance(p, Replicate) else c
                 for c, p in zip(coordinate, placements, strict=True)
             ]
-            self._counter = int(mesh.mesh[tuple(at)])
-            self._counts_here = at == list(coordinate)
+            self._counter = first_copy(mesh)(int(mesh.mesh[tuple(at)]))
+            self._counts_here = self._counter == comm.get_rank()
         self._rows_whole = all(not isinstance(p, Shard) or p.dim == 0 for p in placements)
 
     @property
@@ -184,6 +189,53 @@ class DTensorPlacement(Placement):
         if mask is not None:
             mask = local_part(mask, values)
         return LocalView(local, mask, local.numel(), values.numel(), self._rows_whole)
+
+
+@functools.lru_cache(maxsize=64)
+def first_copy(mesh: Any) -> Callable[[int], int]:
+    """For a rank of ``mesh``, the rank at the same place in the first copy of ``mesh``.
+
+    A DTensor on a slice of a larger device mesh has a copy on every slice: under FSDP2
+    over tensor parallelism (``fully_shard(layer, mesh=mesh["dp"])`` for a layer left out
+    of the TP plan, as Lightning's ``ModelParallelStrategy`` and torchtitan lay a 2-D run
+    out), each TP rank's ``dp`` slice holds the whole layer, sharded over ``dp``. Counted
+    on every slice, a (dp 2, tp 2) run counted a 221-element layer as 442 (refused by the
+    reduced totals). The first copy is the slice at coordinate 0 of every dimension of the
+    root mesh that the slice leaves out; its ranks count, the others hold replicas. Where
+    the root mesh cannot be found (torch's private ``DeviceMesh._get_root_mesh`` or
+    ``_mesh_resources.get_root_mesh``; one of them is in torch 2.8 to 2.13), every slice
+    counts and the totals refuse the count. (Cached per mesh: placements are built at
+    every measurement.)"""
+    root = _root_mesh(mesh)
+    if root.mesh.numel() == mesh.mesh.numel():
+        return _same_rank
+    grid = root.mesh
+    places = torch.stack([(grid == r).nonzero()[0] for r in mesh.mesh.flatten().tolist()])
+    left_out = (places == places[0]).all(dim=0)  # root dimensions the slice does not span
+
+    def counterpart(rank: int) -> int:
+        place = (grid == rank).nonzero()[0].masked_fill(left_out, 0)
+        return int(grid[tuple(place.tolist())])
+
+    return counterpart
+
+
+def _same_rank(rank: int) -> int:
+    return rank
+
+
+def _root_mesh(mesh: Any) -> Any:
+    """The device mesh ``mesh`` was sliced from (``mesh`` itself when not a slice, or when
+    torch no longer tells)."""
+    getter = getattr(mesh, "_get_root_mesh", None)
+    if getter is not None:
+        return getter()
+    try:
+        from torch.distributed.device_mesh import _mesh_resources
+
+        return _mesh_resources.get_root_mesh(mesh)
+    except (ImportError, AttributeError):
+        return mesh
 
 
 def local_part(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

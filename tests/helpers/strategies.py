@@ -35,7 +35,8 @@ partitions on the CPU, and at stage 3 the parameters' partitions too). ``wrap`` 
 variants that tests name where they matter: ``fsdp1_gradop`` (SHARD_GRAD_OP) and
 ``fsdp2_root`` (the last layer in the root's group), whose gathered weights outlive a
 forward; and, at 4 ranks, the hybrids ``hsdp`` (FSDP2 on a 2 x 2 mesh) and ``fsdp1_hybrid``
-(HYBRID_SHARD), and ``zero3_hpz`` (ZeRO++ hpZ in groups of 2)."""
+(HYBRID_SHARD), ``zero3_hpz`` (ZeRO++ hpZ in groups of 2) and ``fsdp2_tp`` (FSDP2 over
+tensor parallelism, 2 x 2); and ``tp`` (tensor parallelism alone)."""
 
 FSDP2_APART_FROM_ONE_PROCESS = torch.__version__.startswith("2.8.")
 """torch 2.8's FSDP2 over gloo steps apart from one process, without this library too: a
@@ -48,7 +49,7 @@ weights."""
 def steps_apart(strategy: str) -> bool:
     """Whether training under ``strategy`` is known, on this torch, to step apart from one
     process (:data:`FSDP2_APART_FROM_ONE_PROCESS`)."""
-    return FSDP2_APART_FROM_ONE_PROCESS and strategy in ("fsdp2", "fsdp2_root", "hsdp")
+    return FSDP2_APART_FROM_ONE_PROCESS and strategy in ("fsdp2", "fsdp2_root", "hsdp", "fsdp2_tp")
 
 
 def expect_apart(request: Any, strategy: str) -> None:
@@ -111,6 +112,9 @@ class Wrapped:
     train_step: Callable[[torch.Tensor, torch.Tensor], None]
     gathered: Callable[[], contextlib.AbstractContextManager[None]]
     """Context in which ``module``'s parameters are full on every rank."""
+    data_share: tuple[int, int] | None = None
+    """``(index, count)``: this rank's share of a global batch, where not ``(rank, world)``
+    (tensor-parallel ranks compute on the same samples)."""
 
     def full_effective(self) -> dict[str, torch.Tensor]:
         with self.gathered():
@@ -154,6 +158,8 @@ def wrap(
         def gathered() -> contextlib.AbstractContextManager[None]:
             return FSDP.summon_full_params(model, writeback=False)
 
+    elif strategy in ("tp", "fsdp2_tp"):
+        return _tensor_parallel(strategy, module, make_optimizer)
     elif strategy in ("fsdp2", "fsdp2_root", "hsdp"):
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
@@ -181,6 +187,49 @@ def wrap(
         optimizer.zero_grad()
 
     return Wrapped(model, module, optimizer, train_step, gathered)
+
+
+def _tensor_parallel(
+    strategy: str,
+    module: nn.Sequential,
+    make_optimizer: Callable[[nn.Module], torch.optim.Optimizer],
+) -> Wrapped:
+    """Layers 2 and 4 tensor-parallel (column-, then row-wise: ``Shard(0)``, ``Shard(1)``)
+    over every rank (``tp``) or, at 4 ranks, over the inner dimension of a 2 x 2 mesh
+    with FSDP2 over the outer one (``fsdp2_tp``, as Lightning's ``ModelParallelStrategy``
+    lays it out). Layer 0 stays out of the plan (torch's parallel styles cannot take a
+    ``torch.nn.utils.prune`` weight): replicated under ``tp``; under ``fsdp2_tp`` sharded
+    over the outer dimension only, a copy on each tensor-parallel rank."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor.parallel import (
+        ColwiseParallel,
+        RowwiseParallel,
+        parallelize_module,
+    )
+
+    world = torch.distributed.get_world_size()
+    mesh = init_device_mesh("cpu", (world // 2, 2), mesh_dim_names=("dp", "tp"))
+    if strategy == "tp":
+        mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("tp",))
+    # Layer 2's output stays a DTensor: made local, its uneven shards (6 and 5 of 11) would
+    # be read back as 6 + 6 by layer 4's input conversion.
+    plan = {"2": ColwiseParallel(use_local_output=False), "4": RowwiseParallel()}
+    parallelize_module(module, mesh["tp"], plan)
+    share = (0, 1)  # every rank computes on the whole batch
+    if strategy == "fsdp2_tp":
+        for layer in (module[0], module[2], module[4]):
+            fully_shard(layer, mesh=mesh["dp"])
+        fully_shard(module, mesh=mesh["dp"])
+        share = (mesh["dp"].get_local_rank(), world // 2)
+    optimizer = make_optimizer(module)
+
+    def train_step(x: torch.Tensor, y: torch.Tensor) -> None:
+        F.cross_entropy(module(x), y).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+    return Wrapped(module, module, optimizer, train_step, contextlib.nullcontext, share)
 
 
 def _deepspeed(
