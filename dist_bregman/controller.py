@@ -47,7 +47,7 @@ from dist_bregman.regularizers import L1, GroupL1, Regularizer
 from dist_bregman.regularizers import resolve as resolve_regularizer
 from dist_bregman.shards import Placement, local_views, place
 from dist_bregman.shards.zero import partitions
-from dist_bregman.sparsity import SparsityReport, reduce_counts
+from dist_bregman.sparsity import SparsityReport, check_same_tensors, reduce_counts
 from dist_bregman.support import HeldSupport
 from dist_bregman.targets import ParameterPairs, Target, check_writable, left_out, resolve
 
@@ -113,6 +113,8 @@ class SparsityController:
         by ``attach(strict=False)``): lambda updates are skipped meanwhile, or the integral
         rule would wind lambda up against weights it cannot reach."""
         self.placements: list[Placement] = []
+        self._checked: list[Placement] | None = None
+        """The placements :func:`check_same_tensors` found alike on every rank."""
         self.attachment = Attachment([], self.regularizer, self.config.mode, self._lambda)
         self.held = HeldSupport(self.config, self._magnitude_pruner, self._info, self._warn)
         """The zeros held after the freeze (:mod:`dist_bregman.support`)."""
@@ -310,7 +312,7 @@ class SparsityController:
         optimizers step (and, until detached, after each of their steps)."""
         pairs = [(t.module, t.attr) for t in self.targets]
         pruner = MagnitudePruner(self._model, PruningConfig(amount=0.0), pairs, group=self.group)
-        pruner.attach(*self._optimizers)
+        pruner.attach(*self._optimizers, check=False)  # the same tensors: checked at attach
         return pruner
 
     # ------------------------------------------------------------------ bad numbers
@@ -515,6 +517,9 @@ class SparsityController:
                 f"guard_steps=True with a torch optimizer (one process, DDP, FSDP)"
             )
         self.detach()
+        if self._checked is not self.placements:  # once per bind (follow_groups reattaches)
+            check_same_tensors(self.placements, self.group)
+            self._checked = self.placements
         self._optimizers = optimizers
         self._groups = groups_key(optimizers)
         self.attachment.attach(optimizers)

@@ -40,7 +40,12 @@ from dist_bregman.shards import Placement, place, refresh_copies
 from dist_bregman.shards.base import LocalView
 from dist_bregman.shards.dtensor import local_tensor
 from dist_bregman.shards.replicated import balanced_owners
-from dist_bregman.sparsity import SparsityReport, nonzero_flags, reduce_counts
+from dist_bregman.sparsity import (
+    SparsityReport,
+    check_same_tensors,
+    nonzero_flags,
+    reduce_counts,
+)
 from dist_bregman.targets import ParameterPairs, check_writable, left_out, resolve
 
 Schedule = Literal["linear", "cubic"]
@@ -176,8 +181,13 @@ class MagnitudePruner:
                     f"structured=False there, or DDP / FSDP2 (Shard(0)) for structured pruning"
                 )
 
-    def attach(self, *optimizers: Any) -> None:
-        """Re-apply the masks after every step of these optimizers, in the tensors they step."""
+    def attach(self, *optimizers: Any, check: bool = True) -> None:
+        """Re-apply the masks after every step of these optimizers, in the tensors they step.
+        ``check``: first check that every rank measures the same tensors (a collective,
+        :func:`~dist_bregman.sparsity.check_same_tensors`); a caller that has checked the
+        same set passes False."""
+        if check:
+            check_same_tensors(self.placements, self.group)
         self.detach()
         self._optimizers, self._groups = optimizers, groups_key(optimizers)
         for optimizer in optimizers:
@@ -193,7 +203,7 @@ class MagnitudePruner:
         of those layers grew back at their first steps. Returns whether it did."""
         if not self._optimizers or groups_key(self._optimizers) == self._groups:
             return False
-        self.attach(*self._optimizers)
+        self.attach(*self._optimizers, check=False)  # the same tensors, other groups
         return True
 
     def detach(self) -> None:

@@ -3,11 +3,14 @@
 Each rank counts the nonzeros of the elements it owns (see :mod:`dist_bregman.shards`),
 writes all per-tensor ``(nonzero, total)`` pairs into one int64 buffer, and the buffer is
 summed with a single collective. Every rank therefore holds the same integers, equal to the
-counts of the unsharded model, and reads them back with one host synchronisation.
+counts of the unsharded model, and reads them back with one host synchronisation. That
+needs every rank's buffer slots to be the same tensors: :func:`check_same_tensors`, once
+at set-up.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -17,6 +20,7 @@ from torch import nn
 
 from dist_bregman import comm, kernels
 from dist_bregman.compiling import eager
+from dist_bregman.errors import RankDisagreementError
 from dist_bregman.shards import LocalView, Placement, local_views, locate
 from dist_bregman.targets import ParameterPairs
 
@@ -126,6 +130,36 @@ def structure_sizes(shape: Sequence[int]) -> tuple[int, int]:
     rows = shape[0] if len(shape) >= 2 else 0
     kernels = shape[0] * shape[1] if len(shape) >= 3 else 0
     return rows, kernels
+
+
+def check_same_tensors(placements: Sequence[Placement], group: comm.ProcessGroup = None) -> None:
+    """Raise :class:`~dist_bregman.errors.RankDisagreementError` on every rank unless all
+    ranks measure the same tensors (names and global sizes). A collective; once at set-up
+    (``SparsityController.attach``, ``MagnitudePruner.attach``), not per measurement.
+
+    :func:`reduce_counts` sums the ranks' buffers slot by slot. Where ranks hold different
+    layers (pipeline parallelism's stages), two stages of equal shapes were summed as one
+    and reported as the model (128 of 128 weights where there were 256), and stages of
+    unequal ones died in the collective (gloo: SIGABRT). Stages keep their layers' names
+    in the whole model (DeepSpeed's ``PipelineModule``, torchtitan), so names tell them
+    apart."""
+    described = [(p.target.name, p.global_numel) for p in placements]
+    digest = hashlib.sha256(repr(described).encode()).hexdigest()[:16]
+    mine = (len(described), sum(numel for _, numel in described), digest)
+    everyone = comm.all_gather_object(mine, group)
+    ranks = [rank for rank, theirs in enumerate(everyone) if theirs != everyone[0]]
+    if not ranks:  # (every rank gathered the same list: all return, or all raise)
+        return
+    shown = "; ".join(
+        f"rank {rank}: {everyone[rank][0]} tensors, {everyone[rank][1]} elements"  # type: ignore[index]
+        for rank in [0, *ranks[:3]]
+    )
+    raise RankDisagreementError(
+        f"ranks {ranks} measure other tensors than rank 0 ({shown}; names and sizes "
+        f"compared): one all-reduce sums every rank's counts tensor by tensor, so each rank "
+        f"must hold the whole model or its shard of every measured tensor (DDP, FSDP, ZeRO, "
+        f"tensor parallelism); pipeline stages holding different layers are not supported"
+    )
 
 
 def reduce_counts(

@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from dist_bregman import BregmanConfig, SparsityController, comm
+from dist_bregman import BregmanConfig, MagnitudePruner, SparsityController, comm
 from dist_bregman.errors import NonFiniteError, RankDisagreementError
 from tests.helpers.dist import deepspeed_shm_files, run_ranks
 
@@ -113,6 +113,40 @@ def _diverged_lambda(rank: int, world: int) -> str:
 def test_agreement_check_names_the_rank_whose_lambda_diverged() -> None:
     messages = run_ranks(_diverged_lambda, 3, timeout=TIMEOUT)
     assert all(m.startswith("ranks [2] disagree with rank 0") for m in messages)
+
+
+def _pipeline_stages(rank: int, world: int, same_shapes: bool, pruner: bool) -> str:
+    """Each rank holds its own layers, named as in the whole model (as DeepSpeed's
+    PipelineModule and torchtitan's stages keep them): rank 0 layers 0-1, rank 1 2-3."""
+    width = 8 if same_shapes or rank == 0 else 16
+    stage = nn.ModuleDict(
+        {str(2 * rank + i): nn.Linear(8 if i == 0 else width, width) for i in (0, 1)}
+    )
+    optimizer = torch.optim.SGD(stage.parameters(), lr=0.1)
+    with pytest.raises(RankDisagreementError) as caught:
+        if pruner:  # SafeModelPruning's core
+            MagnitudePruner(stage).attach(optimizer)
+        else:
+            _controller(stage).attach(optimizer)
+    return str(caught.value)
+
+
+@pytest.mark.timeout(TIMEOUT + 30)
+@pytest.mark.parametrize("pruner", [False, True], ids=["controller", "pruner"])
+@pytest.mark.parametrize("same_shapes", [True, False])
+def test_ranks_holding_different_layers_are_refused_at_attach(
+    same_shapes: bool, pruner: bool
+) -> None:
+    """Summed slot by slot, the stages' counts would have read as one stage's model (equal
+    shapes: 128 of 128 weights where there are 256) or died in the collective (unequal)."""
+    messages = run_ranks(_pipeline_stages, 2, same_shapes, pruner, timeout=TIMEOUT)
+    assert messages[0] == messages[1]
+    other = 128 if same_shapes else 8 * 16 + 16 * 16  # rank 1's weights (names differ)
+    assert messages[0].startswith(
+        f"ranks [1] measure other tensors than rank 0 (rank 0: 2 tensors, 128 elements; "
+        f"rank 1: 2 tensors, {other} elements;"
+    )
+    assert "pipeline stages holding different layers are not supported" in messages[0]
 
 
 def _leave_early(rank: int, world: int) -> None:
