@@ -89,8 +89,10 @@ class DigitsClassifier(pl.LightningModule):
         return self.net(x)
 
     def configure_model(self) -> None:
-        """Under Lightning's ``ModelParallelStrategy``: FSDP2 (``fully_shard``) over the
-        data-parallel mesh, one unit per layer. Other strategies leave the model alone."""
+        """Under Lightning's ``ModelParallelStrategy``: tensor parallelism over its
+        ``tensor_parallel`` mesh where that has several ranks (:func:`tensor_parallel_plan`),
+        then FSDP2 (``fully_shard``) over the data-parallel mesh, one unit per layer. Other
+        strategies leave the model alone."""
         mesh = self.device_mesh
         if mesh is None:
             return
@@ -99,6 +101,10 @@ class DigitsClassifier(pl.LightningModule):
         if isinstance(self.net, FSDPModule):
             return  # Lightning calls this hook again for test/validate: shard once
 
+        if mesh["tensor_parallel"].size() > 1:
+            from torch.distributed.tensor.parallel import parallelize_module
+
+            parallelize_module(self.net, mesh["tensor_parallel"], tensor_parallel_plan(self.net))
         data_parallel = mesh["data_parallel"]
         for layer in self.net.children():
             if isinstance(layer, WEIGHTED):
@@ -208,6 +214,23 @@ class DigitsMLP(DigitsClassifier):
             body, head = nn.Sequential(*list(self.net)[:-1]), nn.Sequential(self.net[-1])
             sparse_init_(body, sparse_init, rows=sparse_init_rows, generator=generator)
             sparse_init_(head, sparse_init, generator=generator)  # never whole classes
+
+
+def tensor_parallel_plan(net: nn.Module) -> dict[str, Any]:
+    """Megatron's MLP split for ``net``'s hidden Linear children, in pairs: the first
+    column-wise (its output features sharded), the second row-wise (its input features
+    sharded; one all-reduce makes its output whole). The output layer stays whole on every
+    tensor-parallel rank (FSDP2 shards it over the data-parallel mesh only), and so does
+    an unpaired hidden layer (the CNN's one). The column-wise output stays a DTensor into
+    the row-wise layer: made local, uneven shards would be read back wrongly."""
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+
+    hidden = [name for name, child in net.named_children() if isinstance(child, nn.Linear)][:-1]
+    plan: dict[str, Any] = {}
+    for first, second in zip(hidden[0::2], hidden[1::2], strict=False):
+        plan[first] = ColwiseParallel(use_local_output=False)
+        plan[second] = RowwiseParallel()
+    return plan
 
 
 def _seeded_linear(n_in: int, n_out: int, generator: torch.Generator) -> nn.Linear:

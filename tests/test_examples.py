@@ -296,22 +296,28 @@ def test_raw_deepspeed_engine_with_linbreg_and_accumulation_under_torchrun(
 
 @pytest.mark.timeout(200)
 @pytest.mark.parametrize(
-    ("script", "config", "steps"),
+    ("script", "config", "processes"),
     [
-        ("deepspeed.sh", "digits_zero3.yaml", 3 * 40),
-        ("torchrun.sh", "digits_fsdp2.yaml", 3 * 40),
+        ("deepspeed.sh", "digits_zero3.yaml", 2),
+        ("torchrun.sh", "digits_fsdp2.yaml", 2),
+        ("torchrun.sh", "digits_fsdp2_tp.yaml", 4),  # 2 x 2: FSDP2 over tensor parallelism
     ],
 )
 def test_launch_scripts_run_the_sharded_jobs(
-    script: str, config: str, steps: int, tmp_path: Path
+    script: str, config: str, processes: int, tmp_path: Path
 ) -> None:
+    steps = 3 * 40  # 3 epochs of a global batch of 32 (16 per data-parallel rank)
     command = [
         str(ROOT / "launch" / script),
         "--trainer.max_epochs=3",
         "--trainer.enable_progress_bar=false",
         f"--trainer.logger.init_args.save_dir={tmp_path}",
     ]
-    env = child_env() | {"PYTHON": sys.executable, "CONFIG": f"configs/{config}"}
+    env = child_env() | {
+        "PYTHON": sys.executable,
+        "CONFIG": f"configs/{config}",
+        "NPROC": str(processes),
+    }
     if script == "deepspeed.sh":  # torchrun.sh's --standalone binds port 0 and keeps it
         env["MASTER_PORT"] = str(free_port())
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)

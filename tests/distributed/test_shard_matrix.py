@@ -752,3 +752,48 @@ def test_a_full_mask_over_strided_shards_counts_the_rows_each_rank_holds(
     truth = (int((effective != 0).sum()), 60, int((effective == 0).all(dim=1).sum()), 12)
     results = run_ranks(_strided_masks, math.prod(mesh_shape), mesh_shape, timeout=100)
     assert results == [truth] * len(results)
+
+
+def _digits_model_parallel(rank: int, world: int) -> dict[str, Any]:
+    """The digits MLP's configure_model under a (data 2, tensor 2) mesh, as Lightning's
+    ModelParallelStrategy gives it."""
+    os.environ.update(LOCAL_RANK=str(rank), RANK=str(rank), WORLD_SIZE=str(world))
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from dist_bregman.models import DigitsMLP
+
+    names = ("data_parallel", "tensor_parallel")
+    model = DigitsMLP(hidden=(6, 5))  # 5 features on 2 ranks: uneven row-wise input
+    model._device_mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=names)
+    model.configure_model()
+    placements = {
+        name: [type(p).__name__ + str(getattr(p, "dim", "")) for p in param.placements]
+        for name, param in model.named_parameters()
+        if name.endswith("weight")
+    }
+    x = torch.randn(4, 64, generator=torch.Generator().manual_seed(0))
+    return {
+        "placements": placements,
+        "counts": measure_sparsity(model).per_parameter,
+        "logits": model(x).detach(),
+    }
+
+
+@pytest.mark.timeout(120)
+def test_the_digits_model_splits_its_hidden_layers_over_the_tensor_parallel_mesh() -> None:
+    """Column-wise, then row-wise (configs/digits_fsdp2_tp.yaml), FSDP2 over both and over
+    the output layer, which has a copy per tensor-parallel rank: the counts and the
+    forward are the unsharded model's."""
+    from dist_bregman.models import DigitsMLP
+
+    single = DigitsMLP(hidden=(6, 5))
+    expected = measure_sparsity(single, sync=False).per_parameter
+    logits = single(torch.randn(4, 64, generator=torch.Generator().manual_seed(0))).detach()
+    for result in run_ranks(_digits_model_parallel, 4, timeout=100):
+        assert result["placements"] == {
+            "net.0.weight": ["_StridedShard0", "Shard0"],  # FSDP2 over column-wise rows
+            "net.2.weight": ["Shard0", "Shard1"],  # row-wise: the input features split
+            "net.4.weight": ["Shard0"],  # the data-parallel mesh only
+        }
+        assert result["counts"] == expected
+        torch.testing.assert_close(result["logits"], logits)
