@@ -1,4 +1,5 @@
-"""The Bregman optimizers' state through a distributed checkpoint under FSDP2 (2 ranks).
+"""The Bregman optimizers' state through a distributed checkpoint under FSDP2 (2 ranks; HSDP
+and FSDP2 over tensor parallelism at 4).
 
 ``torch.distributed.checkpoint`` (what Lightning's FSDP2 strategy saves with) stores a
 DTensor's parts at their offsets from every rank, and a plain tensor once, as a replica.
@@ -17,7 +18,7 @@ from torch import nn
 
 from dist_bregman.optim import AdaBreg, LinBreg, ProxSGD
 from tests.helpers.dist import run_ranks
-from tests.helpers.strategies import Wrapped, wrap
+from tests.helpers.strategies import Wrapped, matrix_model, wrap
 
 OPTIMIZERS = {  # for tests.helpers.strategies.wrap: from the model, after wrapping
     "linbreg": lambda m: LinBreg(m.parameters(), lr=0.1, lambda_=0.05, momentum=0.9),
@@ -139,3 +140,38 @@ def test_a_dcp_checkpoint_saved_at_two_ranks_loads_at_three(name: str, tmp_path:
     assert len(saved) >= 12  # of 4 parameters: lambda, v and momentum (or step and moments)
     for rank in loaded:
         assert all(torch.equal(a, b) for a, b in zip(saved, rank, strict=True))
+
+
+def _resume_fsdp2_tp(rank: int, world: int, folder: str, name: str) -> list[bool]:
+    """As :func:`_resume`, on the shard matrix's FSDP2-over-TP layout (2 x 2): layer 0 a
+    copy per TP rank, layers 2 and 4 split column- and row-wise. TP ranks share the data."""
+
+    def build() -> Wrapped:
+        return wrap("fsdp2_tp", matrix_model(), OPTIMIZERS[name])
+
+    def train(run: Wrapped, steps: range) -> None:
+        index = run.data_share[0] if run.data_share else rank
+        for step in steps:
+            x = torch.randn(8, 13, generator=torch.Generator().manual_seed(1000 * step + index))
+            run.train_step(x, x[:, :5].argmax(dim=1))
+
+    whole, first = build(), build()
+    train(whole, range(12))
+    train(first, range(6))
+    _save(first, f"{folder}/ckpt")
+    resumed = build()
+    _load(resumed, f"{folder}/ckpt")
+    train(resumed, range(6, 12))
+    return [
+        torch.equal(a.to_local(), b.to_local())  # type: ignore[attr-defined]
+        for a, b in zip(whole.model.parameters(), resumed.model.parameters(), strict=True)
+    ]
+
+
+@pytest.mark.timeout(150)
+@pytest.mark.parametrize("name", ["linbreg", "adabreg"])
+def test_a_dcp_checkpoint_under_fsdp2_over_tensor_parallelism_resumes_bit_for_bit(
+    name: str, tmp_path: Path
+) -> None:
+    for same in run_ranks(_resume_fsdp2_tp, 4, str(tmp_path), name, timeout=120):
+        assert same == [True] * 6, same
