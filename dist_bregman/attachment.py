@@ -172,7 +172,7 @@ class Attachment:
             if reg is None:
                 continue
             if isinstance(reg, GroupL1) and tensor not in holds.rows_whole:
-                raise _split_rows(self.placements[index].target.name, reg)
+                raise _split_rows(self.placements[index], reg)
             self.regularized.add(index)
             self.uses_groups |= isinstance(reg, GroupL1)
         client.set_lambda(self.current_lambda())
@@ -182,7 +182,7 @@ class Attachment:
         if isinstance(self.regularizer, GroupL1):
             for index, tensor in holds.held.items():
                 if tensor not in holds.rows_whole:
-                    raise _split_rows(self.placements[index].target.name, self.regularizer)
+                    raise _split_rows(self.placements[index], self.regularizer)
             self.uses_groups = True
         self._handles.append(client.register_step_post_hook(partial(self._after_step, holds)))
         self.hooked.append(holds)
@@ -249,9 +249,9 @@ def _pieces(params: Sequence[torch.Tensor], holds: Holding) -> list[torch.Tensor
     return pieces
 
 
-def _split_rows(name: str, reg: Regularizer) -> ValueError:
+def _split_rows(placement: Placement, reg: Regularizer) -> ValueError:
     return ValueError(
-        f"{name}: {reg.spec} needs whole rows on one rank, but this strategy splits the "
-        f"tensor into flat shards (FSDP1 / ZeRO); allowed: reg='l1' here, or group sparsity "
-        f"under DDP or FSDP2 (fully_shard, Shard(0))"
+        f"{placement.target.name}: {reg.spec} needs whole rows on one rank, but "
+        f"{placement.row_split}; allowed: reg='l1' here, or group sparsity under DDP or "
+        f"FSDP2 (fully_shard, Shard(0)), and under tensor parallelism on column-wise layers"
     )

@@ -176,9 +176,9 @@ class MagnitudePruner:
                 )
             if self.config.structured and not placement.view().rows_whole:
                 raise ValueError(
-                    f"structured=True: {placement.target.name} is split into flat shards "
-                    f"(FSDP1 / ZeRO-3), so its rows are not whole on any rank; allowed: "
-                    f"structured=False there, or DDP / FSDP2 (Shard(0)) for structured pruning"
+                    f"structured=True: {placement.target.name}'s rows are not whole on any "
+                    f"rank ({placement.row_split}); allowed: structured=False there, or "
+                    f"DDP / FSDP2 (Shard(0)) for structured pruning"
                 )
 
     def attach(self, *optimizers: Any, check: bool = True) -> None:

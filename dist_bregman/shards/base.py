@@ -64,6 +64,12 @@ class Placement(ABC):
         ranks by size instead: :func:`~dist_bregman.shards.balanced_owners`.)"""
         return rank if self._counter is None else self._counter
 
+    @property
+    def row_split(self) -> str:
+        """How this layout cuts the tensor's rows, for messages where whole rows are needed
+        (group sparsity, structured pruning)."""
+        return "the strategy splits it into flat shards (FSDP1 / ZeRO)"
+
     def trainable(self) -> bool:
         """Whether an optimizer is expected to update these elements."""
         return bool(self.holder()[0].requires_grad)

@@ -172,6 +172,14 @@ class DTensorPlacement(Placement):
     def global_numel(self) -> int:
         return self.target.values.numel()  # the same for FSDP2's full, unsharded copy
 
+    @property
+    def row_split(self) -> str:
+        placements = sharded_values(self.target, self.owner).placements  # type: ignore[attr-defined]
+        return (
+            f"its DTensor placements {tuple(placements)} shard it along a dimension other "
+            f"than 0 (row-wise tensor parallelism splits the input features)"
+        )
+
     def holder(self) -> tuple[torch.Tensor, slice | None]:
         return sharded_values(self.target, self.owner), None
 

@@ -582,6 +582,32 @@ def test_group_sparsity_rows_are_counted_and_shrunk_whole_under_row_layouts(
     assert first["dead_rows"] > 4  # layer 2's four zero rows, and rows the prox removed
 
 
+def _group_refused(rank: int, world: int, strategy: str) -> str:
+    os.environ.update(LOCAL_RANK=str(rank), RANK=str(rank), WORLD_SIZE=str(world))
+    wrapped = wrap(strategy, matrix_model(), lambda m: torch.optim.SGD(m.parameters(), lr=0.1))
+    controller = SparsityController(wrapped.model, BregmanConfig(regularizer="group_l1"))
+    with pytest.raises(ValueError, match="group_l1 needs whole rows on one rank") as caught:
+        controller.attach(wrapped.optimizer)
+    return str(caught.value)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize(
+    ("strategy", "cause"),
+    [
+        ("fsdp1_orig", "the strategy splits it into flat shards (FSDP1 / ZeRO)"),
+        ("zero3", "the strategy splits it into flat shards (FSDP1 / ZeRO)"),
+        ("tp", "its DTensor placements (Shard(dim=1),) shard it along a dimension other than 0"),
+    ],
+)
+def test_group_sparsity_where_rows_are_cut_is_refused_naming_the_cut(
+    strategy: str, cause: str
+) -> None:
+    """Under tensor parallelism the message had blamed flat shards (FSDP1 / ZeRO)."""
+    for message in run_ranks(_group_refused, 2, strategy, timeout=100):
+        assert cause in message, message
+
+
 def _attention_and_rnn(rank: int, world: int) -> list[bool]:
     """FSDP1 flat parameters and FSDP2 DTensor shards of a Transformer layer (packed
     attention input projection) and an LSTM: the counts are the unsharded model's."""
