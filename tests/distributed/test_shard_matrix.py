@@ -145,8 +145,8 @@ CASES = (
     + [("linbreg", s, 2) for s in STRATEGIES if s != "fsdp1_flat"]
     + [("linbreg_cut", s, 2) for s in ("fsdp2", "zero3", "fsdp1_orig")]
     + [("linbreg_cut", s, 4) for s in ("hsdp", "fsdp1_hybrid")]  # every replica masked
-    + [(o, "tp", 2) for o in ("sgd", "linbreg")]  # tensor parallelism, then FSDP2 over it:
-    + [(o, "fsdp2_tp", 4) for o in ("sgd", "linbreg", "linbreg_cut")]  # copies of layer 0
+    + [(o, "tp", 2) for o in ("sgd", "linbreg")]  # tensor parallelism alone
+    + [(o, "fsdp2_tp", 4) for o in ("sgd", "linbreg", "linbreg_cut")]  # FSDP2 over TP
 )
 
 
@@ -167,15 +167,16 @@ def test_counts_are_the_unsharded_truth_and_zeros_reach_the_full_weights(
         assert all(agreed == (first["after"], first["lambda"]) for agreed in result["agree"])
     if not steps_apart(strategy):  # the step itself is torch's there
         assert first["after"].nonzero < first["before"].nonzero  # new exact zeros that stuck
-    for rank, result in enumerate(results):  # hybrids: a shard counted at its first replica
-        hybrid = strategy in ("hsdp", "fsdp1_hybrid")
-        # FSDP2 over TP: layer 0 (outside the TP plan) has a copy on each TP rank of the
-        # 2 x 2 mesh [[0, 1], [2, 3]], counted on TP rank 0 (ranks 0 and 2)
-        first_layer = rank - rank % 2 if strategy == "fsdp2_tp" else rank
-        assert (
-            result["counted_by"]
-            == [rank % 2 if hybrid else first_layer] + [rank % 2 if hybrid else rank] * 2
-        )
+    for rank, result in enumerate(results):
+        # Hybrids: a shard counted at its first replica. FSDP2 over TP: layer 0, outside the
+        # TP plan, has a copy per TP rank of the mesh [[0, 1], [2, 3]], counted at TP rank 0.
+        if strategy in ("hsdp", "fsdp1_hybrid"):
+            expected = [rank % 2] * 3
+        elif strategy == "fsdp2_tp":
+            expected = [rank - rank % 2, rank, rank]
+        else:
+            expected = [rank] * 3
+        assert result["counted_by"] == expected
     if optimizer_name == "linbreg_cut":  # exactly the target's zeros, then LinBreg from them
         cut = first["cut"]
         assert all(result["cut"] == cut for result in results)

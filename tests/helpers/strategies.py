@@ -130,6 +130,7 @@ def wrap(
         return _deepspeed(strategy, module, make_optimizer)
     model: nn.Module
     gathered: Callable[[], contextlib.AbstractContextManager[None]] = contextlib.nullcontext
+    share: tuple[int, int] | None = None
     if strategy == "ddp":
         model = nn.parallel.DistributedDataParallel(module)
     elif strategy.startswith("fsdp1"):
@@ -159,7 +160,8 @@ def wrap(
             return FSDP.summon_full_params(model, writeback=False)
 
     elif strategy in ("tp", "fsdp2_tp"):
-        return _tensor_parallel(strategy, module, make_optimizer)
+        share = _tensor_parallel(strategy, module)
+        model = module
     elif strategy in ("fsdp2", "fsdp2_root", "hsdp"):
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
@@ -186,20 +188,17 @@ def wrap(
         optimizer.step()
         optimizer.zero_grad()
 
-    return Wrapped(model, module, optimizer, train_step, gathered)
+    return Wrapped(model, module, optimizer, train_step, gathered, share)
 
 
-def _tensor_parallel(
-    strategy: str,
-    module: nn.Sequential,
-    make_optimizer: Callable[[nn.Module], torch.optim.Optimizer],
-) -> Wrapped:
-    """Layers 2 and 4 tensor-parallel (column-, then row-wise: ``Shard(0)``, ``Shard(1)``)
-    over every rank (``tp``) or, at 4 ranks, over the inner dimension of a 2 x 2 mesh
-    with FSDP2 over the outer one (``fsdp2_tp``, as Lightning's ``ModelParallelStrategy``
-    lays it out). Layer 0 stays out of the plan (torch's parallel styles cannot take a
-    ``torch.nn.utils.prune`` weight): replicated under ``tp``; under ``fsdp2_tp`` sharded
-    over the outer dimension only, a copy on each tensor-parallel rank."""
+def _tensor_parallel(strategy: str, module: nn.Sequential) -> tuple[int, int]:
+    """Make layers 2 and 4 tensor-parallel (column-, then row-wise: ``Shard(0)``,
+    ``Shard(1)``) over every rank (``tp``) or, at 4 ranks, over the inner dimension of a
+    2 x 2 mesh with FSDP2 over the outer one (``fsdp2_tp``, as Lightning's
+    ``ModelParallelStrategy`` lays it out). Layer 0 stays out of the plan (torch's parallel
+    styles cannot take a ``torch.nn.utils.prune`` weight): replicated under ``tp``; under
+    ``fsdp2_tp`` sharded over the outer dimension only, a copy on each tensor-parallel
+    rank. Returns this rank's share of a batch (tensor-parallel ranks share theirs)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor.parallel import (
@@ -209,27 +208,20 @@ def _tensor_parallel(
     )
 
     world = torch.distributed.get_world_size()
-    mesh = init_device_mesh("cpu", (world // 2, 2), mesh_dim_names=("dp", "tp"))
     if strategy == "tp":
         mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("tp",))
+    else:
+        mesh = init_device_mesh("cpu", (world // 2, 2), mesh_dim_names=("dp", "tp"))
     # Layer 2's output stays a DTensor: made local, its uneven shards (6 and 5 of 11) would
     # be read back as 6 + 6 by layer 4's input conversion.
     plan = {"2": ColwiseParallel(use_local_output=False), "4": RowwiseParallel()}
     parallelize_module(module, mesh["tp"], plan)
-    share = (0, 1)  # every rank computes on the whole batch
-    if strategy == "fsdp2_tp":
-        for layer in (module[0], module[2], module[4]):
-            fully_shard(layer, mesh=mesh["dp"])
-        fully_shard(module, mesh=mesh["dp"])
-        share = (mesh["dp"].get_local_rank(), world // 2)
-    optimizer = make_optimizer(module)
-
-    def train_step(x: torch.Tensor, y: torch.Tensor) -> None:
-        F.cross_entropy(module(x), y).backward()
-        optimizer.step()
-        optimizer.zero_grad()
-
-    return Wrapped(module, module, optimizer, train_step, contextlib.nullcontext, share)
+    if strategy == "tp":
+        return 0, 1
+    for layer in (module[0], module[2], module[4]):
+        fully_shard(layer, mesh=mesh["dp"])
+    fully_shard(module, mesh=mesh["dp"])
+    return mesh["dp"].get_local_rank(), world // 2
 
 
 def _deepspeed(
