@@ -171,8 +171,8 @@ class MagnitudePruner:
             if self.config.structured and placement.sharded and self.config.dim != 0:
                 raise ValueError(
                     f"structured=True, dim={self.config.dim}: {placement.target.name} is "
-                    f"sharded along dim 0, so slices along dim {self.config.dim} are split "
-                    f"over ranks; allowed: dim=0 under sharding (any dim under DDP)"
+                    f"sharded over ranks, and slices along dim {self.config.dim} are not kept "
+                    f"whole there; allowed: dim=0 under sharding (any dim under DDP)"
                 )
             if self.config.structured and not placement.view().rows_whole:
                 raise ValueError(

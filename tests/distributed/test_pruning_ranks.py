@@ -183,17 +183,26 @@ def test_masks_equal_the_single_process_masks_on_every_rank(
     assert results[0]["report"].total - results[0]["report"].nonzero == zeros
 
 
-def _structured_on_flat(rank: int, world: int) -> str:
+def _structured_on_shards(rank: int, world: int, strategy: str, dim: int) -> str:
     os.environ.update(LOCAL_RANK=str(rank), RANK=str(rank), WORLD_SIZE=str(world))
-    wrapped = wrap("zero3", _model(), lambda m: torch.optim.SGD(m.parameters(), lr=0.2))
+    wrapped = wrap(strategy, _model(), lambda m: torch.optim.SGD(m.parameters(), lr=0.2))
     try:
-        MagnitudePruner(wrapped.model, PruningConfig(structured=True))
+        MagnitudePruner(wrapped.model, PruningConfig(structured=True, dim=dim))
     except ValueError as error:
         return str(error)
     return "accepted"
 
 
 @pytest.mark.timeout(120)
-def test_structured_pruning_on_flat_shards_is_refused() -> None:
-    for message in run_ranks(_structured_on_flat, 2, timeout=100):
-        assert "structured=True" in message and "rows are not whole" in message
+@pytest.mark.parametrize(
+    ("strategy", "dim", "expected"),
+    [
+        ("zero3", 0, "rows are not whole on any rank (the strategy splits it into flat shards"),
+        ("fsdp2", 1, "is sharded over ranks, and slices along dim 1 are not kept whole there"),
+    ],
+)
+def test_structured_pruning_where_slices_are_cut_is_refused(
+    strategy: str, dim: int, expected: str
+) -> None:
+    for message in run_ranks(_structured_on_shards, 2, strategy, dim, timeout=100):
+        assert message.startswith("structured=True") and expected in message, message
