@@ -134,7 +134,9 @@ def structure_sizes(shape: Sequence[int]) -> tuple[int, int]:
 
 def check_same_tensors(placements: Sequence[Placement], group: comm.ProcessGroup = None) -> None:
     """Raise :class:`~dist_bregman.errors.RankDisagreementError` on every rank unless all
-    ranks measure the same tensors (names and global sizes). A collective; once at set-up
+    ranks measure the same tensors (names and global sizes). One all-reduce of a
+    ``[world, 3]`` int64 table (each rank's count, elements and a 56-bit digest in its own
+    row) on the tensors' device, as a measurement's; once at set-up
     (``SparsityController.attach``, ``MagnitudePruner.attach``), not per measurement.
 
     :func:`reduce_counts` sums the ranks' buffers slot by slot. Where ranks hold different
@@ -142,16 +144,24 @@ def check_same_tensors(placements: Sequence[Placement], group: comm.ProcessGroup
     and reported as the model (128 of 128 weights where there were 256), and stages of
     unequal ones died in the collective (gloo: SIGABRT). Stages keep their layers' names
     in the whole model (DeepSpeed's ``PipelineModule``, torchtitan), so names tell them
-    apart."""
+    apart. (Not ``all_gather_object``: under NCCL it runs on the current CUDA device, which
+    a loop that never called ``torch.cuda.set_device`` leaves at 0 on every rank.)"""
+    world = comm.get_world_size(group)
+    if world == 1:
+        return
     described = [(p.target.name, p.global_numel) for p in placements]
-    digest = hashlib.sha256(repr(described).encode()).hexdigest()[:16]
-    mine = (len(described), sum(numel for _, numel in described), digest)
-    everyone = comm.all_gather_object(mine, group)
-    ranks = [rank for rank, theirs in enumerate(everyone) if theirs != everyone[0]]
-    if not ranks:  # (every rank gathered the same list: all return, or all raise)
+    digest = int.from_bytes(hashlib.sha256(repr(described).encode()).digest()[:7], "big")
+    device = placements[0].target.values.device if placements else torch.device("cpu")
+    table = torch.zeros(world, 3, dtype=torch.int64)
+    table[comm.get_rank(group)] = torch.tensor(
+        [len(described), sum(numel for _, numel in described), digest]
+    )
+    rows = comm.all_reduce_sum(table.to(device), group).tolist()
+    ranks = [rank for rank, row in enumerate(rows) if row != rows[0]]
+    if not ranks:  # (every rank reduced the same table: all return, or all raise)
         return
     shown = "; ".join(
-        f"rank {rank}: {everyone[rank][0]} tensors, {everyone[rank][1]} elements"  # type: ignore[index]
+        f"rank {rank}: {rows[rank][0]} tensors, {rows[rank][1]} elements"
         for rank in [0, *ranks[:3]]
     )
     raise RankDisagreementError(
