@@ -212,20 +212,20 @@ def first_copy(mesh: Any) -> Callable[[int], int]:
     root mesh that the slice leaves out; its ranks count, the others hold replicas. Where
     the root mesh cannot be found (torch's private ``DeviceMesh._get_root_mesh`` or
     ``_mesh_resources.get_root_mesh``; one of them is in torch 2.8 to 2.13), every slice
-    counts and the totals refuse the count. (Cached per mesh: placements are built at
-    every measurement.)"""
+    counts and the totals refuse the count. (Cached per mesh, every member's counterpart
+    worked out once: placements are built at every measurement.)"""
     root = _root_mesh(mesh)
     if root.mesh.numel() == mesh.mesh.numel():
         return _same_rank
     grid = root.mesh
-    places = torch.stack([(grid == r).nonzero()[0] for r in mesh.mesh.flatten().tolist()])
+    members = mesh.mesh.flatten().tolist()
+    places = torch.stack([(grid == rank).nonzero()[0] for rank in members])
     left_out = (places == places[0]).all(dim=0)  # root dimensions the slice does not span
-
-    def counterpart(rank: int) -> int:
-        place = (grid == rank).nonzero()[0].masked_fill(left_out, 0)
-        return int(grid[tuple(place.tolist())])
-
-    return counterpart
+    firsts = places.masked_fill(left_out, 0)
+    counterparts = {
+        rank: int(grid[tuple(at)]) for rank, at in zip(members, firsts.tolist(), strict=True)
+    }
+    return counterparts.__getitem__
 
 
 def _same_rank(rank: int) -> int:
