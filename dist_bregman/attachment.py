@@ -1,8 +1,9 @@
 """How the optimizers apply the regularizer for one controller.
 
-* A :class:`~dist_bregman.optim.BregmanOptimizer` (LinBreg, AdaBreg, ProxSGD), directly or
-  as a DeepSpeed client optimizer, regularizes inside its own step; it is *driven*: its
-  regularized param groups receive lambda through ``set_lambda``.
+* A :class:`~dist_bregman.optim.BregmanOptimizer` (LinBreg, AdaBreg, ProxSGD), directly,
+  as a DeepSpeed client optimizer or as torch's ``ZeroRedundancyOptimizer``'s local one,
+  regularizes inside its own step; it is *driven*: its regularized param groups receive
+  lambda through ``set_lambda`` (and the groups a wrapper copies over them, too).
 * Any other optimizer gets the proximal step after each ``step()``: threshold
   ``lr * lambda * lambda_scale`` (each param group's ``lr`` and ``lambda_scale``, the
   latter 1 unless set), applied to exactly the elements of the tensors it holds that
@@ -49,7 +50,9 @@ class Attachment:
         self.regularizer = regularizer
         self.mode = mode
         self.current_lambda = current_lambda
-        self.driven: list[BregmanOptimizer] = []
+        self.driven: list[tuple[BregmanOptimizer, list[dict[str, Any]] | None]] = []
+        """Each driven optimizer, with the groups a wrapper mirrors into it
+        (:attr:`~dist_bregman.holders.Holding.mirror`)."""
         self.hooked: list[Holding] = []
         self.regularized: set[int] = set()
         """Indices of the placements whose elements some optimizer regularizes."""
@@ -59,8 +62,12 @@ class Attachment:
         self.uses_groups = False
         """Some regularizer in play removes whole groups (node/kernel sparsity is counted)."""
         self._handles: list[RemovableHandle] = []
-        self.skip_next: set[int] = set()
-        """``id`` of optimizers whose next proximal step is skipped (a dropped step)."""
+        self._stepping: dict[int, int] = {}
+        """``id`` of each attached optimizer -> ``id`` of the optimizer that steps for it
+        (itself, a DeepSpeed wrapper's client, a ``ZeroRedundancyOptimizer``'s local one)."""
+        self._skip_next: set[int] = set()
+        """``id`` of stepping optimizers whose next proximal step is skipped (a dropped
+        step, :meth:`skip_next_step`)."""
 
     def attach(self, optimizers: Sequence[Any]) -> None:
         """Hook or drive each optimizer; raise if a trainable target is held by none."""
@@ -71,6 +78,7 @@ class Attachment:
                 continue
             held |= holds.held.keys()
             client = holds.optimizer
+            self._stepping[id(optimizer)] = id(client)
             self._home(holds)
             if isinstance(client, BregmanOptimizer):
                 self._drive(client, holds)
@@ -175,8 +183,8 @@ class Attachment:
                 raise _split_rows(self.placements[index], reg)
             self.regularized.add(index)
             self.uses_groups |= isinstance(reg, GroupL1)
-        client.set_lambda(self.current_lambda())
-        self.driven.append(client)
+        self.driven.append((client, holds.mirror))
+        _set_lambda(client, holds.mirror, self.current_lambda())
 
     def _hook(self, client: torch.optim.Optimizer, holds: Holding) -> None:
         if isinstance(self.regularizer, GroupL1):
@@ -188,9 +196,13 @@ class Attachment:
         self.hooked.append(holds)
         self.regularized |= holds.held.keys()
 
+    def skip_next_step(self, optimizer: Any) -> None:
+        """No proximal step after the coming ``step()`` of ``optimizer`` (attached)."""
+        self._skip_next.add(self._stepping.get(id(optimizer), id(optimizer)))
+
     def _after_step(self, holds: Holding, optimizer: torch.optim.Optimizer, *_: Any) -> None:
-        if id(optimizer) in self.skip_next:
-            self.skip_next.discard(id(optimizer))
+        if id(optimizer) in self._skip_next:
+            self._skip_next.discard(id(optimizer))
             return
         lam = self.current_lambda()
         if lam == 0.0:
@@ -220,12 +232,12 @@ class Attachment:
 
     def set_lambda(self, value: float) -> None:
         """Write lambda into every driven optimizer (hooks read it at each step)."""
-        for optimizer in self.driven:
-            optimizer.set_lambda(value)
+        for optimizer, mirror in self.driven:
+            _set_lambda(optimizer, mirror, value)
 
     def restart(self) -> None:
         """Make every driven optimizer forget its state (see ``BregmanOptimizer.restart``)."""
-        for optimizer in self.driven:
+        for optimizer, _ in self.driven:
             optimizer.restart()
 
     def detach(self) -> None:
@@ -233,10 +245,23 @@ class Attachment:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        self._stepping.clear()
         self.driven.clear()
         self.hooked.clear()
         self.regularized.clear()
         self.homes.clear()
+
+
+def _set_lambda(
+    optimizer: BregmanOptimizer, mirror: list[dict[str, Any]] | None, value: float
+) -> None:
+    """``optimizer.set_lambda(value)``, and each group's new lambda into the groups a
+    wrapper copies over the optimizer's at its next step (``mirror``, the same order)."""
+    optimizer.set_lambda(value)
+    if mirror is not None:
+        for mine, theirs in zip(optimizer.param_groups, mirror, strict=True):
+            if "lambda" in mine:
+                theirs["lambda"] = mine["lambda"]
 
 
 def _pieces(params: Sequence[torch.Tensor], holds: Holding) -> list[torch.Tensor]:

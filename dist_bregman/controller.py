@@ -353,7 +353,7 @@ class SparsityController:
         skip parameters without one) and no proximal step after it."""
         for optimizer in optimizers:
             optimizer.zero_grad(set_to_none=True)
-            self.attachment.skip_next.add(id(optimizer))
+            self.attachment.skip_next_step(optimizer)
 
     def check_finite_state(self, state: Mapping[str, Any]) -> None:
         """Raise :class:`NonFiniteError` on every rank if any rank's ``state`` (e.g. a

@@ -7,6 +7,8 @@ torch optimizer holds:
 
 * a plain optimizer (one process, DDP, FSDP2, FSDP1): the parameters themselves (DTensors,
   1-D views with ``use_orig_params=True``), or FSDP1 flat shards (slices of them);
+* torch's ``ZeroRedundancyOptimizer`` (DDP with sharded optimizer state): each rank's local
+  optimizer steps the whole parameters it owns, before the owners broadcast them;
 * DeepSpeed ZeRO-1/2: one flat fp32 partition per param group, parameters concatenated in
   ``round_robin_bit16_groups`` order and cut into ``partition_size`` pieces;
 * DeepSpeed ZeRO-3: one flat fp32 tensor per sub-group, the concatenated ``ds_tensor``
@@ -20,6 +22,7 @@ torch optimizer holds:
 
 from __future__ import annotations
 
+import sys
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -51,7 +54,12 @@ class Holding:
     """What one optimizer holds of the measured tensors."""
 
     optimizer: torch.optim.Optimizer
-    """The torch optimizer that steps (a DeepSpeed wrapper's client optimizer)."""
+    """The torch optimizer that steps (a DeepSpeed wrapper's client optimizer, a
+    ``ZeroRedundancyOptimizer``'s local one)."""
+    mirror: list[dict[str, Any]] | None = None
+    """Param groups that a wrapper copies into :attr:`optimizer`'s before each of its steps
+    (``ZeroRedundancyOptimizer``'s): a lambda written into :attr:`optimizer`'s groups alone
+    would be overwritten by the old one at the next step."""
     parts: dict[int, list[Part]] = field(default_factory=lambda: defaultdict(list))
     """``id(held tensor)`` -> the measured elements inside it."""
     held: dict[int, int] = field(default_factory=dict)
@@ -100,22 +108,60 @@ def holding(optimizer: Any, placements: Sequence[Placement]) -> Holding:
             f"optimizer={type(optimizer).__name__}: expected a torch.optim.Optimizer or a "
             f"DeepSpeed ZeRO-1/2/3 or fp16/bf16 optimizer wrapping one"
         )
-    result = Holding(optimizer)
-    for index, group in enumerate(optimizer.param_groups):
+    if zero_redundancy(optimizer):
+        return _zero_redundancy(optimizer, placements)
+    return _parameters(Holding(optimizer), optimizer.param_groups, placements)
+
+
+def zero_redundancy(optimizer: Any) -> bool:
+    """Whether ``optimizer`` is torch's ``ZeroRedundancyOptimizer`` (without importing it:
+    an optimizer of that class means its module is loaded)."""
+    module = sys.modules.get("torch.distributed.optim.zero_redundancy_optimizer")
+    return module is not None and isinstance(optimizer, module.ZeroRedundancyOptimizer)
+
+
+def _parameters(
+    result: Holding,
+    groups: Sequence[dict[str, Any]],
+    placements: Sequence[Placement],
+    stepped: set[int] | None = None,
+) -> Holding:
+    """``result`` for an optimizer of the parameters themselves: ``groups`` hold them,
+    and this rank steps those in ``stepped`` (None: all of them)."""
+    for index, group in enumerate(groups):
         for p in group["params"]:
             result.group_of[id(p)] = index
     for index, placement in enumerate(placements):
         tensor, region = placement.holder()
         if id(tensor) in result.group_of:
             result.held[index] = id(tensor)
-            result.tensors[id(tensor)] = tensor
-            result.parts[id(tensor)].append(Part(region, index, None))
             whole = isinstance(placement, Replicated) or (
                 isinstance(placement, DTensorPlacement) and placement.view().rows_whole
             )
             if whole:
                 result.rows_whole.add(id(tensor))
+            if stepped is None or id(tensor) in stepped:
+                result.tensors[id(tensor)] = tensor
+                result.parts[id(tensor)].append(Part(region, index, None))
     return result
+
+
+def _zero_redundancy(wrapper: Any, placements: Sequence[Placement]) -> Holding:
+    """Every parameter of ``wrapper`` is held (by the rank that owns it), and this rank
+    steps its own in the local optimizer, whose param groups are ``wrapper``'s, each cut
+    to this rank's share. Its step hooks run before the owners broadcast the parameters,
+    so a proximal step or a mask acts once, where the update was made, and the broadcast
+    carries its zeros to every rank."""
+    local = getattr(wrapper, "optim", None)
+    if getattr(wrapper, "_overlap_with_ddp", False) or not isinstance(local, torch.optim.Optimizer):
+        raise ValueError(
+            "ZeroRedundancyOptimizer(overlap_with_ddp=True) steps inside DDP's communication "
+            "hook with a functional optimizer, where no step hook runs and no lambda can be "
+            "set; allowed: overlap_with_ddp=False"
+        )
+    stepped = {id(p) for group in local.param_groups for p in group["params"]}
+    result = Holding(local, mirror=wrapper.param_groups)
+    return _parameters(result, wrapper.param_groups, placements, stepped)
 
 
 def _by_parameter(placements: Sequence[Placement]) -> dict[int, int]:

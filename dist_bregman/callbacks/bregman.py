@@ -348,8 +348,8 @@ def _check_apart(
             f"parameters_to_prune: {names} both measure and shrink {shared[:5]}; allowed: "
             f"each weight in one pruner's parameters_to_prune"
         )
-    driven = {id(o) for o in other.attachment.driven}
-    both = [type(o).__name__ for o in controller.attachment.driven if id(o) in driven]
+    driven = {id(o) for o, _ in other.attachment.driven}
+    both = [type(o).__name__ for o, _ in controller.attachment.driven if id(o) in driven]
     if both:
         raise ValueError(
             f"{names} both drive one {both[0]}, which holds one lambda for all its "

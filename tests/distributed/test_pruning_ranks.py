@@ -112,6 +112,7 @@ CASES = [
     )
     for world in (2, 3)
 ] + [
+    ("ddp_zero", 3, "global"),  # torch's ZeroRedundancyOptimizer: masks after the local step
     ("ddp", 3, "per_tensor"),
     ("fsdp2", 3, "per_tensor"),
     ("zero3", 3, "per_tensor"),

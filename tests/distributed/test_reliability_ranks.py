@@ -15,6 +15,7 @@ from torch import nn
 from dist_bregman import BregmanConfig, MagnitudePruner, SparsityController, comm
 from dist_bregman.errors import NonFiniteError, RankDisagreementError
 from tests.helpers.dist import deepspeed_shm_files, run_ranks
+from tests.helpers.strategies import zero_redundancy
 
 TIMEOUT = 60.0
 
@@ -53,9 +54,11 @@ def test_a_nan_loss_on_one_rank_skips_the_update_on_every_rank() -> None:
     assert results[0]["lambda"] == results[1]["lambda"]
 
 
-def _nan_gradient_on_rank_1(rank: int, world: int) -> tuple[bool, bool, int]:
+def _nan_gradient_on_rank_1(rank: int, world: int, zero: bool) -> tuple[bool, bool, int]:
     model = _model()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    optimizer: torch.optim.Optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    if zero:  # torch's ZeroRedundancyOptimizer: the proximal step follows its local one's
+        optimizer = zero_redundancy(optimizer)
     controller = _controller(model, guard_steps=True)
     controller.attach(optimizer)
     model(torch.randn(4, 8)).sum().backward()
@@ -72,10 +75,11 @@ def _nan_gradient_on_rank_1(rank: int, world: int) -> tuple[bool, bool, int]:
 
 
 @pytest.mark.timeout(TIMEOUT + 30)
+@pytest.mark.parametrize("zero", [False, True], ids=["sgd", "zero_redundancy"])
 def test_a_bad_gradient_on_one_rank_drops_the_step_on_every_rank(
-    caplog: pytest.LogCaptureFixture,
+    zero: bool, caplog: pytest.LogCaptureFixture
 ) -> None:
-    results = run_ranks(_nan_gradient_on_rank_1, 2, timeout=TIMEOUT)
+    results = run_ranks(_nan_gradient_on_rank_1, 2, zero, timeout=TIMEOUT)
     assert results == [(False, True, 1), (False, True, 1)]
 
 

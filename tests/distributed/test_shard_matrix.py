@@ -22,7 +22,7 @@ from dist_bregman import (
 )
 from dist_bregman.errors import NonFiniteError
 from dist_bregman.export import export_sparse, folded_state_dict, gather_state_dict, load_sparse
-from dist_bregman.optim import LinBreg
+from dist_bregman.optim import AdaBreg, LinBreg
 from dist_bregman.shards.dtensor import is_dtensor, local_parts
 from tests.distributed.test_ddp import CollectiveCounter
 from tests.helpers.dist import run_ranks
@@ -445,6 +445,55 @@ def test_tensor_parallel_ranks_follow_the_one_process_trajectory(
     assert points[2][2] == points[3][2] == reference["points"][3][2]
 
 
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize(
+    ("name", "freeze"),
+    [
+        ("linbreg", (0, "target", 0.6, 0)),
+        ("linbreg", (5, "target", 0.6, 6)),
+        ("adabreg", (0, "target", 0.6, 0)),
+    ],
+    ids=["linbreg", "linbreg_frozen_resumed", "adabreg"],
+)
+def test_bregman_optimizers_under_torchs_zero_redundancy_follow_one_process(
+    name: str, freeze: Freeze
+) -> None:
+    """``ZeroRedundancyOptimizer`` steps each rank's share in a local optimizer and copies
+    its own param groups over the local ones before every step: the Bregman optimizer in
+    there is driven (lambda written to both), where before it was taken for a plain
+    optimizer and got a proximal step on top of its own at a lambda nothing updated
+    (lambda then wound up to 3.4 where one process held 0.22)."""
+    kind = LinBreg if name == "linbreg" else AdaBreg
+    lr = 0.5 if name == "linbreg" else 0.02
+
+    def make(model: nn.Module) -> torch.optim.Optimizer:
+        return kind(regularized_groups(model), lr=lr)
+
+    reference = _assert_ranks_follow("ddp_zero", _batches(8), freeze, make, 100)
+    assert len({nonzero for _, nonzero, _ in reference["points"]}) > 1  # zeros were made
+
+
+def _overlapped_zero(rank: int, world: int) -> str:
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    model = nn.parallel.DistributedDataParallel(matrix_model())
+    optimizer = ZeroRedundancyOptimizer(
+        model.parameters(), torch.optim.SGD, overlap_with_ddp=True, lr=0.1
+    )
+    controller = SparsityController(model, BregmanConfig(target_sparsity=0.3))
+    with pytest.raises(ValueError, match=r"overlap_with_ddp=True") as caught:
+        controller.attach(optimizer)
+    return str(caught.value)
+
+
+@pytest.mark.timeout(120)
+def test_zero_redundancy_stepping_inside_ddps_hook_is_refused() -> None:
+    """With ``overlap_with_ddp=True`` the local step runs inside DDP's communication hook,
+    a functional optimizer without step hooks: no proximal step could follow it."""
+    for message in run_ranks(_overlapped_zero, 2, timeout=90):
+        assert "allowed: overlap_with_ddp=False" in message
+
+
 def _loss_mode_on_shards(rank: int, world: int, strategy: str) -> str:
     os.environ.update(LOCAL_RANK=str(rank), RANK=str(rank), WORLD_SIZE=str(world))
     wrapped = wrap(strategy, matrix_model(), lambda m: torch.optim.SGD(m.parameters(), lr=0.1))
@@ -711,8 +760,8 @@ def _scaled_layers(optimizer: str) -> Any:
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize(
     ("optimizer", "strategy"),
-    [("sgd", s) for s in ("ddp", "fsdp1_orig", "fsdp2", "zero2", "zero3")]
-    + [("linbreg", "fsdp2"), ("linbreg", "zero3")],
+    [("sgd", s) for s in ("ddp", "ddp_zero", "fsdp1_orig", "fsdp2", "zero2", "zero3")]
+    + [("linbreg", "ddp_zero"), ("linbreg", "fsdp2"), ("linbreg", "zero3")],
 )
 def test_each_layers_lambda_scale_reaches_its_elements_under_ddp_fsdp_and_zero(
     optimizer: str, strategy: str, request: pytest.FixtureRequest

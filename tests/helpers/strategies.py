@@ -20,6 +20,7 @@ from torch.nn.utils import prune
 
 STRATEGIES = (
     "ddp",
+    "ddp_zero",
     "fsdp1_orig",
     "fsdp1_flat",
     "fsdp2",
@@ -30,8 +31,10 @@ STRATEGIES = (
     "zero2_offload",
     "zero3_offload",
 )
-"""The strategies every matrix test runs (``*_offload``: ZeRO-Offload, the optimizer's fp32
-partitions on the CPU, and at stage 3 the parameters' partitions too). ``wrap`` also knows
+"""The strategies every matrix test runs (``ddp_zero``: DDP with torch's
+``ZeroRedundancyOptimizer`` over the optimizer under test, its parameters as views into
+the buckets it broadcasts; ``*_offload``: ZeRO-Offload, the optimizer's fp32 partitions on
+the CPU, and at stage 3 the parameters' partitions too). ``wrap`` also knows
 variants that tests name where they matter: ``fsdp1_gradop`` (SHARD_GRAD_OP) and
 ``fsdp2_root`` (the last layer in the root's group), whose gathered weights outlive a
 forward; and, at 4 ranks, the hybrids ``hsdp`` (FSDP2 on a 2 x 2 mesh) and ``fsdp1_hybrid``
@@ -131,7 +134,7 @@ def wrap(
     model: nn.Module
     gathered: Callable[[], contextlib.AbstractContextManager[None]] = contextlib.nullcontext
     share: tuple[int, int] | None = None
-    if strategy == "ddp":
+    if strategy in ("ddp", "ddp_zero"):
         model = nn.parallel.DistributedDataParallel(module)
     elif strategy.startswith("fsdp1"):
         from torch.distributed.device_mesh import init_device_mesh
@@ -182,6 +185,8 @@ def wrap(
     else:
         raise ValueError(strategy)
     optimizer = make_optimizer(model)
+    if strategy == "ddp_zero":
+        optimizer = zero_redundancy(optimizer, parameters_as_bucket_view=True)
 
     def train_step(x: torch.Tensor, y: torch.Tensor) -> None:
         F.cross_entropy(model(x), y).backward()
@@ -189,6 +194,19 @@ def wrap(
         optimizer.zero_grad()
 
     return Wrapped(model, module, optimizer, train_step, gathered, share)
+
+
+def zero_redundancy(built: torch.optim.Optimizer, **options: Any) -> torch.optim.Optimizer:
+    """torch's ``ZeroRedundancyOptimizer`` over ``built``'s param groups, its class and
+    settings (each group carries its settings: no constructor keywords needed but lr)."""
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    return ZeroRedundancyOptimizer(
+        [dict(group) for group in built.param_groups],
+        optimizer_class=type(built),
+        lr=built.defaults["lr"],
+        **options,
+    )
 
 
 def _tensor_parallel(strategy: str, module: nn.Sequential) -> tuple[int, int]:

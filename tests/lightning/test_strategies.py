@@ -1,5 +1,6 @@
-"""Lightning strategies on CPU, one after another in one 2-process launch: DDP, FSDP2
-(ModelParallelStrategy), DeepSpeed ZeRO-1/2/3 (dist_bregman.strategies.DeepSpeedStrategy)."""
+"""Lightning strategies on CPU, one after another in one 2-process launch: DDP (also with
+torch's ZeroRedundancyOptimizer), FSDP2 (ModelParallelStrategy), DeepSpeed ZeRO-1/2/3
+(dist_bregman.strategies.DeepSpeedStrategy)."""
 
 from __future__ import annotations
 
@@ -34,6 +35,7 @@ def run_script(script: str, *args: str, timeout: int = 240) -> subprocess.Comple
 
 RUNS = (
     ("ddp", "sgd", "SGD"),
+    ("ddp_zero", "linbreg", "ZeroRedundancyOptimizer"),
     ("fsdp2", "sgd", "SGD"),
     ("fsdp2", "linbreg", "LinBreg"),
     ("zero1", "sgd", "DeepSpeedZeroOptimizer"),
@@ -44,7 +46,7 @@ RUNS = (
 
 @pytest.fixture(scope="session")
 def strategy_results(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """All six fits in one 2-process launch (~25 s of start-up each when launched apart;
+    """All seven fits in one 2-process launch (~25 s of start-up each when launched apart;
     checked to give the same pickles either way). Its tests share an xdist group, so one
     worker runs them all and launches once; session-scoped, since a module-scoped fixture
     is torn down and launched again whenever the worker comes back to the module."""
@@ -94,16 +96,17 @@ def test_lightning_model_pruning_lets_ranks_drift_ours_keeps_them_identical(tmp_
     assert ours["sparsity"][0] == ours["sparsity"][1] > 0.0
 
 
-RESUMES = ("fsdp2:linbreg", "zero2:linbreg", "zero3:sgd")
+RESUMES = ("ddp_zero:linbreg", "fsdp2:linbreg", "zero2:linbreg", "zero3:sgd")
 
 
 @pytest.mark.timeout(300)
 def test_a_run_resumed_from_the_strategys_checkpoint_follows_the_uninterrupted_run(
     tmp_path: Path,
 ) -> None:
-    """Each strategy's own checkpoint (FSDP2: a distributed checkpoint; DeepSpeed: its
-    per-rank files), 2 of 4 epochs, resumed: the lambda updates and counts after it are
-    those of the run that was never stopped. (FSDP2 with LinBreg failed to load: its ``v``
+    """Each strategy's own checkpoint (ZeroRedundancyOptimizer: the state Lightning
+    consolidates on rank 0; FSDP2: a distributed checkpoint; DeepSpeed: its per-rank
+    files), 2 of 4 epochs, resumed: the lambda updates and counts after it are those of
+    the run that was never stopped. (FSDP2 with LinBreg failed to load: its ``v``
     was saved as a replica, one rank's for both.)"""
     run_script("lightning_strategy.py", "--resume", "--runs", *RESUMES, "--out", str(tmp_path))
     for run in RESUMES:

@@ -30,14 +30,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from dist_bregman import BregmanPruner, comm, regularized_groups
 from dist_bregman.optim import LinBreg
-from tests.helpers.strategies import counts, effective_weights, matrix_model
+from tests.helpers.strategies import counts, effective_weights, matrix_model, zero_redundancy
 
 
 class Model(pl.LightningModule):
-    def __init__(self, optimizer: str) -> None:
+    def __init__(self, optimizer: str, zero: bool = False) -> None:
         super().__init__()
         self.net = matrix_model()
         self.optimizer_name = optimizer
+        self.zero = zero
         self.bregman_pruner: BregmanPruner | None = None
 
     def configure_model(self) -> None:
@@ -65,9 +66,10 @@ class Model(pl.LightningModule):
         self.log("val/loss", F.cross_entropy(self.net(x), y), sync_dist=True)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
+        optimizer: torch.optim.Optimizer = torch.optim.SGD(self.parameters(), lr=0.1)
         if self.optimizer_name == "linbreg":
-            return LinBreg(regularized_groups(self.net), lr=0.5)
-        return torch.optim.SGD(self.parameters(), lr=0.1)
+            optimizer = LinBreg(regularized_groups(self.net), lr=0.5)
+        return zero_redundancy(optimizer) if self.zero else optimizer
 
 
 class Probe(pl.Callback):
@@ -107,7 +109,7 @@ class Probe(pl.Callback):
 
 
 def strategy_for(name: str) -> Any:
-    if name == "ddp":
+    if name in ("ddp", "ddp_zero"):  # ddp_zero: torch's ZeroRedundancyOptimizer over DDP
         return "ddp"
     if name == "fsdp2":
         from lightning.pytorch.strategies import ModelParallelStrategy
@@ -144,7 +146,7 @@ def fit(
         lambda_update_rate=0.05,
         update_frequency=4,
     )
-    model = Model(optimizer)
+    model = Model(optimizer, zero=strategy == "ddp_zero")
     model.bregman_pruner = pruner
     probe = Probe(pruner, out / f"{strategy}-{optimizer}.pkl")
     trainer = pl.Trainer(
