@@ -142,6 +142,7 @@ CASES = (
     [("sgd", s, w) for s in STRATEGIES for w in (2, 3)]
     + [("sgd", s, 4) for s in ("ddp", "fsdp2", "fsdp1_orig", "hsdp", "fsdp1_hybrid", "zero3_hpz")]
     + [("sgd", s, 2) for s in ("fsdp2_root", "fsdp1_gradop")]  # kept gathered after forward
+    + [(o, "fsdp2_bf16", 2) for o in ("sgd", "linbreg")]  # and gathered as bf16 casts
     + [("linbreg", s, 2) for s in STRATEGIES if s != "fsdp1_flat"]
     + [("linbreg_cut", s, 2) for s in ("fsdp2", "zero3", "fsdp1_orig")]
     + [("linbreg_cut", s, 4) for s in ("hsdp", "fsdp1_hybrid")]  # every replica masked

@@ -34,12 +34,13 @@ STRATEGIES = (
 """The strategies every matrix test runs (``ddp_zero``: DDP with torch's
 ``ZeroRedundancyOptimizer`` over the optimizer under test, its parameters as views into
 the buckets it broadcasts; ``*_offload``: ZeRO-Offload, the optimizer's fp32 partitions on
-the CPU, and at stage 3 the parameters' partitions too). ``wrap`` also knows
-variants that tests name where they matter: ``fsdp1_gradop`` (SHARD_GRAD_OP) and
-``fsdp2_root`` (the last layer in the root's group), whose gathered weights outlive a
-forward; and, at 4 ranks, the hybrids ``hsdp`` (FSDP2 on a 2 x 2 mesh) and ``fsdp1_hybrid``
-(HYBRID_SHARD), ``zero3_hpz`` (ZeRO++ hpZ in groups of 2) and ``fsdp2_tp`` (FSDP2 over
-tensor parallelism, 2 x 2); and ``tp`` (tensor parallelism alone)."""
+the CPU, and at stage 3 the parameters' partitions too). ``wrap`` also knows variants that
+tests name where they matter: ``fsdp1_gradop`` (SHARD_GRAD_OP) and ``fsdp2_root`` (the last
+layer in the root's group), whose gathered weights outlive a forward, and ``fsdp2_bf16``
+(``fsdp2_root`` under bf16 mixed precision); and, at 4 ranks, the hybrids ``hsdp`` (FSDP2
+on a 2 x 2 mesh) and ``fsdp1_hybrid`` (HYBRID_SHARD), ``zero3_hpz`` (ZeRO++ hpZ in groups
+of 2) and ``fsdp2_tp`` (FSDP2 over tensor parallelism, 2 x 2); and ``tp`` (tensor
+parallelism alone)."""
 
 FSDP2_APART_FROM_ONE_PROCESS = torch.__version__.startswith("2.8.")
 """torch 2.8's FSDP2 over gloo steps apart from one process, without this library too: a
@@ -165,9 +166,9 @@ def wrap(
     elif strategy in ("tp", "fsdp2_tp"):
         share = _tensor_parallel(strategy, module)
         model = module
-    elif strategy in ("fsdp2", "fsdp2_root", "hsdp"):
+    elif strategy in ("fsdp2", "fsdp2_root", "fsdp2_bf16", "hsdp"):
         from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         world = torch.distributed.get_world_size()
         if strategy == "hsdp":  # 2-D mesh: replicas along dim 0, shards of 2 along dim 1
@@ -176,12 +177,25 @@ def wrap(
             mesh = init_device_mesh("cpu", (world,))
         # fsdp2_root: the last layer left to the root's group, as an output layer usually
         # is; FSDP2 keeps that group unsharded after a forward without backward.
-        inner = module[:-1] if strategy == "fsdp2_root" else module
+        # fsdp2_bf16: that too, under bf16 mixed precision (the gathered copies bf16 casts
+        # of the fp32 shards the optimizer steps), as FSDP2 is mostly run on GPUs.
+        inner = module[:-1] if strategy in ("fsdp2_root", "fsdp2_bf16") else module
+        policy = MixedPrecisionPolicy()
+        if strategy == "fsdp2_bf16":
+            policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
         for layer in inner:
             if isinstance(layer, nn.Linear):
-                fully_shard(layer, mesh=mesh)
-        fully_shard(module, mesh=mesh)
+                fully_shard(layer, mesh=mesh, mp_policy=policy)
+        fully_shard(module, mesh=mesh, mp_policy=policy)
         model = module
+
+        @contextlib.contextmanager
+        def gathered() -> Iterator[None]:
+            # A group left gathered (the root's, after a forward) holds copies, bf16 casts
+            # under fsdp2_bf16: read the shards the optimizer steps.
+            module.reshard()  # type: ignore[operator]
+            yield
+
     else:
         raise ValueError(strategy)
     optimizer = make_optimizer(model)
