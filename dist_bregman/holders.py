@@ -108,16 +108,29 @@ def holding(optimizer: Any, placements: Sequence[Placement]) -> Holding:
             f"optimizer={type(optimizer).__name__}: expected a torch.optim.Optimizer or a "
             f"DeepSpeed ZeRO-1/2/3 or fp16/bf16 optimizer wrapping one"
         )
-    if zero_redundancy(optimizer):
+    if _torchs(optimizer, "post_localSGD_optimizer", "PostLocalSGDOptimizer"):
+        raise local_sgd_refused("PostLocalSGDOptimizer")
+    if _torchs(optimizer, "zero_redundancy_optimizer", "ZeroRedundancyOptimizer"):
         return _zero_redundancy(optimizer, placements)
     return _parameters(Holding(optimizer), optimizer.param_groups, placements)
 
 
-def zero_redundancy(optimizer: Any) -> bool:
-    """Whether ``optimizer`` is torch's ``ZeroRedundancyOptimizer`` (without importing it:
-    an optimizer of that class means its module is loaded)."""
-    module = sys.modules.get("torch.distributed.optim.zero_redundancy_optimizer")
-    return module is not None and isinstance(optimizer, module.ZeroRedundancyOptimizer)
+def _torchs(optimizer: Any, module: str, name: str) -> bool:
+    """Whether ``optimizer`` is ``torch.distributed.optim``'s class ``name``, without
+    importing it: an instance of it means its module is loaded."""
+    loaded = sys.modules.get(f"torch.distributed.optim.{module}")
+    return loaded is not None and isinstance(optimizer, getattr(loaded, name))
+
+
+def local_sgd_refused(what: str) -> ValueError:
+    """The refusal of post-local SGD (``what``: how it was asked for)."""
+    return ValueError(
+        f"{what} (post-local SGD): every rank trains its own replica between model "
+        f"averagings, so there is no one model to measure or to drive to a target (a "
+        f"replicated weight is counted on one rank), and the average is zero only where "
+        f"every replica was; allowed: DDP without model averaging (gradients averaged at "
+        f"every step), torch's ZeroRedundancyOptimizer, FSDP or DeepSpeed"
+    )
 
 
 def _parameters(

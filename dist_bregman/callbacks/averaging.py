@@ -14,11 +14,15 @@ import lightning.pytorch as pl
 
 from dist_bregman.averaging import KeepSupport
 from dist_bregman.callbacks.namespaces import callback_classes
+from dist_bregman.holders import local_sgd_refused
 
 
 def check_averaging(trainer: pl.Trainer, who: str) -> list[str]:
     """The class names of ``trainer``'s weight-averaging callbacks; raises for one that
-    averages without :class:`KeepSupport`."""
+    averages without :class:`KeepSupport`, and for DDP's model averaging (post-local SGD,
+    which ``DDPStrategy`` runs itself after each optimizer step)."""
+    if getattr(trainer.strategy, "_model_averager", None) is not None:
+        raise local_sgd_refused(f"{who} with DDPStrategy(model_averaging_period=...)")
     names = []
     averaging = callback_classes("StochasticWeightAveraging") + callback_classes("WeightAveraging")
     for callback in trainer.callbacks:  # type: ignore[attr-defined]

@@ -495,6 +495,34 @@ def test_zero_redundancy_stepping_inside_ddps_hook_is_refused() -> None:
         assert "allowed: overlap_with_ddp=False" in message
 
 
+def _post_local_sgd(rank: int, world: int) -> list[str]:
+    from torch.distributed.algorithms.model_averaging.averagers import PeriodicModelAverager
+    from torch.distributed.optim import PostLocalSGDOptimizer
+
+    from dist_bregman import MagnitudePruner
+
+    model = nn.parallel.DistributedDataParallel(matrix_model())
+    local = torch.optim.SGD(model.parameters(), lr=0.1)
+    optimizer = PostLocalSGDOptimizer(local, PeriodicModelAverager(period=4, warmup_steps=0))
+    messages = []
+    for user in (SparsityController(model), MagnitudePruner(model)):
+        with pytest.raises(ValueError) as caught:
+            user.attach(optimizer)
+        messages.append(str(caught.value))
+    return messages
+
+
+@pytest.mark.timeout(120)
+def test_post_local_sgd_is_refused() -> None:
+    """torch's ``PostLocalSGDOptimizer`` lets the replicas train apart between averagings:
+    no one model to measure or hold at a target. It failed with an AttributeError from
+    torch's internals (it has no step hooks)."""
+    for messages in run_ranks(_post_local_sgd, 2, timeout=90):
+        for message in messages:
+            assert message.startswith("PostLocalSGDOptimizer (post-local SGD): every rank")
+            assert "allowed: DDP without model averaging" in message
+
+
 def _loss_mode_on_shards(rank: int, world: int, strategy: str) -> str:
     os.environ.update(LOCAL_RANK=str(rank), RANK=str(rank), WORLD_SIZE=str(world))
     wrapped = wrap(strategy, matrix_model(), lambda m: torch.optim.SGD(m.parameters(), lr=0.1))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import lightning.pytorch as pl
@@ -16,6 +17,8 @@ from lightning.pytorch.callbacks import (
     StochasticWeightAveraging,
     WeightAveraging,
 )
+from lightning.pytorch.strategies import DDPStrategy
+from torch.distributed.algorithms.model_averaging.averagers import PeriodicModelAverager
 from torch.optim.swa_utils import AveragedModel, get_ema_avg_fn, get_ema_multi_avg_fn
 
 from dist_bregman import (
@@ -26,7 +29,7 @@ from dist_bregman import (
     SparseWeightAveraging,
     measure_sparsity,
 )
-from dist_bregman.callbacks.averaging import _avg_fn
+from dist_bregman.callbacks.averaging import _avg_fn, check_averaging
 from tests.helpers.lightning import SeedModel, make_trainer, seed_loader
 
 
@@ -119,6 +122,22 @@ def test_averaging_that_loses_the_zeros_is_refused_before_training(
     with pytest.raises(ValueError, match=refusal):
         trainer.fit(model, seed_loader())
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("who", ["BregmanPruner", "SafeModelPruning"])
+def test_ddp_model_averaging_is_refused_before_training(who: str) -> None:
+    """``DDPStrategy(model_averaging_period=...)`` with a post-local SGD state averages the
+    replicas itself after each optimizer step: the ranks train apart in between. (On CPU
+    its state cannot be made before the process group, which it needs for its subgroups:
+    the strategy's attribute is set as its ``setup`` sets it.)"""
+    strategy = DDPStrategy(model_averaging_period=4)
+    trainer = SimpleNamespace(strategy=strategy, callbacks=[])
+    assert strategy._model_averager is None  # Lightning's attribute, until setup
+    assert check_averaging(trainer, who) == []  # type: ignore[arg-type]
+    strategy._model_averager = PeriodicModelAverager.__new__(PeriodicModelAverager)
+    refusal = rf"{who} with DDPStrategy\(model_averaging_period=...\) \(post-local SGD\)"
+    with pytest.raises(ValueError, match=refusal + r".*allowed: DDP without model averaging"):
+        check_averaging(trainer, who)  # type: ignore[arg-type]
 
 
 class _Live(pl.Callback):
