@@ -509,9 +509,10 @@ class SparsityController:
         wrapped = [type(o).__name__ for o in optimizers if deepspeed_wrapper(o) is not None]
         if self.config.guard_steps and wrapped:
             raise ValueError(
-                f"guard_steps=True with DeepSpeed's {wrapped[0]}: its gradients live in the "
-                f"engine's partitions (p.grad is None after backward), so the guard would see "
-                f"none and never drop a step; allowed: guard_steps=False under DeepSpeed ZeRO "
+                f"guard_steps=True with DeepSpeed's {wrapped[0]}: it steps with gradients in "
+                f"its own buffers (after backward p.grad is None, or a bf16 copy under "
+                f"BF16_Optimizer), which the guard neither checks nor empties, so it could "
+                f"never drop a step; allowed: guard_steps=False under DeepSpeed ZeRO "
                 f"or fp16/bf16 (a step that makes weights non-finite still stops the run at "
                 f"the next measurement, before lambda or a checkpoint is touched), or "
                 f"guard_steps=True with a torch optimizer (one process, DDP, FSDP)"

@@ -10,7 +10,8 @@ torch optimizer holds:
 * torch's ``ZeroRedundancyOptimizer`` (DDP with sharded optimizer state): each rank's local
   optimizer steps the whole parameters it owns, before the owners broadcast them;
 * DeepSpeed ZeRO-1/2: one flat fp32 partition per param group, parameters concatenated in
-  ``round_robin_bit16_groups`` order and cut into ``partition_size`` pieces;
+  ``round_robin_bit16_groups`` order and cut into ``partition_size`` pieces; ZeRO-1 in bf16
+  with fp32 gradient accumulation (``BF16_Optimizer``) the same, in ``bf16_groups`` order;
 * DeepSpeed ZeRO-3: one flat fp32 tensor per sub-group, the concatenated ``ds_tensor``
   partitions (each with its own tail padding), swapped into the client optimizer only for
   the duration of its ``step()``;
@@ -74,12 +75,15 @@ class Holding:
 
 
 def deepspeed_wrapper(optimizer: Any) -> str | None:
-    """Which DeepSpeed optimizer wrapper ``optimizer`` is (``"zero12"``, ``"zero3"``,
-    ``"fp32_copies"``), or None for a torch optimizer. A wrapper keeps the fp32 masters and
-    the gradients in its own partitions: after ``backward`` the module's ``p.grad`` and its
-    ``param_groups``' are None until its ``step()``."""
+    """Which DeepSpeed optimizer wrapper ``optimizer`` is (``"zero12"``, ``"bf16_zero1"``,
+    ``"zero3"``, ``"fp32_copies"``), or None for a torch optimizer. A wrapper keeps the fp32
+    masters and the gradients it steps with in its own buffers: after ``backward`` its
+    ``param_groups``' ``p.grad`` are None until its ``step()``, and the module's too (but
+    for ``BF16_Optimizer``, which leaves a bf16 copy there)."""
     if hasattr(optimizer, "round_robin_bit16_groups"):
         return "zero12"
+    if hasattr(optimizer, "bf16_groups") and hasattr(optimizer, "fp32_groups_flat_partition"):
+        return "bf16_zero1"
     if hasattr(optimizer, "fp32_partitioned_groups_flat"):
         return "zero3"
     if hasattr(optimizer, "fp32_groups") and hasattr(optimizer, "fp16_groups"):
@@ -99,6 +103,8 @@ def holding(optimizer: Any, placements: Sequence[Placement]) -> Holding:
     wrapper = deepspeed_wrapper(optimizer)
     if wrapper == "zero12":
         return _zero12(optimizer, placements)
+    if wrapper == "bf16_zero1":
+        return _bf16_zero1(optimizer, placements)
     if wrapper == "zero3":
         return _zero3(optimizer, placements)
     if wrapper == "fp32_copies":
@@ -182,13 +188,52 @@ def _by_parameter(placements: Sequence[Placement]) -> dict[int, int]:
 
 
 def _zero12(wrapper: Any, placements: Sequence[Placement]) -> Holding:
-    result = Holding(wrapper.optimizer)
-    index_of = _by_parameter(placements)
     groups = getattr(wrapper, "real_dp_process_group", None)
-    for g, params in enumerate(wrapper.round_robin_bit16_groups):
-        flat = wrapper.single_partition_of_fp32_groups[g]
-        rank = comm.get_rank(groups[g] if groups else wrapper.dp_process_group)
-        size = int(wrapper.partition_size[g])
+    return _flat_partitions(
+        wrapper.optimizer,
+        placements,
+        [
+            (
+                params,
+                wrapper.single_partition_of_fp32_groups[g],
+                comm.get_rank(groups[g] if groups else wrapper.dp_process_group),
+                int(wrapper.partition_size[g]),
+            )
+            for g, params in enumerate(wrapper.round_robin_bit16_groups)
+        ],
+    )
+
+
+def _bf16_zero1(wrapper: Any, placements: Sequence[Placement]) -> Holding:
+    """``BF16_Optimizer``: each group's bf16 parameters flattened (padded at the end to a
+    multiple of the world), cut into equal partitions, this rank's an fp32 copy."""
+    groups = wrapper.real_dp_process_group
+    return _flat_partitions(
+        wrapper.optimizer,
+        placements,
+        [
+            (
+                params,
+                wrapper.fp32_groups_flat_partition[g],
+                comm.get_rank(groups[g]),
+                wrapper.bf16_groups_flat[g].numel() // comm.get_world_size(groups[g]),
+            )
+            for g, params in enumerate(wrapper.bf16_groups)
+        ],
+    )
+
+
+def _flat_partitions(
+    client: torch.optim.Optimizer,
+    placements: Sequence[Placement],
+    layout: Sequence[tuple[Sequence[torch.Tensor], torch.Tensor, int, int]],
+) -> Holding:
+    """``client`` steps, for each of its param groups, one flat fp32 partition: ``layout``
+    gives each group's ``(parameters in flattened order, the partition, this rank's index,
+    the partition size)``."""
+    result = Holding(client)
+    index_of = _by_parameter(placements)
+    for g, (params, flat, rank, size) in enumerate(layout):
         low, high = rank * size, (rank + 1) * size
         result.group_of[id(flat)] = g
         result.tensors[id(flat)] = flat

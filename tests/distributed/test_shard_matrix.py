@@ -80,7 +80,7 @@ def _case(rank: int, world: int, strategy: str, optimizer_name: str) -> dict[str
         if step == config.magnitude_start_at:
             cut = controller.measure()
     with torch.no_grad():  # an eval forward (FSDP2 leaves the root's group unsharded)
-        wrapped.model(x)
+        wrapped.model(x.to(next(wrapped.module.parameters()).dtype))  # (zero1_bf16: bf16)
     after = controller.measure()
     weights = wrapped.full_effective()
     gathered = counts(weights)
@@ -118,7 +118,7 @@ def _case(rank: int, world: int, strategy: str, optimizer_name: str) -> dict[str
         "refused_export": refused_export,
         "penalty": (
             float(penalty),
-            controller.lambda_ * float(sum(w.abs().sum() for w in weights.values())),
+            controller.lambda_ * float(sum(w.abs().double().sum() for w in weights.values())),
         ),
         "expected": expected.per_parameter,
         "before": before,
@@ -143,6 +143,8 @@ CASES = (
     + [("sgd", s, 4) for s in ("ddp", "fsdp2", "fsdp1_orig", "hsdp", "fsdp1_hybrid", "zero3_hpz")]
     + [("sgd", s, 2) for s in ("fsdp2_root", "fsdp1_gradop")]  # kept gathered after forward
     + [(o, "fsdp2_bf16", 2) for o in ("sgd", "linbreg")]  # and gathered as bf16 casts
+    + [("sgd", "zero1_bf16", w) for w in (2, 3)]  # DeepSpeed's BF16_Optimizer
+    + [("linbreg", "zero1_bf16", 2)]
     + [("linbreg", s, 2) for s in STRATEGIES if s != "fsdp1_flat"]
     + [("linbreg_cut", s, 2) for s in ("fsdp2", "zero3", "fsdp1_orig")]
     + [("linbreg_cut", s, 4) for s in ("hsdp", "fsdp1_hybrid")]  # every replica masked

@@ -37,7 +37,8 @@ the buckets it broadcasts; ``*_offload``: ZeRO-Offload, the optimizer's fp32 par
 the CPU, and at stage 3 the parameters' partitions too). ``wrap`` also knows variants that
 tests name where they matter: ``fsdp1_gradop`` (SHARD_GRAD_OP) and ``fsdp2_root`` (the last
 layer in the root's group), whose gathered weights outlive a forward, and ``fsdp2_bf16``
-(``fsdp2_root`` under bf16 mixed precision); and, at 4 ranks, the hybrids ``hsdp`` (FSDP2
+(``fsdp2_root`` under bf16 mixed precision), ``zero1_bf16`` (a bf16 model, fp32 gradients:
+DeepSpeed's ``BF16_Optimizer``); and, at 4 ranks, the hybrids ``hsdp`` (FSDP2
 on a 2 x 2 mesh) and ``fsdp1_hybrid`` (HYBRID_SHARD), ``zero3_hpz`` (ZeRO++ hpZ in groups
 of 2) and ``fsdp2_tp`` (FSDP2 over tensor parallelism, 2 x 2); and ``tp`` (tensor
 parallelism alone)."""
@@ -273,18 +274,22 @@ def _deepspeed(
         zero["offload_optimizer"] = {"device": "cpu"}  # the CPU, apart from the model's
         if stage == 3:
             zero["offload_param"] = {"device": "cpu"}  # and ZeRO-3's partitions offloaded
-    config = {
+    config: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": 4,
         "zero_optimization": zero,
         "zero_allow_untested_optimizer": True,
         "zero_force_ds_cpu_optimizer": False,  # offloaded, still the optimizer under test
         "gradient_clipping": 0.0,
     }
+    dtype = torch.float32
+    if strategy.endswith("_bf16"):  # a bf16 model; at stage 1 with fp32 gradients DeepSpeed
+        dtype = torch.bfloat16  # wraps the optimizer in its BF16_Optimizer
+        config |= {"bf16": {"enabled": True}, "data_types": {"grad_accum_dtype": "fp32"}}
     optimizer = make_optimizer(module)
     engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=config)
 
     def train_step(x: torch.Tensor, y: torch.Tensor) -> None:
-        loss = F.cross_entropy(engine(x), y)
+        loss = F.cross_entropy(engine(x.to(dtype)).float(), y)
         engine.backward(loss)
         engine.step()
 
