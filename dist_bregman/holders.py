@@ -99,7 +99,8 @@ def groups_key(optimizers: Sequence[Any]) -> tuple[tuple[int, int], ...]:
 
 
 def holding(optimizer: Any, placements: Sequence[Placement]) -> Holding:
-    """Map ``optimizer`` (a torch optimizer or a DeepSpeed wrapper) onto ``placements``."""
+    """Map ``optimizer`` (a torch optimizer, a DeepSpeed wrapper, or a wrapper of either)
+    onto ``placements``."""
     wrapper = deepspeed_wrapper(optimizer)
     if wrapper == "zero12":
         return _zero12(optimizer, placements)
@@ -109,16 +110,30 @@ def holding(optimizer: Any, placements: Sequence[Placement]) -> Holding:
         return _zero3(optimizer, placements)
     if wrapper == "fp32_copies":
         return _fp32_copies(optimizer, placements)
+    if _torchs(optimizer, "post_localSGD_optimizer", "PostLocalSGDOptimizer"):
+        raise local_sgd_refused("PostLocalSGDOptimizer")
+    inner = _passed_through(optimizer)
+    if inner is not None:
+        return holding(inner, placements)
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(
             f"optimizer={type(optimizer).__name__}: expected a torch.optim.Optimizer or a "
             f"DeepSpeed ZeRO-1/2/3 or fp16/bf16 optimizer wrapping one"
         )
-    if _torchs(optimizer, "post_localSGD_optimizer", "PostLocalSGDOptimizer"):
-        raise local_sgd_refused("PostLocalSGDOptimizer")
     if _torchs(optimizer, "zero_redundancy_optimizer", "ZeroRedundancyOptimizer"):
         return _zero_redundancy(optimizer, placements)
     return _parameters(Holding(optimizer), optimizer.param_groups, placements)
+
+
+def _passed_through(optimizer: Any) -> Any:
+    """The optimizer that ``optimizer`` hands its steps to, where ``optimizer`` is a wrapper
+    that holds it as ``.optimizer`` without being one itself (it never ran
+    ``Optimizer.__init__``, so it has no step hooks: Hugging Face Accelerate's
+    ``AcceleratedOptimizer``, also around a DeepSpeed wrapper); else None."""
+    if "_optimizer_step_post_hooks" in getattr(optimizer, "__dict__", {}):
+        return None  # a torch optimizer proper
+    inner = getattr(optimizer, "optimizer", None)
+    return inner if inner is not None and inner is not optimizer else None
 
 
 def _torchs(optimizer: Any, module: str, name: str) -> bool:

@@ -585,6 +585,59 @@ def test_a_bregman_optimizer_is_driven_not_hooked() -> None:
         SparsityController(model, BregmanConfig(mode="loss")).attach(optimizer)
 
 
+class _PassThrough(torch.optim.Optimizer):
+    """A wrapper as Hugging Face Accelerate's ``AcceleratedOptimizer`` is: a torch optimizer
+    by class that never ran ``Optimizer.__init__`` (no step hooks of its own) and hands its
+    steps to ``.optimizer``."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer) -> None:
+        self.optimizer = optimizer
+
+    @property  # type: ignore[override]
+    def param_groups(self) -> list:
+        return self.optimizer.param_groups
+
+    @property  # type: ignore[override]
+    def state(self) -> dict:
+        return self.optimizer.state
+
+    def step(self, closure: Callable | None = None) -> None:  # type: ignore[override]
+        self.optimizer.step(closure)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.optimizer.zero_grad(set_to_none)
+
+
+@pytest.mark.parametrize("name", ["sgd", "linbreg"])
+def test_a_wrapper_that_hands_its_steps_on_is_looked_through(name: str) -> None:
+    """attach failed on such a wrapper with torch's AttributeError (it has no step hooks),
+    and a Bregman optimizer inside would not have been driven: now the controller acts
+    through the optimizer inside, as on it directly, and a dropped step of the wrapper
+    takes no proximal step."""
+
+    def run(wrapped: bool) -> tuple[list[torch.Tensor], float, list[torch.Tensor]]:
+        model = _model()
+        inner: torch.optim.Optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        if name == "linbreg":
+            inner = LinBreg(model.parameters(), lr=0.1)
+        optimizer = _PassThrough(inner) if wrapped else inner
+        config = BregmanConfig(initial_lambda=0.02, lambda_update_rate=0.5, update_frequency=2)
+        controller = SparsityController(model, config)
+        controller.attach(optimizer)
+        _train(model, optimizer, controller, _batches(8), add_loss_term=False)
+        trained = [p.detach().clone() for p in model.parameters()]
+        F.cross_entropy(model(_batches(1)[0][0]), _batches(1)[0][1]).backward()
+        controller.drop_step([optimizer])
+        optimizer.step()
+        return trained, controller.lambda_, [p.detach().clone() for p in model.parameters()]
+
+    plain, wrapped = run(wrapped=False), run(wrapped=True)
+    assert plain[1] == wrapped[1] != 0.02  # lambda moved, alike
+    assert all(torch.equal(a, b) for a, b in zip(plain[0], wrapped[0], strict=True))
+    assert any(bool((p == 0).any()) for p in wrapped[0])  # zeros made through the wrapper
+    assert all(torch.equal(a, b) for a, b in zip(wrapped[0], wrapped[2], strict=True))  # dropped
+
+
 def test_group_regularizer_counts_and_logs_node_sparsity(caplog: pytest.LogCaptureFixture) -> None:
     model = _model()
     config = BregmanConfig(
