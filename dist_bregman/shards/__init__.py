@@ -76,6 +76,8 @@ def _place(
     # A ZeRO-3 parameter exists only once DeepSpeed is imported: without it, the two
     # attribute probes per tensor (a raised AttributeError each) are skipped.
     zero3 = "deepspeed" in sys.modules
+    if zero3:
+        _refuse_experts([target for target, read in resolved if _expert(read)])
     placements: list[Placement] = []
     for target, read in resolved:
         owner = owners.get(id(target.module)) if owners else None
@@ -117,3 +119,24 @@ def local_views(placements: Sequence[Placement], rank: int, world_size: int) -> 
         else:
             views.append(placement.view())
     return views
+
+
+def _expert(values: torch.Tensor) -> bool:
+    """Whether ``values`` is a DeepSpeed MoE expert parameter (marked ``allreduce=False``:
+    each expert-parallel rank holds other experts under the same names)."""
+    return getattr(values, "allreduce", True) is False
+
+
+def _refuse_experts(experts: Sequence[Target]) -> None:
+    """Refuse DeepSpeed MoE experts: counted as replicas, one rank's experts would stand
+    for every rank's (a 2-expert layer on 2 ranks: 480 of 736 elements counted)."""
+    if not experts:
+        return
+    names = [target.name for target in experts]
+    shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+    raise ValueError(
+        f"parameters_to_prune: {shown} are DeepSpeed MoE expert weights: each "
+        f"expert-parallel rank holds other experts under these names, which this library "
+        f"does not count or prune apart; allowed: parameters_to_prune without the expert "
+        f"weights (they then stay dense)"
+    )
