@@ -75,11 +75,16 @@ class Holding:
 
 
 def deepspeed_wrapper(optimizer: Any) -> str | None:
-    """Which DeepSpeed optimizer wrapper ``optimizer`` is (``"zero12"``, ``"bf16_zero1"``,
-    ``"zero3"``, ``"fp32_copies"``), or None for a torch optimizer. A wrapper keeps the fp32
-    masters and the gradients it steps with in its own buffers: after ``backward`` its
+    """Which DeepSpeed optimizer wrapper ``optimizer`` is, or holds under pass-through
+    wrappers (:func:`_passed_through`): ``"zero12"``, ``"bf16_zero1"``, ``"zero3"``,
+    ``"fp32_copies"``, or None for a torch optimizer. A wrapper keeps the fp32 masters and
+    the gradients it steps with in its own buffers: after ``backward`` its
     ``param_groups``' ``p.grad`` are None until its ``step()``, and the module's too (but
     for ``BF16_Optimizer``, which leaves a bf16 copy there)."""
+    return _deepspeed_kind(_peeled(optimizer))
+
+
+def _deepspeed_kind(optimizer: Any) -> str | None:
     if hasattr(optimizer, "round_robin_bit16_groups"):
         return "zero12"
     if hasattr(optimizer, "bf16_groups") and hasattr(optimizer, "fp32_groups_flat_partition"):
@@ -89,6 +94,17 @@ def deepspeed_wrapper(optimizer: Any) -> str | None:
     if hasattr(optimizer, "fp32_groups") and hasattr(optimizer, "fp16_groups"):
         return "fp32_copies"
     return None
+
+
+def _peeled(optimizer: Any) -> Any:
+    """``optimizer`` without the pass-through wrappers around it, down to a torch optimizer
+    or a DeepSpeed wrapper (which holds its client as ``.optimizer`` too, and stays)."""
+    while _deepspeed_kind(optimizer) is None:
+        inner = _passed_through(optimizer)
+        if inner is None:
+            break
+        optimizer = inner
+    return optimizer
 
 
 def groups_key(optimizers: Sequence[Any]) -> tuple[tuple[int, int], ...]:
@@ -101,7 +117,8 @@ def groups_key(optimizers: Sequence[Any]) -> tuple[tuple[int, int], ...]:
 def holding(optimizer: Any, placements: Sequence[Placement]) -> Holding:
     """Map ``optimizer`` (a torch optimizer, a DeepSpeed wrapper, or a wrapper of either)
     onto ``placements``."""
-    wrapper = deepspeed_wrapper(optimizer)
+    optimizer = _peeled(optimizer)
+    wrapper = _deepspeed_kind(optimizer)
     if wrapper == "zero12":
         return _zero12(optimizer, placements)
     if wrapper == "bf16_zero1":
@@ -112,9 +129,6 @@ def holding(optimizer: Any, placements: Sequence[Placement]) -> Holding:
         return _fp32_copies(optimizer, placements)
     if _torchs(optimizer, "post_localSGD_optimizer", "PostLocalSGDOptimizer"):
         raise local_sgd_refused("PostLocalSGDOptimizer")
-    inner = _passed_through(optimizer)
-    if inner is not None:
-        return holding(inner, placements)
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(
             f"optimizer={type(optimizer).__name__}: expected a torch.optim.Optimizer or a "
@@ -129,7 +143,7 @@ def _passed_through(optimizer: Any) -> Any:
     """The optimizer that ``optimizer`` hands its steps to, where ``optimizer`` is a wrapper
     that holds it as ``.optimizer`` without being one itself (it never ran
     ``Optimizer.__init__``, so it has no step hooks: Hugging Face Accelerate's
-    ``AcceleratedOptimizer``, also around a DeepSpeed wrapper); else None."""
+    ``AcceleratedOptimizer``); else None."""
     if "_optimizer_step_post_hooks" in getattr(optimizer, "__dict__", {}):
         return None  # a torch optimizer proper
     inner = getattr(optimizer, "optimizer", None)

@@ -15,7 +15,7 @@ from torch import nn
 from dist_bregman import BregmanConfig, MagnitudePruner, SparsityController, comm
 from dist_bregman.errors import NonFiniteError, RankDisagreementError
 from tests.helpers.dist import deepspeed_shm_files, run_ranks
-from tests.helpers.strategies import zero_redundancy
+from tests.helpers.strategies import PassThrough, zero_redundancy
 
 TIMEOUT = 60.0
 
@@ -216,7 +216,7 @@ def test_a_rank_that_leaves_early_ends_the_job_with_an_error_not_a_hang() -> Non
     assert "rank 1: no result" in str(caught.value)
 
 
-def _guard_under_deepspeed(rank: int, world: int, strategy: str) -> tuple[int, str]:
+def _guard_under_deepspeed(rank: int, world: int, strategy: str, through: bool) -> tuple[int, str]:
     from torch.nn import functional as F
 
     from tests.helpers.strategies import wrap
@@ -230,21 +230,28 @@ def _guard_under_deepspeed(rank: int, world: int, strategy: str) -> tuple[int, s
     visible = sum(p.grad is not None for p in module.parameters())  # what a guard could read
     visible += sum(p.grad is not None for g in wrapped.optimizer.param_groups for p in g["params"])
     controller = _controller(module, guard_steps=True)
-    try:
-        controller.attach(wrapped.optimizer)
+    try:  # through: as Accelerate hands DeepSpeed's wrapper over, in a wrapper of its own
+        controller.attach(PassThrough(wrapped.optimizer) if through else wrapped.optimizer)
     except ValueError as error:
         return visible, str(error)
     return visible, ""
 
 
 @pytest.mark.timeout(TIMEOUT + 30)
-@pytest.mark.parametrize("strategy", ["zero1", "zero1_bf16", "zero3"])
-def test_guard_steps_is_refused_where_deepspeed_hides_the_gradients(strategy: str) -> None:
+@pytest.mark.parametrize(
+    ("strategy", "through"),
+    [("zero1", False), ("zero1", True), ("zero1_bf16", False), ("zero3", False)],
+    ids=["zero1", "zero1_passed_through", "zero1_bf16", "zero3"],
+)
+def test_guard_steps_is_refused_where_deepspeed_hides_the_gradients(
+    strategy: str, through: bool
+) -> None:
     """Under a ZeRO wrapper no gradient is visible between backward and step, so a guard
     would never fire: attach refuses it (on every rank) instead of silently doing nothing.
     ``BF16_Optimizer`` leaves bf16 copies in ``p.grad`` but steps with its fp32 buffers, which
     a dropped step would not empty (its own norm check skips non-finite steps)."""
-    for visible, message in run_ranks(_guard_under_deepspeed, 2, strategy, timeout=TIMEOUT):
+    results = run_ranks(_guard_under_deepspeed, 2, strategy, through, timeout=TIMEOUT)
+    for visible, message in results:
         assert visible == (6 if strategy == "zero1_bf16" else 0)  # 6: the module's tensors
         assert "guard_steps=True with DeepSpeed's" in message and "allowed:" in message
 

@@ -145,6 +145,7 @@ CASES = (
     + [(o, "fsdp2_bf16", 2) for o in ("sgd", "linbreg")]  # and gathered as bf16 casts
     + [("sgd", "zero1_bf16", w) for w in (2, 3)]  # DeepSpeed's BF16_Optimizer
     + [("linbreg", "zero1_bf16", 2)]
+    + [(o, "zero2_through", 2) for o in ("sgd", "linbreg")]  # inside Accelerate's wrapper
     + [("linbreg", s, 2) for s in STRATEGIES if s != "fsdp1_flat"]
     + [("linbreg_cut", s, 2) for s in ("fsdp2", "zero3", "fsdp1_orig")]
     + [("linbreg_cut", s, 4) for s in ("hsdp", "fsdp1_hybrid")]  # every replica masked

@@ -38,7 +38,8 @@ the CPU, and at stage 3 the parameters' partitions too). ``wrap`` also knows var
 tests name where they matter: ``fsdp1_gradop`` (SHARD_GRAD_OP) and ``fsdp2_root`` (the last
 layer in the root's group), whose gathered weights outlive a forward, and ``fsdp2_bf16``
 (``fsdp2_root`` under bf16 mixed precision), ``zero1_bf16`` (a bf16 model, fp32 gradients:
-DeepSpeed's ``BF16_Optimizer``); and, at 4 ranks, the hybrids ``hsdp`` (FSDP2
+DeepSpeed's ``BF16_Optimizer``), ``zero2_through`` (ZeRO-2's wrapper inside a
+:class:`PassThrough`, as Accelerate hands it over); and, at 4 ranks, the hybrids ``hsdp`` (FSDP2
 on a 2 x 2 mesh) and ``fsdp1_hybrid`` (HYBRID_SHARD), ``zero3_hpz`` (ZeRO++ hpZ in groups
 of 2) and ``fsdp2_tp`` (FSDP2 over tensor parallelism, 2 x 2); and ``tp`` (tensor
 parallelism alone)."""
@@ -224,6 +225,29 @@ def zero_redundancy(built: torch.optim.Optimizer, **options: Any) -> torch.optim
     )
 
 
+class PassThrough(torch.optim.Optimizer):
+    """A wrapper as Hugging Face Accelerate's ``AcceleratedOptimizer`` is: a torch optimizer
+    by class that never ran ``Optimizer.__init__`` (no step hooks of its own) and hands its
+    steps to ``.optimizer`` (a torch optimizer or a DeepSpeed wrapper)."""
+
+    def __init__(self, optimizer: Any) -> None:
+        self.optimizer = optimizer
+
+    @property  # type: ignore[override]
+    def param_groups(self) -> list:
+        return self.optimizer.param_groups
+
+    @property  # type: ignore[override]
+    def state(self) -> dict:
+        return self.optimizer.state
+
+    def step(self, closure: Callable | None = None) -> None:  # type: ignore[override]
+        self.optimizer.step(closure)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.optimizer.zero_grad(set_to_none)
+
+
 def _tensor_parallel(strategy: str, module: nn.Sequential) -> tuple[int, int]:
     """Make layers 2 and 4 tensor-parallel (column-, then row-wise: ``Shard(0)``,
     ``Shard(1)``) over every rank (``tp``) or, at 4 ranks, over the inner dimension of a
@@ -301,4 +325,6 @@ def _deepspeed(
         else:
             yield
 
-    return Wrapped(engine, module, engine.optimizer, train_step, gathered)
+    # zero2_through: DeepSpeed's wrapper handed over inside another, as Accelerate does
+    held = PassThrough(engine.optimizer) if strategy.endswith("_through") else engine.optimizer
+    return Wrapped(engine, module, held, train_step, gathered)

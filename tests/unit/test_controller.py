@@ -19,6 +19,7 @@ from dist_bregman.guards import LOSS_FOLD
 from dist_bregman.optim import LinBreg
 from tests.helpers.dynamo import dynamo_warnings
 from tests.helpers.models import COMPUTED_WEIGHTS, compute_weight
+from tests.helpers.strategies import PassThrough
 
 
 def _model(seed: int = 0) -> nn.Sequential:
@@ -585,29 +586,6 @@ def test_a_bregman_optimizer_is_driven_not_hooked() -> None:
         SparsityController(model, BregmanConfig(mode="loss")).attach(optimizer)
 
 
-class _PassThrough(torch.optim.Optimizer):
-    """A wrapper as Hugging Face Accelerate's ``AcceleratedOptimizer`` is: a torch optimizer
-    by class that never ran ``Optimizer.__init__`` (no step hooks of its own) and hands its
-    steps to ``.optimizer``."""
-
-    def __init__(self, optimizer: torch.optim.Optimizer) -> None:
-        self.optimizer = optimizer
-
-    @property  # type: ignore[override]
-    def param_groups(self) -> list:
-        return self.optimizer.param_groups
-
-    @property  # type: ignore[override]
-    def state(self) -> dict:
-        return self.optimizer.state
-
-    def step(self, closure: Callable | None = None) -> None:  # type: ignore[override]
-        self.optimizer.step(closure)
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        self.optimizer.zero_grad(set_to_none)
-
-
 @pytest.mark.parametrize("name", ["sgd", "linbreg"])
 def test_a_wrapper_that_hands_its_steps_on_is_looked_through(name: str) -> None:
     """attach failed on such a wrapper with torch's AttributeError (it has no step hooks),
@@ -620,7 +598,7 @@ def test_a_wrapper_that_hands_its_steps_on_is_looked_through(name: str) -> None:
         inner: torch.optim.Optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
         if name == "linbreg":
             inner = LinBreg(model.parameters(), lr=0.1)
-        optimizer = _PassThrough(inner) if wrapped else inner
+        optimizer = PassThrough(inner) if wrapped else inner
         config = BregmanConfig(initial_lambda=0.02, lambda_update_rate=0.5, update_frequency=2)
         controller = SparsityController(model, config)
         controller.attach(optimizer)
