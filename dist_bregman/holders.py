@@ -17,7 +17,9 @@ torch optimizer holds:
   the duration of its ``step()``;
 * DeepSpeed stage-0 fp16/bf16 (``FP16_UnfusedOptimizer``): shaped fp32 copies.
 
-:func:`holding` reads those layouts once, at attach time: for each held tensor, the
+Any of these may come inside a wrapper that hands its steps on (Hugging Face Accelerate's
+``AcceleratedOptimizer``): it is looked through. Post-local SGD is refused (the replicas
+train apart). :func:`holding` reads those layouts once, at attach time: for each held tensor, the
 :class:`Part` s of it that belong to measured tensors. This module never communicates.
 """
 
