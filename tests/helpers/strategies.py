@@ -55,7 +55,7 @@ weights."""
 def steps_apart(strategy: str) -> bool:
     """Whether training under ``strategy`` is known, on this torch, to step apart from one
     process (:data:`FSDP2_APART_FROM_ONE_PROCESS`)."""
-    return FSDP2_APART_FROM_ONE_PROCESS and strategy in ("fsdp2", "fsdp2_root", "hsdp", "fsdp2_tp")
+    return FSDP2_APART_FROM_ONE_PROCESS and (strategy.startswith("fsdp2") or strategy == "hsdp")
 
 
 def expect_apart(request: Any, strategy: str) -> None:
