@@ -5,10 +5,12 @@ group gathered from forward to backward when it does not reshard after forward (
 default the root module's group: what ``fully_shard(model)`` holds itself, e.g.
 embeddings and the output layer; and every group with ``reshard_after_forward=False``),
 and a forward without backward (eval) leaves it gathered until the next backward. The
-module then holds plain full tensors. Reads take the sharded parameter FSDP2 keeps for
-each (:func:`sharded_values`: the one the optimizer steps, no communication), so the
-seed's loss term between forward and backward costs no extra gather; after a write into
-the shards outside a step the gathered copies are dropped (:func:`reshard_gathered`).
+module then holds plain full tensors; with ``reshard_after_forward=<int>``, a copy
+sharded over a smaller mesh (a DTensor replicated across that mesh's copies). Reads take
+the sharded parameter FSDP2 keeps for each (:func:`sharded_values`: the one the
+optimizer steps, no communication), so the seed's loss term between forward and backward
+costs no extra gather; after a write into the shards outside a step the gathered copies
+are dropped (:func:`reshard_gathered`).
 """
 
 from __future__ import annotations
@@ -102,9 +104,9 @@ def fsdp2_owners(modules: Sequence[nn.Module]) -> dict[int, Any]:
 
 def sharded_values(target: Target, owner: Any) -> torch.Tensor:
     """``target``'s values as the sharded DTensor, also while its FSDP2 group (``owner``)
-    is gathered (see the module docstring)."""
+    is gathered or holds its post-forward copy (see the module docstring)."""
     values = target.values
-    if owner is None or is_dtensor(values):
+    if owner is None or (is_dtensor(values) and not _reshards_to_a_smaller_mesh(owner)):
         return values
     sharded = _sharded_param(owner, values)
     if sharded is None:  # FSDP2's internals moved: reshard (public), then read
@@ -113,18 +115,42 @@ def sharded_values(target: Target, owner: Any) -> torch.Tensor:
     return sharded
 
 
-def _sharded_param(owner: Any, gathered: torch.Tensor) -> torch.Tensor | None:
-    """The sharded parameter FSDP2 keeps beside the gathered ``gathered`` (private
-    attributes, hence the fallback in :func:`sharded_values`)."""
+def _param_groups(owner: Any) -> list[Any]:
+    """FSDP2's param groups of ``owner`` (private attributes: [] if they moved)."""
     try:
         state = owner._get_fsdp_state()
-        groups = getattr(state, "_fsdp_param_groups", None)
-        for group in [state._fsdp_param_group] if groups is None else groups:
-            for fsdp_param in group.fsdp_params:
-                if getattr(fsdp_param, "_unsharded_param", None) is gathered:
-                    return fsdp_param.sharded_param
     except AttributeError:
-        pass
+        return []
+    groups = getattr(state, "_fsdp_param_groups", None)
+    if groups is None:
+        group = getattr(state, "_fsdp_param_group", None)
+        groups = [] if group is None else [group]
+    return list(groups)
+
+
+def _reshards_to_a_smaller_mesh(owner: Any) -> bool:
+    """Whether ``owner``'s group reshards after forward to a smaller mesh
+    (``reshard_after_forward=<int>``): from a forward to the next backward, and after an
+    eval forward, its modules then hold a copy of each parameter sharded over that mesh,
+    a DTensor too, replicated across its copies of the mesh. (Unknown: False, and such a
+    copy is refused by the measurement's size check, not counted.)"""
+    return any(getattr(g, "_use_post_forward_mesh", False) for g in _param_groups(owner))
+
+
+def _sharded_param(owner: Any, seen: torch.Tensor) -> torch.Tensor | None:
+    """The sharded parameter FSDP2 keeps for ``seen``: itself, the gathered copy or the
+    post-forward copy of it (private attributes, hence the fallback in
+    :func:`sharded_values`)."""
+    for group in _param_groups(owner):
+        for fsdp_param in getattr(group, "fsdp_params", ()):
+            sharded = getattr(fsdp_param, "sharded_param", None)
+            copies = (
+                sharded,
+                getattr(fsdp_param, "_unsharded_param", None),
+                getattr(fsdp_param, "_sharded_post_forward_param", None),
+            )
+            if any(copy is seen for copy in copies):
+                return sharded
     return None
 
 
@@ -135,7 +161,9 @@ def reshard_gathered(placements: Sequence[Placement]) -> None:
     communication."""
     for placement in placements:
         owner = getattr(placement, "owner", None)
-        if owner is not None and not is_dtensor(placement.target.values):
+        if owner is not None and sharded_values(placement.target, owner) is not (
+            placement.target.values
+        ):
             owner.reshard()
 
 

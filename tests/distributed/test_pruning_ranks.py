@@ -127,6 +127,7 @@ CASES = [
     # tensor there: the global cut leaves the root's layer, the last, at its natural zeros,
     # so a stale gathered copy would pass unseen).
     ("fsdp1_gradop", 2, "global"),
+    ("fsdp2_raf", 4, "global"),  # the copy resharded after forward to halves of the world
     ("fsdp2_root", 2, "per_tensor"),
 ]
 

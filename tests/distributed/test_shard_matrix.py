@@ -143,6 +143,7 @@ CASES = (
     + [("sgd", s, 4) for s in ("ddp", "fsdp2", "fsdp1_orig", "hsdp", "fsdp1_hybrid", "zero3_hpz")]
     + [("sgd", s, 2) for s in ("fsdp2_root", "fsdp1_gradop")]  # kept gathered after forward
     + [(o, "fsdp2_bf16", 2) for o in ("sgd", "linbreg")]  # and gathered as bf16 casts
+    + [(o, "fsdp2_raf", 4) for o in ("sgd", "linbreg_cut")]  # a post-forward copy
     + [("sgd", "zero1_bf16", w) for w in (2, 3)]  # DeepSpeed's BF16_Optimizer
     + [("linbreg", "zero1_bf16", 2)]
     + [(o, "zero2_through", 2) for o in ("sgd", "linbreg")]  # inside Accelerate's wrapper

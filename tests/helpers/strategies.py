@@ -38,7 +38,8 @@ the CPU, and at stage 3 the parameters' partitions too). ``wrap`` also knows var
 tests name where they matter: ``fsdp1_gradop`` (SHARD_GRAD_OP) and ``fsdp2_root`` (the last
 layer in the root's group), whose gathered weights outlive a forward, and ``fsdp2_bf16``
 (``fsdp2_root`` under bf16 mixed precision), ``zero1_bf16`` (a bf16 model, fp32 gradients:
-DeepSpeed's ``BF16_Optimizer``), ``zero2_through`` (ZeRO-2's wrapper inside a
+DeepSpeed's ``BF16_Optimizer``), ``fsdp2_raf`` (resharded after forward to a smaller mesh,
+at 4 ranks), ``zero2_through`` (ZeRO-2's wrapper inside a
 :class:`PassThrough`, as Accelerate hands it over); and, at 4 ranks, the hybrids ``hsdp`` (FSDP2
 on a 2 x 2 mesh) and ``fsdp1_hybrid`` (HYBRID_SHARD), ``zero3_hpz`` (ZeRO++ hpZ in groups
 of 2) and ``fsdp2_tp`` (FSDP2 over tensor parallelism, 2 x 2); and ``tp`` (tensor
@@ -168,9 +169,9 @@ def wrap(
     elif strategy in ("tp", "fsdp2_tp"):
         share = _tensor_parallel(strategy, module)
         model = module
-    elif strategy in ("fsdp2", "fsdp2_root", "fsdp2_bf16", "hsdp"):
+    elif strategy in ("fsdp2", "fsdp2_root", "fsdp2_bf16", "fsdp2_raf", "hsdp"):
         from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
         world = torch.distributed.get_world_size()
         if strategy == "hsdp":  # 2-D mesh: replicas along dim 0, shards of 2 along dim 1
@@ -185,17 +186,26 @@ def wrap(
         policy = MixedPrecisionPolicy()
         if strategy == "fsdp2_bf16":
             policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        # fsdp2_raf: every group resharded after forward to halves of the world, not to
+        # all of it (reshard_after_forward=2 at 4 ranks): from a forward to the next
+        # backward, and after an eval forward, the modules hold a copy over that mesh.
+        # (Otherwise FSDP2's default: the root's group stays gathered after forward.)
+        after = {"reshard_after_forward": world // 2} if strategy == "fsdp2_raf" else {}
         for layer in inner:
             if isinstance(layer, nn.Linear):
-                fully_shard(layer, mesh=mesh, mp_policy=policy)
-        fully_shard(module, mesh=mesh, mp_policy=policy)
+                fully_shard(layer, mesh=mesh, mp_policy=policy, **after)
+        fully_shard(module, mesh=mesh, mp_policy=policy, **after)
         model = module
 
         @contextlib.contextmanager
         def gathered() -> Iterator[None]:
             # A group left gathered (the root's, after a forward) holds copies, bf16 casts
-            # under fsdp2_bf16: read the shards the optimizer steps.
-            module.reshard()  # type: ignore[operator]
+            # under fsdp2_bf16, and fsdp2_raf's post-forward copies are DTensors whose
+            # full_tensor() is not the weight (padded rows): read the shards the optimizer
+            # steps, of every group.
+            for part in module.modules():
+                if isinstance(part, FSDPModule):
+                    part.reshard()
             yield
 
     else:
