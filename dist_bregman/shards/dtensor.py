@@ -132,8 +132,9 @@ def _reshards_to_a_smaller_mesh(owner: Any) -> bool:
     """Whether ``owner``'s group reshards after forward to a smaller mesh
     (``reshard_after_forward=<int>``): from a forward to the next backward, and after an
     eval forward, its modules then hold a copy of each parameter sharded over that mesh,
-    a DTensor too, replicated across its copies of the mesh. (Unknown: False, and such a
-    copy is refused by the measurement's size check, not counted.)"""
+    a DTensor too, replicated across its copies of the mesh. (Should FSDP2's private
+    property go: False, and the measurement's size check refuses such a copy, but the
+    loss term, which has no such check, would read it as twice the weight.)"""
     return any(getattr(g, "_use_post_forward_mesh", False) for g in _param_groups(owner))
 
 
