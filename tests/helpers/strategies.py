@@ -32,18 +32,17 @@ STRATEGIES = (
     "zero3_offload",
 )
 """The strategies every matrix test runs (``ddp_zero``: DDP with torch's
-``ZeroRedundancyOptimizer`` over the optimizer under test, its parameters as views into
-the buckets it broadcasts; ``*_offload``: ZeRO-Offload, the optimizer's fp32 partitions on
-the CPU, and at stage 3 the parameters' partitions too). ``wrap`` also knows variants that
-tests name where they matter: ``fsdp1_gradop`` (SHARD_GRAD_OP) and ``fsdp2_root`` (the last
-layer in the root's group), whose gathered weights outlive a forward, and ``fsdp2_bf16``
+``ZeroRedundancyOptimizer`` over the optimizer under test, its parameters as views into the
+buckets it broadcasts; ``*_offload``: ZeRO-Offload, the optimizer's fp32 partitions on the
+CPU, and at stage 3 the parameters' partitions too). ``wrap`` also knows variants that tests
+name where they matter: ``fsdp1_gradop`` (SHARD_GRAD_OP) and ``fsdp2_root`` (the last layer
+in the root's group), whose gathered weights outlive a forward, and ``fsdp2_bf16``
 (``fsdp2_root`` under bf16 mixed precision), ``zero1_bf16`` (a bf16 model, fp32 gradients:
 DeepSpeed's ``BF16_Optimizer``), ``fsdp2_raf`` (resharded after forward to a smaller mesh,
-at 4 ranks), ``zero2_through`` (ZeRO-2's wrapper inside a
-:class:`PassThrough`, as Accelerate hands it over); and, at 4 ranks, the hybrids ``hsdp`` (FSDP2
-on a 2 x 2 mesh) and ``fsdp1_hybrid`` (HYBRID_SHARD), ``zero3_hpz`` (ZeRO++ hpZ in groups
-of 2) and ``fsdp2_tp`` (FSDP2 over tensor parallelism, 2 x 2); and ``tp`` (tensor
-parallelism alone)."""
+at 4 ranks), ``zero2_through`` (ZeRO-2's wrapper inside a :class:`PassThrough`, as
+Accelerate hands it over); and, at 4 ranks, the hybrids ``hsdp`` (FSDP2 on a 2 x 2 mesh) and
+``fsdp1_hybrid`` (HYBRID_SHARD), ``zero3_hpz`` (ZeRO++ hpZ in groups of 2) and ``fsdp2_tp``
+(FSDP2 over tensor parallelism, 2 x 2); and ``tp`` (tensor parallelism alone)."""
 
 FSDP2_APART_FROM_ONE_PROCESS = torch.__version__.startswith("2.8.")
 """torch 2.8's FSDP2 over gloo steps apart from one process, without this library too: a
