@@ -16,6 +16,7 @@ are dropped (:func:`reshard_gathered`).
 from __future__ import annotations
 
 import functools
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -128,6 +129,12 @@ def _param_groups(owner: Any) -> list[Any]:
     return list(groups)
 
 
+_SMALLER_MESH: weakref.WeakKeyDictionary[Any, bool] = weakref.WeakKeyDictionary()
+""":func:`_reshards_to_a_smaller_mesh` per FSDP2 module: asked for every DTensor at every
+read, and fixed by ``fully_shard`` (``set_reshard_after_forward`` takes a bool only, so a
+kept True can only go stale into a needless lookup, never a wrong read)."""
+
+
 def _reshards_to_a_smaller_mesh(owner: Any) -> bool:
     """Whether ``owner``'s group reshards after forward to a smaller mesh
     (``reshard_after_forward=<int>``): from a forward to the next backward, and after an
@@ -135,7 +142,13 @@ def _reshards_to_a_smaller_mesh(owner: Any) -> bool:
     a DTensor too, replicated across its copies of the mesh. (Should FSDP2's private
     property go: False, and the measurement's size check refuses such a copy, but the
     loss term, which has no such check, would read it as twice the weight.)"""
-    return any(getattr(g, "_use_post_forward_mesh", False) for g in _param_groups(owner))
+    known = _SMALLER_MESH.get(owner)
+    if known is None:
+        groups = _param_groups(owner)
+        known = _SMALLER_MESH[owner] = any(
+            getattr(g, "_use_post_forward_mesh", False) for g in groups
+        )
+    return known
 
 
 def _sharded_param(owner: Any, seen: torch.Tensor) -> torch.Tensor | None:
