@@ -34,6 +34,7 @@ from tests.helpers.strategies import (
     matrix_model,
     steps_apart,
     wrap,
+    zero_redundancy,
 )
 
 Freeze = tuple[int, str, float, int]
@@ -479,12 +480,9 @@ def test_bregman_optimizers_under_torchs_zero_redundancy_follow_one_process(
 
 
 def _overlapped_zero(rank: int, world: int) -> str:
-    from torch.distributed.optim import ZeroRedundancyOptimizer
-
     model = nn.parallel.DistributedDataParallel(matrix_model())
-    optimizer = ZeroRedundancyOptimizer(
-        model.parameters(), torch.optim.SGD, overlap_with_ddp=True, lr=0.1
-    )
+    sgd = torch.optim.SGD(model.parameters(), lr=0.1)
+    optimizer = zero_redundancy(sgd, overlap_with_ddp=True)
     controller = SparsityController(model, BregmanConfig(target_sparsity=0.3))
     with pytest.raises(ValueError, match=r"overlap_with_ddp=True") as caught:
         controller.attach(optimizer)
