@@ -82,7 +82,7 @@ class BregmanCLI(LightningCLI):
             wrapped = trainer.strategy.model or self.model
             pairs = pruning.parameters_to_prune if pruning is not None else None
             placements = locate(wrapped, pairs)
-            report, _ = reduce_counts(placements)
+            report, _ = reduce_counts(placements, agree=True)
             target = None
             if pruning is not None:  # where its schedule ends
                 config = pruning.config

@@ -147,6 +147,13 @@ class SparsityController:
         """Shrinkage is on: after the dense warm-up (if any), before the freeze (if any)."""
         return self.started and not self.frozen
 
+    @property
+    def _unchecked(self) -> bool:
+        """Whether :meth:`attach` has not yet checked that every rank measures these
+        placements' tensors: until it has, each measurement checks that within its own
+        all-reduce (a controller kept only to measure is never attached)."""
+        return self._checked is not self.placements
+
     def _lambda(self) -> float:
         """The strength the optimizers apply: lambda while shrinking, else 0."""
         return self.lambda_ if self.shrinking else 0.0
@@ -160,6 +167,7 @@ class SparsityController:
             zero_tolerance=self.config.zero_tolerance,
             group=self.group,
             structure=self.structure,
+            agree=self._unchecked,
         )
         self.last_report, self.sparsity = report, report.sparsity
         return report
@@ -208,6 +216,7 @@ class SparsityController:
             group=self.group,
             structure=self.structure,
             extra=[comm.rank_bit(flag, self.group)],
+            agree=self._unchecked,
         )
         if report.nonfinite:
             message = (
@@ -518,7 +527,7 @@ class SparsityController:
                 f"guard_steps=True with a torch optimizer (one process, DDP, FSDP)"
             )
         self.detach()
-        if self._checked is not self.placements:  # once per bind (follow_groups reattaches)
+        if self._unchecked:  # once per bind (follow_groups reattaches)
             check_same_tensors(self.placements, self.group)
             self._checked = self.placements
         self._optimizers = optimizers

@@ -4,8 +4,9 @@ Each rank counts the nonzeros of the elements it owns (see :mod:`dist_bregman.sh
 writes all per-tensor ``(nonzero, total)`` pairs into one int64 buffer, and the buffer is
 summed with a single collective. Every rank therefore holds the same integers, equal to the
 counts of the unsharded model, and reads them back with one host synchronisation. That
-needs every rank's buffer slots to be the same tensors: :func:`check_same_tensors`, once
-at set-up.
+needs every rank's buffer slots to be the same tensors: :func:`check_same_tensors` checks
+it once at set-up, naming the ranks that differ, and :func:`measure_sparsity` on every
+call, in its own buffer (:func:`reduce_counts` with ``agree=True``).
 """
 
 from __future__ import annotations
@@ -135,7 +136,7 @@ def structure_sizes(shape: Sequence[int]) -> tuple[int, int]:
 def check_same_tensors(placements: Sequence[Placement], group: comm.ProcessGroup = None) -> None:
     """Raise :class:`~dist_bregman.errors.RankDisagreementError` on every rank unless all
     ranks measure the same tensors (names and global sizes). One all-reduce of a
-    ``[world, 3]`` int64 table (each rank's count, elements and a 56-bit digest in its own
+    ``[world, 3]`` int64 table (each rank's count, elements and a 48-bit digest in its own
     row) on the tensors' device, as a measurement's; once at set-up
     (``SparsityController.attach``, ``MagnitudePruner.attach``), not per measurement.
 
@@ -149,12 +150,11 @@ def check_same_tensors(placements: Sequence[Placement], group: comm.ProcessGroup
     world = comm.get_world_size(group)
     if world == 1:
         return
-    described = [(p.target.name, p.global_numel) for p in placements]
-    digest = int.from_bytes(hashlib.sha256(repr(described).encode()).digest()[:7], "big")
     device = placements[0].target.values.device if placements else torch.device("cpu")
+    sizes = [p.global_numel for p in placements]
     table = torch.zeros(world, 3, dtype=torch.int64)
     table[comm.get_rank(group)] = torch.tensor(
-        [len(described), sum(numel for _, numel in described), digest]
+        [len(placements), sum(sizes), _digest([p.target.name for p in placements], sizes)]
     )
     rows = comm.all_reduce_sum(table.to(device), group).tolist()
     ranks = [rank for rank, row in enumerate(rows) if row != rows[0]]
@@ -166,10 +166,43 @@ def check_same_tensors(placements: Sequence[Placement], group: comm.ProcessGroup
     )
     raise RankDisagreementError(
         f"ranks {ranks} measure other tensors than rank 0 ({shown}; names and sizes "
-        f"compared): one all-reduce sums every rank's counts tensor by tensor, so each rank "
-        f"must hold the whole model or its shard of every measured tensor (DDP, FSDP, ZeRO, "
-        f"tensor parallelism); pipeline stages holding different layers are not supported"
+        f"compared): {_SAME_TENSORS}"
     )
+
+
+_SAME_TENSORS = (
+    "one all-reduce sums every rank's counts tensor by tensor, so each rank must hold the "
+    "whole model or its shard of every measured tensor (DDP, FSDP, ZeRO, tensor "
+    "parallelism); pipeline stages holding different layers are not supported"
+)
+
+
+DIGEST_WORDS = 3
+"""16-bit words of the 48-bit parameter-set digest a checked measurement carries."""
+
+
+def _digest(names: Sequence[str], sizes: Sequence[int]) -> int:
+    """48 bits of a hash of the measured tensors' names and global sizes, equal on ranks
+    that measure the same tensors (a fixed hash: Python's ``hash`` of a string differs
+    between processes)."""
+    described = "\0".join(names) + "\1" + ",".join(map(str, sizes))
+    return int.from_bytes(hashlib.blake2b(described.encode(), digest_size=6).digest(), "big")
+
+
+def _agreement_words(names: Sequence[str], sizes: Sequence[int]) -> list[int]:
+    """The digest's words ``f`` and their squares ``f*f``: summed over ``W`` ranks, every
+    rank's ``f`` is the same exactly when ``W * sum(f*f) == sum(f)**2`` (equality in
+    Cauchy-Schwarz), so a sum, the measurement's own collective, says whether ranks
+    agree. In int64 the sums stay exact below 2**31 ranks."""
+    digest = _digest(names, sizes)
+    words = [(digest >> (16 * i)) & 0xFFFF for i in range(DIGEST_WORDS)]
+    return words + [word * word for word in words]
+
+
+def _agreed(summed: Sequence[int], world: int) -> bool:
+    """Whether :func:`_agreement_words` summed over ``world`` ranks came from equal words."""
+    sums, squares = summed[:DIGEST_WORDS], summed[DIGEST_WORDS:]
+    return all(world * sq == s * s for s, sq in zip(sums, squares, strict=True))
 
 
 def reduce_counts(
@@ -180,6 +213,7 @@ def reduce_counts(
     sync: bool = True,
     structure: bool = False,
     extra: Sequence[torch.Tensor] = (),
+    agree: bool = False,
 ) -> tuple[SparsityReport, list[int]]:
     """Count the targets' elements and sum the counts over ``group`` with one collective.
 
@@ -188,7 +222,11 @@ def reduce_counts(
     with the ranks that hold them, so corrupt weights are seen by every rank at once.
     ``extra`` are 0-d integer tensors (flags such as "this rank saw a non-finite loss")
     that ride along in the same buffer and come back summed over ranks, so a check that
-    every rank must agree on costs no extra collective. With ``sync=False`` nothing is
+    every rank must agree on costs no extra collective. ``agree=True`` checks in the same
+    buffer that every rank measures the same tensors (names and global sizes), and raises
+    :class:`~dist_bregman.errors.RankDisagreementError` on every rank where they do not,
+    for callers that did not run :func:`check_same_tensors` (ranks summing other tensors
+    slot by slot would report a model nobody holds). With ``sync=False`` nothing is
     communicated and each rank reports what it holds.
     """
     if not placements:
@@ -208,26 +246,33 @@ def reduce_counts(
                 f"FSDP2 (fully_shard, Shard(0)) / DDP for group sparsity"
             )
     device = _device(placements, views)
+    names = [placement.target.name for placement in placements]
+    expected = [view.global_numel for view in views]
+    words = _agreement_words(names, expected) if distributed and agree else []
     with torch.no_grad():
-        buffer = _count_buffer(views, zero_tolerance, device, structure, extra, group)
+        buffer = _count_buffer(views, zero_tolerance, device, structure, words, extra, group)
     if distributed:
         buffer = comm.all_reduce_sum(buffer, group)
     numbers = buffer.tolist()  # the one host synchronisation
     n = len(placements)
-    tail = 2 * n + (4 * n if structure else 0)  # then: non-finite count, rank bits, extra
+    tail = 2 * n + (4 * n if structure else 0)  # then: non-finite count, rank bits, words, extra
+    if words and not _agreed(numbers[tail + 2 : tail + 2 + len(words)], world):
+        raise RankDisagreementError(
+            f"ranks do not all measure the same tensors (rank {comm.get_rank(group)}: {n} "
+            f"tensors, {sum(expected)} elements; names and sizes compared within the "
+            f"measurement's all-reduce): {_SAME_TENSORS}"
+        )
     structured = [0, 0, 0, 0]
     if structure:
         structured = [sum(numbers[2 * n + slot :: 4][:n]) for slot in range(4)]
     nonzeros, totals = numbers[:n], numbers[n : 2 * n]
-    if distributed or world == 1:  # (whole lists compared: this runs at every measurement)
-        expected = [view.global_numel for view in views]
-        if totals != expected:
-            i = next(i for i in range(n) if totals[i] != expected[i])
-            raise RuntimeError(
-                f"{placements[i].target.name}: ranks counted {totals[i]} elements, but the "
-                f"tensor has {expected[i]}: shards or replicas were lost or counted twice"
-            )
-    names = [placement.target.name for placement in placements]
+    # (whole lists compared: this runs at every measurement)
+    if (distributed or world == 1) and totals != expected:
+        i = next(i for i in range(n) if totals[i] != expected[i])
+        raise RuntimeError(
+            f"{placements[i].target.name}: ranks counted {totals[i]} elements, but the "
+            f"tensor has {expected[i]}: shards or replicas were lost or counted twice"
+        )
     report = SparsityReport(
         nonzero=sum(nonzeros),
         total=sum(totals),
@@ -239,7 +284,7 @@ def reduce_counts(
         nonfinite=numbers[tail],
         nonfinite_ranks=tuple(comm.ranks_from_bits(numbers[tail + 1], group)),
     )
-    return report, numbers[tail + 2 :]
+    return report, numbers[tail + 2 + len(words) :]
 
 
 @eager
@@ -257,12 +302,16 @@ def measure_sparsity(
     discovers: the ``weight`` of every Linear, ConvNd and Embedding module, the input
     projections of every MultiheadAttention and the weight matrices of every RNN. ``model``
     may be wrapped (DDP, FSDP1, FSDP2, a DeepSpeed engine's module). Under a process group
-    this is a collective (every rank of ``group`` must call it), unless ``sync=False``.
+    this is a collective (every rank of ``group`` must call it), unless ``sync=False``;
+    ranks measuring other tensors than each other (pipeline stages) raise
+    :class:`~dist_bregman.errors.RankDisagreementError` on every rank.
     """
     if zero_tolerance < 0 or zero_tolerance != zero_tolerance:
         raise ValueError(f"zero_tolerance={zero_tolerance!r}: expected a number >= 0")
     placements = locate(model, parameters_to_prune)
-    report, _ = reduce_counts(placements, zero_tolerance=zero_tolerance, group=group, sync=sync)
+    report, _ = reduce_counts(
+        placements, zero_tolerance=zero_tolerance, group=group, sync=sync, agree=True
+    )
     return report
 
 
@@ -279,11 +328,13 @@ def _count_buffer(
     zero_tolerance: float,
     device: torch.device,
     structure: bool,
+    words: Sequence[int],
     extra: Sequence[torch.Tensor],
     group: comm.ProcessGroup,
 ) -> torch.Tensor:
     """``[nonzero_0..n-1, total_0..n-1, ([zero_rows, rows, zero_kernels, kernels] per view),
-    non-finite count, non-finite rank bit, extra...]`` as one int64 tensor on ``device``.
+    non-finite count, non-finite rank bit, words..., extra...]`` as one int64 tensor on
+    ``device`` (``words``: host integers, :func:`_agreement_words` or none).
 
     CPU tensors are counted by the one-pass kernel in a single call, zero rows and kernels
     included (:mod:`dist_bregman.kernels`); the rest with torch ops. Nothing here waits for
@@ -311,10 +362,11 @@ def _count_buffer(
             per_view = zip(host[2], sizes[1], host[3], sizes[2], strict=True)
             numbers += [number for view in per_view for number in view]
         bad = sum(host[1])
-        numbers += [bad, comm.own_bit(group) if bad else 0]
+        numbers += [bad, comm.own_bit(group) if bad else 0, *words]
         numbers += [int(flag) for flag in extra]
         return torch.tensor(numbers, dtype=torch.int64)
-    known = comm.to_device(torch.tensor(sizes, dtype=torch.int64), device)
+    flat_sizes = [size for row in sizes for size in row]
+    known = comm.to_device(torch.tensor(flat_sizes + list(words), dtype=torch.int64), device)
     if counted is not None and any(host[4]):  # its columns are zero where it did not count
         nonzero = comm.to_device(counted[0], device)
         bad = comm.to_device(counted[1].sum(), device)
@@ -324,10 +376,12 @@ def _count_buffer(
             nonzero, bad, zeros = nonzero + more[0], bad + more[1], zeros + more[2]
     else:  # accelerator tensors, no kernel, or nothing held here (all zero then)
         nonzero, bad, zeros = _count_with_torch(views, rest, zero_tolerance, device, structure)
-    parts = [nonzero, known[0]]
+    row = [known[i * n : (i + 1) * n] for i in range(len(sizes))]
+    parts = [nonzero, row[0]]
     if structure:
-        parts.append(torch.stack([zeros[:, 0], known[1], zeros[:, 1], known[2]], dim=1).flatten())
+        parts.append(torch.stack([zeros[:, 0], row[1], zeros[:, 1], row[2]], dim=1).flatten())
     parts.append(torch.stack([bad, comm.rank_bit(bad > 0, group)]))
+    parts.append(known[len(flat_sizes) :])
     if extra:
         flags = [comm.to_device(e.to(torch.int64), device) for e in extra]
         parts.append(torch.stack(flags))

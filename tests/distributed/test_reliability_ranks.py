@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from dist_bregman import BregmanConfig, MagnitudePruner, SparsityController, comm
+from dist_bregman import BregmanConfig, MagnitudePruner, SparsityController, comm, measure_sparsity
 from dist_bregman.errors import NonFiniteError, RankDisagreementError
 from tests.helpers.dist import deepspeed_shm_files, run_ranks
 from tests.helpers.strategies import PassThrough, zero_redundancy
@@ -119,13 +119,17 @@ def test_agreement_check_names_the_rank_whose_lambda_diverged() -> None:
     assert all(m.startswith("ranks [2] disagree with rank 0") for m in messages)
 
 
-def _pipeline_stages(rank: int, world: int, same_shapes: bool, pruner: bool) -> str:
-    """Each rank holds its own layers, named as in the whole model (as DeepSpeed's
-    PipelineModule and torchtitan's stages keep them): rank 0 layers 0-1, rank 1 2-3."""
+def _stage(rank: int, same_shapes: bool) -> nn.ModuleDict:
+    """This rank's own layers, named as in the whole model (as DeepSpeed's PipelineModule
+    and torchtitan's stages keep them): rank 0 layers 0-1, rank 1 2-3."""
     width = 8 if same_shapes or rank == 0 else 16
-    stage = nn.ModuleDict(
+    return nn.ModuleDict(
         {str(2 * rank + i): nn.Linear(8 if i == 0 else width, width) for i in (0, 1)}
     )
+
+
+def _pipeline_stages(rank: int, world: int, same_shapes: bool, pruner: bool) -> str:
+    stage = _stage(rank, same_shapes)
     optimizer = torch.optim.SGD(stage.parameters(), lr=0.1)
     with pytest.raises(RankDisagreementError) as caught:
         if pruner:  # SafeModelPruning's core
@@ -151,6 +155,46 @@ def test_ranks_holding_different_layers_are_refused_at_attach(
         f"rank 1: 2 tensors, {other} elements;"
     )
     assert "pipeline stages holding different layers are not supported" in messages[0]
+
+
+def _measured_stages(rank: int, world: int, same_shapes: bool, strided: bool) -> list[str]:
+    stage = _stage(rank, same_shapes)
+    if strided:  # not the one-pass kernel's (contiguous only): counted by torch ops
+        layer = stage[str(2 * rank)]
+        layer.weight = nn.Parameter(layer.weight.detach().t().contiguous().t())
+    controller = _controller(stage)  # kept to measure, never attached
+    messages = []
+    for call in (lambda: measure_sparsity(stage), controller.measure, lambda: controller.update(1)):
+        try:
+            messages.append(f"not refused: {call()}")
+        except RankDisagreementError as error:
+            messages.append(str(error))
+    local = measure_sparsity(stage, sync=False)
+    return [*messages, f"{local.nonzero} of {local.total}"]
+
+
+@pytest.mark.timeout(TIMEOUT + 30)
+@pytest.mark.parametrize("strided", [False, True], ids=["kernel", "torch_ops"])
+@pytest.mark.parametrize("same_shapes", [True, False])
+def test_measure_sparsity_refuses_ranks_holding_different_layers(
+    same_shapes: bool, strided: bool
+) -> None:
+    """measure_sparsity, and a controller's measure and update before any attach: checked
+    within their own all-reduce. Equal shapes had read 128 of 128 on both ranks, each
+    rank's names beside its own layers (the model has 256 weights); unequal ones had raised
+    "ranks counted 192 elements, but the tensor has 64: shards or replicas were lost or
+    counted twice"."""
+    messages = run_ranks(_measured_stages, 2, same_shapes, strided, timeout=TIMEOUT)
+    for rank, (*checked, local) in enumerate(messages):
+        width = 8 if same_shapes or rank == 0 else 16
+        elements = 8 * width + width * width
+        for message in checked:
+            assert message.startswith(
+                f"ranks do not all measure the same tensors (rank {rank}: 2 tensors, "
+                f"{elements} elements;"
+            )
+            assert "pipeline stages holding different layers are not supported" in message
+        assert local == f"{elements} of {elements}"  # sync=False: this rank's own, unchecked
 
 
 def _moe_experts(rank: int, world: int) -> tuple[str, str, tuple[int, int]]:

@@ -434,3 +434,23 @@ def test_float8_weights_count_as_the_same_values_in_float32(dtype: torch.dtype) 
 def _structured_report(model: nn.Module, zero_tolerance: float) -> SparsityReport:
     placements = place(model, resolve(model))
     return reduce_counts(placements, zero_tolerance=zero_tolerance, structure=True)[0]
+
+
+def test_summed_agreement_words_tell_whether_every_rank_sent_the_same() -> None:
+    """What measure_sparsity checks within its one all-reduce: the ranks' words ``f`` and
+    ``f*f`` summed, equal ``f`` on every rank exactly when ``W * sum(f*f) == sum(f)**2``."""
+    names, sizes = ["0.weight", "2.weight"], [64, 64]
+
+    def summed(ranks: list[list[int]]) -> list[int]:
+        return [sum(column) for column in zip(*ranks, strict=True)]
+
+    same = sparsity._agreement_words(names, sizes)
+    assert len(same) == 2 * sparsity.DIGEST_WORDS
+    assert sparsity._agreed(summed([same] * 4), 4)
+    for other_names, other_sizes in ((["2.weight", "3.weight"], sizes), (names, [64, 128])):
+        other = sparsity._agreement_words(other_names, other_sizes)
+        assert not sparsity._agreed(summed([same, same, other, same]), 4)
+    # Equal sums from unequal words (1 + 3 == 2 + 2) are still told apart by the squares.
+    pairs = [[1, 0, 0, 1, 0, 0], [3, 0, 0, 9, 0, 0]]
+    assert not sparsity._agreed(summed(pairs), 2)
+    assert sparsity._agreed(summed([[2, 0, 0, 4, 0, 0]] * 2), 2)
