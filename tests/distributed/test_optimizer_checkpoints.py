@@ -1,10 +1,12 @@
 """The Bregman optimizers' state through a distributed checkpoint under FSDP2 (2 ranks; HSDP
-and FSDP2 over tensor parallelism at 4).
+and FSDP2 over tensor parallelism at 4), and through FSDP1's optimizer state dicts.
 
 ``torch.distributed.checkpoint`` (what Lightning's FSDP2 strategy saves with) stores a
 DTensor's parts at their offsets from every rank, and a plain tensor once, as a replica.
 LinBreg's ``v`` (the weights follow from it at every step) and the moments must come back
-on each rank as that rank saved them: resuming must give the uninterrupted run.
+on each rank as that rank saved them: resuming must give the uninterrupted run. FSDP1's
+``FSDP.optim_state_dict`` (Lightning's FSDPStrategy) unflattens each state tensor shaped as
+its flat-shard view, full or sharded.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import pytest
 import torch
 from torch import nn
 
+from dist_bregman import regularized_groups
 from dist_bregman.optim import AdaBreg, LinBreg, ProxSGD
 from tests.helpers.dist import run_ranks
 from tests.helpers.strategies import Wrapped, matrix_model, wrap
@@ -175,3 +178,129 @@ def test_a_dcp_checkpoint_under_fsdp2_over_tensor_parallelism_resumes_bit_for_bi
 ) -> None:
     for same in run_ranks(_resume_fsdp2_tp, 4, str(tmp_path), name, timeout=120):
         assert same == [True] * 6, same
+
+
+FSDP1_OPTIMIZERS = {  # FSDP1 hands the optimizer 1-D views: weights named by the groups
+    "linbreg": lambda m: LinBreg(regularized_groups(m), lr=0.1, lambda_=0.05, momentum=0.9),
+    "adabreg": lambda m: AdaBreg(regularized_groups(m), lr=0.01, lambda_=0.05),
+}
+
+
+def _fsdp1(name: str) -> Wrapped:
+    """FSDP1 (use_orig_params, a unit per Linear) over 9 and 7 rows: uneven flat shards."""
+    torch.manual_seed(0)
+    module = nn.Sequential(nn.Linear(12, 9), nn.ReLU(), nn.Linear(9, 7), nn.ReLU(), nn.Linear(7, 4))
+    return wrap("fsdp1_orig", module, FSDP1_OPTIMIZERS[name])
+
+
+def _fsdp1_state_dict_type(run: Wrapped, full: bool) -> Any:
+    """FSDP1's full or sharded state dicts, as Lightning's FSDPStrategy saves them (the full
+    ones on every rank and not offloaded: torch's CPU offload of a CPU model crashes, SGD
+    too)."""
+    from torch.distributed.fsdp import (
+        FullOptimStateDictConfig,
+        FullStateDictConfig,
+        ShardedOptimStateDictConfig,
+        ShardedStateDictConfig,
+        StateDictType,
+    )
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    if full:
+        return FSDP.state_dict_type(
+            run.model,
+            StateDictType.FULL_STATE_DICT,
+            FullStateDictConfig(offload_to_cpu=False, rank0_only=False),
+            FullOptimStateDictConfig(offload_to_cpu=False, rank0_only=False),
+        )
+    return FSDP.state_dict_type(
+        run.model,
+        StateDictType.SHARDED_STATE_DICT,
+        ShardedStateDictConfig(),
+        ShardedOptimStateDictConfig(),
+    )
+
+
+def _fsdp1_save(run: Wrapped, path: str, full: bool) -> None:
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    with _fsdp1_state_dict_type(run, full):
+        state = {"model": run.model.state_dict()}
+        state["optim"] = FSDP.optim_state_dict(run.model, run.optimizer)
+    torch.save(state, path)
+
+
+def _fsdp1_load(run: Wrapped, path: str, full: bool) -> dict[str, Any]:
+    """Load, and return the optimizer state dict as the loaded run would save it."""
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    state = torch.load(path, weights_only=False)
+    with _fsdp1_state_dict_type(run, full):
+        run.model.load_state_dict(state["model"])
+        optim = FSDP.optim_state_dict_to_load(run.model, run.optimizer, state["optim"])
+        run.optimizer.load_state_dict(optim)
+        return FSDP.optim_state_dict(run.model, run.optimizer)
+
+
+def _fsdp1_resume(rank: int, world: int, folder: str, name: str, full: bool) -> list[bool]:
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    whole, first = _fsdp1(name), _fsdp1(name)
+    _train(whole, range(12), rank)
+    _train(first, range(6), rank)
+    path = f"{folder}/ckpt{rank}.pt"  # (full: the same on every rank)
+    _fsdp1_save(first, path, full)
+    resumed = _fsdp1(name)
+    _fsdp1_load(resumed, path, full)
+    _train(resumed, range(6, 12), rank)
+    with FSDP.summon_full_params(whole.model), FSDP.summon_full_params(resumed.model):
+        pairs = zip(whole.model.parameters(), resumed.model.parameters(), strict=True)
+        return [torch.equal(a, b) for a, b in pairs]
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("full", [True, False], ids=["full", "sharded"])
+@pytest.mark.parametrize("name", sorted(FSDP1_OPTIMIZERS))
+def test_fsdp1_optimizer_state_dicts_resume_the_uninterrupted_run(
+    name: str, full: bool, tmp_path: Path
+) -> None:
+    """FSDP1's own optimizer state dicts (``FSDP.optim_state_dict``, what Lightning's
+    FSDPStrategy checkpoints; it keeps only state tensors shaped as their parameter, or
+    0-d) carry ``v``, the momentum and the moments of each flat shard's weights."""
+    for same in run_ranks(_fsdp1_resume, 2, str(tmp_path), name, full, timeout=100):
+        assert same == [True] * 6, same
+
+
+def _fsdp1_saved(rank: int, world: int, path: str, name: str) -> dict[str, Any]:
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    run = _fsdp1(name)
+    _train(run, range(5), rank)
+    _fsdp1_save(run, path if rank == 0 else f"{path}.{rank}", full=True)
+    with _fsdp1_state_dict_type(run, full=True):
+        return FSDP.optim_state_dict(run.model, run.optimizer)  # type: ignore[no-any-return]
+
+
+def _fsdp1_loaded(rank: int, world: int, path: str, name: str) -> dict[str, Any]:
+    run = _fsdp1(name)
+    loaded = _fsdp1_load(run, path, full=True)
+    _train(run, range(5, 7), rank)  # and it steps
+    return loaded
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("name", sorted(FSDP1_OPTIMIZERS))
+def test_a_full_fsdp1_optimizer_state_saved_at_two_ranks_loads_at_three(
+    name: str, tmp_path: Path
+) -> None:
+    """A full optimizer state dict holds whole tensors, so it loads at another world size
+    (flat shards 2 ways, then 3) and gives back what was saved."""
+    path = str(tmp_path / "full.pt")
+    saved = run_ranks(_fsdp1_saved, 2, path, name, timeout=50)[0]
+    loaded = run_ranks(_fsdp1_loaded, 3, path, name, timeout=50)
+    values = [(key, item) for key, s in sorted(saved["state"].items()) for item in s.items()]
+    assert len(values) >= 18  # 6 parameters: v and momentum (or step and two moments), ...
+    for rank in loaded:
+        assert rank["param_groups"] == saved["param_groups"]
+        for key, (slot, value) in values:
+            assert torch.equal(torch.as_tensor(rank["state"][key][slot]), torch.as_tensor(value))
