@@ -25,7 +25,8 @@ so the optimizers run unchanged on replicas, on FSDP shards and as DeepSpeed cli
 optimizers over fp32 partitions (elementwise J; group J needs whole rows). State tensors
 are laid out as their parameter: a DTensor parameter's ``v`` and moments are DTensors of
 its placements, so a distributed checkpoint saves and loads every rank's part (resuming
-needs the same sharding only for plain shards).
+needs the same sharding only for plain shards). The scalar state (``lambda``, AdaBreg's
+``step``) is numbers while training and 0-d CPU tensors in a state dict.
 """
 
 from __future__ import annotations
@@ -97,10 +98,30 @@ class BregmanOptimizer(Optimizer):
     def _update(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
         raise NotImplementedError
 
+    def state_dict(self) -> dict[str, Any]:
+        """As torch's, with the scalar state (:data:`SCALAR_STATE`) as 0-d CPU tensors."""
+        saved = super().state_dict()
+        saved["state"] = {
+            index: {key: _saved(key, value) for key, value in state.items()}
+            for index, state in saved["state"].items()
+        }
+        return saved
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """As torch's, but the fp32 state of bf16/fp16 parameters stays fp32: torch casts
         every floating state tensor to its parameter's dtype, and a resumed run then went on
-        with a bf16 ``v``, in which steps smaller than its rounding are lost."""
+        with a bf16 ``v``, in which steps smaller than its rounding are lost. The scalar
+        state comes back as numbers (saved as tensors, or as numbers before they were)."""
+        state_dict = {
+            **state_dict,
+            "state": {
+                index: {
+                    key: _number(value) if key in SCALAR_STATE else value
+                    for key, value in s.items()
+                }
+                for index, s in state_dict["state"].items()
+            },
+        }
         super().load_state_dict(state_dict)
         saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
         params = [p for group in self.param_groups for p in group["params"]]
@@ -175,7 +196,7 @@ class _DualBregman(BregmanOptimizer):
             state["lambda"] = lam
             return self._state_tensor(p, "v", lambda: v)
         v = local_tensor(state["v"])
-        old = state.get("lambda", lam)
+        old = _number(state.get("lambda", lam))
         if old != lam and reg is not None and (old == 0 or lam == 0):
             if old > 0:
                 reg.prox_(v, old)  # v is now theta / delta
@@ -302,7 +323,7 @@ class AdaBreg(_DualBregman):
         for p in params:
             v = self._dual(p, group)
             state = self.state[p]
-            state["step"] = state.get("step", 0) + 1
+            state["step"] = _number(state.get("step", 0)) + 1
             duals.append(v)
             firsts.append(self._state_tensor(p, "exp_avg", partial(torch.zeros_like, v)))
             seconds.append(self._state_tensor(p, "exp_avg_sq", partial(torch.zeros_like, v)))
@@ -383,6 +404,28 @@ def _check_settings(settings: dict[str, Any], where: str) -> None:
             raise ValueError(f"{where}momentum={momentum!r}: expected a number in [0, 1)")
     if "reg" in settings:
         resolve(settings["reg"])
+
+
+SCALAR_STATE = ("lambda", "step")
+"""Per-parameter state kept as Python numbers while training (read at every step, no
+device sync) and saved as 0-d CPU tensors, as torch's optimizers save Adam's ``step``.
+FSDP1's ``optim_state_dict_to_load`` from rank 0 only (``rank0_only=True``, Accelerate's
+FSDP default) calls ``.cpu()`` on every state value, and resuming failed on the numbers:
+"'float' object has no attribute 'cpu'"."""
+
+
+def _saved(key: str, value: Any) -> Any:
+    """``value`` as a checkpoint holds it: a number of :data:`SCALAR_STATE` as a 0-d CPU
+    tensor (float64 or int64, exact), anything else as it is."""
+    if key in SCALAR_STATE and isinstance(value, (int, float)):
+        return torch.tensor(value, dtype=torch.int64 if isinstance(value, int) else torch.float64)
+    return value
+
+
+def _number(value: Any) -> Any:
+    """A 0-d tensor's number, else ``value``: scalar state loaded by a wrapper that writes
+    the state itself (torch's ``ZeroRedundancyOptimizer``) is still a tensor here."""
+    return value.item() if isinstance(value, torch.Tensor) else value
 
 
 def _grad(p: torch.Tensor) -> torch.Tensor:

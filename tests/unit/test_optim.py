@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -267,6 +269,58 @@ def test_state_dict_round_trip_continues_bit_identically(make, dtype, tmp_path) 
     _run(fresh, fresh_optimizer, 3, start=3)
     for p, q in zip(model.parameters(), fresh.parameters(), strict=True):
         assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda ps: LinBreg(ps, lr=0.1, lambda_=0.02, momentum=0.9),
+        lambda ps: AdaBreg(ps, lr=0.01, lambda_=0.02),
+    ],
+    ids=["linbreg", "adabreg"],
+)
+def test_scalar_state_is_saved_as_0d_cpu_tensors_and_read_back_as_numbers(make) -> None:
+    """``lambda`` and ``step`` are numbers while training and 0-d CPU tensors in a state
+    dict (FSDP1 loading from rank 0 only calls ``.cpu()`` on every state value). A state
+    dict of numbers (saved before) loads too, and tensors written straight into the state
+    (torch's ZeroRedundancyOptimizer loads its local optimizer so) step on alike."""
+    scalar = ("lambda", "step")
+    model = _model()
+    optimizer = make(model.parameters())
+    _run(model, optimizer, 3)
+    saved = copy.deepcopy(optimizer.state_dict())  # (as written to a file: not shared)
+    tensors = [v for s in saved["state"].values() for k, v in s.items() if k in scalar]
+    assert tensors and all(v.dim() == 0 and v.device.type == "cpu" for v in tensors)
+    live = [v for s in optimizer.state.values() for k, v in s.items() if k in scalar]
+    assert all(isinstance(v, (int, float)) for v in live)
+
+    as_numbers = {
+        **saved,
+        "state": {
+            i: {k: v.item() if k in scalar else v for k, v in s.items()}
+            for i, s in saved["state"].items()
+        },
+    }
+    runs = []
+    for how in ("tensors", "numbers", "written"):
+        fresh = _model(seed=99)
+        fresh.load_state_dict(model.state_dict())
+        loaded = make(fresh.parameters())
+        if how == "written":
+            loaded.load_state_dict(copy.deepcopy(saved))  # then the state as a wrapper writes it
+            ordered = [p for group in loaded.param_groups for p in group["params"]]
+            for index, state in saved["state"].items():
+                loaded.state[ordered[index]] = {k: v.clone() for k, v in state.items()}
+        else:
+            loaded.load_state_dict(copy.deepcopy(saved if how == "tensors" else as_numbers))
+            states = [s[k] for s in loaded.state.values() for k in scalar if k in s]
+            assert all(isinstance(v, (int, float)) for v in states)
+        _run(fresh, loaded, 3, start=3)
+        runs.append(fresh)
+    _run(model, optimizer, 3, start=3)
+    for run in runs:
+        for p, q in zip(model.parameters(), run.parameters(), strict=True):
+            assert torch.equal(p, q)
 
 
 def _set_lambda_then_still_step(optimizer: LinBreg, model: nn.Module, value: float) -> None:
