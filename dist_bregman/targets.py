@@ -274,6 +274,11 @@ def validate_pairs(
             f"e.g. [(model.fc1, 'weight')], or None to discover the Linear, ConvNd, Embedding, "
             f"attention and RNN weights"
         )
+    if isinstance(pairs, tuple) and len(pairs) == 2 and isinstance(pairs[0], nn.Module):
+        raise TypeError(
+            f"{argname}=({type(pairs[0]).__name__}, {pairs[1]!r}) is one (module, name) pair; "
+            f"expected a list of pairs, e.g. [(module, {pairs[1]!r})]"
+        )
     checked: list[tuple[nn.Module, str]] = []
     seen: set[tuple[int, str]] = set()
     for index, pair in enumerate(pairs):

@@ -214,6 +214,11 @@ def test_bfloat16_and_masked_counts() -> None:
         ([(nn.Linear(2, 2), 3)], TypeError, "attribute name as a str"),
         ([(nn.Linear(2, 2), "wieght")], ValueError, "has no tensor attribute 'wieght'"),
         ([], ValueError, "expected at least one"),
+        (
+            (nn.Linear(2, 2), "weight"),  # had read "parameters_to_prune[0]=Linear(...): expected
+            TypeError,  # a (module, name) tuple", the module taken for the first pair
+            r"parameters_to_prune=\(Linear, 'weight'\) is one \(module, name\) pair; expected",
+        ),
     ],
 )
 def test_bad_parameter_sets_raise_with_the_entry(pairs: object, error: type, match: str) -> None:
