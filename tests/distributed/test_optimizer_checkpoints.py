@@ -4,7 +4,8 @@ and FSDP2 over tensor parallelism at 4), and through FSDP1's optimizer state dic
 ``torch.distributed.checkpoint`` (what Lightning's FSDP2 strategy saves with) stores a
 DTensor's parts at their offsets from every rank, and a plain tensor once, as a replica.
 LinBreg's ``v`` (the weights follow from it at every step) and the moments must come back
-on each rank as that rank saved them: resuming must give the uninterrupted run. FSDP1's
+on each rank as that rank saved them: resuming must give the uninterrupted run; so must a
+one-file checkpoint of the gathered state, loaded by broadcast from rank 0. FSDP1's
 ``FSDP.optim_state_dict`` (Lightning's FSDPStrategy) unflattens each state tensor shaped as
 its flat-shard view, full or sharded.
 """
@@ -117,6 +118,50 @@ def test_a_dcp_checkpoint_under_hsdp_resumes_the_uninterrupted_run(tmp_path: Pat
     for result in results:
         assert all(result["same"]), result["same"]
         assert "Tensor" not in result["state_kinds"]
+
+
+def _resume_consolidated(rank: int, world: int, folder: str, name: str) -> list[bool]:
+    """Lightning's ModelParallelStrategy with ``save_distributed_checkpoint=False``: full
+    state dicts gathered (offloaded to the CPU) on every rank, one file from rank 0, loaded
+    with ``broadcast_from_rank0=True``."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    whole, first = _build(name, 9), _build(name, 9)
+    _train(whole, range(12), rank)
+    _train(first, range(6), rank)
+    gathered = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    state = {
+        "model": get_model_state_dict(first.model, options=gathered),
+        "optim": get_optimizer_state_dict(first.model, first.optimizer, options=gathered),
+    }
+    if rank == 0:
+        torch.save(state, f"{folder}/full.pt")
+    torch.distributed.barrier()
+    resumed = _build(name, 9)
+    state = torch.load(f"{folder}/full.pt", weights_only=True)
+    broadcast = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    set_model_state_dict(resumed.model, state["model"], options=broadcast)
+    set_optimizer_state_dict(resumed.model, resumed.optimizer, state["optim"], options=broadcast)
+    _train(resumed, range(6, 12), rank)
+    return [
+        torch.equal(a.to_local(), b.to_local())  # type: ignore[attr-defined]
+        for a, b in zip(whole.model.parameters(), resumed.model.parameters(), strict=True)
+    ]
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("name", ["linbreg", "adabreg"])
+def test_a_consolidated_fsdp2_checkpoint_resumes_the_uninterrupted_run(
+    name: str, tmp_path: Path
+) -> None:
+    for same in run_ranks(_resume_consolidated, 2, str(tmp_path), name, timeout=100):
+        assert same == [True] * 4, same
 
 
 def _saved_state(rank: int, world: int, folder: str, name: str) -> list[torch.Tensor]:
