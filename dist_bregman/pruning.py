@@ -159,6 +159,9 @@ class MagnitudePruner:
         self._handles: list[RemovableHandle] = []
         self._optimizers: tuple[Any, ...] = ()
         self._groups: tuple[tuple[int, int], ...] = ()
+        self._checked = False
+        """Whether every rank was found to measure these placements' tensors (at
+        :meth:`attach`, else at the first :meth:`prune`; again after :meth:`bind`)."""
         self.bind(model)
 
     # ------------------------------------------------------------------ set-up
@@ -166,6 +169,7 @@ class MagnitudePruner:
         """Read the layouts from ``model`` as wrapped for training (see ``SparsityController``)."""
         self.detach()
         self.placements = place(model, self.targets)
+        self._checked = False
         self.masks = [None] * len(self.placements)
         for placement in self.placements:
             if self.config.structured and placement.sharded and self.config.dim != 0:
@@ -188,6 +192,7 @@ class MagnitudePruner:
         same set passes False."""
         if check:
             check_same_tensors(self.placements, self.group)
+        self._checked = True
         self.detach()
         self._optimizers, self._groups = optimizers, groups_key(optimizers)
         for optimizer in optimizers:
@@ -216,6 +221,9 @@ class MagnitudePruner:
     def prune(self, amount: float) -> PruningEvent:
         """Make ``amount`` of the measured set zero (see the module docstring). A collective."""
         check_number("amount", amount, low=0.0, high=1.0)
+        if not self._checked:  # unattached (magnitude_init_): stages would pick one cut
+            check_same_tensors(self.placements, self.group)
+            self._checked = True
         rank, world = comm.get_rank(self.group), comm.get_world_size(self.group)
         data = [p.local() for p in self.placements]
         counter = self._counters(rank, world)

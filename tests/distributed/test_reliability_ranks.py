@@ -14,6 +14,7 @@ from torch import nn
 
 from dist_bregman import BregmanConfig, MagnitudePruner, SparsityController, comm, measure_sparsity
 from dist_bregman.errors import NonFiniteError, RankDisagreementError
+from dist_bregman.init import magnitude_init_
 from tests.helpers.dist import deepspeed_shm_files, run_ranks
 from tests.helpers.strategies import PassThrough, zero_redundancy
 
@@ -163,8 +164,14 @@ def _measured_stages(rank: int, world: int, same_shapes: bool, strided: bool) ->
         layer = stage[str(2 * rank)]
         layer.weight = nn.Parameter(layer.weight.detach().t().contiguous().t())
     controller = _controller(stage)  # kept to measure, never attached
+    calls = (
+        lambda: measure_sparsity(stage),
+        controller.measure,
+        lambda: controller.update(1),
+        lambda: magnitude_init_(stage, 0.5),  # MagnitudePruner.prune, unattached
+    )
     messages = []
-    for call in (lambda: measure_sparsity(stage), controller.measure, lambda: controller.update(1)):
+    for call in calls:
         try:
             messages.append(f"not refused: {call()}")
         except RankDisagreementError as error:
@@ -180,12 +187,13 @@ def test_measure_sparsity_refuses_ranks_holding_different_layers(
     same_shapes: bool, strided: bool
 ) -> None:
     """measure_sparsity, and a controller's measure and update before any attach: checked
-    within their own all-reduce. Equal shapes had read 128 of 128 on both ranks, each
+    within their own all-reduce; an unattached magnitude cut (magnitude_init_) checks first,
+    as attach does. Equal shapes had read 128 of 128 on both ranks, each
     rank's names beside its own layers (the model has 256 weights); unequal ones had raised
     "ranks counted 192 elements, but the tensor has 64: shards or replicas were lost or
     counted twice"."""
     messages = run_ranks(_measured_stages, 2, same_shapes, strided, timeout=TIMEOUT)
-    for rank, (*checked, local) in enumerate(messages):
+    for rank, (*checked, cut, local) in enumerate(messages):
         width = 8 if same_shapes or rank == 0 else 16
         elements = 8 * width + width * width
         for message in checked:
@@ -194,6 +202,7 @@ def test_measure_sparsity_refuses_ranks_holding_different_layers(
                 f"{elements} elements;"
             )
             assert "pipeline stages holding different layers are not supported" in message
+        assert cut.startswith("ranks [1] measure other tensors than rank 0"), cut
         assert local == f"{elements} of {elements}"  # sync=False: this rank's own, unchecked
 
 
