@@ -246,6 +246,8 @@ def reduce_counts(
                 f"FSDP2 (fully_shard, Shard(0)) / DDP for group sparsity"
             )
     device = _device(placements, views)
+    if device.type == "meta":
+        raise ValueError(_on_meta(placements))
     names = [placement.target.name for placement in placements]
     expected = [view.global_numel for view in views]
     words = _agreement_words(names, expected) if distributed and agree else []
@@ -321,6 +323,19 @@ def _device(placements: Sequence[Placement], views: Sequence[LocalView]) -> torc
         if view.values is not None:
             return view.values.device
     return placements[0].target.values.device
+
+
+def _on_meta(placements: Sequence[Placement]) -> str:
+    """Why tensors on the meta device cannot be measured (torch had said "Cannot copy out
+    of meta tensor; no data!")."""
+    names = [p.target.name for p in placements if p.target.values.is_meta]
+    shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+    return (
+        f"{shown}: on the meta device (made under torch.device('meta') or an empty init, "
+        f"not yet materialized), so there are no values to count; allowed: measure once "
+        f"the weights exist (after module.to_empty(device=...) and their initialization, "
+        f"or once Lightning's strategy has set the model up)"
+    )
 
 
 def _count_buffer(

@@ -252,6 +252,18 @@ def test_lazy_weights_are_refused_by_name_until_a_forward_materializes_them() ->
     assert measure_sparsity(model).total == 4 * 3 + 3 * 2
 
 
+def test_weights_on_the_meta_device_are_refused_by_name_until_materialized() -> None:
+    """torch had answered "Cannot copy out of meta tensor; no data!"."""
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+    with pytest.raises(ValueError, match=r"^0\.weight, 2\.weight: on the meta device"):
+        measure_sparsity(model)
+    model.to_empty(device="cpu")
+    for layer in (model[0], model[2]):
+        layer.reset_parameters()
+    assert measure_sparsity(model).total == 4 * 3 + 3 * 2
+
+
 def test_a_placement_that_loses_elements_is_an_error_not_a_number() -> None:
     """The guard behind every strategy: counted totals must equal the tensor's size (a
     layout read wrongly, e.g. padding or a lost shard, fails loudly)."""
