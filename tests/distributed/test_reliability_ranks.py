@@ -187,11 +187,11 @@ def test_measure_sparsity_refuses_ranks_holding_different_layers(
     same_shapes: bool, strided: bool
 ) -> None:
     """measure_sparsity, and a controller's measure and update before any attach: checked
-    within their own all-reduce; an unattached magnitude cut (magnitude_init_) checks first,
-    as attach does. Equal shapes had read 128 of 128 on both ranks, each
-    rank's names beside its own layers (the model has 256 weights); unequal ones had raised
-    "ranks counted 192 elements, but the tensor has 64: shards or replicas were lost or
-    counted twice"."""
+    within their own all-reduce; an unattached magnitude cut (magnitude_init_) checks
+    first, as attach does, and leaves the weights alone. Equal shapes had read 128 of 128 on
+    both ranks, each rank's names beside its own layers (the model has 256 weights), and
+    been cut as one model; unequal ones had raised "ranks counted 192 elements, but the
+    tensor has 64: shards or replicas were lost or counted twice"."""
     messages = run_ranks(_measured_stages, 2, same_shapes, strided, timeout=TIMEOUT)
     for rank, (*checked, cut, local) in enumerate(messages):
         width = 8 if same_shapes or rank == 0 else 16
