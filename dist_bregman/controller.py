@@ -39,7 +39,7 @@ from dist_bregman.attachment import Attachment
 from dist_bregman.compiling import eager
 from dist_bregman.config import BregmanConfig, check_number
 from dist_bregman.control import LambdaDecision, decide
-from dist_bregman.errors import NonFiniteError, RankDisagreementError
+from dist_bregman.errors import NonFiniteError, RankDisagreementError, first_names
 from dist_bregman.guards import LossWatch, nonfinite_ranks
 from dist_bregman.holders import deepspeed_wrapper, groups_key
 from dist_bregman.pruning import MagnitudePruner, PruningConfig
@@ -583,7 +583,7 @@ class SparsityController:
         if self.config.target_sparsity <= reachable:
             return None
         names = [p.target.name for p in unregularized]
-        shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+        shown = first_names(names, 5)
         return (
             f"target_sparsity={self.config.target_sparsity!r} is unreachable: {shown} "
             f"({100 * fixed.total / report.total:.1f}% of the measured elements) are not "

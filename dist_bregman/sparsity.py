@@ -21,7 +21,7 @@ from torch import nn
 
 from dist_bregman import comm, kernels
 from dist_bregman.compiling import eager
-from dist_bregman.errors import RankDisagreementError
+from dist_bregman.errors import RankDisagreementError, first_names
 from dist_bregman.shards import LocalView, Placement, local_views, locate
 from dist_bregman.targets import ParameterPairs
 
@@ -329,7 +329,7 @@ def _on_meta(placements: Sequence[Placement]) -> str:
     """Why tensors on the meta device cannot be measured (torch had said "Cannot copy out
     of meta tensor; no data!")."""
     names = [p.target.name for p in placements if p.target.values.is_meta]
-    shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+    shown = first_names(names, 3)
     return (
         f"{shown}: on the meta device (made under torch.device('meta') or an empty init, "
         f"not yet materialized), so there are no values to count; allowed: measure once "

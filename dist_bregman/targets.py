@@ -26,6 +26,8 @@ from torch.nn.utils import parametrize, prune
 from torch.nn.utils.spectral_norm import SpectralNorm
 from torch.nn.utils.weight_norm import WeightNorm
 
+from dist_bregman.errors import first_names
+
 PRUNABLE_MODULES: tuple[type[nn.Module], ...] = (nn.Linear, _ConvNd, nn.Embedding, nn.EmbeddingBag)
 """Module types whose ``weight`` is discovered when no explicit list is given (with
 :data:`ATTENTION_WEIGHTS`)."""
@@ -243,7 +245,7 @@ def left_out(model: nn.Module, targets: Sequence[Target]) -> str | None:
                 taken.add(id(tensor))
     if not missed:
         return None
-    shown = ", ".join(missed[:5]) + (f" and {len(missed) - 5} more" if len(missed) > 5 else "")
+    shown = first_names(missed, 5)
     matrices = "matrix" if len(missed) == 1 else "matrices"
     return (
         f"parameters_to_prune=None: {len(missed)} weight {matrices} in module types the "

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from dist_bregman import comm
+from dist_bregman.errors import first_names
 from dist_bregman.shards.base import LocalView, Placement
 from dist_bregman.shards.dtensor import (
     DTensorPlacement,
@@ -133,7 +134,7 @@ def _refuse_experts(experts: Sequence[Target]) -> None:
     if not experts:
         return
     names = [target.name for target in experts]
-    shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+    shown = first_names(names, 3)
     raise ValueError(
         f"parameters_to_prune: {shown} are DeepSpeed MoE expert weights: each "
         f"expert-parallel rank holds other experts under these names, which this library "
