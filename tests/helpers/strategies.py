@@ -40,9 +40,11 @@ in the root's group), whose gathered weights outlive a forward, and ``fsdp2_bf16
 (``fsdp2_root`` under bf16 mixed precision), ``zero1_bf16`` (a bf16 model, fp32 gradients:
 DeepSpeed's ``BF16_Optimizer``), ``fsdp2_raf`` (resharded after forward to a smaller mesh,
 at 4 ranks), ``zero2_through`` (ZeRO-2's wrapper inside a :class:`PassThrough`, as
-Accelerate hands it over); and, at 4 ranks, the hybrids ``hsdp`` (FSDP2 on a 2 x 2 mesh) and
-``fsdp1_hybrid`` (HYBRID_SHARD), ``zero3_hpz`` (ZeRO++ hpZ in groups of 2) and ``fsdp2_tp``
-(FSDP2 over tensor parallelism, 2 x 2); and ``tp`` (tensor parallelism alone)."""
+Accelerate hands it over), ``zero1_rr`` and ``zero2_rr`` (``round_robin_gradients``: the
+flat partitions hold the parameters in another order than the model's); and, at 4 ranks,
+the hybrids ``hsdp`` (FSDP2 on a 2 x 2 mesh) and ``fsdp1_hybrid`` (HYBRID_SHARD),
+``zero3_hpz`` (ZeRO++ hpZ in groups of 2) and ``fsdp2_tp`` (FSDP2 over tensor parallelism,
+2 x 2); and ``tp`` (tensor parallelism alone)."""
 
 FSDP2_APART_FROM_ONE_PROCESS = torch.__version__.startswith("2.8.")
 """torch 2.8's FSDP2 over gloo steps apart from one process, without this library too: a
@@ -303,6 +305,8 @@ def _deepspeed(
         zero["stage3_param_persistence_threshold"] = 0  # every parameter partitioned
     if strategy == "zero3_hpz":  # ZeRO++ hpZ: a secondary copy per group of 2 for forwards
         zero["zero_hpz_partition_size"] = 2
+    if strategy.endswith("_rr"):  # the parameters flattened in round-robin order over ranks
+        zero["round_robin_gradients"] = True
     if strategy.endswith("_offload"):  # ZeRO-Offload: the fp32 partitions and their step on
         zero["offload_optimizer"] = {"device": "cpu"}  # the CPU, apart from the model's
         if stage == 3:
