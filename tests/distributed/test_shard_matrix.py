@@ -480,13 +480,14 @@ def test_bregman_optimizers_under_torchs_zero_redundancy_follow_one_process(
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("strategy", ["zero1_rr", "zero2_rr"])
-def test_zero_with_round_robin_gradients_follows_one_process(strategy: str) -> None:
+@pytest.mark.parametrize("strategy", ["zero1_rr", "zero2_rr", "zero3_sg"])
+def test_zero_flat_partitions_in_deepspeeds_own_order_follow_one_process(strategy: str) -> None:
     """``round_robin_gradients`` flattens each group's parameters in round-robin order over
-    the ranks (at 2 ranks: 0.bias, 2.weight, 4.weight, 0.weight_orig, ...): the proximal
-    step and the held zeros find each weight in the partitions by DeepSpeed's own order
-    (SGD: weights and biases share the group, so the order decides which elements shrink;
-    read in the model's order, the run left the one-process trajectory)."""
+    the ranks (at 2 ranks: 0.bias, 2.weight, 4.weight, 0.weight_orig, ...), and ZeRO-3's
+    ``sub_group_size`` cuts a group into several flat partitions: the proximal step and the
+    held zeros find each weight by DeepSpeed's own layout (SGD: weights and biases share
+    the group, so it decides which elements shrink; read in the model's order, the
+    round-robin runs left the one-process trajectory)."""
     freeze = (5, "target", 0.6, 0)
     reference = _assert_ranks_follow(strategy, _batches(8), freeze, _optimizer("sgd"), 100)
     assert len({nonzero for _, nonzero, _ in reference["points"]}) > 1  # zeros were made

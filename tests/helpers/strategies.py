@@ -41,7 +41,8 @@ in the root's group), whose gathered weights outlive a forward, and ``fsdp2_bf16
 DeepSpeed's ``BF16_Optimizer``), ``fsdp2_raf`` (resharded after forward to a smaller mesh,
 at 4 ranks), ``zero2_through`` (ZeRO-2's wrapper inside a :class:`PassThrough`, as
 Accelerate hands it over), ``zero1_rr`` and ``zero2_rr`` (``round_robin_gradients``: the
-flat partitions hold the parameters in another order than the model's); and, at 4 ranks,
+flat partitions hold the parameters in another order than the model's), ``zero3_sg``
+(ZeRO-3 stepping each group in sub-groups: three for the SGD group at 2 ranks); and, at 4 ranks,
 the hybrids ``hsdp`` (FSDP2 on a 2 x 2 mesh) and ``fsdp1_hybrid`` (HYBRID_SHARD),
 ``zero3_hpz`` (ZeRO++ hpZ in groups of 2) and ``fsdp2_tp`` (FSDP2 over tensor parallelism,
 2 x 2); and ``tp`` (tensor parallelism alone)."""
@@ -307,6 +308,8 @@ def _deepspeed(
         zero["zero_hpz_partition_size"] = 2
     if strategy.endswith("_rr"):  # the parameters flattened in round-robin order over ranks
         zero["round_robin_gradients"] = True
+    if strategy == "zero3_sg":  # every parameter group cut into sub-groups of ~100 elements
+        zero |= {"stage3_param_persistence_threshold": 0, "sub_group_size": 100}
     if strategy.endswith("_offload"):  # ZeRO-Offload: the fp32 partitions and their step on
         zero["offload_optimizer"] = {"device": "cpu"}  # the CPU, apart from the model's
         if stage == 3:
