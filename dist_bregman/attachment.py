@@ -50,8 +50,8 @@ class Attachment:
         self.regularizer = regularizer
         self.mode = mode
         self.current_lambda = current_lambda
-        self.driven: list[tuple[BregmanOptimizer, list[dict[str, Any]] | None]] = []
-        """Each driven optimizer, with the groups a wrapper mirrors into it
+        self.driven: list[tuple[BregmanOptimizer, torch.optim.Optimizer | None]] = []
+        """Each driven optimizer, with the wrapper that mirrors its groups into it
         (:attr:`~dist_bregman.holders.Holding.mirror`)."""
         self.hooked: list[Holding] = []
         self.regularized: set[int] = set()
@@ -253,13 +253,15 @@ class Attachment:
 
 
 def _set_lambda(
-    optimizer: BregmanOptimizer, mirror: list[dict[str, Any]] | None, value: float
+    optimizer: BregmanOptimizer, mirror: torch.optim.Optimizer | None, value: float
 ) -> None:
-    """``optimizer.set_lambda(value)``, and each group's new lambda into the groups a
-    wrapper copies over the optimizer's at its next step (``mirror``, the same order)."""
+    """``optimizer.set_lambda(value)``, and each group's new lambda into the groups the
+    wrapper ``mirror`` copies over the optimizer's at its next step (the same order; read
+    now: a state dict loaded into the wrapper since :meth:`Attachment.attach` replaced
+    them, and a lambda written into the old ones never reached the optimizer)."""
     optimizer.set_lambda(value)
     if mirror is not None:
-        for mine, theirs in zip(optimizer.param_groups, mirror, strict=True):
+        for mine, theirs in zip(optimizer.param_groups, mirror.param_groups, strict=True):
             if "lambda" in mine:
                 theirs["lambda"] = mine["lambda"]
 

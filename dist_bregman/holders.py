@@ -59,10 +59,11 @@ class Holding:
     optimizer: torch.optim.Optimizer
     """The torch optimizer that steps (a DeepSpeed wrapper's client optimizer, a
     ``ZeroRedundancyOptimizer``'s local one)."""
-    mirror: list[dict[str, Any]] | None = None
-    """Param groups that a wrapper copies into :attr:`optimizer`'s before each of its steps
-    (``ZeroRedundancyOptimizer``'s): a lambda written into :attr:`optimizer`'s groups alone
-    would be overwritten by the old one at the next step."""
+    mirror: torch.optim.Optimizer | None = None
+    """A wrapper that copies its param groups into :attr:`optimizer`'s before each of its
+    steps (``ZeroRedundancyOptimizer``): a lambda written into :attr:`optimizer`'s groups
+    alone would be overwritten by the old one at the next step. Its groups are read at
+    each write, not kept: loading a state dict into it replaces them."""
     parts: dict[int, list[Part]] = field(default_factory=lambda: defaultdict(list))
     """``id(held tensor)`` -> the measured elements inside it."""
     held: dict[int, int] = field(default_factory=dict)
@@ -210,7 +211,7 @@ def _zero_redundancy(wrapper: Any, placements: Sequence[Placement]) -> Holding:
             "set; allowed: overlap_with_ddp=False"
         )
     stepped = {id(p) for group in local.param_groups for p in group["params"]}
-    result = Holding(local, mirror=wrapper.param_groups)
+    result = Holding(local, mirror=wrapper)
     return _parameters(result, wrapper.param_groups, placements, stepped)
 
 

@@ -493,6 +493,66 @@ def test_zero_flat_partitions_in_deepspeeds_own_order_follow_one_process(strateg
     assert len({nonzero for _, nonzero, _ in reference["points"]}) > 1  # zeros were made
 
 
+def _attach_then_resume(rank: int, world: int, folder: str, strategy: str, name: str) -> Any:
+    """A raw loop's resume: build, attach the controller, then load the checkpoint (torch's
+    ZeroRedundancyOptimizer consolidated to rank 0, as Lightning saves it); returns how far
+    the weights and lambda are from the uninterrupted run's."""
+    kind, lr = (LinBreg, 0.5) if name == "linbreg" else (AdaBreg, 0.02)
+    config = BregmanConfig(
+        target_sparsity=0.6, initial_lambda=0.05, lambda_update_rate=0.05, update_frequency=2
+    )
+
+    def build() -> tuple[Any, SparsityController]:
+        run = wrap(strategy, matrix_model(), lambda m: kind(regularized_groups(m), lr=lr))
+        controller = SparsityController(run.model, config)
+        controller.attach(run.optimizer)
+        return run, controller
+
+    def train(run: Any, controller: SparsityController, steps: range) -> None:
+        for step in steps:
+            x = torch.randn(4, 13, generator=torch.Generator().manual_seed(1000 * step + rank))
+            run.train_step(x, x[:, :5].argmax(dim=1))
+            controller.update_if_due(step + 1)
+
+    (whole, whole_controller), (first, controller) = build(), build()
+    train(whole, whole_controller, range(10))
+    train(first, controller, range(5))
+    if strategy == "ddp_zero":
+        first.optimizer.consolidate_state_dict(to=0)
+    if rank == 0:
+        state = {"model": first.module.state_dict(), "optim": first.optimizer.state_dict()}
+        torch.save({**state, "controller": controller.state_dict()}, f"{folder}/ckpt.pt")
+    torch.distributed.barrier()
+    resumed, controller = build()
+    state = torch.load(f"{folder}/ckpt.pt", weights_only=True)
+    resumed.module.load_state_dict(state["model"])
+    resumed.optimizer.load_state_dict(state["optim"])
+    controller.load_state_dict(state["controller"])
+    train(resumed, controller, range(5, 10))
+    expected, got = whole.full_effective(), resumed.full_effective()
+    apart = max(float((expected[k] - got[k]).abs().max()) for k in expected)
+    return apart, controller.lambda_ - whole_controller.lambda_
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize(
+    ("strategy", "name"),
+    [("ddp", "linbreg"), ("ddp_zero", "linbreg"), ("ddp_zero", "adabreg")],
+)
+def test_a_checkpoint_loaded_after_attach_resumes_the_uninterrupted_run(
+    strategy: str, name: str, tmp_path: Path
+) -> None:
+    """Loading a state dict replaces the optimizer's param groups. ZeroRedundancyOptimizer
+    copies its own groups over the local optimizer's before each step, and the lambda the
+    controller drove had gone into the groups it held at attach: after the load the local
+    LinBreg/AdaBreg stepped at the checkpoint's lambda (5 steps on: weights 4.9e-2 and
+    3.2e-2 apart, lambda 2e-3 off). The wrapper's groups are now read at each write."""
+    for apart, lambda_apart in run_ranks(
+        _attach_then_resume, 2, str(tmp_path), strategy, name, timeout=100
+    ):
+        assert apart == 0.0 and lambda_apart == 0.0, (apart, lambda_apart)
+
+
 def _overlapped_zero(rank: int, world: int) -> str:
     model = nn.parallel.DistributedDataParallel(matrix_model())
     sgd = torch.optim.SGD(model.parameters(), lr=0.1)
