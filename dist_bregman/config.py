@@ -98,9 +98,11 @@ class BregmanConfig:
     instead of drawn before any data was seen (see ``dist_bregman.init``). An epoch of
     steps is typical; it must come before ``freeze_support_at``."""
     check_agreement_every: int = 0
-    """Debug: every N lambda updates, check that all ranks hold the same lambda and the
-    same measured parameter set, raising :class:`~dist_bregman.errors.RankDisagreementError`
-    naming the ranks that differ (one ``all_gather_object``); 0 turns it off."""
+    """Debug: every N lambda updates, check that all ranks hold the same lambda, the same
+    measured parameter set and the same replicas (the sums of every replicated tensor,
+    which each rank then reads whole), raising
+    :class:`~dist_bregman.errors.RankDisagreementError` naming the ranks that differ (one
+    ``all_gather_object``); 0 turns it off."""
     name: str | None = None
     """Names this controller where several drive one model (each its own weights and
     target, e.g. the encoder at 90% and the head at 50%): ``[name]`` starts its log lines,

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -45,7 +45,7 @@ from dist_bregman.holders import deepspeed_wrapper, groups_key
 from dist_bregman.pruning import MagnitudePruner, PruningConfig
 from dist_bregman.regularizers import L1, GroupL1, Regularizer
 from dist_bregman.regularizers import resolve as resolve_regularizer
-from dist_bregman.shards import Placement, local_views, place
+from dist_bregman.shards import Placement, Replicated, local_views, place
 from dist_bregman.shards.zero import partitions
 from dist_bregman.sparsity import SparsityReport, check_same_tensors, reduce_counts
 from dist_bregman.support import HeldSupport
@@ -381,17 +381,54 @@ class SparsityController:
 
     def check_agreement(self) -> None:
         """Raise :class:`RankDisagreementError` on every rank unless all ranks hold the same
-        lambda and the same measured/regularized parameter set. A collective (debug)."""
-        mine = (self.lambda_, self.fingerprint())
-        everyone = comm.all_gather_object(mine, self.group)
+        lambda, the same measured/regularized parameter set and the same replicas. A
+        collective (debug)."""
+        mine = (self.lambda_, self.fingerprint(), self.replica_sums())
+        everyone = cast(
+            "list[tuple[float, str, list[tuple[str, float, float]]]]",
+            comm.all_gather_object(mine, self.group),
+        )
         reference = everyone[0]
-        differ = [rank for rank, value in enumerate(everyone) if value != reference]
+        differ = [rank for rank, value in enumerate(everyone) if value[:2] != reference[:2]]
         if differ:
             shown = ", ".join(
-                f"rank {rank}: lambda={everyone[rank][0]!r} set={everyone[rank][1]}"  # type: ignore[index]
+                f"rank {rank}: lambda={everyone[rank][0]!r} set={everyone[rank][1]}"
                 for rank in [0, *differ]
             )
             raise RankDisagreementError(f"ranks {differ} disagree with rank 0 ({shown})")
+        drifted = [rank for rank, value in enumerate(everyone) if value[2] != reference[2]]
+        if drifted:
+            rank = drifted[0]
+            pairs = zip(reference[2], everyone[rank][2], strict=True)
+            name = next(ours[0] for ours, theirs in pairs if ours != theirs)
+            raise RankDisagreementError(
+                f"ranks {drifted} hold other values than rank 0 in replicated tensors (first: "
+                f"{name}): the replicas drifted apart, and a count reads one of them. "
+                f"Gradients are averaged only for the parameters DDP was built with (one "
+                f"frozen then and unfrozen since never is), and ranks must not change the "
+                f"weights on their own; allowed: replicas stepped alike (rebuild DDP after "
+                f"unfreezing)"
+            )
+
+    def replica_sums(self) -> list[tuple[str, float, float]]:
+        """Each replicated measured tensor's name with the float64 sum and sum of squares of
+        its effective values as this rank holds them (every replica, not only those this
+        rank counts): equal on every rank while the replicas are, as DDP keeps them."""
+        replicas = [p for p in self.placements if isinstance(p, Replicated)]
+        if not replicas:
+            return []
+        with torch.no_grad():
+            sums, device = [], None
+            for placement in replicas:
+                view = placement.local()
+                assert view.values is not None  # a replica is whole on every rank
+                values = view.values.double()
+                if view.mask is not None:
+                    values = values * view.mask.double()
+                device = device or values.device
+                sums.append(torch.stack([values.sum(), values.square().sum()]).to(device))
+            numbers = torch.stack(sums).tolist()  # the one host synchronisation
+        return [(p.target.name, *n) for p, n in zip(replicas, numbers, strict=True)]
 
     def fingerprint(self) -> str:
         """Short hash of the measured tensors (names, global sizes) and which of them are

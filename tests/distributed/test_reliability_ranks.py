@@ -120,6 +120,49 @@ def test_agreement_check_names_the_rank_whose_lambda_diverged() -> None:
     assert all(m.startswith("ranks [2] disagree with rank 0") for m in messages)
 
 
+def _unfrozen_after_ddp(rank: int, world: int) -> list[str]:
+    """Layer 3 is frozen when DDP is built, so DDP's reducer leaves it out; unfrozen later
+    (a new param group, followed by the controller), its gradients are never averaged and
+    each rank steps it on its own data."""
+    model = _model()
+    for p in model[3].parameters():
+        p.requires_grad_(False)
+    ddp = nn.parallel.DistributedDataParallel(model)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    controller = _controller(ddp, check_agreement_every=1)
+    controller.attach(optimizer)
+    checked = []
+    for step in range(1, 5):
+        if step == 3:
+            for p in model[3].parameters():
+                p.requires_grad_(True)
+            optimizer.add_param_group({"params": list(model[3].parameters())})
+            controller.follow_groups()
+        x = torch.randn(4, 8, generator=torch.Generator().manual_seed(10 * step + rank))
+        ddp(x).square().mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        try:
+            controller.update(step)
+            checked.append(f"step {step}: agreed")
+        except RankDisagreementError as error:
+            checked.append(f"step {step}: {error}")
+            break
+    return checked
+
+
+@pytest.mark.timeout(TIMEOUT + 30)
+def test_replicas_that_drift_apart_are_named_by_the_agreement_check() -> None:
+    """A replica is counted on one rank, so drifted replicas would be reported as one of
+    them; check_agreement_every also compares every replica's sums between ranks."""
+    for checked in run_ranks(_unfrozen_after_ddp, 2, timeout=TIMEOUT):
+        assert checked[:2] == ["step 1: agreed", "step 2: agreed"]  # healthy until then
+        assert checked[2].startswith(
+            "step 3: ranks [1] hold other values than rank 0 in replicated tensors (first: "
+            "3.weight)"
+        ), checked
+
+
 def _stage(rank: int, same_shapes: bool) -> nn.ModuleDict:
     """This rank's own layers, named as in the whole model (as DeepSpeed's PipelineModule
     and torchtitan's stages keep them): rank 0 layers 0-1, rank 1 2-3."""
