@@ -385,7 +385,7 @@ class SparsityController:
         collective (debug)."""
         mine = (self.lambda_, self.fingerprint(), self.replica_sums())
         everyone = cast(
-            "list[tuple[float, str, list[tuple[str, float, float]]]]",
+            "list[tuple[float, str, list[tuple[str, str, str]]]]",
             comm.all_gather_object(mine, self.group),
         )
         reference = everyone[0]
@@ -410,10 +410,11 @@ class SparsityController:
                 f"unfreezing)"
             )
 
-    def replica_sums(self) -> list[tuple[str, float, float]]:
+    def replica_sums(self) -> list[tuple[str, str, str]]:
         """Each replicated measured tensor's name with the float64 sum and sum of squares of
         its effective values as this rank holds them (every replica, not only those this
-        rank counts): equal on every rank while the replicas are, as DDP keeps them."""
+        rank counts), as hex strings: equal on every rank while the replicas are, as DDP
+        keeps them (strings, so that NaN sums compare equal too)."""
         replicas = [p for p in self.placements if isinstance(p, Replicated)]
         if not replicas:
             return []
@@ -428,7 +429,10 @@ class SparsityController:
                 device = device or values.device
                 sums.append(torch.stack([values.sum(), values.square().sum()]).to(device))
             numbers = torch.stack(sums).tolist()  # the one host synchronisation
-        return [(p.target.name, *n) for p, n in zip(replicas, numbers, strict=True)]
+        return [
+            (p.target.name, total.hex(), squares.hex())
+            for p, (total, squares) in zip(replicas, numbers, strict=True)
+        ]
 
     def fingerprint(self) -> str:
         """Short hash of the measured tensors (names, global sizes) and which of them are

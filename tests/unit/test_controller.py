@@ -1052,3 +1052,18 @@ def test_the_found_hold_makes_weights_within_the_tolerance_zero_and_holds_them()
     _train(model, optimizer, controller, _batches(3, seed=4), add_loss_term=False)
     for name, weight in _weights(model).items():
         assert torch.equal(weight.detach() == 0, small[name])
+
+
+def test_replica_sums_name_each_replica_and_compare_equal_with_nan() -> None:
+    """What check_agreement_every exchanges per replicated tensor: its name and exact
+    float64 sums, as strings, so that two ranks holding the same NaN agree (a NaN float
+    compares unequal to itself, and would have read as replicas that drifted apart)."""
+    model = nn.Sequential(nn.Linear(3, 2), nn.ReLU(), nn.Linear(2, 2))
+    controller = SparsityController(model, BregmanConfig())
+    with torch.no_grad():
+        model[0].weight.copy_(torch.tensor([[1.0, -2.0, 0.5], [0.0, 3.0, -1.0]]))
+        model[2].weight[0, 0] = float("nan")
+    sums = controller.replica_sums()
+    assert [name for name, _, _ in sums] == ["0.weight", "2.weight"]
+    assert sums[0][1:] == ((1.5).hex(), (15.25).hex())
+    assert sums == controller.replica_sums() and sums[1][1] == "nan"
