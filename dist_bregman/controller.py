@@ -418,15 +418,11 @@ class SparsityController:
         replicas = [p for p in self.placements if isinstance(p, Replicated)]
         if not replicas:
             return []
+        device = replicas[0].target.values.device
         with torch.no_grad():
-            sums, device = [], None
+            sums = []
             for placement in replicas:
-                view = placement.local()
-                assert view.values is not None  # a replica is whole on every rank
-                values = view.values.double()
-                if view.mask is not None:
-                    values = values * view.mask.double()
-                device = device or values.device
+                values = placement.target.effective().double()  # the whole replica
                 sums.append(torch.stack([values.sum(), values.square().sum()]).to(device))
             numbers = torch.stack(sums).tolist()  # the one host synchronisation
         return [
