@@ -71,6 +71,12 @@ def _full_state(run: Wrapped) -> list[torch.Tensor]:
     return [v.full_tensor() if isinstance(v, torch.Tensor) else torch.tensor(v) for v in values]
 
 
+def _same_shards(whole: Wrapped, resumed: Wrapped) -> list[bool]:
+    """Per parameter, whether this rank's shards of the two FSDP2 runs are bit for bit equal."""
+    pairs = zip(whole.model.parameters(), resumed.model.parameters(), strict=True)
+    return [torch.equal(a.to_local(), b.to_local()) for a, b in pairs]  # type: ignore[attr-defined]
+
+
 def _resume(
     rank: int, world: int, folder: str, name: str, rows: int, hsdp: bool = False
 ) -> dict[str, Any]:
@@ -83,10 +89,7 @@ def _resume(
     _load(resumed, f"{folder}/ckpt")
     _train(resumed, range(6, 12), rank)
     return {
-        "same": [
-            torch.equal(a.to_local(), b.to_local())  # type: ignore[attr-defined]
-            for a, b in zip(whole.model.parameters(), resumed.model.parameters(), strict=True)
-        ],
+        "same": _same_shards(whole, resumed),
         "zeros": sum(int((p.to_local() == 0).sum()) for p in resumed.model.parameters()),  # type: ignore[attr-defined]
         "state_kinds": sorted(
             {type(v).__name__ for s in resumed.optimizer.state.values() for v in s.values()}
@@ -149,10 +152,7 @@ def _resume_consolidated(rank: int, world: int, folder: str, name: str) -> list[
     set_model_state_dict(resumed.model, state["model"], options=broadcast)
     set_optimizer_state_dict(resumed.model, resumed.optimizer, state["optim"], options=broadcast)
     _train(resumed, range(6, 12), rank)
-    return [
-        torch.equal(a.to_local(), b.to_local())  # type: ignore[attr-defined]
-        for a, b in zip(whole.model.parameters(), resumed.model.parameters(), strict=True)
-    ]
+    return _same_shards(whole, resumed)
 
 
 @pytest.mark.timeout(120)
@@ -210,10 +210,7 @@ def _resume_fsdp2_tp(rank: int, world: int, folder: str, name: str) -> list[bool
     resumed = build()
     _load(resumed, f"{folder}/ckpt")
     train(resumed, range(6, 12))
-    return [
-        torch.equal(a.to_local(), b.to_local())  # type: ignore[attr-defined]
-        for a, b in zip(whole.model.parameters(), resumed.model.parameters(), strict=True)
-    ]
+    return _same_shards(whole, resumed)
 
 
 @pytest.mark.timeout(150)
