@@ -52,8 +52,10 @@ def folded_state_dict(
     masks folded in (``weight`` instead of ``weight_orig`` and ``weight_mask``), weights
     computed by weight_norm / spectral_norm (parametrizations or the deprecated hooks)
     stored as computed instead of their originals, keys without wrapper segments
-    (:func:`~dist_bregman.targets.clean_name`). The model is left as it is."""
-    return _fold(model, state_dict)[0]
+    (:func:`~dist_bregman.targets.clean_name`) and without the ``module.`` of DDP,
+    DataParallel or a DeepSpeed engine, as :func:`export_sparse` writes them: ``state_dict``
+    is then the unwrapped model's. The model is left as it is."""
+    return _fold(unwrap(model), state_dict)[0]
 
 
 def _fold(

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import reprlib
 from collections.abc import Iterable, Iterator, Sequence
 from typing import NamedTuple
 
@@ -381,7 +382,15 @@ def resolve_values(
 def unwrap(model: nn.Module) -> nn.Module:
     """The user's model inside DDP, DataParallel or a DeepSpeed engine (FSDP1 wrappers stay:
     their units are inside the model; their name segments are dropped by
-    :func:`clean_name`)."""
+    :func:`clean_name`). Anything else than a module is refused here, where every
+    entry point that takes a model passes: a list of ``(module, name)`` pairs given as the
+    model (the seed's ``parameters_to_prune`` is such a list) otherwise failed on a
+    missing ``named_modules``."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(
+            f"model={reprlib.repr(model)}: expected the nn.Module (or its "
+            f"DDP, FSDP or DeepSpeed wrapper); (module, name) pairs go in parameters_to_prune"
+        )
     while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)) or (
         type(model).__name__ == "DeepSpeedEngine"
     ):

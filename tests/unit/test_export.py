@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torch.nn.utils import prune
 
-from dist_bregman.export import _csr, _from_csr, export_sparse, load_sparse
+from dist_bregman.export import _csr, _from_csr, export_sparse, folded_state_dict, load_sparse
 from tests.helpers.models import COMPUTED_WEIGHTS, compute_weight
 
 
@@ -113,3 +113,12 @@ def test_a_pruned_original_is_exported_as_the_sparse_weight_it_computes(tmp_path
     plain = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
     plain.load_state_dict(load_sparse(tmp_path / "m.pt"))
     assert torch.allclose(plain(x), expected, atol=1e-6)
+
+
+def test_folded_state_dict_of_a_wrapped_model_is_keyed_as_the_plain_one() -> None:
+    # It had kept DataParallel's (and DDP's) "module." prefix, unlike export_sparse.
+    model = _pruned_model()
+    folded = folded_state_dict(nn.DataParallel(model))
+    plain = folded_state_dict(model)
+    assert list(folded) == list(plain) and not any(k.endswith(("_orig", "_mask")) for k in plain)
+    assert all(torch.equal(folded[k], plain[k]) for k in plain)

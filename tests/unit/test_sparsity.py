@@ -4,13 +4,24 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+from collections.abc import Callable
 
 import pytest
 import torch
 from torch import nn
 from torch.nn.utils import prune
 
-from dist_bregman import SparsityController, SparsityReport, kernels, measure_sparsity, sparsity
+from dist_bregman import (
+    MagnitudePruner,
+    SparsityController,
+    SparsityReport,
+    kernels,
+    measure_sparsity,
+    regularized_groups,
+    sparsity,
+)
+from dist_bregman.export import export_sparse, folded_state_dict, gather_state_dict
+from dist_bregman.init import magnitude_init_
 from dist_bregman.shards import LocalView, Replicated, balanced_owners, place
 from dist_bregman.sparsity import count_nonzero, reduce_counts
 from dist_bregman.targets import resolve
@@ -224,6 +235,29 @@ def test_bfloat16_and_masked_counts() -> None:
 def test_bad_parameter_sets_raise_with_the_entry(pairs: object, error: type, match: str) -> None:
     with pytest.raises(error, match=match):
         measure_sparsity(ConvNet(), pairs)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        measure_sparsity,
+        regularized_groups,
+        SparsityController,
+        MagnitudePruner,
+        lambda model: magnitude_init_(model, 0.5),
+        lambda model: export_sparse(model, "unused.safetensors"),
+        gather_state_dict,
+        folded_state_dict,
+    ],
+)
+def test_pairs_given_as_the_model_are_refused_by_name(call: Callable[[object], object]) -> None:
+    # The seed's parameters_to_prune is a list of (module, name) pairs; given as the model,
+    # every entry point had failed on "'list' object has no attribute 'named_modules'".
+    model = ConvNet()
+    with pytest.raises(
+        TypeError, match=r"model=\[\(Conv2d.*: expected the nn.Module .* go in parameters_to_prune"
+    ):
+        call([(model.conv, "weight")])
 
 
 def test_module_outside_the_model_and_duplicates_are_rejected() -> None:
