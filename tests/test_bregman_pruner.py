@@ -337,7 +337,14 @@ def test_state_dict_round_trip(tmp_path: Path) -> None:
     assert state["last_update_step"] == 16 and state["sparsity"] == pruner.current_sparsity
 
 
-def test_resume_from_lightning_checkpoint_continues_the_lambda_trajectory(tmp_path: Path) -> None:
+@pytest.mark.parametrize("saved_at", ["epoch end", "mid-epoch"])
+def test_resume_from_lightning_checkpoint_continues_the_lambda_trajectory(
+    tmp_path: Path, saved_at: str
+) -> None:
+    """Resumed from the end of epoch 2 (step 32), or from step 37 of epoch 3: mid-epoch
+    and between two lambda updates (every 5 steps), as a job preempted after an
+    ``every_n_train_steps`` checkpoint resumes."""
+
     def pruner() -> BregmanPruner:
         return BregmanPruner(
             target_sparsity=0.6, initial_lambda=0.02, lambda_update_rate=0.05, update_frequency=5
@@ -357,22 +364,30 @@ def test_resume_from_lightning_checkpoint_continues_the_lambda_trajectory(tmp_pa
     _fit(tmp_path / "a", whole, max_epochs=4, callbacks=[whole, whole_trace])
 
     first = pruner()
-    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
-    _fit(
-        tmp_path / "b",
-        first,
-        max_epochs=2,
-        callbacks=[first, checkpoint],
-        enable_checkpointing=True,
+    mid_epoch = saved_at == "mid-epoch"
+    step = 37 if mid_epoch else 32  # 16 steps an epoch
+    checkpoint = ModelCheckpoint(
+        dirpath=tmp_path / "ckpt", save_last=True, every_n_train_steps=step if mid_epoch else None
     )
+    model = SeedModel()
+    model.bregman_pruner = first
+    options = {"enable_checkpointing": True, "max_steps": step}
+    loader = seed_loader(resumable=True)  # its position is in the checkpoint
+    make_trainer(tmp_path / "b", [first, checkpoint], 4, **options).fit(model, loader)
     resumed = pruner()
     resumed_trace = Trace(resumed)
     model = SeedModel()
     model.bregman_pruner = resumed
     trainer = make_trainer(tmp_path / "c", [resumed, resumed_trace], max_epochs=4)
-    trainer.fit(model, seed_loader(), ckpt_path=tmp_path / "ckpt" / "last.ckpt")
-    assert resumed_trace.points[0][0] == 33  # resumed after 2 epochs of 16 steps
-    assert resumed_trace.points == [p for p in whole_trace.points if p[0] > 32]
+    loader = seed_loader(resumable=True)
+    trainer.fit(model, loader, ckpt_path=tmp_path / "ckpt" / "last.ckpt")
+    assert resumed_trace.points[0][0] == step + 1
+    expected = [p for p in whole_trace.points if p[0] > step]
+    if mid_epoch:  # the resumed run measures as it starts (step 37): until the update at
+        # step 40 it reports that, where the uninterrupted run still reports step 35's
+        assert [p[:2] for p in resumed_trace.points] == [p[:2] for p in expected]
+        expected, resumed_trace.points = expected[2:], resumed_trace.points[2:]
+    assert resumed_trace.points == expected
     assert resumed.current_lambda == whole.current_lambda
 
 

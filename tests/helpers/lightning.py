@@ -7,6 +7,7 @@ the standalone ``pytorch_lightning``'s Trainer (tests/lightning/test_pytorch_lig
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -112,11 +113,36 @@ class ManualTwoOptimizers(SeedModel):
         return [torch.optim.SGD(self.net[i].parameters(), lr=self.lr, momentum=0.9) for i in (0, 2)]
 
 
-def seed_loader(n: int = 256, batch_size: int = 16) -> DataLoader:
+def seed_loader(n: int = 256, batch_size: int = 16, resumable: bool = False) -> DataLoader:
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(n, 10, generator=generator)
     y = (x[:, :4].argmax(dim=1)).long()
-    return DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=False)
+    kind = ResumableLoader if resumable else DataLoader
+    return kind(TensorDataset(x, y), batch_size=batch_size, shuffle=False)
+
+
+class ResumableLoader(DataLoader):
+    """A DataLoader (in order) that Lightning resumes mid-epoch where its checkpoint left
+    it: Lightning saves ``state_dict()`` and restarts a plain loader's epoch from its first
+    batch, which would feed a run resumed mid-epoch other data than the uninterrupted one."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.seen = self.skip = 0
+
+    def __iter__(self) -> Iterator[Any]:
+        skip, self.skip = self.skip, 0
+        self.seen = skip
+        for index, batch in enumerate(super().__iter__()):
+            if index >= skip:
+                self.seen = index + 1
+                yield batch
+
+    def state_dict(self) -> dict[str, int]:
+        return {"seen": self.seen}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.skip = state["seen"]
 
 
 def make_trainer(
