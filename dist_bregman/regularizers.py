@@ -217,6 +217,3 @@ def resolve(spec: object) -> Regularizer | None:
         f"reg={spec!r}: expected 'l1', 'group_l1', 'group_l1_kernels', None "
         f"or a dist_bregman.regularizers.Regularizer"
     )
-
-
-SPECS: tuple[str, ...] = ("l1", "group_l1", "group_l1_kernels")
