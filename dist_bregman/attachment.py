@@ -214,21 +214,41 @@ class Attachment:
                     threshold = float(group["lr"]) * lam * lambda_scale(group)
                     self.regularizer.prox_all_(pieces, threshold)
 
-    def shrinkage_share(self, horizon: int) -> float | None:
-        """Fraction of hooked elements that ``horizon`` proximal steps alone would zero
-        (no gradient pushing back), or None when nothing is hooked."""
-        zeroed = total = 0
+    def shrinkage_counts(self, horizon: int) -> list[torch.Tensor]:
+        """Per placement, ``[elements that horizon proximal steps alone would zero (no
+        gradient pushing back), elements]`` that the hooks step here, flattened to 2 x n
+        0-d int64 tensors (zeros where none are) for the measurement's all-reduce:
+        :func:`shrinkage_share` of the sums is the whole model's share. No host sync."""
         lam = self.current_lambda()
+        within: list[torch.Tensor | int] = [0] * len(self.placements)  # 0-d once counted
+        held = [0] * len(self.placements)
         with torch.no_grad():
             for holds in self.hooked:
                 groups = holds.optimizer.param_groups  # a ZeRO-3 client's are empty now:
                 for key, tensor in holds.tensors.items():  # read the held tensors themselves
                     group = groups[holds.group_of[key]]
                     threshold = horizon * float(group["lr"]) * lam * lambda_scale(group)
-                    for piece in _pieces([tensor], holds):
-                        zeroed += int(piece.abs().le(threshold).sum())
-                        total += piece.numel()
-        return zeroed / total if total else None
+                    local = local_tensor(tensor)
+                    for part in holds.parts.get(key, ()):
+                        piece = local if part.region is None else local[part.region]
+                        within[part.index] += piece.abs().le(threshold).sum()
+                        held[part.index] += piece.numel()
+        pairs = zip(within, held, strict=True)
+        return [torch.as_tensor(count, dtype=torch.int64) for pair in pairs for count in pair]
+
+    def shrinkage_share(self, summed: Sequence[int]) -> float:
+        """The share of the hooked elements that :meth:`shrinkage_counts`, summed over the
+        ranks, says would be zeroed. Each placement's ratio is its own (a replicated one
+        is held, and counted, once per rank), weighted by its size in the model."""
+        ratios = [
+            (within / held, placement.global_numel)
+            for placement, within, held in zip(
+                self.placements, summed[0::2], summed[1::2], strict=True
+            )
+            if held
+        ]
+        total = sum(size for _, size in ratios)
+        return sum(ratio * size for ratio, size in ratios) / total if total else 0.0
 
     def set_lambda(self, value: float) -> None:
         """Write lambda into every driven optimizer (hooks read it at each step)."""

@@ -28,7 +28,7 @@ and collectives, which Dynamo would only break its graph on, and warn about.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, cast
 
 import torch
@@ -162,15 +162,20 @@ class SparsityController:
     @eager
     def measure(self) -> SparsityReport:
         """Global sparsity of the targets (a collective: every rank must call it)."""
-        report, _ = reduce_counts(
+        return self._measure()[0]
+
+    def _measure(self, extra: Sequence[torch.Tensor] = ()) -> tuple[SparsityReport, list[int]]:
+        """:meth:`measure`, and ``extra`` summed over ranks in the same all-reduce."""
+        report, sums = reduce_counts(
             self.placements,
             zero_tolerance=self.config.zero_tolerance,
             group=self.group,
             structure=self.structure,
+            extra=extra,
             agree=self._unchecked,
         )
         self.last_report, self.sparsity = report, report.sparsity
-        return report
+        return report, sums
 
     def log_epoch(self, epoch: int) -> SparsityReport:
         """Measure and log ``Epoch N: Sparsity of pruned modules = ...`` (verbose >= 1)."""
@@ -570,7 +575,13 @@ class SparsityController:
         self._optimizers = optimizers
         self._groups = groups_key(optimizers)
         self.attachment.attach(optimizers)
-        report = self.measure()
+        # What the proximal steps alone would zero before the first lambda update, counted
+        # in the measurement's all-reduce: one rank's own share is no estimate where it
+        # holds one end of the model (ZeRO-1/2's flat partitions: rank 0 saw 96% where
+        # the model had 52%, measured).
+        horizon = self.config.update_frequency
+        shrinking = self.attachment.shrinkage_counts(horizon) if self.shrinking else []
+        report, counts = self._measure(shrinking)
         self.out_of_reach = self._check_reachable(report)
         if self.out_of_reach is not None:
             if strict:
@@ -578,12 +589,8 @@ class SparsityController:
             self._warn(f"{self.out_of_reach}: lambda is held until it is reachable")
         if self.frozen:  # resumed after the freeze: the zeros in the weights are the support
             self.held.rehold(lambda: report)  # (nothing has stepped since that measurement)
-        share = (
-            self.attachment.shrinkage_share(self.config.update_frequency)
-            if self.shrinking
-            else None
-        )
-        if share is not None and share > 0.5:
+        share = self.attachment.shrinkage_share(counts) if shrinking else 0.0
+        if share > 0.5:
             self._warn(
                 f"lambda={self.lambda_:g}: before the first lambda update "
                 f"(update_frequency={self.config.update_frequency} steps) the proximal steps "
