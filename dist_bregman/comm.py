@@ -48,6 +48,27 @@ def get_world_size(group: ProcessGroup = None) -> int:
     return 1
 
 
+def group_ranks(group: ProcessGroup) -> tuple[int, ...]:
+    """The global ranks of ``group``, in the order of their ranks in it."""
+    ranks = dist.get_process_group_ranks(group)
+    return tuple(sorted(ranks, key=lambda rank: dist.get_group_rank(group, rank)))
+
+
+def group_members(group: ProcessGroup = None) -> frozenset[int] | None:
+    """The global ranks measured together in ``group``; None for every rank (the default
+    group, or no process group)."""
+    if group is None or not is_distributed() or group is dist.GroupMember.WORLD:
+        return None
+    return frozenset(dist.get_process_group_ranks(group))
+
+
+def group_rank(group: ProcessGroup, global_rank: int) -> int:
+    """``global_rank``'s rank in ``group`` (the default group: the same)."""
+    if group is None or not is_distributed():
+        return global_rank
+    return int(dist.get_group_rank(group, global_rank))
+
+
 def is_rank_zero() -> bool:
     """True on the process that logs and decides (global rank 0)."""
     return get_rank() == 0

@@ -481,11 +481,10 @@ class SparsityController:
         scales = self.attachment.scales()
         if not any(p.sharded for p in self.placements):
             return self._value([t.tensors() for t in self.targets], scales)
-        rank, world = comm.get_rank(self.group), comm.get_world_size(self.group)
         pieces: list[tuple[torch.Tensor | None, torch.Tensor | None]] = []
         grouped = isinstance(self.regularizer, GroupL1)
         for placement, view in zip(
-            self.placements, local_views(self.placements, rank, world), strict=True
+            self.placements, local_views(self.placements, self.group), strict=True
         ):
             if grouped and view.values is not None and not view.rows_whole:
                 raise ValueError(

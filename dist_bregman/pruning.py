@@ -295,12 +295,19 @@ class MagnitudePruner:
         return sum(totals)
 
     def _counters(self, rank: int, world: int) -> list[int]:
-        """For each placement, the rank that counts it here. Every rank masks all it holds
-        (replicas too), but each element enters a selection once: from that rank."""
+        """For each placement, the rank (in :attr:`group`) that counts it here. Every rank
+        masks all it holds (replicas too), but each element enters a selection once: from
+        that rank."""
         owners = balanced_owners([p.global_numel for p in self.placements], world)
-        return [
-            p.counting_rank(rank) if p.sharded else owners[i] for i, p in enumerate(self.placements)
-        ]
+        members = comm.group_members(self.group)
+        counters = []
+        for i, placement in enumerate(self.placements):
+            if not placement.sharded:
+                counters.append(owners[i])
+                continue
+            counter = placement.counter(members)
+            counters.append(rank if counter is None else comm.group_rank(self.group, counter))
+        return counters
 
     def _units(self, placement: Placement) -> int:
         """Units of a tensor: elements, or slices along ``dim`` when structured."""

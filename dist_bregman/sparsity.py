@@ -173,7 +173,9 @@ def check_same_tensors(placements: Sequence[Placement], group: comm.ProcessGroup
 _SAME_TENSORS = (
     "one all-reduce sums every rank's counts tensor by tensor, so each rank must hold the "
     "whole model or its shard of every measured tensor (DDP, FSDP, ZeRO, tensor "
-    "parallelism); pipeline stages holding different layers are not supported"
+    "parallelism); pipeline stages holding different layers are not supported as one "
+    "model; allowed: each stage measured within its own ranks (group=the process group of "
+    "the ranks holding that stage, its data-parallel group)"
 )
 
 
@@ -233,10 +235,7 @@ def reduce_counts(
         raise ValueError("no tensors to measure: the parameter set is empty")
     world = comm.get_world_size(group)
     distributed = sync and world > 1
-    if distributed:
-        views = local_views(placements, comm.get_rank(group), world)
-    else:
-        views = [p.view() for p in placements]
+    views = local_views(placements, group) if distributed else [p.view() for p in placements]
     if structure:
         flat = [p.target.name for p, v in zip(placements, views, strict=True) if not v.rows_whole]
         if flat:

@@ -108,17 +108,23 @@ def refresh_copies(placements: Sequence[Placement], group: comm.ProcessGroup = N
     refresh_zero_copies(placements, group)
 
 
-def local_views(placements: Sequence[Placement], rank: int, world_size: int) -> list[LocalView]:
-    """This rank's share of every target; replicas are owned by one rank each."""
+def local_views(
+    placements: Sequence[Placement], group: comm.ProcessGroup = None
+) -> list[LocalView]:
+    """This rank's share of every target when ``group``'s ranks are measured together:
+    whole replicas are owned by one rank each; copies of a shard are counted by the first
+    of them in ``group`` (:meth:`~dist_bregman.shards.base.Placement.counter`)."""
+    rank, world = comm.get_rank(group), comm.get_world_size(group)
+    members = comm.group_members(group)
     replicas = [i for i, p in enumerate(placements) if not p.sharded]
-    owners = balanced_owners([placements[i].global_numel for i in replicas], world_size)
+    owners = balanced_owners([placements[i].global_numel for i in replicas], world)
     owner_of = dict(zip(replicas, owners, strict=True))
     views = []
     for index, placement in enumerate(placements):
         if index in owner_of:
             views.append(placement.view() if owner_of[index] == rank else placement.absent())
         else:
-            views.append(placement.view())
+            views.append(placement.view(members))
     return views
 
 

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 from abc import ABC, abstractmethod
+from collections.abc import Container
 
 import torch
 
+from dist_bregman import comm
 from dist_bregman.targets import Target
 
 
@@ -33,9 +35,11 @@ class Placement(ABC):
 
     sharded: bool
     """True when ranks hold different elements (sum them); False for replicas."""
-    _counter: int | None = None
-    """The rank that counts the elements this rank holds, where that is another rank (a
-    shard's replicas under HSDP / HYBRID_SHARD); None: this rank itself."""
+    copies: tuple[int, ...] = ()
+    """The global ranks holding the same elements as this rank, itself included, in the
+    order that picks the one that counts them: the first among the ranks measured
+    together (a shard's replicas under HSDP / HYBRID_SHARD, a layer's copies on the other
+    slices of a sliced device mesh). Empty: no other rank holds them."""
 
     def __init__(self, target: Target) -> None:
         self.target = target
@@ -46,8 +50,9 @@ class Placement(ABC):
         """Elements of the full tensor."""
 
     @abstractmethod
-    def view(self) -> LocalView:
-        """The elements this rank holds and counts (read afresh: wrappers move storage)."""
+    def view(self, members: Container[int] | None = None) -> LocalView:
+        """The elements this rank holds and counts (read afresh: wrappers move storage)
+        when the global ranks ``members`` (None: every rank) are measured together."""
 
     def absent(self) -> LocalView:
         """The view of a replica another rank counts."""
@@ -58,11 +63,22 @@ class Placement(ABC):
         replicas of a shard): what a prune mask must cover on every rank."""
         return self.view()
 
-    def counting_rank(self, rank: int) -> int:
-        """For a sharded placement, the rank that counts the elements ``rank`` holds: itself,
-        unless they replicate another rank's shard. (Whole-tensor replicas are spread over
-        ranks by size instead: :func:`~dist_bregman.shards.balanced_owners`.)"""
-        return rank if self._counter is None else self._counter
+    def counter(self, members: Container[int] | None = None) -> int | None:
+        """The global rank that counts the elements this rank holds when ``members``
+        (None: every rank) are measured together: the first of :attr:`copies` among them.
+        None where no other rank holds them: this rank counts them. (A measurement within
+        a subgroup, such as one pipeline stage's data-parallel ranks under FSDP2 on a
+        slice of a (pp, dp) mesh, counts copies that the whole world would count elsewhere.)
+        Replicas of whole tensors are spread over ranks by size instead:
+        :func:`~dist_bregman.shards.balanced_owners`."""
+        if members is None:
+            return self.copies[0] if self.copies else None
+        return next((rank for rank in self.copies if rank in members), None)
+
+    def counts_here(self, members: Container[int] | None = None) -> bool:
+        """Whether this rank counts the elements it holds (see :meth:`counter`)."""
+        counter = self.counter(members)
+        return counter is None or counter == comm.get_rank()
 
     @property
     def row_split(self) -> str:

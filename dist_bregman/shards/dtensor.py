@@ -17,13 +17,12 @@ from __future__ import annotations
 
 import functools
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Container, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from dist_bregman import comm
 from dist_bregman.shards.base import LocalView, Placement
 from dist_bregman.targets import Target
 
@@ -184,10 +183,10 @@ def reshard_gathered(placements: Sequence[Placement]) -> None:
 class DTensorPlacement(Placement):
     """A DTensor: the local shard at its global offset. Uneven ``Shard(0)`` chunks (e.g.
     5 + 4 rows of 9) and empty shards are fine; replicas along ``Replicate`` mesh
-    dimensions (HSDP) are counted only at coordinate 0 of those dimensions, and replicas
-    along the dimensions a sliced mesh leaves out (:func:`first_copy`) only in its first
-    copy. ``owner``: the FSDP2 module whose group holds it (None: a DTensor FSDP2 does not
-    manage)."""
+    dimensions (HSDP), and the copies on the other slices of a sliced mesh
+    (:func:`copy_ranks`), are counted once: at coordinate 0 of those dimensions, or where
+    a subgroup is measured, at the first copy within it. ``owner``: the FSDP2 module whose
+    group holds it (None: a DTensor FSDP2 does not manage)."""
 
     sharded = True
 
@@ -196,18 +195,10 @@ class DTensorPlacement(Placement):
         self.owner = owner
         values = sharded_values(target, owner)
         placements, mesh = values.placements, values.device_mesh  # type: ignore[attr-defined]
-        coordinate = mesh.get_coordinate()
-        # The counting rank: this rank's coordinate with every Replicate dimension at 0, in
-        # the first copy of the mesh where it is a slice of a larger one (left None when
-        # this rank is not in the mesh and holds nothing).
-        self._counts_here = False
-        if coordinate is not None:
-            at = [
-                0 if isinstance(p, Replicate) else c
-                for c, p in zip(coordinate, placements, strict=True)
-            ]
-            self._counter = first_copy(mesh)(int(mesh.mesh[tuple(at)]))
-            self._counts_here = self._counter == comm.get_rank()
+        self._in_mesh = mesh.get_coordinate() is not None  # else it holds nothing here
+        if self._in_mesh:
+            replicated = tuple(i for i, p in enumerate(placements) if isinstance(p, Replicate))
+            self.copies = copy_ranks(mesh, replicated)
         self._rows_whole = all(not isinstance(p, Shard) or p.dim == 0 for p in placements)
 
     @property
@@ -225,15 +216,15 @@ class DTensorPlacement(Placement):
     def holder(self) -> tuple[torch.Tensor, slice | None]:
         return sharded_values(self.target, self.owner), None
 
-    def view(self) -> LocalView:
-        if not self._counts_here:
+    def view(self, members: Container[int] | None = None) -> LocalView:
+        if not self.counts_here(members):
             return LocalView(None, None, 0, self.global_numel, self._rows_whole)
         return self.local()
 
     def local(self) -> LocalView:
         values = sharded_values(self.target, self.owner)
         mask = self.target.tensors()[1]
-        if self._counter is None:  # this rank is not in the tensor's mesh: holds nothing
+        if not self._in_mesh:  # this rank is not in the tensor's mesh: holds nothing
             return LocalView(None, None, 0, values.numel(), self._rows_whole)
         local = values.to_local().detach()  # type: ignore[attr-defined]
         if mask is not None:
@@ -242,36 +233,36 @@ class DTensorPlacement(Placement):
 
 
 @functools.lru_cache(maxsize=64)
-def first_copy(mesh: Any) -> Callable[[int], int]:
-    """For a rank of ``mesh``, the rank at the same place in the first copy of ``mesh``.
+def copy_ranks(mesh: Any, replicated: tuple[int, ...]) -> tuple[int, ...]:
+    """The ranks holding the same elements as this rank of a DTensor laid out on ``mesh``
+    and replicated along its dimensions ``replicated``, in the root mesh's row-major order:
+    the first is at coordinate 0 of every dimension they differ in.
 
-    A DTensor on a slice of a larger device mesh has a copy on every slice: under FSDP2
-    over tensor parallelism (``fully_shard(layer, mesh=mesh["dp"])`` for a layer left out
-    of the TP plan, as Lightning's ``ModelParallelStrategy`` and torchtitan lay a 2-D run
-    out), each TP rank's ``dp`` slice holds the whole layer, sharded over ``dp``. Counted
-    on every slice, a (dp 2, tp 2) run counted a 221-element layer as 442 (refused by the
-    reduced totals). The first copy is the slice at coordinate 0 of every dimension of the
-    root mesh that the slice leaves out; its ranks count, the others hold replicas. Where
-    the root mesh cannot be found (torch's private ``DeviceMesh._get_root_mesh`` or
-    ``_mesh_resources.get_root_mesh``; one of them is in torch 2.8 to 2.13), every slice
-    counts and the totals refuse the count. (Cached per mesh, every member's counterpart
-    worked out once: placements are built at every measurement.)"""
-    root = _root_mesh(mesh)
-    if root.mesh.numel() == mesh.mesh.numel():
-        return _same_rank
-    grid = root.mesh
-    members = mesh.mesh.flatten().tolist()
-    places = torch.stack([(grid == rank).nonzero()[0] for rank in members])
-    left_out = (places == places[0]).all(dim=0)  # root dimensions the slice does not span
-    firsts = places.masked_fill(left_out, 0)
-    counterparts = {
-        rank: int(grid[tuple(at)]) for rank, at in zip(members, firsts.tolist(), strict=True)
-    }
-    return counterparts.__getitem__
-
-
-def _same_rank(rank: int) -> int:
-    return rank
+    Besides the ``Replicate`` dimensions (HSDP), a DTensor on a slice of a larger device
+    mesh has a copy on every slice: under FSDP2 over tensor parallelism
+    (``fully_shard(layer, mesh=mesh["dp"])`` for a layer left out of the TP plan, as
+    Lightning's ``ModelParallelStrategy`` and torchtitan lay a 2-D run out), each TP rank's
+    ``dp`` slice holds the whole layer, sharded over ``dp``. Counted on every slice, a (dp
+    2, tp 2) run counted a 221-element layer as 442 (refused by the reduced totals). Under
+    pipeline parallelism the other slices hold other stages, not copies: they are not
+    measured together (a stage is measured within its own ranks' group), so the first
+    copy among the measured ranks counts (:meth:`Placement.counter`). Where the root mesh
+    cannot be found (torch's private ``DeviceMesh._get_root_mesh`` or
+    ``_mesh_resources.get_root_mesh``; one of them is in torch 2.8 to 2.13), the slices
+    count as separate and the totals refuse the count of a world that holds copies.
+    (Cached per mesh: placements are built at every measurement.)"""
+    grid, own = _root_mesh(mesh).mesh, mesh.mesh
+    places = torch.stack([(grid == rank).nonzero()[0] for rank in own.flatten().tolist()])
+    spans = (places != places[0]).any(dim=0).tolist()  # root dimensions the slice spans
+    at = mesh.get_coordinate()
+    box = tuple(slice(None) if d in replicated else c for d, c in enumerate(at))
+    holders = set()  # this slice's replicas of the shard, then their copies on every slice
+    for rank in own[box].flatten().tolist():
+        place = (grid == rank).nonzero()[0].tolist()
+        across = tuple(c if spans[d] else slice(None) for d, c in enumerate(place))
+        holders.update(grid[across].flatten().tolist())
+    order = {rank: i for i, rank in enumerate(grid.flatten().tolist())}
+    return tuple(sorted(holders, key=order.__getitem__))
 
 
 def _root_mesh(mesh: Any) -> Any:

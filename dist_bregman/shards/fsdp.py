@@ -12,17 +12,17 @@ matching slice of a full mask buffer. With ``use_orig_params=True`` the optimize
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Container, Iterable, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
+from dist_bregman import comm
 from dist_bregman.shards.base import LocalView, Placement
 from dist_bregman.targets import Target
 
 try:
-    import torch.distributed as dist
     from torch.distributed.fsdp import FullyShardedDataParallel, ShardingStrategy
 
     HYBRID = (ShardingStrategy.HYBRID_SHARD, ShardingStrategy._HYBRID_SHARD_ZERO2)
@@ -41,11 +41,9 @@ class FlatPlacement(Placement):
         self.flat, self.index, self.handle = flat, index, unit._handle
         self.use_orig_params: bool = unit._use_orig_params
         self.param_name: str = flat._param_infos[index].param_name
-        self._counts_here = True
         if strategy in HYBRID:  # counted by the first rank of this rank's replica group
             replicas = unit._inter_node_pg
-            self._counter = dist.get_global_rank(replicas, 0)
-            self._counts_here = dist.get_rank(replicas) == 0
+            self.copies = comm.group_ranks(replicas)
 
     @property
     def global_numel(self) -> int:
@@ -58,8 +56,8 @@ class FlatPlacement(Placement):
             return 0, 0, 0
         return info.offset_in_shard, info.numel_in_shard, info.intra_param_start_idx
 
-    def view(self) -> LocalView:
-        if not self._counts_here:
+    def view(self, members: Container[int] | None = None) -> LocalView:
+        if self.copies and not self.counts_here(members):
             return LocalView(None, None, 0, self.global_numel, rows_whole=False)
         return self.local()
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 import heapq
-from collections.abc import Sequence
+from collections.abc import Container, Sequence
 
 from dist_bregman.shards.base import LocalView, Placement
 
@@ -19,7 +19,7 @@ class Replicated(Placement):
     def global_numel(self) -> int:
         return self.target.values.numel()
 
-    def view(self) -> LocalView:
+    def view(self, members: Container[int] | None = None) -> LocalView:
         values, mask = self.target.tensors()  # the parameter itself: counted under no_grad
         numel = values.numel()
         return LocalView(values, mask, numel, numel, True)

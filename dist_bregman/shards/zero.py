@@ -11,7 +11,7 @@ partitions never double-counts them.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Container, Sequence
 from typing import Any
 
 import torch
@@ -52,7 +52,7 @@ class ZeroPartition(Placement):
         """:func:`_valid` for this rank."""
         return _valid(self.target.values, self.rank)
 
-    def view(self) -> LocalView:
+    def view(self, members: Container[int] | None = None) -> LocalView:
         start, numel = self.valid()
         if numel == 0:
             return LocalView(None, None, 0, self.global_numel, rows_whole=False)

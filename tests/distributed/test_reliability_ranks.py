@@ -3,14 +3,17 @@ early ends the job with an error, not a hang."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 from torch import nn
+from torch.nn.utils import prune
 
 from dist_bregman import BregmanConfig, MagnitudePruner, SparsityController, comm, measure_sparsity
 from dist_bregman.errors import NonFiniteError, RankDisagreementError
@@ -247,6 +250,110 @@ def test_measure_sparsity_refuses_ranks_holding_different_layers(
             assert "pipeline stages holding different layers are not supported" in message
         assert cut.startswith("ranks [1] measure other tensors than rank 0"), cut
         assert local == f"{elements} of {elements}"  # sync=False: this rank's own, unchecked
+
+
+def _pp_stage(stage: int) -> nn.Sequential:
+    """Stage 0: two layers (one pruned by a mask, natural zeros in the other); stage 1: one
+    layer of another shape. Seeded by stage: every rank of a stage builds the same one."""
+    torch.manual_seed(stage)
+    if stage == 1:
+        return nn.Sequential(nn.Linear(16, 5))
+    layers = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16))
+    prune.l1_unstructured(layers[0], "weight", amount=0.25)
+    with torch.no_grad():
+        layers[2].weight[::4] = 0.0
+    return layers
+
+
+def _full_counts(model: nn.Module) -> dict[str, tuple[int, int]]:
+    """Nonzero and total of each Linear weight, whole (FSDP2's DTensor.full_tensor, a
+    collective of the stage's ranks; FSDP1's inside summon_full_params)."""
+    found = {}
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear):
+            pruned = hasattr(module, "weight_mask")
+            weight = module.weight_orig if pruned else module.weight
+            whole = weight.full_tensor() if hasattr(weight, "full_tensor") else weight
+            if pruned:
+                whole = whole * module.weight_mask
+            found[f"{name}.weight"] = (int(whole.count_nonzero()), whole.numel())
+    return found
+
+
+def _stages_on_a_mesh(rank: int, world: int, strategy: str) -> dict[str, Any]:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import FullyShardedDataParallel, fully_shard
+
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("pp", "dp"))  # rank = 2 pp + dp
+    stage, dp = rank // 2, mesh["dp"]
+    group = dp.get_group()
+    expected = measure_sparsity(_pp_stage(stage), sync=False).per_parameter  # unsharded
+    module = _pp_stage(stage)
+    if strategy == "fsdp2":  # torchtitan's layout: FSDP2 on the dp slice of (pp, dp)
+        fully_shard(module, mesh=dp)
+        model: nn.Module = module
+    elif strategy == "fsdp1":
+        model = FullyShardedDataParallel(
+            module, process_group=group, use_orig_params=True, device_id=torch.device("cpu")
+        )
+    else:
+        model = nn.parallel.DistributedDataParallel(module, process_group=group)
+    before = measure_sparsity(model, group=group).per_parameter
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    config = BregmanConfig(target_sparsity=0.5, initial_lambda=0.05, update_frequency=1)
+    controller = SparsityController(model, config, group=group)
+    controller.attach(optimizer)
+    generator = torch.Generator().manual_seed(rank)
+    for step in range(1, 4):
+        model(
+            torch.randn(4, 8 if stage == 0 else 16, generator=generator)
+        ).square().mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        controller.update_if_due(step)
+    trained = controller.measure().per_parameter
+    whole = FullyShardedDataParallel.summon_full_params if strategy == "fsdp1" else _no_gather
+    gathered = _gathered_counts(model, module, whole)
+    cut = MagnitudePruner(model, group=group).prune(0.5).report
+    return {
+        "stage": stage,
+        "expected": expected,
+        "before": before,
+        "trained": trained,
+        "gathered": gathered,
+        "lambda": controller.lambda_,
+        "cut": (cut.total - cut.nonzero, cut.total),
+        "cut_gathered": _gathered_counts(model, module, whole),
+    }
+
+
+@contextlib.contextmanager
+def _no_gather(model: nn.Module) -> Iterator[None]:
+    yield
+
+
+def _gathered_counts(model: nn.Module, module: nn.Module, whole: Any) -> dict[str, tuple[int, int]]:
+    with whole(model):
+        return _full_counts(module)
+
+
+@pytest.mark.timeout(TIMEOUT * 2 + 30)
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp1", "fsdp2"])
+def test_a_pipeline_stage_is_measured_within_its_own_ranks(strategy: str) -> None:
+    """Pipeline parallelism on a (pp 2, dp 2) mesh: each stage measured, regularized and
+    cut within its data-parallel group (group=). FSDP2 on the dp slice had counted a
+    shard only on the first pp slice, taking the other stage's ranks for copies of it:
+    stage 1 measured nothing ("ranks counted 0 elements, but the tensor has 80")."""
+    results = run_ranks(_stages_on_a_mesh, 4, strategy, timeout=TIMEOUT * 2)
+    for result in results:
+        peer = results[result["stage"] * 2]  # the stage's first rank
+        assert result["before"] == result["expected"]  # == the stage unsharded
+        assert result["trained"] == result["gathered"] == peer["trained"]
+        assert result["lambda"] == peer["lambda"]
+        zeros, total = result["cut"]
+        assert zeros == round(0.5 * total) and result["cut"] == peer["cut"]
+        assert sum(total - nonzero for nonzero, total in result["cut_gathered"].values()) == zeros
+    assert results[0]["expected"] != results[2]["expected"]  # two different stages
 
 
 def _moe_experts(rank: int, world: int) -> tuple[str, str, tuple[int, int]]:

@@ -115,7 +115,9 @@ def _case(rank: int, world: int, strategy: str, optimizer_name: str) -> dict[str
         except NonFiniteError as error:
             refused = str(error)
     return {
-        "counted_by": [p.counting_rank(rank) for p in controller.placements],
+        "counted_by": [
+            rank if (counting := p.counter()) is None else counting for p in controller.placements
+        ],
         "refused": refused,
         "exported": exported,
         "refused_export": refused_export,
