@@ -67,6 +67,7 @@ class SparsityController:
         group: comm.ProcessGroup = None,
     ) -> None:
         self.config = config if config is not None else BregmanConfig()
+        self.group = group  # (its first rank logs)
         self.targets: list[Target] = resolve(model, parameters_to_prune)
         if parameters_to_prune is None and (missed := left_out(model, self.targets)):
             self._warn(missed)
@@ -83,7 +84,6 @@ class SparsityController:
         )
         assert chosen is not None
         self.regularizer: Regularizer = chosen
-        self.group = group
         self.lambda_ = self.config.initial_lambda
         self.last_update_step = 0
         self.last_report: SparsityReport | None = None
@@ -696,10 +696,10 @@ class SparsityController:
                 self._info(line)
 
     def _info(self, message: str) -> None:
-        logs.info0(self.labelled(message))
+        logs.info0(self.labelled(message), self.group)
 
     def _warn(self, message: str) -> None:
-        logs.warn0(self.labelled(message))
+        logs.warn0(self.labelled(message), self.group)
 
     def labelled(self, message: str) -> str:
         """``message`` as this controller's log line: ``[name] message`` when it has a

@@ -1,6 +1,7 @@
 """Rank-zero logging in the seed's format, through Python ``logging``.
 
-Only global rank 0 emits (one line per event for the whole job, not one per GPU). The
+Only rank 0 emits (one line per event for the whole job, not one per GPU): global rank 0,
+or the first rank of the group a controller measures (one line per pipeline stage). The
 logger is ``logging.getLogger("dist_bregman")``; if the application configured no handler
 anywhere, a stderr handler with the seed's ``[%(asctime)s] %(message)s`` form is added the
 first time something is logged, so the lines appear without any set-up, and an application
@@ -29,16 +30,17 @@ def _ensure_visible() -> None:
         logger.addHandler(handler)
 
 
-def info0(message: str) -> None:
-    """Log ``message`` at INFO on global rank 0 only."""
-    if comm.is_rank_zero():
+def info0(message: str, group: comm.ProcessGroup = None) -> None:
+    """Log ``message`` at INFO on rank 0 of ``group`` only (default: global rank 0; a
+    controller of one pipeline stage logs from its own group's first rank)."""
+    if comm.get_rank(group) == 0:
         _ensure_visible()
         logger.info(message)
 
 
-def warn0(message: str) -> None:
-    """Log ``message`` at WARNING on global rank 0 only."""
-    if comm.is_rank_zero():
+def warn0(message: str, group: comm.ProcessGroup = None) -> None:
+    """Log ``message`` at WARNING on rank 0 of ``group`` only (see :func:`info0`)."""
+    if comm.get_rank(group) == 0:
         _ensure_visible()
         logger.warning(message)
 

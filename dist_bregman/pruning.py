@@ -149,7 +149,7 @@ class MagnitudePruner:
         self.config = config if config is not None else PruningConfig()
         self.targets = resolve(model, parameters_to_prune)
         if parameters_to_prune is None and (missed := left_out(model, self.targets)):
-            logs.warn0(missed)
+            logs.warn0(missed, group)
         check_writable(self.targets, "a pruning mask")
         self.group = group
         self.masks: list[torch.Tensor | None] = []

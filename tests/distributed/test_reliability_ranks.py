@@ -4,6 +4,7 @@ early ends the job with an error, not a hang."""
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import time
 from collections.abc import Iterator
@@ -300,14 +301,17 @@ def _stages_on_a_mesh(rank: int, world: int, strategy: str) -> dict[str, Any]:
         model = nn.parallel.DistributedDataParallel(module, process_group=group)
     before = measure_sparsity(model, group=group).per_parameter
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    config = BregmanConfig(target_sparsity=0.5, initial_lambda=0.05, update_frequency=1)
+    config = BregmanConfig(target_sparsity=0.5, initial_lambda=0.05, update_frequency=1, verbose=1)
     controller = SparsityController(model, config, group=group)
     controller.attach(optimizer)
+    lines: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: lines.append(record.getMessage())  # type: ignore[method-assign]
+    logging.getLogger("dist_bregman").addHandler(handler)
     generator = torch.Generator().manual_seed(rank)
     for step in range(1, 4):
-        model(
-            torch.randn(4, 8 if stage == 0 else 16, generator=generator)
-        ).square().mean().backward()
+        x = torch.randn(4, 8 if stage == 0 else 16, generator=generator)
+        model(x).square().mean().backward()
         optimizer.step()
         optimizer.zero_grad()
         controller.update_if_due(step)
@@ -324,6 +328,7 @@ def _stages_on_a_mesh(rank: int, world: int, strategy: str) -> dict[str, Any]:
         "lambda": controller.lambda_,
         "cut": (cut.total - cut.nonzero, cut.total),
         "cut_gathered": _gathered_counts(model, module, whole),
+        "lambda_lines": sum(" vs target 50.0% → Lambda " in line for line in lines),
     }
 
 
@@ -354,6 +359,8 @@ def test_a_pipeline_stage_is_measured_within_its_own_ranks(strategy: str) -> Non
         assert zeros == round(0.5 * total) and result["cut"] == peer["cut"]
         assert sum(total - nonzero for nonzero, total in result["cut_gathered"].values()) == zeros
     assert results[0]["expected"] != results[2]["expected"]  # two different stages
+    # Each stage's lambda lines come from its group's first rank (global ranks 0 and 2).
+    assert [result["lambda_lines"] for result in results] == [3, 0, 3, 0]
 
 
 def _moe_experts(rank: int, world: int) -> tuple[str, str, tuple[int, int]]:
