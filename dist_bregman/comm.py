@@ -62,6 +62,11 @@ def group_members(group: ProcessGroup = None) -> frozenset[int] | None:
     return frozenset(dist.get_process_group_ranks(group))
 
 
+def group_rank_global(group: ProcessGroup, rank: int) -> int:
+    """The global rank of ``group``'s rank ``rank``."""
+    return int(dist.get_global_rank(group, rank))
+
+
 def group_rank(group: ProcessGroup, global_rank: int) -> int:
     """``global_rank``'s rank in ``group`` (the default group: the same)."""
     if group is None or not is_distributed():
@@ -157,14 +162,20 @@ def own_bit(group: ProcessGroup = None) -> int:
 
 
 def ranks_from_bits(bits: int, group: ProcessGroup = None) -> list[int | str]:
-    """Decode a sum of :func:`rank_bit` values over the ranks of ``group`` into the ranks
-    that set them (beyond the named ranks: how many of the others did)."""
+    """Decode a sum of :func:`rank_bit` values over the ranks of ``group`` into the global
+    ranks that set them, the ones a job's logs are kept by (beyond the named ranks: how
+    many of the others did)."""
     world_size = get_world_size(group)
     named = named_ranks(world_size)
-    ranks: list[int | str] = [r for r in range(named) if bits >> r & 1]
+    found = [r for r in range(named) if bits >> r & 1]
+    whose = "ranks"
+    if group_members(group) is not None:  # a subgroup: its ranks 0, 1, ... are others
+        found = [group_rank_global(group, r) for r in found]
+        whose = "the group's ranks"
+    ranks: list[int | str] = list(found)
     others = bits >> named
     if others:
-        ranks.append(f"{others} of ranks {named}-{world_size - 1}")
+        ranks.append(f"{others} of {whose} {named}-{world_size - 1}")
     return ranks
 
 

@@ -47,7 +47,8 @@ class SparsityReport:
     nonfinite: int = 0
     """NaN or infinite elements in the measured tensors (values, before the mask)."""
     nonfinite_ranks: tuple[int | str, ...] = ()
-    """The ranks whose local elements hold them (see :func:`dist_bregman.comm.rank_bit`)."""
+    """The (global) ranks whose local elements hold them (see
+    :func:`dist_bregman.comm.rank_bit`)."""
 
     @property
     def sparsity(self) -> float:

@@ -329,6 +329,7 @@ def _stages_on_a_mesh(rank: int, world: int, strategy: str) -> dict[str, Any]:
         "cut": (cut.total - cut.nonzero, cut.total),
         "cut_gathered": _gathered_counts(model, module, whole),
         "lambda_lines": sum(" vs target 50.0% → Lambda " in line for line in lines),
+        "named": comm.ranks_from_bits(comm.own_bit(group), group),  # this rank's flag
     }
 
 
@@ -361,6 +362,8 @@ def test_a_pipeline_stage_is_measured_within_its_own_ranks(strategy: str) -> Non
     assert results[0]["expected"] != results[2]["expected"]  # two different stages
     # Each stage's lambda lines come from its group's first rank (global ranks 0 and 2).
     assert [result["lambda_lines"] for result in results] == [3, 0, 3, 0]
+    # Ranks named in reports (non-finite weights or losses) are global ranks.
+    assert [result["named"] for result in results] == [[0], [1], [2], [3]]
 
 
 def _moe_experts(rank: int, world: int) -> tuple[str, str, tuple[int, int]]:
