@@ -62,9 +62,12 @@ def group_members(group: ProcessGroup = None) -> frozenset[int] | None:
     return frozenset(dist.get_process_group_ranks(group))
 
 
-def group_rank_global(group: ProcessGroup, rank: int) -> int:
-    """The global rank of ``group``'s rank ``rank``."""
-    return int(dist.get_global_rank(group, rank))
+def global_ranks(group: ProcessGroup, ranks: list[int]) -> list[int]:
+    """The global ranks of ``group``'s ranks ``ranks``, as messages name ranks: the ones a
+    job's logs are kept by (the same under the default group)."""
+    if group_members(group) is None:
+        return ranks
+    return [int(dist.get_global_rank(group, rank)) for rank in ranks]
 
 
 def group_rank(group: ProcessGroup, global_rank: int) -> int:
@@ -167,12 +170,8 @@ def ranks_from_bits(bits: int, group: ProcessGroup = None) -> list[int | str]:
     many of the others did)."""
     world_size = get_world_size(group)
     named = named_ranks(world_size)
-    found = [r for r in range(named) if bits >> r & 1]
-    whose = "ranks"
-    if group_members(group) is not None:  # a subgroup: its ranks 0, 1, ... are others
-        found = [group_rank_global(group, r) for r in found]
-        whose = "the group's ranks"
-    ranks: list[int | str] = list(found)
+    ranks: list[int | str] = [*global_ranks(group, [r for r in range(named) if bits >> r & 1])]
+    whose = "ranks" if group_members(group) is None else "the group's ranks"
     others = bits >> named
     if others:
         ranks.append(f"{others} of {whose} {named}-{world_size - 1}")

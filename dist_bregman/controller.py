@@ -394,21 +394,24 @@ class SparsityController:
             comm.all_gather_object(mine, self.group),
         )
         reference = everyone[0]
+        ranks = comm.global_ranks(self.group, list(range(len(everyone))))  # as messages say
         differ = [rank for rank, value in enumerate(everyone) if value[:2] != reference[:2]]
         if differ:
             shown = ", ".join(
-                f"rank {rank}: lambda={everyone[rank][0]!r} set={everyone[rank][1]}"
+                f"rank {ranks[rank]}: lambda={everyone[rank][0]!r} set={everyone[rank][1]}"
                 for rank in [0, *differ]
             )
-            raise RankDisagreementError(f"ranks {differ} disagree with rank 0 ({shown})")
+            raise RankDisagreementError(
+                f"ranks {[ranks[r] for r in differ]} disagree with rank {ranks[0]} ({shown})"
+            )
         drifted = [rank for rank, value in enumerate(everyone) if value[2] != reference[2]]
         if drifted:
-            rank = drifted[0]
-            pairs = zip(reference[2], everyone[rank][2], strict=True)
+            pairs = zip(reference[2], everyone[drifted[0]][2], strict=True)
             name = next(ours[0] for ours, theirs in pairs if ours != theirs)
             raise RankDisagreementError(
-                f"ranks {drifted} hold other values than rank 0 in replicated tensors (first: "
-                f"{name}): the replicas drifted apart, and a count reads one of them. "
+                f"ranks {[ranks[r] for r in drifted]} hold other values than rank {ranks[0]} "
+                f"in replicated tensors (first: {name}): the replicas drifted apart, and a "
+                f"count reads one of them. "
                 f"Gradients are averaged only for the parameters DDP was built with (one "
                 f"frozen then and unfrozen since never is), and ranks must not change the "
                 f"weights on their own; allowed: replicas stepped alike (rebuild DDP after "

@@ -161,12 +161,14 @@ def check_same_tensors(placements: Sequence[Placement], group: comm.ProcessGroup
     ranks = [rank for rank, row in enumerate(rows) if row != rows[0]]
     if not ranks:  # (every rank reduced the same table: all return, or all raise)
         return
+    named = [0, *ranks[:3]]
     shown = "; ".join(
-        f"rank {rank}: {rows[rank][0]} tensors, {rows[rank][1]} elements"
-        for rank in [0, *ranks[:3]]
+        f"rank {name}: {rows[rank][0]} tensors, {rows[rank][1]} elements"
+        for rank, name in zip(named, comm.global_ranks(group, named), strict=True)
     )
+    first, *others = comm.global_ranks(group, [0, *ranks])
     raise RankDisagreementError(
-        f"ranks {ranks} measure other tensors than rank 0 ({shown}; names and sizes "
+        f"ranks {others} measure other tensors than rank {first} ({shown}; names and sizes "
         f"compared): {_SAME_TENSORS}"
     )
 

@@ -19,6 +19,7 @@ from torch.nn.utils import prune
 from dist_bregman import BregmanConfig, MagnitudePruner, SparsityController, comm, measure_sparsity
 from dist_bregman.errors import NonFiniteError, RankDisagreementError
 from dist_bregman.init import magnitude_init_
+from dist_bregman.sparsity import check_same_tensors
 from tests.helpers.dist import deepspeed_shm_files, run_ranks
 from tests.helpers.strategies import PassThrough, zero_redundancy
 
@@ -330,7 +331,16 @@ def _stages_on_a_mesh(rank: int, world: int, strategy: str) -> dict[str, Any]:
         "cut_gathered": _gathered_counts(model, module, whole),
         "lambda_lines": sum(" vs target 50.0% → Lambda " in line for line in lines),
         "named": comm.ranks_from_bits(comm.own_bit(group), group),  # this rank's flag
+        "disagreeing": _disagreement(controller.placements[: 0 if rank == 3 else None], group),
     }
+
+
+def _disagreement(placements: list[Any], group: Any) -> str:
+    try:
+        check_same_tensors(placements, group)
+    except RankDisagreementError as error:
+        return str(error).split(" (")[0]
+    return "agreed"
 
 
 @contextlib.contextmanager
@@ -364,6 +374,11 @@ def test_a_pipeline_stage_is_measured_within_its_own_ranks(strategy: str) -> Non
     assert [result["lambda_lines"] for result in results] == [3, 0, 3, 0]
     # Ranks named in reports (non-finite weights or losses) are global ranks.
     assert [result["named"] for result in results] == [[0], [1], [2], [3]]
+    assert [result["disagreeing"] for result in results] == [
+        "agreed",
+        "agreed",
+        *["ranks [3] measure other tensors than rank 2"] * 2,
+    ]
 
 
 def _moe_experts(rank: int, world: int) -> tuple[str, str, tuple[int, int]]:
