@@ -218,7 +218,7 @@ class Attachment:
         """Per placement, ``[elements that horizon proximal steps alone would zero (no
         gradient pushing back), elements]`` that the hooks step here, flattened to 2 x n
         0-d int64 tensors (zeros where none are) for the measurement's all-reduce:
-        :func:`shrinkage_share` of the sums is the whole model's share. No host sync."""
+        :meth:`shrinkage_share` of the sums is the whole model's share. No host sync."""
         lam = self.current_lambda()
         within: list[torch.Tensor | int] = [0] * len(self.placements)  # 0-d once counted
         held = [0] * len(self.placements)
