@@ -16,6 +16,7 @@ import contextlib
 import dataclasses
 import functools
 import reprlib
+import sys
 from collections.abc import Iterable, Iterator, Sequence
 from typing import NamedTuple
 
@@ -392,12 +393,19 @@ def unwrap(model: nn.Module) -> nn.Module:
             f"DDP, FSDP or DeepSpeed wrapper); (module, name) pairs go in parameters_to_prune"
         )
     while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)) or (
-        type(model).__name__ == "DeepSpeedEngine"
+        _deepspeed_engine(model)
     ):
         inner = model.module
         assert isinstance(inner, nn.Module)
         model = inner
     return model
+
+
+def _deepspeed_engine(model: nn.Module) -> bool:
+    """Whether ``model`` is a DeepSpeed engine (its ``PipelineEngine`` too), without
+    importing DeepSpeed: none exists before DeepSpeed's engine module is imported."""
+    engine = sys.modules.get("deepspeed.runtime.engine")
+    return engine is not None and isinstance(model, engine.DeepSpeedEngine)
 
 
 def _read(module: nn.Module, name: str) -> torch.Tensor:

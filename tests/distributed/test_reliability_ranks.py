@@ -381,6 +381,55 @@ def test_a_pipeline_stage_is_measured_within_its_own_ranks(strategy: str) -> Non
     ]
 
 
+def _deepspeed_stages(rank: int, world: int) -> tuple[int, dict[str, tuple[int, int]], float]:
+    os.environ.update(LOCAL_RANK=str(rank), RANK=str(rank), WORLD_SIZE=str(world))
+    import deepspeed
+    from deepspeed.pipe import PipelineModule
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    torch.manual_seed(0)
+    layers = [nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 5)]
+    with torch.no_grad():
+        layers[2].weight[::4] = 0.0  # natural zeros
+    net = PipelineModule(
+        layers=layers, num_stages=2, loss_fn=nn.CrossEntropyLoss(), partition_method="uniform"
+    )
+    config = {
+        "train_batch_size": 8,
+        "train_micro_batch_size_per_gpu": 2,
+        "optimizer": {"type": "SGD", "params": {"lr": 0.1}},
+        "zero_optimization": {"stage": 1},
+        "zero_allow_untested_optimizer": True,
+    }
+    engine, *_ = deepspeed.initialize(model=net, model_parameters=net.parameters(), config=config)
+    group = engine.grid.get_data_parallel_group()
+    before = measure_sparsity(engine, group=group).per_parameter
+    config = BregmanConfig(target_sparsity=0.5, initial_lambda=0.05, update_frequency=1)
+    controller = SparsityController(engine, config, group=group)
+    controller.attach(engine.optimizer)
+    generator = torch.Generator().manual_seed(rank)
+    batches = iter(
+        [(torch.randn(2, 8, generator=generator), torch.randint(0, 5, (2,))) for _ in range(8)]
+    )
+    for step in (1, 2):
+        engine.train_batch(data_iter=batches)
+        controller.update_if_due(step)
+    return engine.stage_id, before, controller.lambda_
+
+
+@pytest.mark.timeout(TIMEOUT * 2 + 30)
+def test_a_deepspeed_pipeline_stage_is_measured_within_its_own_ranks() -> None:
+    """DeepSpeed's PipelineModule over ZeRO-1 at (pp 2, dp 2): each stage within its
+    data-parallel group, named as in the whole model (its PipelineEngine had been taken
+    for a model, and every name began with "module.")."""
+    results = run_ranks(_deepspeed_stages, 4, timeout=TIMEOUT * 2)
+    assert [(stage, before) for stage, before, _ in results] == [
+        *[(0, {"0.weight": (128, 128), "2.weight": (192, 256)})] * 2,
+        *[(1, {"4.weight": (80, 80)})] * 2,
+    ]
+    assert results[0][2] == results[1][2] and results[2][2] == results[3][2]
+
+
 def _moe_experts(rank: int, world: int) -> tuple[str, str, tuple[int, int]]:
     os.environ.update(LOCAL_RANK=str(rank), RANK=str(rank), WORLD_SIZE=str(world))
     import deepspeed
