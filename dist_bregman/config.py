@@ -102,7 +102,7 @@ class BregmanConfig:
     measured parameter set and the same replicas (the sums of every replicated tensor,
     which each rank then reads whole), raising
     :class:`~dist_bregman.errors.RankDisagreementError` naming the ranks that differ (one
-    ``all_gather_object``); 0 turns it off."""
+    ``all_gather_object``; nothing in one process); 0 turns it off."""
     name: str | None = None
     """Names this controller where several drive one model (each its own weights and
     target, e.g. the encoder at 90% and the head at 50%): ``[name]`` starts its log lines,

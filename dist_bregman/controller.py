@@ -238,7 +238,7 @@ class SparsityController:
             self.held.settle(step, report)
         self.updates += 1
         every = config.check_agreement_every
-        if every and self.updates % every == 0:
+        if every and self.updates % every == 0 and comm.get_world_size(self.group) > 1:
             self.check_agreement()  # before the broadcast, which would hide a divergence
         skip = "support frozen" if self.frozen else None
         if self.out_of_reach is not None and skip is None:

@@ -1067,3 +1067,14 @@ def test_replica_sums_name_each_replica_and_compare_equal_with_nan() -> None:
     assert [name for name, _, _ in sums] == ["0.weight", "2.weight"]
     assert sums[0][1:] == ((1.5).hex(), (15.25).hex())
     assert sums == controller.replica_sums() and sums[1][1] == "nan"
+
+
+def test_check_agreement_every_does_nothing_in_one_process(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One process has no other rank to agree with: check_agreement_every reads no
+    replica there (it had read every replicated tensor whole at each check)."""
+    controller = SparsityController(_model(), BregmanConfig(check_agreement_every=1))
+    calls: list[int] = []
+    monkeypatch.setattr(controller, "check_agreement", lambda: calls.append(1))
+    controller.update(1)
+    controller.update(2)
+    assert calls == []
