@@ -390,7 +390,7 @@ class SparsityController:
         collective (debug)."""
         mine = (self.lambda_, self.fingerprint(), self.replica_sums())
         everyone = cast(
-            "list[tuple[float, str, list[tuple[str, str, str]]]]",
+            "list[tuple[float, str, list[tuple[str, tuple[int, ...], str, str]]]]",
             comm.all_gather_object(mine, self.group),
         )
         reference = everyone[0]
@@ -404,38 +404,56 @@ class SparsityController:
             raise RankDisagreementError(
                 f"ranks {[ranks[r] for r in differ]} disagree with rank {ranks[0]} ({shown})"
             )
-        drifted = [rank for rank, value in enumerate(everyone) if value[2] != reference[2]]
+        # Each copy (a whole replica, or a shard's replicas) against its first holder's.
+        first_holder: dict[tuple[str, tuple[int, ...]], tuple[int, tuple[str, str]]] = {}
+        drifted: list[tuple[int, int, str]] = []  # (rank, first holder it differs from, name)
+        for rank, value in enumerate(everyone):
+            for name, copies, total, squares in value[2]:
+                first, sums = first_holder.setdefault((name, copies), (rank, (total, squares)))
+                if sums != (total, squares) and (not drifted or drifted[-1][0] != rank):
+                    drifted.append((rank, first, name))
         if drifted:
-            pairs = zip(reference[2], everyone[drifted[0]][2], strict=True)
-            name = next(ours[0] for ours, theirs in pairs if ours != theirs)
+            _, first, name = drifted[0]
             raise RankDisagreementError(
-                f"ranks {[ranks[r] for r in drifted]} hold other values than rank {ranks[0]} "
-                f"in replicated tensors (first: {name}): the replicas drifted apart, and a "
-                f"count reads one of them. "
+                f"ranks {[ranks[r] for r, _, _ in drifted]} hold other values than rank "
+                f"{ranks[first]} in replicated tensors (first: {name}): the replicas drifted "
+                f"apart, and a count reads one of them. "
                 f"Gradients are averaged only for the parameters DDP was built with (one "
                 f"frozen then and unfrozen since never is), and ranks must not change the "
                 f"weights on their own; allowed: replicas stepped alike (rebuild DDP after "
                 f"unfreezing)"
             )
 
-    def replica_sums(self) -> list[tuple[str, str, str]]:
-        """Each replicated measured tensor's name with the float64 sum and sum of squares of
-        its effective values as this rank holds them (every replica, not only those this
-        rank counts), as hex strings: equal on every rank while the replicas are, as DDP
-        keeps them (strings, so that NaN sums compare equal too)."""
-        replicas = [p for p in self.placements if isinstance(p, Replicated)]
-        if not replicas:
-            return []
-        device = replicas[0].target.values.device
+    def replica_sums(self) -> list[tuple[str, tuple[int, ...], str, str]]:
+        """Each measured tensor that this rank holds in copies: its name, the global ranks
+        holding this rank's copy (``()``: every rank, a whole replica as DDP keeps it; else
+        the replicas of a shard under HSDP / HYBRID_SHARD within :attr:`group`), and the
+        float64 sum and sum of squares of the effective values this rank holds, as hex
+        strings: equal on the ranks of a copy while the copies are (strings, so that NaN
+        sums compare equal too)."""
+        members = comm.group_members(self.group)
+        held: list[tuple[str, tuple[int, ...], torch.Tensor]] = []
         with torch.no_grad():
-            sums = []
-            for placement in replicas:
-                values = placement.target.effective().double()  # the whole replica
-                sums.append(torch.stack([values.sum(), values.square().sum()]).to(device))
+            for placement in self.placements:
+                if isinstance(placement, Replicated):
+                    held.append((placement.target.name, (), placement.target.effective()))
+                    continue
+                copies = tuple(r for r in placement.copies if members is None or r in members)
+                view = placement.local()
+                if len(copies) > 1 and view.values is not None:
+                    values = view.values if view.mask is None else view.values * view.mask
+                    held.append((placement.target.name, copies, values))
+            if not held:
+                return []
+            device = held[0][2].device
+            sums = [
+                torch.stack([v.double().sum(), v.double().square().sum()]).to(device)
+                for _, _, v in held
+            ]
             numbers = torch.stack(sums).tolist()  # the one host synchronisation
         return [
-            (p.target.name, total.hex(), squares.hex())
-            for p, (total, squares) in zip(replicas, numbers, strict=True)
+            (name, copies, total.hex(), squares.hex())
+            for (name, copies, _), (total, squares) in zip(held, numbers, strict=True)
         ]
 
     def fingerprint(self) -> str:

@@ -21,7 +21,7 @@ from dist_bregman.errors import NonFiniteError, RankDisagreementError
 from dist_bregman.init import magnitude_init_
 from dist_bregman.sparsity import check_same_tensors
 from tests.helpers.dist import deepspeed_shm_files, run_ranks
-from tests.helpers.strategies import PassThrough, zero_redundancy
+from tests.helpers.strategies import PassThrough, matrix_model, wrap, zero_redundancy
 
 TIMEOUT = 60.0
 
@@ -165,6 +165,44 @@ def test_replicas_that_drift_apart_are_named_by_the_agreement_check() -> None:
         assert checked[2].startswith(
             "step 3: ranks [1] hold other values than rank 0 in replicated tensors (first: "
             "3.weight)"
+        ), checked
+
+
+def _shard_replica_drifts(rank: int, world: int, strategy: str) -> list[str]:
+    """HSDP (2 replicas of 2 shards): rank 2 holds a copy of rank 0's shard. After a step
+    that agreed, rank 2 changes its copy, as a rank-local write would."""
+    os.environ.update(LOCAL_RANK=str(rank), RANK=str(rank), WORLD_SIZE=str(world))
+    wrapped = wrap(strategy, matrix_model(), lambda m: torch.optim.SGD(m.parameters(), lr=0.1))
+    controller = _controller(wrapped.model, check_agreement_every=1)
+    controller.attach(wrapped.optimizer)
+    checked = []
+    for step in (1, 2):
+        x = torch.randn(4, 13, generator=torch.Generator().manual_seed(step))
+        wrapped.train_step(x, x[:, :5].argmax(dim=1))
+        if step == 2 and rank == 2:
+            view = controller.placements[1].local()  # 2.weight: rank 0's shard, copied here
+            assert view.values is not None
+            view.values.view(-1)[0] += 1.0
+        try:
+            controller.update(step)
+            checked.append(f"step {step}: agreed")
+        except RankDisagreementError as error:
+            checked.append(f"step {step}: {error}")
+    return checked
+
+
+@pytest.mark.timeout(TIMEOUT * 2 + 30)
+@pytest.mark.parametrize("strategy", ["hsdp", "fsdp1_hybrid"])
+def test_replicas_of_a_shard_that_drift_apart_are_named_by_the_agreement_check(
+    strategy: str,
+) -> None:
+    """check_agreement_every had compared whole replicas only (DDP's): HSDP's and
+    HYBRID_SHARD's copies of a shard, of which only the first is counted, went unchecked."""
+    for checked in run_ranks(_shard_replica_drifts, 4, strategy, timeout=TIMEOUT * 2):
+        assert checked[0] == "step 1: agreed"
+        assert checked[1].startswith(
+            "step 2: ranks [2] hold other values than rank 0 in replicated tensors (first: "
+            "2.weight)"
         ), checked
 
 

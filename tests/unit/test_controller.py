@@ -1064,9 +1064,9 @@ def test_replica_sums_name_each_replica_and_compare_equal_with_nan() -> None:
         model[0].weight.copy_(torch.tensor([[1.0, -2.0, 0.5], [0.0, 3.0, -1.0]]))
         model[2].weight[0, 0] = float("nan")
     sums = controller.replica_sums()
-    assert [name for name, _, _ in sums] == ["0.weight", "2.weight"]
-    assert sums[0][1:] == ((1.5).hex(), (15.25).hex())
-    assert sums == controller.replica_sums() and sums[1][1] == "nan"
+    assert [(name, copies) for name, copies, _, _ in sums] == [("0.weight", ()), ("2.weight", ())]
+    assert sums[0][2:] == ((1.5).hex(), (15.25).hex())
+    assert sums == controller.replica_sums() and sums[1][2] == "nan"
 
 
 def test_check_agreement_every_does_nothing_in_one_process(monkeypatch: pytest.MonkeyPatch) -> None:
