@@ -40,6 +40,9 @@ class Placement(ABC):
     order that picks the one that counts them: the first among the ranks measured
     together (a shard's replicas under HSDP / HYBRID_SHARD, a layer's copies on the other
     slices of a sliced device mesh). Empty: no other rank holds them."""
+    _me: int = -1
+    """This process's global rank, kept beside :attr:`copies` by :meth:`_held_by` (asked
+    at every measurement, ``torch.distributed.get_rank`` took ~1 us a tensor)."""
 
     def __init__(self, target: Target) -> None:
         self.target = target
@@ -78,7 +81,11 @@ class Placement(ABC):
     def counts_here(self, members: Container[int] | None = None) -> bool:
         """Whether this rank counts the elements it holds (see :meth:`counter`)."""
         counter = self.counter(members)
-        return counter is None or counter == comm.get_rank()
+        return counter is None or counter == self._me
+
+    def _held_by(self, copies: tuple[int, ...]) -> None:
+        """Set :attr:`copies` (this rank among them)."""
+        self.copies, self._me = copies, comm.get_rank()
 
     @property
     def row_split(self) -> str:

@@ -198,7 +198,7 @@ class DTensorPlacement(Placement):
         self._in_mesh = mesh.get_coordinate() is not None  # else it holds nothing here
         if self._in_mesh:
             replicated = tuple(i for i, p in enumerate(placements) if isinstance(p, Replicate))
-            self.copies = copy_ranks(mesh, replicated)
+            self._held_by(copy_ranks(mesh, replicated))
         self._rows_whole = all(not isinstance(p, Shard) or p.dim == 0 for p in placements)
 
     @property

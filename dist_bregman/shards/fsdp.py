@@ -43,7 +43,7 @@ class FlatPlacement(Placement):
         self.param_name: str = flat._param_infos[index].param_name
         if strategy in HYBRID:  # counted by the first rank of this rank's replica group
             replicas = unit._inter_node_pg
-            self.copies = comm.group_ranks(replicas)
+            self._held_by(comm.group_ranks(replicas))
 
     @property
     def global_numel(self) -> int:
