@@ -238,7 +238,8 @@ def reduce_counts(
         raise ValueError("no tensors to measure: the parameter set is empty")
     world = comm.get_world_size(group)
     distributed = sync and world > 1
-    views = local_views(placements, group) if distributed else [p.view() for p in placements]
+    with torch.no_grad():  # (a DTensor's to_local is then its local tensor, no autograd op)
+        views = local_views(placements, group) if distributed else [p.view() for p in placements]
     if structure:
         flat = [p.target.name for p, v in zip(placements, views, strict=True) if not v.rows_whole]
         if flat:

@@ -102,10 +102,12 @@ def fsdp2_owners(modules: Sequence[nn.Module]) -> dict[int, Any]:
     return owners
 
 
-def sharded_values(target: Target, owner: Any) -> torch.Tensor:
-    """``target``'s values as the sharded DTensor, also while its FSDP2 group (``owner``)
-    is gathered or holds its post-forward copy (see the module docstring)."""
-    values = target.values
+def sharded_values(target: Target, owner: Any, values: torch.Tensor | None = None) -> torch.Tensor:
+    """``target``'s values (``values``, where the caller has just read them) as the
+    sharded DTensor, also while its FSDP2 group (``owner``) is gathered or holds its
+    post-forward copy (see the module docstring)."""
+    if values is None:
+        values = target.values
     if owner is None or (is_dtensor(values) and not _reshards_to_a_smaller_mesh(owner)):
         return values
     sharded = _sharded_param(owner, values)
@@ -222,8 +224,8 @@ class DTensorPlacement(Placement):
         return self.local()
 
     def local(self) -> LocalView:
-        values = sharded_values(self.target, self.owner)
-        mask = self.target.tensors()[1]
+        read, mask = self.target.tensors()
+        values = sharded_values(self.target, self.owner, read)
         if not self._in_mesh:  # this rank is not in the tensor's mesh: holds nothing
             return LocalView(None, None, 0, values.numel(), self._rows_whole)
         local = values.to_local().detach()  # type: ignore[attr-defined]
