@@ -231,7 +231,7 @@ class Attachment:
                     local = local_tensor(tensor)
                     for part in holds.parts.get(key, ()):
                         piece = local if part.region is None else local[part.region]
-                        within[part.index] += piece.abs().le(threshold).sum()
+                        within[part.index] += self.regularizer.zeroed(piece, threshold)
                         held[part.index] += piece.numel()
         pairs = zip(within, held, strict=True)
         return [torch.as_tensor(count, dtype=torch.int64) for pair in pairs for count in pair]

@@ -51,6 +51,12 @@ class Regularizer(ABC):
         """:meth:`value` of each tensor, in order."""
         return [self.value(x) for x in tensors]
 
+    def zeroed(self, x: torch.Tensor, threshold: float) -> torch.Tensor:
+        """How many elements of ``x`` one :meth:`prox_` with ``threshold`` leaves at zero,
+        as a 0-d int64 tensor (no host sync): those within ``threshold`` of zero, as the
+        L1 step zeroes them. For the warning that shrinkage alone would empty the model."""
+        return x.abs().le(threshold).sum()
+
     def bregman_distance(
         self, u: torch.Tensor, v: torch.Tensor, p: torch.Tensor | None = None
     ) -> torch.Tensor:
@@ -190,6 +196,14 @@ class GroupL1(Regularizer):
         norms = torch.linalg.vector_norm(groups, dim=1, keepdim=True)
         scale = math.sqrt(groups.shape[1]) / torch.where(norms > 0, norms, torch.ones_like(norms))
         return (groups * scale).reshape(x.shape)
+
+    def zeroed(self, x: torch.Tensor, threshold: float) -> torch.Tensor:
+        """The elements of the groups whose norm is within ``threshold * sqrt(n_g)``: the
+        whole groups :meth:`prox_` zeroes (an element-wise count took rows of a few large
+        weights among many small ones for zeroed)."""
+        groups = self.groups(x)
+        norms = torch.linalg.vector_norm(groups, dim=1)
+        return norms.le(threshold * math.sqrt(groups.shape[1])).sum() * groups.shape[1]
 
     def prox_(self, x: torch.Tensor, threshold: float) -> torch.Tensor:
         if not x.is_contiguous():

@@ -483,6 +483,28 @@ def test_attach_warns_when_shrinkage_alone_zeroes_most_weights_before_lambda_can
     assert "would zero 100.0% of the regularized weights" in caplog.text
 
 
+def test_the_shrinkage_warning_counts_whole_groups_under_group_sparsity(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Under group_l1 the proximal step zeroes rows whose norm is within the threshold
+    (times sqrt of the row length), not single small weights. Rows of three tiny weights
+    to one large one (threshold 100 x 0.05 x 0.01 = 0.05 per weight, row RMS 0.5) had read
+    as 75% zeroed; rows of tiny weights only are zeroed whole."""
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    with torch.no_grad():
+        for layer in (model[0], model[2]):
+            layer.weight.fill_(0.001)
+            layer.weight[:, ::4] = 1.0
+    config = BregmanConfig(initial_lambda=0.01, regularizer="group_l1")
+    with caplog.at_level(logging.WARNING, logger="dist_bregman"):
+        SparsityController(model, config).attach(torch.optim.SGD(model.parameters(), lr=0.05))
+        assert "would zero" not in caplog.text
+        with torch.no_grad():
+            model[0].weight.fill_(0.001)  # 128 of the 192 weights, in rows of tiny weights
+        SparsityController(model, config).attach(torch.optim.SGD(model.parameters(), lr=0.05))
+    assert "would zero 66.7% of the regularized weights" in caplog.text
+
+
 class _TransposedLinear(nn.Module):
     """Hugging Face GPT-2's ``Conv1D`` layout: a weight matrix in a module type that the
     default set does not know."""

@@ -207,3 +207,14 @@ def test_group_l1_takes_a_shard_with_no_rows(by: str) -> None:
     reg = GroupL1(by)
     reg.prox_(empty, 0.1)
     assert float(reg.value(empty)) == 0.0 and reg.subgradient(empty).shape == empty.shape
+
+
+@pytest.mark.parametrize("reg", [L1(), GroupL1("rows"), GroupL1("kernels")])
+@pytest.mark.parametrize("threshold", [0.0, 0.3, 0.8, 5.0])
+def test_zeroed_counts_what_one_proximal_step_leaves_at_zero(
+    reg: Regularizer, threshold: float
+) -> None:
+    x = torch.randn(6, 4, 3, 3, generator=torch.Generator().manual_seed(3))
+    x[1] = 0.0  # a zero row: zero before and after
+    expected = int((reg.prox_(x.clone(), threshold) == 0).sum())
+    assert reg.zeroed(x, threshold).item() == expected
