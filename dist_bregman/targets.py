@@ -82,14 +82,15 @@ class Target:
         :func:`computed_by`).
         """
         module, attr = self.module, self.attr
-        if not module._forward_pre_hooks:
-            # The common case in two lookups. A registered parameter is never computed:
-            # parametrize, prune, weight_norm and spectral_norm all move it out of
-            # ``_parameters`` (and the last three add a pre-hook).
-            value = module._parameters.get(attr)
-            if value is not None:
-                return value, None
-        else:
+        # The common case in one lookup, also for modules with forward pre-hooks (FSDP2
+        # puts some on every module it shards). A registered parameter is never computed:
+        # parametrize, prune, weight_norm and spectral_norm all move it out of
+        # ``_parameters`` (and the last three add a pre-hook), and while it is registered,
+        # ``module.<attr>`` cannot be set to anything else.
+        value = module._parameters.get(attr)
+        if value is not None:
+            return value, None
+        if module._forward_pre_hooks:
             hook = recomputing_hook(module, attr)
             if isinstance(hook, prune.BasePruningMethod):
                 return _read(module, attr + "_orig"), _read(module, attr + "_mask")
