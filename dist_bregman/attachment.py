@@ -18,7 +18,7 @@ shards, DTensor shards), so the next step cannot undo them.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from functools import partial
 from typing import Any
 
@@ -26,7 +26,7 @@ import torch
 from torch.utils.hooks import RemovableHandle
 
 from dist_bregman.config import check_number
-from dist_bregman.holders import Holding, holding
+from dist_bregman.holders import Holding, Part, holding
 from dist_bregman.optim import BregmanOptimizer, lambda_scale
 from dist_bregman.regularizers import GroupL1, Regularizer
 from dist_bregman.regularizers import resolve as resolve_regularizer
@@ -228,9 +228,7 @@ class Attachment:
                 for key, tensor in holds.tensors.items():  # read the held tensors themselves
                     group = groups[holds.group_of[key]]
                     threshold = horizon * float(group["lr"]) * lam * lambda_scale(group)
-                    local = local_tensor(tensor)
-                    for part in holds.parts.get(key, ()):
-                        piece = local if part.region is None else local[part.region]
+                    for part, piece in _parts(tensor, holds):
                         within[part.index] += self.regularizer.zeroed(piece, threshold)
                         held[part.index] += piece.numel()
         pairs = zip(within, held, strict=True)
@@ -288,12 +286,18 @@ def _set_lambda(
 
 def _pieces(params: Sequence[torch.Tensor], holds: Holding) -> list[torch.Tensor]:
     """The measured elements of ``params``: local shards, sliced to their regions."""
-    pieces = []
-    for p in params:
-        for part in holds.parts.get(id(p), ()):
-            local = local_tensor(p)
-            pieces.append(local if part.region is None else local[part.region])
-    return pieces
+    return [piece for p in params for _, piece in _parts(p, holds)]
+
+
+def _parts(held: torch.Tensor, holds: Holding) -> Iterator[tuple[Part, torch.Tensor]]:
+    """Each measured part of the held tensor ``held``, with its elements (the local shard,
+    sliced to the part's region)."""
+    parts = holds.parts.get(id(held))
+    if not parts:  # (a bias in a weight's group: read nothing)
+        return
+    local = local_tensor(held)
+    for part in parts:
+        yield part, local if part.region is None else local[part.region]
 
 
 def _split_rows(placement: Placement, reg: Regularizer) -> ValueError:

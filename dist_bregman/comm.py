@@ -54,27 +54,29 @@ def group_ranks(group: ProcessGroup) -> tuple[int, ...]:
     return tuple(sorted(ranks, key=lambda rank: dist.get_group_rank(group, rank)))
 
 
+def _subgroup(group: ProcessGroup) -> bool:
+    """Whether ``group`` is a process group of some ranks, whose ranks are not the global
+    ones (not the default group, and a process group exists)."""
+    return group is not None and is_distributed() and group is not dist.GroupMember.WORLD
+
+
 def group_members(group: ProcessGroup = None) -> frozenset[int] | None:
     """The global ranks measured together in ``group``; None for every rank (the default
     group, or no process group)."""
-    if group is None or not is_distributed() or group is dist.GroupMember.WORLD:
-        return None
-    return frozenset(dist.get_process_group_ranks(group))
+    return frozenset(dist.get_process_group_ranks(group)) if _subgroup(group) else None
 
 
 def global_ranks(group: ProcessGroup, ranks: list[int]) -> list[int]:
     """The global ranks of ``group``'s ranks ``ranks``, as messages name ranks: the ones a
     job's logs are kept by (the same under the default group)."""
-    if group_members(group) is None:
+    if not _subgroup(group):
         return ranks
     return [int(dist.get_global_rank(group, rank)) for rank in ranks]
 
 
 def group_rank(group: ProcessGroup, global_rank: int) -> int:
     """``global_rank``'s rank in ``group`` (the default group: the same)."""
-    if group is None or not is_distributed():
-        return global_rank
-    return int(dist.get_group_rank(group, global_rank))
+    return int(dist.get_group_rank(group, global_rank)) if _subgroup(group) else global_rank
 
 
 def is_rank_zero() -> bool:
@@ -171,7 +173,7 @@ def ranks_from_bits(bits: int, group: ProcessGroup = None) -> list[int | str]:
     world_size = get_world_size(group)
     named = named_ranks(world_size)
     ranks: list[int | str] = [*global_ranks(group, [r for r in range(named) if bits >> r & 1])]
-    whose = "ranks" if group_members(group) is None else "the group's ranks"
+    whose = "the group's ranks" if _subgroup(group) else "ranks"
     others = bits >> named
     if others:
         ranks.append(f"{others} of {whose} {named}-{world_size - 1}")

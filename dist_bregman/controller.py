@@ -439,9 +439,7 @@ class SparsityController:
                     held.append((placement.target.name, (), placement.target.effective()))
                     continue
                 copies = tuple(r for r in placement.copies if members is None or r in members)
-                view = placement.local()
-                if len(copies) > 1 and view.values is not None:
-                    values = view.values if view.mask is None else view.values * view.mask
+                if len(copies) > 1 and (values := placement.local().effective()) is not None:
                     held.append((placement.target.name, copies, values))
             if not held:
                 return []

@@ -393,9 +393,8 @@ def unwrap(model: nn.Module) -> nn.Module:
             f"model={reprlib.repr(model)}: expected the nn.Module (or its "
             f"DDP, FSDP or DeepSpeed wrapper); (module, name) pairs go in parameters_to_prune"
         )
-    while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)) or (
-        _deepspeed_engine(model)
-    ):
+    wrappers = (nn.parallel.DistributedDataParallel, nn.DataParallel)
+    while isinstance(model, wrappers) or _deepspeed_engine(model):
         inner = model.module
         assert isinstance(inner, nn.Module)
         model = inner

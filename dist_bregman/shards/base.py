@@ -29,6 +29,12 @@ class LocalView:
     """``values`` keeps whole dim-0 rows in their original trailing shape, so all-zero rows
     (neurons, filters) and kernels can be counted locally."""
 
+    def effective(self) -> torch.Tensor | None:
+        """``values * mask`` (what the forward uses of these elements), or None."""
+        if self.values is None or self.mask is None:
+            return self.values
+        return self.values * self.mask
+
 
 class Placement(ABC):
     """The layout of one target on this rank."""

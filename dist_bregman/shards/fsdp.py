@@ -57,7 +57,7 @@ class FlatPlacement(Placement):
         return info.offset_in_shard, info.numel_in_shard, info.intra_param_start_idx
 
     def view(self, members: Container[int] | None = None) -> LocalView:
-        if self.copies and not self.counts_here(members):
+        if not self.counts_here(members):
             return LocalView(None, None, 0, self.global_numel, rows_whole=False)
         return self.local()
 

@@ -21,7 +21,14 @@ from dist_bregman.errors import NonFiniteError, RankDisagreementError
 from dist_bregman.init import magnitude_init_
 from dist_bregman.sparsity import check_same_tensors
 from tests.helpers.dist import deepspeed_shm_files, run_ranks
-from tests.helpers.strategies import PassThrough, matrix_model, wrap, zero_redundancy
+from tests.helpers.strategies import (
+    PassThrough,
+    counts,
+    effective_weights,
+    matrix_model,
+    wrap,
+    zero_redundancy,
+)
 
 TIMEOUT = 60.0
 
@@ -305,21 +312,6 @@ def _pp_stage(stage: int) -> nn.Sequential:
     return layers
 
 
-def _full_counts(model: nn.Module) -> dict[str, tuple[int, int]]:
-    """Nonzero and total of each Linear weight, whole (FSDP2's DTensor.full_tensor, a
-    collective of the stage's ranks; FSDP1's inside summon_full_params)."""
-    found = {}
-    for name, module in model.named_modules():
-        if isinstance(module, nn.Linear):
-            pruned = hasattr(module, "weight_mask")
-            weight = module.weight_orig if pruned else module.weight
-            whole = weight.full_tensor() if hasattr(weight, "full_tensor") else weight
-            if pruned:
-                whole = whole * module.weight_mask
-            found[f"{name}.weight"] = (int(whole.count_nonzero()), whole.numel())
-    return found
-
-
 def _stages_on_a_mesh(rank: int, world: int, strategy: str) -> dict[str, Any]:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import FullyShardedDataParallel, fully_shard
@@ -386,9 +378,14 @@ def _no_gather(model: nn.Module) -> Iterator[None]:
     yield
 
 
-def _gathered_counts(model: nn.Module, module: nn.Module, whole: Any) -> dict[str, tuple[int, int]]:
+def _gathered_counts(
+    model: nn.Module, module: nn.Sequential, whole: Any
+) -> dict[str, tuple[int, int]]:
+    """Nonzero and total of each Linear weight, whole (FSDP2's DTensor.full_tensor, a
+    collective of the stage's ranks; FSDP1's inside summon_full_params)."""
+    linears = [name for name, layer in module.named_children() if isinstance(layer, nn.Linear)]
     with whole(model):
-        return _full_counts(module)
+        return counts(effective_weights(module, linears))
 
 
 @pytest.mark.timeout(TIMEOUT * 2 + 30)

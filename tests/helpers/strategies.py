@@ -8,7 +8,7 @@ independent of the library's counting, so it is a fair reference.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -88,10 +88,13 @@ def matrix_model(seed: int = 3) -> nn.Sequential:
 LINEARS = ("0", "2", "4")
 
 
-def effective_weights(module: nn.Sequential) -> dict[str, torch.Tensor]:
-    """``weight_orig * weight_mask`` (or ``weight``) of each Linear, as full tensors."""
+def effective_weights(
+    module: nn.Sequential, linears: Sequence[str] = LINEARS
+) -> dict[str, torch.Tensor]:
+    """``weight_orig * weight_mask`` (or ``weight``) of the Linears ``linears`` (positions in
+    ``module``; the matrix model's by default), as full tensors."""
     out = {}
-    for name in LINEARS:
+    for name in linears:
         layer = module[int(name)]
         if hasattr(layer, "weight_mask"):
             out[f"{name}.weight"] = (_full(layer.weight_orig) * layer.weight_mask).detach().clone()
