@@ -232,14 +232,15 @@ def reduce_counts(
     :class:`~dist_bregman.errors.RankDisagreementError` on every rank where they do not,
     for callers that did not run :func:`check_same_tensors` (ranks summing other tensors
     slot by slot would report a model nobody holds). With ``sync=False`` nothing is
-    communicated and each rank reports what it holds.
+    communicated and each rank reports what it holds, copies of another rank's shard
+    (HSDP) included.
     """
     if not placements:
         raise ValueError("no tensors to measure: the parameter set is empty")
     world = comm.get_world_size(group)
     distributed = sync and world > 1
     with torch.no_grad():  # (a DTensor's to_local is then its local tensor, no autograd op)
-        views = local_views(placements, group) if distributed else [p.view() for p in placements]
+        views = local_views(placements, group) if distributed else [p.local() for p in placements]
     if structure:
         flat = [p.target.name for p, v in zip(placements, views, strict=True) if not v.rows_whole]
         if flat:

@@ -85,6 +85,7 @@ def _case(rank: int, world: int, strategy: str, optimizer_name: str) -> dict[str
     with torch.no_grad():  # an eval forward (FSDP2 leaves the root's group unsharded)
         wrapped.model(x.to(next(wrapped.module.parameters()).dtype))  # (zero1_bf16: bf16)
     after = controller.measure()
+    local = measure_sparsity(wrapped.model, sync=False)  # what this rank holds, uncounted
     weights = wrapped.full_effective()
     gathered = counts(weights)
     penalty = controller.regularization_loss()  # a collective when sharded
@@ -130,6 +131,7 @@ def _case(rank: int, world: int, strategy: str, optimizer_name: str) -> dict[str
         "cut": cut,
         "share": share,
         "after": after,
+        "local": local,
         "gathered": gathered,
         "calls": dict(counter.calls),
         "lambda": controller.lambda_,
@@ -191,6 +193,13 @@ def test_counts_are_the_unsharded_truth_and_zeros_reach_the_full_weights(
         assert all(agreed == (first["after"], first["lambda"]) for agreed in result["agree"])
     if not steps_apart(strategy):  # the step itself is torch's there
         assert first["after"].nonzero < first["before"].nonzero  # new exact zeros that stuck
+    # sync=False: each rank's own elements, its copy of a replicated shard included (the
+    # second replica of an HSDP shard had reported none of it).
+    held = [result["local"].total for result in results]
+    if strategy in ("hsdp", "fsdp1_hybrid"):
+        assert held[2:] == held[:2] and sum(held[:2]) == first["after"].total
+    elif strategy == "ddp":
+        assert held == [first["after"].total] * world
     for rank, result in enumerate(results):
         # Hybrids: a shard counted at its first replica. FSDP2 over TP: layer 0, outside the
         # TP plan, has a copy per TP rank of the mesh [[0, 1], [2, 3]], counted at TP rank 0.
