@@ -314,19 +314,26 @@ def _pp_stage(stage: int) -> nn.Sequential:
 
 def _stages_on_a_mesh(rank: int, world: int, strategy: str) -> dict[str, Any]:
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import FullyShardedDataParallel, fully_shard
+    from torch.distributed.fsdp import FullyShardedDataParallel, ShardingStrategy, fully_shard
 
-    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("pp", "dp"))  # rank = 2 pp + dp
-    stage, dp = rank // 2, mesh["dp"]
-    group = dp.get_group()
+    hybrid = strategy in HYBRIDS  # (pp 2, rep 2, shard 2): 2 replicas of 2 shards per stage
+    shape, dims = ((2, 2, 2), ("pp", "rep", "shard")) if hybrid else ((2, 2), ("pp", "dp"))
+    mesh = init_device_mesh("cpu", shape, mesh_dim_names=dims)  # rank = (world / 2) pp + dp
+    stage = rank // (world // 2)
+    dp = mesh["rep", "shard"] if hybrid else mesh["dp"]
+    group = dp._flatten().get_group() if hybrid else dp.get_group()
     expected = measure_sparsity(_pp_stage(stage), sync=False).per_parameter  # unsharded
     module = _pp_stage(stage)
-    if strategy == "fsdp2":  # torchtitan's layout: FSDP2 on the dp slice of (pp, dp)
+    if strategy in ("fsdp2", "hsdp"):  # torchtitan's layout: FSDP2 on the dp slice of (pp, dp)
         fully_shard(module, mesh=dp)
         model: nn.Module = module
-    elif strategy == "fsdp1":
+    elif strategy in ("fsdp1", "fsdp1_hybrid"):
         model = FullyShardedDataParallel(
-            module, process_group=group, use_orig_params=True, device_id=torch.device("cpu")
+            module,
+            process_group=(mesh["shard"].get_group(), mesh["rep"].get_group()) if hybrid else group,
+            sharding_strategy=ShardingStrategy.HYBRID_SHARD if hybrid else None,
+            use_orig_params=True,
+            device_id=torch.device("cpu"),
         )
     else:
         model = nn.parallel.DistributedDataParallel(module, process_group=group)
@@ -347,7 +354,9 @@ def _stages_on_a_mesh(rank: int, world: int, strategy: str) -> dict[str, Any]:
         optimizer.zero_grad()
         controller.update_if_due(step)
     trained = controller.measure().per_parameter
-    whole = FullyShardedDataParallel.summon_full_params if strategy == "fsdp1" else _no_gather
+    whole = (
+        FullyShardedDataParallel.summon_full_params if strategy.startswith("fsdp1") else _no_gather
+    )
     gathered = _gathered_counts(model, module, whole)
     cut = MagnitudePruner(model, group=group).prune(0.5).report
     return {
@@ -361,7 +370,10 @@ def _stages_on_a_mesh(rank: int, world: int, strategy: str) -> dict[str, Any]:
         "cut_gathered": _gathered_counts(model, module, whole),
         "lambda_lines": sum(" vs target 50.0% → Lambda " in line for line in lines),
         "named": comm.ranks_from_bits(comm.own_bit(group), group),  # this rank's flag
-        "disagreeing": _disagreement(controller.placements[: 0 if rank == 3 else None], group),
+        "disagreeing": _disagreement(
+            controller.placements[: 0 if rank == world - 1 else None], group
+        ),
+        "held": measure_sparsity(model, sync=False).total,  # this rank's own elements
     }
 
 
@@ -388,32 +400,45 @@ def _gathered_counts(
         return counts(effective_weights(module, linears))
 
 
+HYBRIDS = ("hsdp", "fsdp1_hybrid")
+
+
 @pytest.mark.timeout(TIMEOUT * 2 + 30)
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp1", "fsdp2"])
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp1", "fsdp2", *HYBRIDS])
 def test_a_pipeline_stage_is_measured_within_its_own_ranks(strategy: str) -> None:
     """Pipeline parallelism on a (pp 2, dp 2) mesh: each stage measured, regularized and
     cut within its data-parallel group (group=). FSDP2 on the dp slice had counted a
     shard only on the first pp slice, taking the other stage's ranks for copies of it:
-    stage 1 measured nothing ("ranks counted 0 elements, but the tensor has 80")."""
-    results = run_ranks(_stages_on_a_mesh, 4, strategy, timeout=TIMEOUT * 2)
-    for result in results:
-        peer = results[result["stage"] * 2]  # the stage's first rank
+    stage 1 measured nothing ("ranks counted 0 elements, but the tensor has 80"). The
+    hybrids (HSDP, FSDP1's HYBRID_SHARD) on (pp 2, rep 2, shard 2), 8 ranks: a shard's
+    replicas counted once within the stage."""
+    world = 8 if strategy in HYBRIDS else 4
+    per = world // 2  # ranks per stage
+    results = run_ranks(_stages_on_a_mesh, world, strategy, timeout=TIMEOUT * 2)
+    for rank, result in enumerate(results):
+        peer = results[result["stage"] * per]  # the stage's first rank
         assert result["before"] == result["expected"]  # == the stage unsharded
         assert result["trained"] == result["gathered"] == peer["trained"]
         assert result["lambda"] == peer["lambda"]
         zeros, total = result["cut"]
         assert zeros == round(0.5 * total) and result["cut"] == peer["cut"]
         assert sum(total - nonzero for nonzero, total in result["cut_gathered"].values()) == zeros
-    assert results[0]["expected"] != results[2]["expected"]  # two different stages
-    # Each stage's lambda lines come from its group's first rank (global ranks 0 and 2).
-    assert [result["lambda_lines"] for result in results] == [3, 0, 3, 0]
+        # What each rank holds (sync=False): the whole stage under DDP; else a stage's first
+        # 2 ranks hold it once between them, and the hybrids' other 2 hold the same again.
+        held = [results[peer_rank]["held"] for peer_rank in range(rank - rank % per, rank + 1)]
+        stage_total = sum(total for _, total in result["expected"].values())
+        if strategy == "ddp":
+            assert held[-1] == stage_total
+        elif rank % per == per - 1:  # (the stage's last rank: every held count is in)
+            assert sum(held[:2]) == stage_total and held[2:] in ([], held[:2]), held
+    assert results[0]["expected"] != results[per]["expected"]  # two different stages
+    # Each stage's lambda lines come from its group's first rank (global ranks 0 and per).
+    assert [result["lambda_lines"] for result in results] == ([3] + [0] * (per - 1)) * 2
     # Ranks named in reports (non-finite weights or losses) are global ranks.
-    assert [result["named"] for result in results] == [[0], [1], [2], [3]]
-    assert [result["disagreeing"] for result in results] == [
-        "agreed",
-        "agreed",
-        *["ranks [3] measure other tensors than rank 2"] * 2,
-    ]
+    assert [result["named"] for result in results] == [[rank] for rank in range(world)]
+    assert [result["disagreeing"] for result in results] == ["agreed"] * per + [
+        f"ranks [{world - 1}] measure other tensors than rank {per}"
+    ] * per
 
 
 def _deepspeed_stages(rank: int, world: int) -> tuple[int, dict[str, tuple[int, int]], float]:
