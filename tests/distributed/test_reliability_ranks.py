@@ -213,17 +213,29 @@ def test_replicas_of_a_shard_that_drift_apart_are_named_by_the_agreement_check(
         ), checked
 
 
-def _stage(rank: int, same_shapes: bool) -> nn.ModuleDict:
+STAGES = ("same_shapes", "other_shapes", "other_counts")
+"""How rank 1's stage differs from rank 0's (layers 0-1, 8 wide): its layers only (2-3),
+also their shapes (16 wide), also their number (2-4)."""
+
+
+def _stage(rank: int, stages: str) -> nn.ModuleDict:
     """This rank's own layers, named as in the whole model (as DeepSpeed's PipelineModule
-    and torchtitan's stages keep them): rank 0 layers 0-1, rank 1 2-3."""
-    width = 8 if same_shapes or rank == 0 else 16
+    and torchtitan's stages keep them): rank 0 layers 0-1, rank 1 2-3 (or 2-4)."""
+    width = 16 if stages == "other_shapes" and rank == 1 else 8
+    layers = 3 if stages == "other_counts" and rank == 1 else 2
     return nn.ModuleDict(
-        {str(2 * rank + i): nn.Linear(8 if i == 0 else width, width) for i in (0, 1)}
+        {str(2 * rank + i): nn.Linear(8 if i == 0 else width, width) for i in range(layers)}
     )
 
 
-def _pipeline_stages(rank: int, world: int, same_shapes: bool, pruner: bool) -> str:
-    stage = _stage(rank, same_shapes)
+def _stage_size(rank: int, stages: str) -> tuple[int, int]:
+    """(tensors, elements) of :func:`_stage`'s weights."""
+    weights = [layer.weight.numel() for layer in _stage(rank, stages).values()]
+    return len(weights), sum(weights)
+
+
+def _pipeline_stages(rank: int, world: int, stages: str, pruner: bool) -> str:
+    stage = _stage(rank, stages)
     optimizer = torch.optim.SGD(stage.parameters(), lr=0.1)
     with pytest.raises(RankDisagreementError) as caught:
         if pruner:  # SafeModelPruning's core
@@ -235,24 +247,22 @@ def _pipeline_stages(rank: int, world: int, same_shapes: bool, pruner: bool) -> 
 
 @pytest.mark.timeout(TIMEOUT + 30)
 @pytest.mark.parametrize("pruner", [False, True], ids=["controller", "pruner"])
-@pytest.mark.parametrize("same_shapes", [True, False])
-def test_ranks_holding_different_layers_are_refused_at_attach(
-    same_shapes: bool, pruner: bool
-) -> None:
+@pytest.mark.parametrize("stages", STAGES)
+def test_ranks_holding_different_layers_are_refused_at_attach(stages: str, pruner: bool) -> None:
     """Summed slot by slot, the stages' counts would have read as one stage's model (equal
     shapes: 128 of 128 weights where there are 256) or died in the collective (unequal)."""
-    messages = run_ranks(_pipeline_stages, 2, same_shapes, pruner, timeout=TIMEOUT)
+    messages = run_ranks(_pipeline_stages, 2, stages, pruner, timeout=TIMEOUT)
     assert messages[0] == messages[1]
-    other = 128 if same_shapes else 8 * 16 + 16 * 16  # rank 1's weights (names differ)
+    tensors, elements = _stage_size(1, stages)  # rank 1's weights (names differ)
     assert messages[0].startswith(
         f"ranks [1] measure other tensors than rank 0 (rank 0: 2 tensors, 128 elements; "
-        f"rank 1: 2 tensors, {other} elements;"
+        f"rank 1: {tensors} tensors, {elements} elements;"
     )
     assert "pipeline stages holding different layers are not supported" in messages[0]
 
 
-def _measured_stages(rank: int, world: int, same_shapes: bool, strided: bool) -> list[str]:
-    stage = _stage(rank, same_shapes)
+def _measured_stages(rank: int, world: int, stages: str, strided: bool) -> list[str]:
+    stage = _stage(rank, stages)
     if strided:  # not the one-pass kernel's (contiguous only): counted by torch ops
         layer = stage[str(2 * rank)]
         layer.weight = nn.Parameter(layer.weight.detach().t().contiguous().t())
@@ -275,23 +285,23 @@ def _measured_stages(rank: int, world: int, same_shapes: bool, strided: bool) ->
 
 @pytest.mark.timeout(TIMEOUT + 30)
 @pytest.mark.parametrize("strided", [False, True], ids=["kernel", "torch_ops"])
-@pytest.mark.parametrize("same_shapes", [True, False])
+@pytest.mark.parametrize("stages", STAGES)
 def test_measure_sparsity_refuses_ranks_holding_different_layers(
-    same_shapes: bool, strided: bool
+    stages: str, strided: bool
 ) -> None:
     """measure_sparsity, and a controller's measure and update before any attach: checked
     within their own all-reduce; an unattached magnitude cut (magnitude_init_) checks
     first, as attach does, and leaves the weights alone. Equal shapes had read 128 of 128 on
     both ranks, each rank's names beside its own layers (the model has 256 weights), and
-    been cut as one model; unequal ones had raised "ranks counted 192 elements, but the
-    tensor has 64: shards or replicas were lost or counted twice"."""
-    messages = run_ranks(_measured_stages, 2, same_shapes, strided, timeout=TIMEOUT)
+    been cut as one model; other shapes had raised "ranks counted 192 elements, but the
+    tensor has 64: shards or replicas were lost or counted twice"; another number of
+    tensors had died in the all-reduce (buffers of other lengths: gloo aborted rank 1)."""
+    messages = run_ranks(_measured_stages, 2, stages, strided, timeout=TIMEOUT)
     for rank, (*checked, cut, local) in enumerate(messages):
-        width = 8 if same_shapes or rank == 0 else 16
-        elements = 8 * width + width * width
+        tensors, elements = _stage_size(rank, stages)
         for message in checked:
             assert message.startswith(
-                f"ranks do not all measure the same tensors (rank {rank}: 2 tensors, "
+                f"ranks do not all measure the same tensors (rank {rank}: {tensors} tensors, "
                 f"{elements} elements;"
             )
             assert "pipeline stages holding different layers are not supported" in message
