@@ -178,7 +178,8 @@ _SAME_TENSORS = (
     "whole model or its shard of every measured tensor (DDP, FSDP, ZeRO, tensor "
     "parallelism); pipeline stages holding different layers are not supported as one "
     "model; allowed: each stage measured within its own ranks (group=the process group of "
-    "the ranks holding that stage, its data-parallel group)"
+    "the ranks holding that stage: its data-parallel ranks, with tensor parallelism inside "
+    "the stage its dp x tp ranks)"
 )
 
 
@@ -279,9 +280,17 @@ def reduce_counts(
     # (whole lists compared: this runs at every measurement)
     if (distributed or world == 1) and totals != expected:
         i = next(i for i in range(n) if totals[i] != expected[i])
+        members = comm.group_members(group)
+        within = (
+            ""
+            if members is None
+            else f" (measured within group= global ranks {sorted(members)}, which must hold "
+            f"every rank holding a part of these tensors: a pipeline stage's data-parallel "
+            f"ranks, and with tensor parallelism inside the stage its dp x tp ranks)"
+        )
         raise RuntimeError(
             f"{placements[i].target.name}: ranks counted {totals[i]} elements, but the "
-            f"tensor has {expected[i]}: shards or replicas were lost or counted twice"
+            f"tensor has {expected[i]}: shards or replicas were lost or counted twice{within}"
         )
     report = SparsityReport(
         nonzero=sum(nonzeros),

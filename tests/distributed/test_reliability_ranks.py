@@ -325,18 +325,32 @@ def _pp_stage(stage: int) -> nn.Sequential:
 def _stages_on_a_mesh(rank: int, world: int, strategy: str) -> dict[str, Any]:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import FullyShardedDataParallel, ShardingStrategy, fully_shard
+    from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
 
-    hybrid = strategy in HYBRIDS  # (pp 2, rep 2, shard 2): 2 replicas of 2 shards per stage
-    shape, dims = ((2, 2, 2), ("pp", "rep", "shard")) if hybrid else ((2, 2), ("pp", "dp"))
-    mesh = init_device_mesh("cpu", shape, mesh_dim_names=dims)  # rank = (world / 2) pp + dp
+    hybrid, tp = strategy in HYBRIDS, strategy == "fsdp2_tp"
+    shape, dims = ((2, 2), ("pp", "dp"))
+    if hybrid:  # (pp 2, rep 2, shard 2): 2 replicas of 2 shards per stage
+        shape, dims = (2, 2, 2), ("pp", "rep", "shard")
+    elif tp:  # (pp 2, dp 2, tp 2): FSDP2 over tensor parallelism in each stage
+        shape, dims = (2, 2, 2), ("pp", "dp", "tp")
+    mesh = init_device_mesh("cpu", shape, mesh_dim_names=dims)  # rank = (world / 2) pp + ...
     stage = rank // (world // 2)
     dp = mesh["rep", "shard"] if hybrid else mesh["dp"]
-    group = dp._flatten().get_group() if hybrid else dp.get_group()
+    # The stage's ranks: its data-parallel ones (dp x tp with tensor parallelism).
+    group = (mesh[dims[1:]]._flatten() if hybrid or tp else dp).get_group()
     expected = measure_sparsity(_pp_stage(stage), sync=False).per_parameter  # unsharded
     module = _pp_stage(stage)
-    if strategy in ("fsdp2", "hsdp"):  # torchtitan's layout: FSDP2 on the dp slice of (pp, dp)
+    dp_only = None
+    if tp:  # the last layer of each stage split by tp; stage 0's first (masked) left out
+        parallelize_module(module, mesh["tp"], {str(len(module) - 1): ColwiseParallel()})
+    if strategy in ("fsdp2", "hsdp", "fsdp2_tp"):  # torchtitan's: FSDP2 on the dp slice
         fully_shard(module, mesh=dp)
         model: nn.Module = module
+        if tp:  # measured within dp alone, the other tp rank's shards are missing
+            try:
+                measure_sparsity(model, group=dp.get_group())
+            except RuntimeError as error:
+                dp_only = str(error)
     elif strategy in ("fsdp1", "fsdp1_hybrid"):
         model = FullyShardedDataParallel(
             module,
@@ -356,7 +370,7 @@ def _stages_on_a_mesh(rank: int, world: int, strategy: str) -> dict[str, Any]:
     handler = logging.Handler()
     handler.emit = lambda record: lines.append(record.getMessage())  # type: ignore[method-assign]
     logging.getLogger("dist_bregman").addHandler(handler)
-    generator = torch.Generator().manual_seed(rank)
+    generator = torch.Generator().manual_seed(rank - rank % 2 if tp else rank)  # same per tp
     for step in range(1, 4):
         x = torch.randn(4, 8 if stage == 0 else 16, generator=generator)
         model(x).square().mean().backward()
@@ -384,6 +398,7 @@ def _stages_on_a_mesh(rank: int, world: int, strategy: str) -> dict[str, Any]:
             controller.placements[: 0 if rank == world - 1 else None], group
         ),
         "held": measure_sparsity(model, sync=False).total,  # this rank's own elements
+        "dp_only": dp_only,
     }
 
 
@@ -414,15 +429,17 @@ HYBRIDS = ("hsdp", "fsdp1_hybrid")
 
 
 @pytest.mark.timeout(TIMEOUT * 2 + 30)
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp1", "fsdp2", *HYBRIDS])
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp1", "fsdp2", *HYBRIDS, "fsdp2_tp"])
 def test_a_pipeline_stage_is_measured_within_its_own_ranks(strategy: str) -> None:
     """Pipeline parallelism on a (pp 2, dp 2) mesh: each stage measured, regularized and
     cut within its data-parallel group (group=). FSDP2 on the dp slice had counted a
     shard only on the first pp slice, taking the other stage's ranks for copies of it:
     stage 1 measured nothing ("ranks counted 0 elements, but the tensor has 80"). The
     hybrids (HSDP, FSDP1's HYBRID_SHARD) on (pp 2, rep 2, shard 2), 8 ranks: a shard's
-    replicas counted once within the stage."""
-    world = 8 if strategy in HYBRIDS else 4
+    replicas counted once within the stage. FSDP2 over tensor parallelism on (pp 2, dp 2,
+    tp 2): each stage measured within its dp x tp ranks (within dp alone: refused, saying
+    so)."""
+    world = 4 if strategy in ("ddp", "fsdp1", "fsdp2") else 8
     per = world // 2  # ranks per stage
     results = run_ranks(_stages_on_a_mesh, world, strategy, timeout=TIMEOUT * 2)
     for rank, result in enumerate(results):
@@ -439,6 +456,9 @@ def test_a_pipeline_stage_is_measured_within_its_own_ranks(strategy: str) -> Non
         stage_total = sum(total for _, total in result["expected"].values())
         if strategy == "ddp":
             assert held[-1] == stage_total
+        elif strategy == "fsdp2_tp":  # both tp slices hold stage 0's first layer, over dp
+            assert result["dp_only"] is not None
+            assert "its dp x tp ranks" in result["dp_only"], result["dp_only"]
         elif rank % per == per - 1:  # (the stage's last rank: every held count is in)
             assert sum(held[:2]) == stage_total and held[2:] in ([], held[:2]), held
     assert results[0]["expected"] != results[per]["expected"]  # two different stages
