@@ -505,3 +505,32 @@ def test_summed_agreement_words_tell_whether_every_rank_sent_the_same() -> None:
     pairs = [[1, 0, 0, 1, 0, 0], [3, 0, 0, 9, 0, 0]]
     assert not sparsity._agreed(summed(pairs), 2)
     assert sparsity._agreed(summed([[2, 0, 0, 4, 0, 0]] * 2), 2)
+
+
+class _ColumnParallelLinear(nn.Module):
+    """One tensor-parallel rank's part of a Linear in Megatron's layout: a plain weight of
+    the slice's shape, marked as Megatron's ``set_tensor_model_parallel_attributes``
+    marks it."""
+
+    def __init__(self, n_in: int, n_out: int, ranks: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(n_out // ranks, n_in))
+        self.weight.tensor_model_parallel = True  # type: ignore[attr-defined]
+        self.weight.partition_dim = 0  # type: ignore[attr-defined]
+        self.weight.partition_stride = 1  # type: ignore[attr-defined]
+
+
+def test_megatron_style_tensor_parallel_slices_are_refused_by_name() -> None:
+    """Counted as replicas, one rank's slice stood for the whole weight, silently: the
+    reduced total was the slice's size, so no check caught it."""
+    model = nn.Sequential(_ColumnParallelLinear(8, 16, ranks=2), nn.Linear(8, 4))
+    pairs = [(model[0], "weight"), (model[1], "weight")]
+    calls: list[Callable[[], object]] = [
+        lambda: measure_sparsity(model, pairs),
+        lambda: SparsityController(model, parameters_to_prune=pairs),
+        lambda: MagnitudePruner(model, parameters_to_prune=pairs),
+    ]
+    for call in calls:
+        with pytest.raises(ValueError, match="0.weight are tensor-parallel slices"):
+            call()
+    assert measure_sparsity(model, pairs[1:]).total == 32  # the plain layer alone: measured
