@@ -284,7 +284,8 @@ def reduce_counts(
         within = (
             ""
             if members is None
-            else f" (measured within group= global ranks {sorted(members)}, which must hold "
+            else f" (measured within group= of global ranks "
+            f"{first_names([str(r) for r in sorted(members)], 8)}, which must hold "
             f"every rank holding a part of these tensors: a pipeline stage's data-parallel "
             f"ranks, and with tensor parallelism inside the stage its dp x tp ranks)"
         )
