@@ -23,6 +23,7 @@ from dist_bregman import comm, kernels
 from dist_bregman.compiling import eager
 from dist_bregman.errors import RankDisagreementError, first_names
 from dist_bregman.shards import LocalView, Placement, local_views, locate
+from dist_bregman.shards.replicated import check_replicas
 from dist_bregman.targets import ParameterPairs
 
 
@@ -148,6 +149,7 @@ def check_same_tensors(placements: Sequence[Placement], group: comm.ProcessGroup
     in the whole model (DeepSpeed's ``PipelineModule``, torchtitan), so names tell them
     apart. (Not ``all_gather_object``: under NCCL it runs on the current CUDA device, which
     a loop that never called ``torch.cuda.set_device`` leaves at 0 on every rank.)"""
+    check_replicas(placements)
     world = comm.get_world_size(group)
     if world == 1:
         return
@@ -240,6 +242,8 @@ def reduce_counts(
         raise ValueError("no tensors to measure: the parameter set is empty")
     world = comm.get_world_size(group)
     distributed = sync and world > 1
+    if distributed and agree:
+        check_replicas(placements)
     with torch.no_grad():  # (a DTensor's to_local is then its local tensor, no autograd op)
         views = local_views(placements, group) if distributed else [p.local() for p in placements]
     if structure:

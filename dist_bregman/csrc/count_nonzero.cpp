@@ -181,6 +181,19 @@ int float_index(at::ScalarType type) {
 
 constexpr int64_t kInfinityBits[4] = {0x7C00, 0x7F80, 0x7F800000, 0x7FF0000000000000};
 
+// Whether the memory a contiguous tensor claims is there to read: a storage with data, as
+// long as its elements. A DTensor (a wrapper without data: null) or a view into storage
+// that was freed (resized to 0, as FSDP1 frees the parameters it flattened) passes the
+// other checks and was read all the same: a segfault. Left to the caller's torch ops,
+// which raise.
+bool readable(const torch::Tensor& v) {
+  if (v.numel() == 0) return true;
+  if (!v.has_storage()) return false;
+  const c10::Storage& storage = v.storage();
+  const auto needed = static_cast<size_t>(v.storage_offset() + v.numel()) * v.element_size();
+  return storage.data() != nullptr && storage.nbytes() >= needed;
+}
+
 // Whether the kernel counts this tensor: on the CPU, contiguous, of a float type with exact
 // tolerance bits (tolerance_bits[type] >= 0), its mask absent or a contiguous CPU float
 // tensor of the same element width and size; with structure, not empty. The caller counts
@@ -191,14 +204,15 @@ bool countable(const std::optional<torch::Tensor>& values,
   if (!values.has_value()) return false;
   const torch::Tensor& v = *values;
   const int type = float_index(v.scalar_type());
-  if (type < 0 || tolerance_bits[type] < 0 || !v.device().is_cpu() || !v.is_contiguous()) {
+  if (type < 0 || tolerance_bits[type] < 0 || !v.device().is_cpu() || !v.is_contiguous() ||
+      !readable(v)) {
     return false;
   }
   if (structure && v.numel() == 0) return false;
   if (!mask.has_value()) return true;
   const torch::Tensor& m = *mask;
   return m.device().is_cpu() && m.is_contiguous() && float_index(m.scalar_type()) >= 0 &&
-         m.element_size() == v.element_size() && m.numel() == v.numel();
+         m.element_size() == v.element_size() && m.numel() == v.numel() && readable(m);
 }
 
 }  // namespace
@@ -365,13 +379,13 @@ bool summable(const std::optional<torch::Tensor>& values,
   const torch::Tensor& v = *values;
   const auto type = v.scalar_type();
   if ((type != at::kFloat && type != at::kDouble) || !v.device().is_cpu() ||
-      !v.is_contiguous()) {
+      !v.is_contiguous() || !readable(v)) {
     return false;
   }
   if (!mask.has_value()) return true;
   const torch::Tensor& m = *mask;
   return m.scalar_type() == type && m.device().is_cpu() && m.is_contiguous() &&
-         m.numel() == v.numel();
+         m.numel() == v.numel() && readable(m);
 }
 
 // gradient = (sign(values * mask) * mask) * step over one range, as torch.sign(values *

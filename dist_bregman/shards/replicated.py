@@ -6,7 +6,11 @@ import functools
 import heapq
 from collections.abc import Container, Sequence
 
+import torch
+from torch import nn
+
 from dist_bregman.shards.base import LocalView, Placement
+from dist_bregman.shards.dtensor import is_dtensor
 
 
 class Replicated(Placement):
@@ -21,8 +25,45 @@ class Replicated(Placement):
 
     def view(self, members: Container[int] | None = None) -> LocalView:
         values, mask = self.target.tensors()  # the parameter itself: counted under no_grad
+        if type(values) is not nn.Parameter:  # computed, a plain attribute, or sharded since
+            check_whole(self.target.name, values)
         numel = values.numel()
         return LocalView(values, mask, numel, numel, True)
+
+
+def check_replicas(placements: Sequence[Placement]) -> None:
+    """:func:`check_whole` for every whole replica among ``placements``, on every rank
+    alike (each rank reads every replica here, so all raise together, before a
+    collective): where layouts are relied on before any check (the set-up check of every
+    attach; measurements across ranks that check in their own buffer). Other measurements
+    read only the replicas they count, and check there only what is cheap: the type."""
+    for placement in placements:
+        if isinstance(placement, Replicated):
+            check_whole(placement.target.name, placement.target.values)
+
+
+def check_whole(name: str, values: torch.Tensor) -> None:
+    """Raise unless ``values``, read for a tensor placed as a whole replica, still is one:
+    not a DTensor (``fully_shard`` since), not a parameter FSDP1 flattened (it holds this
+    rank's slice: counted as the whole tensor, a shard of equal size on every rank read as
+    the model, silently), not a view of storage FSDP1 freed (torch's own ops crashed on
+    it: SIGSEGV). Each happens when the model is wrapped after its layouts were read."""
+    if getattr(values, "_fsdp_flattened", False):
+        held = "flattened by FSDP1 into a flat parameter (this rank's slice)"
+    elif type(values) is nn.Parameter:  # (a registered one: never a freed view)
+        return
+    elif is_dtensor(values):
+        held = "a DTensor (sharded by fully_shard or tensor parallelism)"
+    elif values.numel() and not values.is_meta and values.untyped_storage().data_ptr() == 0:
+        held = "a view of storage that was freed (FSDP1's parameters outside its forward)"
+    else:
+        return
+    raise RuntimeError(
+        f"{name}: its layout was read as a whole tensor on every rank, but it is now {held}: "
+        f"the model was wrapped or sharded after the layouts were read (or the module inside "
+        f"an FSDP1 wrapper was passed); allowed: bind(model as wrapped) before attach "
+        f"(SparsityController, MagnitudePruner), or the wrapped model to measure_sparsity"
+    )
 
 
 def balanced_owners(sizes: Sequence[int], world_size: int) -> list[int]:

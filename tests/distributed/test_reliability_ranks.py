@@ -556,6 +556,58 @@ def test_deepspeed_moe_experts_are_refused_by_name() -> None:
         assert kept == (128, 128)
 
 
+def _wrapped_after_the_controller(rank: int, world: int, wrapper: str) -> dict[str, Any]:
+    from torch.distributed.fsdp import FullyShardedDataParallel, fully_shard
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16, bias=False))  # one tensor: rank 0 counts it
+    with torch.no_grad():
+        model[0].weight[:4] = 0.0
+    expected = measure_sparsity(model).per_parameter
+    controller = SparsityController(model, BregmanConfig(target_sparsity=0.5))  # before:
+    if wrapper == "fsdp2":  # in place
+        fully_shard(model)
+        wrapped: nn.Module = model
+    else:  # 64 elements a rank either way: a slice read as the tensor looked whole
+        wrapped = FullyShardedDataParallel(
+            model, use_orig_params=wrapper == "fsdp1_orig", device_id=torch.device("cpu")
+        )
+    optimizer = torch.optim.SGD(wrapped.parameters(), lr=0.1)
+    calls = [controller.measure, lambda: controller.attach(optimizer)]
+    if wrapper != "fsdp2":  # the module inside the wrapper, measured as the model
+        calls.append(lambda: measure_sparsity(model))
+    refusals = []
+    for call in calls:
+        try:
+            refusals.append(f"not refused: {call()}")
+        except RuntimeError as error:
+            refusals.append(str(error).split(", but it is now ")[1].split(":")[0])
+    controller.bind(wrapped)  # as documented
+    controller.attach(optimizer)
+    return {"refusals": refusals, "bound": controller.measure().per_parameter == expected}
+
+
+@pytest.mark.timeout(TIMEOUT + 30)
+@pytest.mark.parametrize("wrapper", ["fsdp1", "fsdp1_orig", "fsdp2"])
+def test_a_model_wrapped_after_its_layouts_were_read_is_refused_on_every_rank(
+    wrapper: str,
+) -> None:
+    """A controller built before the model was wrapped, not bound to it since: FSDP1's
+    flattened parameters had crashed the process (views of freed storage: SIGSEGV in the
+    count), or with use_orig_params each rank's 64-element slice was counted as the whole
+    128-element weight, silently; FSDP2's DTensors had crashed the counting kernel. Now
+    refused on every rank alike, also where only rank 0 counts the tensor."""
+    results = run_ranks(_wrapped_after_the_controller, 2, wrapper, timeout=TIMEOUT)
+    held = {
+        "fsdp1": "a view of storage that was freed (FSDP1's parameters outside its forward)",
+        "fsdp1_orig": "flattened by FSDP1 into a flat parameter (this rank's slice)",
+        "fsdp2": "a DTensor (sharded by fully_shard or tensor parallelism)",
+    }[wrapper]
+    for result in results:
+        assert result["refusals"] == [held] * (2 if wrapper == "fsdp2" else 3)
+        assert result["bound"]  # bound to the wrapped model: the unsharded counts
+
+
 def _leave_early(rank: int, world: int) -> None:
     controller = _controller(_model())
     if rank == 1:

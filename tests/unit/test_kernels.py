@@ -147,6 +147,23 @@ def test_the_kernel_leaves_what_it_cannot_read_to_the_caller() -> None:
     assert masked is not None and masked.tolist() == [[0]] * 5
 
 
+def test_the_kernels_leave_tensors_whose_memory_is_not_there_to_the_caller() -> None:
+    """A view of storage that was freed (FSDP1 frees the storage its flattened parameters'
+    views point into) is contiguous CPU float32 of the right size: the kernels had read it
+    (SIGSEGV). Also as a mask."""
+    _needs_kernel()
+    backing = torch.randn(144)
+    freed = backing[:72].view(8, 9)
+    backing.untyped_storage().resize_(0)
+    whole = torch.randn(8, 9)
+    values: list[torch.Tensor | None] = [freed, whole, whole]
+    masks: list[torch.Tensor | None] = [None, freed, None]
+    counted = kernels.count_nonzero_many(values, masks, 0.0)
+    assert counted is not None and counted[4].tolist() == [0, 0, 1]
+    summed = kernels.abs_sum_many(values, masks)
+    assert summed is not None and summed[1].tolist() == [0.0, 0.0, 1.0]
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_abs_sum_is_the_float64_l1_of_values_times_mask(dtype: torch.dtype) -> None:
     _needs_kernel()

@@ -531,6 +531,6 @@ def test_megatron_style_tensor_parallel_slices_are_refused_by_name() -> None:
         lambda: MagnitudePruner(model, parameters_to_prune=pairs),
     ]
     for call in calls:
-        with pytest.raises(ValueError, match="0.weight are tensor-parallel slices"):
+        with pytest.raises(ValueError, match=r"0\.weight are tensor-parallel slices"):
             call()
     assert measure_sparsity(model, pairs[1:]).total == 32  # the plain layer alone: measured
