@@ -11,6 +11,7 @@ from torch import nn
 
 from dist_bregman.shards.base import LocalView, Placement
 from dist_bregman.shards.dtensor import is_dtensor
+from dist_bregman.shards.zero import is_zero3_param
 
 
 class Replicated(Placement):
@@ -46,10 +47,13 @@ def check_whole(name: str, values: torch.Tensor) -> None:
     """Raise unless ``values``, read for a tensor placed as a whole replica, still is one:
     not a DTensor (``fully_shard`` since), not a parameter FSDP1 flattened (it holds this
     rank's slice: counted as the whole tensor, a shard of equal size on every rank read as
-    the model, silently), not a view of storage FSDP1 freed (torch's own ops crashed on
+    the model, silently), not a ZeRO-3 parameter (empty: counted as 0 of 0 elements), not
+    a view of storage FSDP1 freed (torch's own ops crashed on
     it: SIGSEGV). Each happens when the model is wrapped after its layouts were read."""
     if getattr(values, "_fsdp_flattened", False):
         held = "flattened by FSDP1 into a flat parameter (this rank's slice)"
+    elif is_zero3_param(values):
+        held = "partitioned by DeepSpeed ZeRO-3 (empty outside its forward)"
     elif type(values) is nn.Parameter:  # (a registered one: never a freed view)
         return
     elif is_dtensor(values):

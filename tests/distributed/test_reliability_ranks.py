@@ -565,16 +565,22 @@ def _wrapped_after_the_controller(rank: int, world: int, wrapper: str) -> dict[s
         model[0].weight[:4] = 0.0
     expected = measure_sparsity(model).per_parameter
     controller = SparsityController(model, BregmanConfig(target_sparsity=0.5))  # before:
+    optimizer: Any
     if wrapper == "fsdp2":  # in place
         fully_shard(model)
         wrapped: nn.Module = model
+    elif wrapper == "zero3":  # the parameters partitioned in place, the engine around them
+        os.environ.update(LOCAL_RANK=str(rank), RANK=str(rank), WORLD_SIZE=str(world))
+        engine = wrap("zero3", model, lambda m: torch.optim.SGD(m.parameters(), lr=0.1))
+        wrapped, optimizer = engine.model, engine.optimizer
     else:  # 64 elements a rank either way: a slice read as the tensor looked whole
         wrapped = FullyShardedDataParallel(
             model, use_orig_params=wrapper == "fsdp1_orig", device_id=torch.device("cpu")
         )
-    optimizer = torch.optim.SGD(wrapped.parameters(), lr=0.1)
+    if wrapper != "zero3":
+        optimizer = torch.optim.SGD(wrapped.parameters(), lr=0.1)
     calls = [controller.measure, lambda: controller.attach(optimizer)]
-    if wrapper != "fsdp2":  # the module inside the wrapper, measured as the model
+    if wrapper.startswith("fsdp1"):  # the module inside the wrapper, measured as the model
         calls.append(lambda: measure_sparsity(model))
     refusals = []
     for call in calls:
@@ -588,23 +594,26 @@ def _wrapped_after_the_controller(rank: int, world: int, wrapper: str) -> dict[s
 
 
 @pytest.mark.timeout(TIMEOUT + 30)
-@pytest.mark.parametrize("wrapper", ["fsdp1", "fsdp1_orig", "fsdp2"])
+@pytest.mark.parametrize("wrapper", ["fsdp1", "fsdp1_orig", "fsdp2", "zero3"])
 def test_a_model_wrapped_after_its_layouts_were_read_is_refused_on_every_rank(
     wrapper: str,
 ) -> None:
     """A controller built before the model was wrapped, not bound to it since: FSDP1's
     flattened parameters had crashed the process (views of freed storage: SIGSEGV in the
     count), or with use_orig_params each rank's 64-element slice was counted as the whole
-    128-element weight, silently; FSDP2's DTensors had crashed the counting kernel. Now
-    refused on every rank alike, also where only rank 0 counts the tensor."""
+    128-element weight, silently; FSDP2's DTensors had crashed the counting kernel;
+    ZeRO-3's emptied parameters had measured 0 of 0 elements (and attach failed on a bare
+    AssertionError). Now refused on every rank alike, also where only rank 0 counts the
+    tensor."""
     results = run_ranks(_wrapped_after_the_controller, 2, wrapper, timeout=TIMEOUT)
     held = {
         "fsdp1": "a view of storage that was freed (FSDP1's parameters outside its forward)",
         "fsdp1_orig": "flattened by FSDP1 into a flat parameter (this rank's slice)",
         "fsdp2": "a DTensor (sharded by fully_shard or tensor parallelism)",
+        "zero3": "partitioned by DeepSpeed ZeRO-3 (empty outside its forward)",
     }[wrapper]
     for result in results:
-        assert result["refusals"] == [held] * (2 if wrapper == "fsdp2" else 3)
+        assert result["refusals"] == [held] * (3 if wrapper.startswith("fsdp1") else 2)
         assert result["bound"]  # bound to the wrapped model: the unsharded counts
 
 
@@ -637,8 +646,6 @@ def test_a_rank_that_leaves_early_ends_the_job_with_an_error_not_a_hang() -> Non
 
 def _guard_under_deepspeed(rank: int, world: int, strategy: str, through: bool) -> tuple[int, str]:
     from torch.nn import functional as F
-
-    from tests.helpers.strategies import wrap
 
     os.environ.update(LOCAL_RANK=str(rank), RANK=str(rank), WORLD_SIZE=str(world))
     module = _model()
