@@ -173,18 +173,22 @@ class GroupL1(Regularizer):
         self.spec = "group_l1" if by == "rows" else "group_l1_kernels"
 
     def groups(self, x: torch.Tensor) -> torch.Tensor:
-        """``x`` viewed as ``[n_groups, group_size]`` (a view: in-place edits reach ``x``)."""
+        """``x`` as ``[n_groups, group_size]``, for reading (a copy where ``x`` is not
+        contiguous: :meth:`prox_` edits ``x`` itself)."""
         if x.ndim < 2:
             return x.reshape(-1, 1)
         # Sizes spelled out, not -1: a local shard with no rows (FSDP2 with fewer rows than
         # ranks) has zero elements, and (0, -1) is ambiguous to reshape.
-        if self.by == "kernels":
-            if x.ndim < 3:
-                raise ValueError(
-                    f"group_l1_kernels needs a ConvNd weight, got shape {tuple(x.shape)}"
-                )
-            return x.reshape(x.shape[0] * x.shape[1], math.prod(x.shape[2:]))
-        return x.reshape(x.shape[0], math.prod(x.shape[1:]))
+        first = self._first_group_dim(x)
+        return x.reshape(math.prod(x.shape[:first]), math.prod(x.shape[first:]))
+
+    def _first_group_dim(self, x: torch.Tensor) -> int:
+        """Where a group's dims begin in ``x`` (``ndim >= 2``): 1 for rows, 2 for kernels."""
+        if self.by == "rows":
+            return 1
+        if x.ndim < 3:
+            raise ValueError(f"group_l1_kernels needs a ConvNd weight, got shape {tuple(x.shape)}")
+        return 2
 
     def value(self, x: torch.Tensor) -> torch.Tensor:
         groups = self.groups(x)
@@ -206,15 +210,20 @@ class GroupL1(Regularizer):
         return norms.le(threshold * math.sqrt(groups.shape[1])).sum() * groups.shape[1]
 
     def prox_(self, x: torch.Tensor, threshold: float) -> torch.Tensor:
-        if not x.is_contiguous():
-            raise ValueError("group prox needs a contiguous tensor (it edits a reshaped view)")
-        groups = self.groups(x)
-        norms = torch.linalg.vector_norm(groups, dim=1, keepdim=True)
-        shrink = threshold * math.sqrt(groups.shape[1])
+        # The norms over each group's dims, kept as size-1 dims, scale x in place whatever
+        # its strides: a ConvNd weight in channels_last (the usual layout of a CNN trained
+        # with AMP) is not contiguous, and a reshaped copy would have taken the edit.
+        if x.ndim < 2:  # groups of one element
+            norms, size = x.abs(), 1
+        else:
+            first = self._first_group_dim(x)
+            dims = tuple(range(first, x.ndim))
+            norms = torch.linalg.vector_norm(x, dim=dims, keepdim=True)
+            size = math.prod(x.shape[first:])
+        shrink = threshold * math.sqrt(size)
         # max(0, 1 - t*sqrt(n)/||x_g||): exact zeros for groups with ||x_g|| <= t*sqrt(n).
         factor = (1.0 - shrink / norms.clamp_min(torch.finfo(norms.dtype).tiny)).clamp_min_(0.0)
-        groups.mul_(factor)
-        return x
+        return x.mul_(factor)
 
 
 def resolve(spec: object) -> Regularizer | None:

@@ -201,6 +201,26 @@ def test_resolve_specs() -> None:
 
 
 @pytest.mark.parametrize("by", ["rows", "kernels"])
+def test_group_prox_edits_a_weight_in_channels_last_as_a_contiguous_one(by: str) -> None:
+    """A ConvNd weight in channels_last (a CNN trained with AMP) is not contiguous: the
+    group prox had raised at the first optimizer step ("needs a contiguous tensor")."""
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(6, 4, 3, 3, generator=generator)
+    weight[::2] *= 0.05  # small rows and kernels, for the prox to zero
+    strided = weight.to(memory_format=torch.channels_last)
+    assert not strided.is_contiguous()
+    reg = GroupL1(by)
+    expected = reg.prox_(weight.clone(), 0.1)
+    assert reg.prox_(strided, 0.1) is strided  # in place, in its own layout
+    torch.testing.assert_close(strided, expected, rtol=1e-6, atol=1e-7)
+    assert int((expected == 0).sum()) > 0 and int((expected != 0).sum()) > 0
+    transposed = torch.randn(5, 7, generator=generator).t()  # a Linear weight, strided
+    if by == "rows":
+        expected = reg.prox_(transposed.contiguous(), 0.5)
+        torch.testing.assert_close(reg.prox_(transposed, 0.5), expected, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("by", ["rows", "kernels"])
 def test_group_l1_takes_a_shard_with_no_rows(by: str) -> None:
     """FSDP2 gives a rank no rows of a layer with fewer rows than ranks."""
     empty = torch.zeros(0, 2, 3, 3)
