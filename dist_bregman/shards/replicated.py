@@ -51,7 +51,11 @@ def check_whole(name: str, values: torch.Tensor) -> None:
     a view of storage FSDP1 freed (torch's own ops crashed on
     it: SIGSEGV). Each happens when the model is wrapped after its layouts were read."""
     if getattr(values, "_fsdp_flattened", False):
-        held = "flattened by FSDP1 into a flat parameter (this rank's slice)"
+        held = (
+            "flattened by FSDP1 into a flat parameter (this rank's slice) of a unit outside "
+            "the model given (also where a weight is shared across FSDP1 units, which FSDP1 "
+            "does not support: keep tied modules in one unit)"
+        )
     elif is_zero3_param(values):
         held = "partitioned by DeepSpeed ZeRO-3 (empty outside its forward)"
     elif type(values) is nn.Parameter:  # (a registered one: never a freed view)

@@ -608,7 +608,9 @@ def test_a_model_wrapped_after_its_layouts_were_read_is_refused_on_every_rank(
     results = run_ranks(_wrapped_after_the_controller, 2, wrapper, timeout=TIMEOUT)
     held = {
         "fsdp1": "a view of storage that was freed (FSDP1's parameters outside its forward)",
-        "fsdp1_orig": "flattened by FSDP1 into a flat parameter (this rank's slice)",
+        "fsdp1_orig": "flattened by FSDP1 into a flat parameter (this rank's slice) of a unit "
+        "outside the model given (also where a weight is shared across FSDP1 units, which "
+        "FSDP1 does not support",
         "fsdp2": "a DTensor (sharded by fully_shard or tensor parallelism)",
         "zero3": "partitioned by DeepSpeed ZeRO-3 (empty outside its forward)",
     }[wrapper]
