@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import heapq
+import sys
 from collections.abc import Container, Sequence
 
 import torch
@@ -48,15 +49,15 @@ def check_whole(name: str, values: torch.Tensor) -> None:
     not a DTensor (``fully_shard`` since), not a parameter FSDP1 flattened (it holds this
     rank's slice: counted as the whole tensor, a shard of equal size on every rank read as
     the model, silently), not a ZeRO-3 parameter (empty: counted as 0 of 0 elements), not
-    a view of storage FSDP1 freed (torch's own ops crashed on
-    it: SIGSEGV). Each happens when the model is wrapped after its layouts were read."""
+    a view of storage FSDP1 freed (torch's own ops crashed on it: SIGSEGV). Each happens
+    when the model is wrapped after its layouts were read."""
     if getattr(values, "_fsdp_flattened", False):
         held = (
             "flattened by FSDP1 into a flat parameter (this rank's slice) of a unit outside "
             "the model given (also where a weight is shared across FSDP1 units, which FSDP1 "
             "does not support: keep tied modules in one unit)"
         )
-    elif is_zero3_param(values):
+    elif "deepspeed" in sys.modules and is_zero3_param(values):  # (two failed lookups else)
         held = "partitioned by DeepSpeed ZeRO-3 (empty outside its forward)"
     elif type(values) is nn.Parameter:  # (a registered one: never a freed view)
         return
