@@ -46,6 +46,7 @@ from dist_bregman.pruning import MagnitudePruner, PruningConfig
 from dist_bregman.regularizers import L1, GroupL1, Regularizer
 from dist_bregman.regularizers import resolve as resolve_regularizer
 from dist_bregman.shards import Placement, Replicated, local_views, place
+from dist_bregman.shards.replicated import check_replicas
 from dist_bregman.shards.zero import partitions
 from dist_bregman.sparsity import SparsityReport, check_same_tensors, reduce_counts
 from dist_bregman.support import HeldSupport
@@ -154,6 +155,13 @@ class SparsityController:
         all-reduce (a controller kept only to measure is never attached)."""
         return self._checked is not self.placements
 
+    def _check_layouts(self) -> None:
+        """Before :meth:`attach` (whose set-up check does it), across ranks: refuse whole
+        replicas that the model, wrapped since they were placed, no longer holds
+        (:func:`~dist_bregman.shards.replicated.check_replicas`; every rank alike)."""
+        if self._unchecked and comm.get_world_size(self.group) > 1:
+            check_replicas(self.placements)
+
     def _lambda(self) -> float:
         """The strength the optimizers apply: lambda while shrinking, else 0."""
         return self.lambda_ if self.shrinking else 0.0
@@ -166,6 +174,7 @@ class SparsityController:
 
     def _measure(self, extra: Sequence[torch.Tensor] = ()) -> tuple[SparsityReport, list[int]]:
         """:meth:`measure`, and ``extra`` summed over ranks in the same all-reduce."""
+        self._check_layouts()
         report, sums = reduce_counts(
             self.placements,
             zero_tolerance=self.config.zero_tolerance,
@@ -215,6 +224,7 @@ class SparsityController:
         hold freed zeros that did not regrow (:meth:`HeldSupport.settle`). A collective."""
         config = self.config
         flag = self.losses.take()
+        self._check_layouts()
         report, (loss_bits,) = reduce_counts(
             self.placements,
             zero_tolerance=config.zero_tolerance,

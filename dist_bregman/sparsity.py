@@ -242,8 +242,6 @@ def reduce_counts(
         raise ValueError("no tensors to measure: the parameter set is empty")
     world = comm.get_world_size(group)
     distributed = sync and world > 1
-    if distributed and agree:
-        check_replicas(placements)
     with torch.no_grad():  # (a DTensor's to_local is then its local tensor, no autograd op)
         views = local_views(placements, group) if distributed else [p.local() for p in placements]
     if structure:

@@ -38,7 +38,7 @@ from dist_bregman.shards.dtensor import (
     sharded_values,
 )
 from dist_bregman.shards.fsdp import FlatParamIndex, free_gathered
-from dist_bregman.shards.replicated import Replicated, balanced_owners
+from dist_bregman.shards.replicated import Replicated, balanced_owners, check_whole
 from dist_bregman.shards.zero import ZeroPartition, is_zero3_param
 from dist_bregman.shards.zero import refresh_copies as refresh_zero_copies
 from dist_bregman.targets import ParameterPairs, Target, resolve_values, unwrap
@@ -88,12 +88,16 @@ def _place(
         if entry is not None:
             placements.append(entry)
         elif type(values) is nn.Parameter and not zero3:  # the common case, in one test
+            if values.__dict__:  # (attributes set on it: FSDP1 marks what it flattened)
+                check_whole(target.name, values)
             placements.append(Replicated(target))
         elif is_dtensor(values):
             placements.append(DTensorPlacement(target, owner))
         elif zero3 and is_zero3_param(values):
             placements.append(ZeroPartition(target))
         else:
+            if type(values) is not nn.Parameter or values.__dict__:
+                check_whole(target.name, values)
             placements.append(Replicated(target))
     return placements
 
