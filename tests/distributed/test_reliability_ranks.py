@@ -456,8 +456,8 @@ def test_a_pipeline_stage_is_measured_within_its_own_ranks(strategy: str) -> Non
         stage_total = sum(total for _, total in result["expected"].values())
         if strategy == "ddp":
             assert held[-1] == stage_total
-        elif strategy == "fsdp2_tp":  # both tp slices hold stage 0's first layer, over dp
-            assert result["dp_only"] is not None
+        elif strategy == "fsdp2_tp":  # (held: each tp slice has a copy of stage 0's layer 0)
+            assert result["dp_only"] is not None  # the dp group alone is refused, saying why
             assert "its dp x tp ranks" in result["dp_only"], result["dp_only"]
         elif rank % per == per - 1:  # (the stage's last rank: every held count is in)
             assert sum(held[:2]) == stage_total and held[2:] in ([], held[:2]), held
