@@ -71,6 +71,40 @@ def test_replicas_are_counted_once_with_one_all_reduce(world: int) -> None:
         assert result["local"] == single  # sync=False counts everything locally
 
 
+def _conv_net() -> nn.Module:
+    """Zero rows (filters, neurons) and zero kernels, for group sparsity's counts."""
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.Flatten(), nn.Linear(8, 4)
+    )
+    with torch.no_grad():
+        net[0].weight[:3] = 0.0
+        net[2].weight[1, :2] = 0.0
+        net[4].weight[0] = 0.0
+    return net
+
+
+def _group_counts(rank: int, world: int) -> list[tuple[Any, ...]]:
+    ddp = DistributedDataParallel(_conv_net())
+    controller = SparsityController(ddp, BregmanConfig(regularizer="group_l1"))
+    reports = [controller.measure()]  # checked in its own buffer (words first, padded)
+    controller.attach(torch.optim.SGD(ddp.parameters(), lr=0.0))
+    reports.append(controller.measure())  # checked at attach: the buffer as it is
+    return [(r.per_parameter, r.zero_rows, r.rows, r.zero_kernels, r.kernels) for r in reports]
+
+
+@pytest.mark.timeout(TIMEOUT + 30)
+def test_rows_and_kernels_are_counted_alike_before_and_after_attach() -> None:
+    """Group sparsity's counts ride in the measurement buffer beside the elements'; before
+    attach that buffer also carries the agreement words (first) and zero padding."""
+    report = SparsityController(_conv_net(), BregmanConfig(regularizer="group_l1")).measure()
+    single = (report.per_parameter, report.zero_rows, report.rows)
+    single += (report.zero_kernels, report.kernels)
+    assert single[1:] == (4, 20, 11, 88)
+    for reports in run_ranks(_group_counts, 2, timeout=TIMEOUT):
+        assert reports == [single, single]
+
+
 def _different_local_views(rank: int, world: int) -> dict[str, Any]:
     # No DDP: each rank trains its own copy on its own data, so local weights differ.
     torch.manual_seed(100 + rank)
