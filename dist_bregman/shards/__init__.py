@@ -78,8 +78,8 @@ def _place(
     # attribute probes per tensor (a raised AttributeError each) are skipped.
     zero3 = "deepspeed" in sys.modules
     if zero3:
-        _refuse_experts([target for target, read in resolved if _expert(read)])
-    _refuse_sliced([target for target, read in resolved if _sliced(read)])
+        _refuse([target for target, read in resolved if _expert(read)], _EXPERTS)
+    _refuse([target for target, read in resolved if _sliced(read)], _SLICES)
     placements: list[Placement] = []
     for target, read in resolved:
         owner = owners.get(id(target.module)) if owners else None
@@ -146,32 +146,28 @@ def _sliced(values: torch.Tensor) -> bool:
     return getattr(values, "tensor_model_parallel", False) is True
 
 
-def _refuse_sliced(sliced: Sequence[Target]) -> None:
-    """Refuse Megatron-style tensor-parallel slices: each rank holds another slice under the
-    same name, as a plain tensor of the slice's size, so counted as replicas one rank's
-    slice would stand for the whole weight, and the totals, the slice's size, would agree."""
-    if not sliced:
-        return
-    shown = first_names([target.name for target in sliced], 3)
-    raise ValueError(
-        f"parameters_to_prune: {shown} are tensor-parallel slices in Megatron's layout "
-        f"(tensor_model_parallel=True): each tensor-parallel rank holds another slice under "
-        f"these names, which this library would count and prune as replicas of one weight; "
-        f"allowed: torch's tensor parallelism (DTensor, parallelize_module), whose shards it "
-        f"counts, or parameters_to_prune without them (they then stay dense)"
-    )
+_SLICES = (
+    "tensor-parallel slices in Megatron's layout (tensor_model_parallel=True): each "
+    "tensor-parallel rank holds another slice under these names, which this library would "
+    "count and prune as replicas of one weight; allowed: torch's tensor parallelism "
+    "(DTensor, parallelize_module), whose shards it counts, or parameters_to_prune without "
+    "them (they then stay dense)"
+)
+"""Counted as replicas, one rank's slice (a plain tensor of the slice's size) would stand
+for the whole weight, and the totals, the slice's size, would agree."""
+
+_EXPERTS = (
+    "DeepSpeed MoE expert weights: each expert-parallel rank holds other experts under these "
+    "names, which this library does not count or prune apart; allowed: parameters_to_prune "
+    "without the expert weights (they then stay dense)"
+)
+"""Counted as replicas, one rank's experts would stand for every rank's (a 2-expert layer
+on 2 ranks: 480 of 736 elements counted)."""
 
 
-def _refuse_experts(experts: Sequence[Target]) -> None:
-    """Refuse DeepSpeed MoE experts: counted as replicas, one rank's experts would stand
-    for every rank's (a 2-expert layer on 2 ranks: 480 of 736 elements counted)."""
-    if not experts:
-        return
-    names = [target.name for target in experts]
-    shown = first_names(names, 3)
-    raise ValueError(
-        f"parameters_to_prune: {shown} are DeepSpeed MoE expert weights: each "
-        f"expert-parallel rank holds other experts under these names, which this library "
-        f"does not count or prune apart; allowed: parameters_to_prune without the expert "
-        f"weights (they then stay dense)"
-    )
+def _refuse(targets: Sequence[Target], are: str) -> None:
+    """Refuse ``targets``, which hold other elements on other ranks under the same names
+    (``are``: what they are, why that is refused, and what is allowed)."""
+    if targets:
+        shown = first_names([target.name for target in targets], 3)
+        raise ValueError(f"parameters_to_prune: {shown} are {are}")
